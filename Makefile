@@ -1,0 +1,46 @@
+# Every target creates .venv on demand, so any of them works as the first command on a fresh clone.
+PYTHON ?= python3
+VENV ?= .venv
+TORCH_SPEC ?= torch==2.13.0
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+DATA_DIR ?= data
+# Extra Hydra overrides for `make train`, e.g. make train ARGS="trainer.max_steps=100"
+ARGS ?=
+
+.PHONY: install train test test-slow lint bench render data clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet "$(TORCH_SPEC)"
+	$(BIN)/python -m pip install --quiet -e ".[dev]"
+	touch $(STAMP)
+
+data: $(STAMP)
+	$(BIN)/gqn-data synth --family rooms --out $(DATA_DIR)/synthetic_rooms --skip-existing
+
+train: data
+	$(BIN)/gqn-train $(ARGS)
+	$(BIN)/gqn-eval ckpt_path=outputs/latest/checkpoints/last.ckpt
+	$(BIN)/gqn-render ckpt_path=outputs/latest/checkpoints/last.ckpt
+
+render: $(STAMP)
+	$(BIN)/gqn-render ckpt_path=outputs/latest/checkpoints/last.ckpt
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q
+
+test-slow: $(STAMP)
+	$(BIN)/python -m pytest -q -m slow
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
+
+bench: $(STAMP)
+	$(BIN)/gqn-bench
+
+clean:
+	rm -rf outputs multirun bench .pytest_cache

@@ -1,0 +1,6 @@
+"""Lightning callbacks: reconstruction grid, DRAW-sequence strip, fly-through video, throughput."""
+
+from callbacks.images import DrawSequence, ReconstructionGrid
+from callbacks.throughput import Throughput
+
+__all__ = ["DrawSequence", "ReconstructionGrid", "Throughput"]

@@ -1,0 +1,109 @@
+"""GQNDataModule: streams the DeepMind GQN TFRecords (or generated ones) into the batch contract."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import lightning as L
+
+from data_modules.datasets import dataset_info, how_to_get
+from data_modules.errors import GQNDataError
+from data_modules.stream import GQNDataLoader, SceneStream, split_files
+
+
+class GQNDataModule(L.LightningDataModule):
+    """Batches ``context_images [B, M, 3, H, W]``, ``context_poses [B, M, 7]``, ``query_images
+    [B, 3, H, W]``, ``query_poses [B, 7]`` from ``{data_dir}/{dataset}/{train,test}/*.tfrecord``.
+
+    ``context_size`` is an int or ``[min, max]`` (M drawn per training batch). Validation is the first
+    ``val_scenes`` scenes of the test split with fixed views and ``eval_context_size`` views (default:
+    the largest M); test is the whole test split, also with fixed views.
+    """
+
+    def __init__(
+        self,
+        data_dir: str = "data",
+        dataset: str = "synthetic_rooms",
+        batch_size: int = 36,
+        context_size: int | Sequence[int] = (1, 5),
+        image_size: int | None = None,
+        num_workers: int = 2,
+        shuffle_buffer: int = 256,
+        val_scenes: int = 256,
+        eval_context_size: int | None = None,
+        eval_batch_size: int | None = None,
+        seed: int = 0,
+        skip_corrupt: bool = False,
+    ):
+        super().__init__()
+        self.data_dir, self.dataset = str(data_dir), dataset
+        self.info = dataset_info(data_dir, dataset)
+        self.image_size = int(image_size or self.info.image_size)
+        self.context_size = context_size if isinstance(context_size, int) else tuple(int(c) for c in context_size)
+        lo, hi = (self.context_size,) * 2 if isinstance(self.context_size, int) else self.context_size
+        frames = self.info.frames_per_scene
+        if not 1 <= lo <= hi:
+            raise GQNDataError(f"context_size must be >= 1 (an int or [min, max]), got {context_size}")
+        if hi >= frames:
+            raise GQNDataError(
+                f"context_size {context_size} needs {hi + 1} views per scene but {dataset} has {frames}; "
+                f"use at most {frames - 1}"
+            )
+        self.eval_context_size = int(eval_context_size or hi)
+        if not 1 <= self.eval_context_size < frames:
+            raise GQNDataError(f"eval_context_size must be in [1, {frames - 1}], got {eval_context_size}")
+        self.batch_size, self.eval_batch_size = batch_size, eval_batch_size or batch_size
+        self.num_workers, self.shuffle_buffer, self.val_scenes = num_workers, shuffle_buffer, val_scenes
+        self.seed, self.skip_corrupt = seed, skip_corrupt
+
+    # ------------------------------------------------------------------ files and streams
+    def files(self, split: str) -> list[str]:
+        return split_files(self.data_dir, self.dataset, split, how_to_get(self.data_dir, self.dataset))
+
+    @property
+    def root(self) -> Path:
+        return Path(self.data_dir) / self.dataset
+
+    def _dist(self) -> tuple[int, int]:
+        trainer = getattr(self, "trainer", None)
+        return (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
+
+    def stream(self, split: str, **kwargs) -> SceneStream:
+        rank, world = self._dist()
+        opts = dict(
+            info=self.info, image_size=self.image_size, seed=self.seed, skip_corrupt=self.skip_corrupt,
+            rank=rank, world_size=world,
+        )
+        opts.update(kwargs)
+        return SceneStream(self.files(split), **opts)
+
+    def _loader(self, stream: SceneStream) -> GQNDataLoader:
+        return GQNDataLoader(
+            stream, batch_size=None, num_workers=self.num_workers, persistent_workers=False,
+            prefetch_factor=4 if self.num_workers else None,
+        )
+
+    def setup(self, stage: str | None = None) -> None:
+        # fail early, in the main process, with a clear message
+        if stage in (None, "fit"):
+            self.files("train")
+        self.files("test")
+
+    def train_dataloader(self) -> GQNDataLoader:
+        return self._loader(
+            self.stream("train", batch_size=self.batch_size, context_size=self.context_size, shuffle=True,
+                        shuffle_buffer=self.shuffle_buffer, repeat=True, drop_last=True)
+        )
+
+    def val_dataloader(self) -> GQNDataLoader:
+        return self._loader(
+            self.stream("test", batch_size=self.eval_batch_size, context_size=self.eval_context_size,
+                        max_scenes=self.val_scenes, fixed_views=True)
+        )
+
+    def test_dataloader(self) -> GQNDataLoader:
+        return self._loader(
+            self.stream("test", batch_size=self.eval_batch_size, context_size=self.eval_context_size,
+                        fixed_views=True)
+        )

@@ -1,0 +1,68 @@
+"""The table of DeepMind GQN datasets, and dataset cards for generated ones."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from data_modules.errors import GQNDataError
+
+PUBLIC_BUCKET = "gs://gqn-dataset"
+CARD = "dataset.json"
+
+
+@dataclass(frozen=True)
+class DatasetInfo:
+    name: str
+    image_size: int
+    frames_per_scene: int
+    train_files: int | None = None
+    test_files: int | None = None
+    max_context: int = 5  # the paper's maximum number of context views for this dataset
+    synthetic: bool = False
+
+
+DATASETS: dict[str, DatasetInfo] = {
+    d.name: d
+    for d in [
+        DatasetInfo("jaco", 64, 11, 3600, 400, 7),
+        DatasetInfo("mazes", 84, 300, 1080, 120, 20),
+        DatasetInfo("rooms_free_camera_with_object_rotations", 128, 10, 2034, 226, 5),
+        DatasetInfo("rooms_ring_camera", 64, 10, 2160, 240, 5),
+        DatasetInfo("rooms_free_camera_no_object_rotations", 64, 10, 2160, 240, 5),
+        DatasetInfo("shepard_metzler_5_parts", 64, 15, 900, 100, 15),
+        DatasetInfo("shepard_metzler_7_parts", 64, 15, 900, 100, 15),
+    ]
+}
+
+
+def how_to_get(data_dir: str | Path, name: str) -> str:
+    if name in DATASETS:
+        return f"download it: gsutil -m cp -r {PUBLIC_BUCKET}/{name} {data_dir}/"
+    return f"generate it: gqn-data synth --family rooms --out {Path(data_dir) / name}"
+
+
+def dataset_info(data_dir: str | Path, name: str) -> DatasetInfo:
+    """Info for one of the seven DeepMind datasets, or from the card of a generated one."""
+    if name in DATASETS:
+        return DATASETS[name]
+    card = Path(data_dir) / name / CARD
+    if card.is_file():
+        meta = json.loads(card.read_text())
+        return DatasetInfo(
+            name,
+            int(meta["image_size"]),
+            int(meta["frames_per_scene"]),
+            max_context=min(5, int(meta["frames_per_scene"]) - 1),
+            synthetic=True,
+        )
+    if (Path(data_dir) / name).is_dir():
+        raise GQNDataError(
+            f"{Path(data_dir) / name} has no {CARD} and {name!r} is not a DeepMind dataset; "
+            f"valid names: {', '.join(DATASETS)} (or a directory written by gqn-data synth)"
+        )
+    raise GQNDataError(
+        f"unknown dataset {name!r} and no directory {Path(data_dir) / name}; valid names: "
+        f"{', '.join(DATASETS)}, or generate one: gqn-data synth --family rooms --out {Path(data_dir) / name}"
+    )

@@ -1,0 +1,109 @@
+"""TFRecord reading: framing with CRC checks and byte offsets, Example parsing, JPEG decoding.
+
+The framing is ``uint64 length | uint32 masked_crc32c(length) | data | uint32 masked_crc32c(data)``.
+The ``tfrecord`` package's iterator neither checks CRCs nor reports where a file is broken, so the
+framing is read here (with the same CRC32C as its writer); Examples are parsed with its protobuf.
+"""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Iterator
+from pathlib import Path
+
+import crc32c
+import numpy as np
+import simplejpeg
+from tfrecord import example_pb2
+
+from data_modules.errors import CorruptRecordError
+
+_MASK_DELTA = 0xA282EAD8
+JPEG_MAGIC = b"\xff\xd8"
+
+
+def masked_crc(data) -> int:
+    crc = crc32c.crc32c(data)
+    return (((crc >> 15) | (crc << 17)) + _MASK_DELTA) & 0xFFFFFFFF
+
+
+def iter_records(path: str | Path, verify: bool = True) -> Iterator[tuple[int, bytes]]:
+    """Yield ``(byte offset, record bytes)`` for every record of an uncompressed TFRecord file."""
+    with open(path, "rb") as fh:
+        offset = 0
+        while True:
+            header = fh.read(12)
+            if not header:
+                return
+            if len(header) < 12:
+                raise CorruptRecordError(path, offset, f"truncated record header ({len(header)} of 12 bytes)")
+            length, length_crc = struct.unpack("<QI", header)
+            if verify and masked_crc(header[:8]) != length_crc:
+                raise CorruptRecordError(path, offset, "length CRC mismatch (not a TFRecord file, or damaged)")
+            data = fh.read(length)
+            footer = fh.read(4)
+            if len(data) < length or len(footer) < 4:
+                raise CorruptRecordError(
+                    path, offset, f"truncated record: expected {length} bytes of data, file ends early"
+                )
+            if verify and masked_crc(data) != struct.unpack("<I", footer)[0]:
+                raise CorruptRecordError(path, offset, "data CRC mismatch (the record is damaged)")
+            yield offset, data
+            offset += 16 + length
+
+
+def parse_scene(data: bytes, path="<bytes>", offset: int = 0) -> tuple[list[bytes], np.ndarray]:
+    """Parse one Example into (JPEG byte strings, cameras ``[V, 5]`` float32)."""
+    try:
+        feats = example_pb2.Example.FromString(data).features.feature
+    except Exception as err:  # protobuf raises DecodeError
+        raise CorruptRecordError(path, offset, f"not a tf.train.Example ({err})") from None
+    if "frames" not in feats or "cameras" not in feats:
+        raise CorruptRecordError(
+            path, offset, f"Example lacks 'frames'/'cameras' features (has {sorted(feats)}); not GQN data"
+        )
+    frames = list(feats["frames"].bytes_list.value)
+    cameras = np.asarray(feats["cameras"].float_list.value, dtype=np.float32)
+    if cameras.size != 5 * len(frames):
+        raise CorruptRecordError(
+            path, offset, f"{len(frames)} frames but {cameras.size} camera floats (expected {5 * len(frames)})"
+        )
+    return frames, cameras.reshape(len(frames), 5)
+
+
+def decode_frame(jpeg: bytes, expected_size: int, path="<bytes>", offset: int = 0, index: int = 0) -> np.ndarray:
+    """Decode a JPEG frame to uint8 ``[H, W, 3]``, checking it is a JPEG of the expected size."""
+    if not jpeg.startswith(JPEG_MAGIC):
+        raise CorruptRecordError(path, offset, f"frame {index} is not a JPEG (starts with {jpeg[:4]!r})")
+    try:
+        image = simplejpeg.decode_jpeg(jpeg, colorspace="RGB")
+    except ValueError as err:
+        raise CorruptRecordError(path, offset, f"frame {index}: broken JPEG ({err})") from None
+    if image.shape[0] != expected_size or image.shape[1] != expected_size:
+        raise CorruptRecordError(
+            path,
+            offset,
+            f"frame {index} is {image.shape[1]}x{image.shape[0]} but this dataset has "
+            f"{expected_size}x{expected_size} frames (wrong dataset name or data.dataset?)",
+        )
+    return image
+
+
+def camera_to_pose(cameras: np.ndarray) -> np.ndarray:
+    """Raw ``[..., 5]`` ``[x, y, z, yaw, pitch]`` -> ``[..., 7]`` ``[x, y, z, sin yaw, cos yaw, sin pitch, cos pitch]``."""
+    xyz, yaw, pitch = cameras[..., :3], cameras[..., 3:4], cameras[..., 4:5]
+    return np.concatenate([xyz, np.sin(yaw), np.cos(yaw), np.sin(pitch), np.cos(pitch)], axis=-1).astype(
+        np.float32
+    )
+
+
+def frame_size(jpeg: bytes, path="<bytes>", offset: int = 0, index: int = 0, decode: bool = False):
+    """(height, width) of a JPEG frame from its header; ``decode`` also decodes it fully (verify)."""
+    if not jpeg.startswith(JPEG_MAGIC):
+        raise CorruptRecordError(path, offset, f"frame {index} is not a JPEG (starts with {jpeg[:4]!r})")
+    try:
+        if decode:
+            return simplejpeg.decode_jpeg(jpeg, colorspace="RGB").shape[:2]
+        return tuple(simplejpeg.decode_jpeg_header(jpeg)[:2])
+    except ValueError as err:
+        raise CorruptRecordError(path, offset, f"frame {index}: broken JPEG ({err})") from None

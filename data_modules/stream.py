@@ -1,0 +1,210 @@
+"""Streaming GQN scenes from TFRecords: sharding, shuffling, per-scene view sampling, batching.
+
+The stream yields whole batches (so that every item of a batch shares the number of context views M,
+drawn per batch as in the paper) of **uint8** images; :func:`to_float` turns them into the float batch
+contract late, in the consuming process.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from data_modules.datasets import DatasetInfo
+from data_modules.errors import CorruptRecordError, GQNDataError
+from data_modules.records import camera_to_pose, decode_frame, iter_records, parse_scene
+
+Record = tuple[str, int, int, bytes]  # (path, byte offset, global scene index, record bytes)
+
+
+def shuffle_buffer(items: Iterator, size: int, rng: np.random.Generator) -> Iterator:
+    """Approximate shuffle of a stream with a buffer of ``size`` items."""
+    buf = []
+    for item in items:
+        if len(buf) < size:
+            buf.append(item)
+            continue
+        j = int(rng.integers(size))
+        buf[j], item = item, buf[j]
+        yield item
+    rng.shuffle(buf)
+    yield from buf
+
+
+class SceneStream(IterableDataset):
+    """Batches of sampled (context, query) views from GQN TFRecord files.
+
+    Shards are ``rank * num_workers + worker``: files are split across shards when there are at least as
+    many files as shards (and no ``max_scenes`` cap), records otherwise, so that every scene is read by
+    exactly one shard per pass.
+    """
+
+    def __init__(
+        self,
+        files: list[str],
+        info: DatasetInfo,
+        batch_size: int,
+        context_size: int | tuple[int, int],
+        image_size: int | None = None,
+        shuffle: bool = False,
+        shuffle_buffer: int = 256,
+        seed: int = 0,
+        repeat: bool = False,
+        max_scenes: int | None = None,
+        fixed_views: bool = False,
+        skip_corrupt: bool = False,
+        rank: int = 0,
+        world_size: int = 1,
+        drop_last: bool = False,
+    ):
+        super().__init__()
+        self.files, self.info, self.batch_size = [str(f) for f in files], info, batch_size
+        lo, hi = (context_size, context_size) if isinstance(context_size, int) else tuple(context_size)
+        self.context_range = (int(lo), int(hi))
+        self.image_size = image_size or info.image_size
+        self.shuffle, self.buffer, self.seed, self.repeat = shuffle, shuffle_buffer, seed, repeat
+        self.max_scenes, self.fixed_views, self.skip_corrupt = max_scenes, fixed_views, skip_corrupt
+        self.rank, self.world_size, self.drop_last = rank, world_size, drop_last
+        self.epoch = 0
+        self.skipped = 0
+
+    # ------------------------------------------------------------------ reading
+    def _shard(self) -> tuple[int, int]:
+        worker = get_worker_info()
+        workers, wid = (worker.num_workers, worker.id) if worker else (1, 0)
+        return self.rank * workers + wid, self.world_size * workers
+
+    def _file_records(self, path: str) -> Iterator[tuple[int, bytes]]:
+        try:
+            yield from iter_records(path)
+        except CorruptRecordError as err:
+            if not self.skip_corrupt:
+                raise
+            self.skipped += 1
+            warnings.warn(f"skipping the rest of a corrupt file: {err}", stacklevel=2)
+
+    def records(self, epoch: int, shard: int, num_shards: int) -> Iterator[Record]:
+        files = list(self.files)
+        if self.shuffle:
+            np.random.default_rng([self.seed, epoch]).shuffle(files)  # same order on every shard
+        if len(files) >= num_shards and self.max_scenes is None:
+            for path in files[shard::num_shards]:
+                for offset, data in self._file_records(path):
+                    yield path, offset, -1, data
+            return
+        index = 0
+        for path in files:
+            for offset, data in self._file_records(path):
+                if self.max_scenes is not None and index >= self.max_scenes:
+                    return
+                if index % num_shards == shard:
+                    yield path, offset, index, data
+                index += 1
+
+    # ------------------------------------------------------------------ sampling
+    def _decode(self, jpeg: bytes, path: str, offset: int, index: int) -> np.ndarray:
+        image = decode_frame(jpeg, self.info.image_size, path, offset, index)
+        if self.image_size != self.info.image_size:
+            image = np.asarray(Image.fromarray(image).resize((self.image_size,) * 2, Image.BILINEAR))
+        return image
+
+    def _scene(self, rec: Record, m: int, rng: np.random.Generator):
+        path, offset, index, data = rec
+        frames, cameras = parse_scene(data, path, offset)
+        if m + 1 > len(frames):
+            raise CorruptRecordError(
+                path, offset, f"scene has {len(frames)} frames, too few for {m} context views + 1 query"
+            )
+        if self.fixed_views:  # evaluation: the same views of a scene every time, whatever the sharding
+            rng = np.random.default_rng([self.seed, index])
+        views = rng.permutation(len(frames))[: m + 1]  # a fresh permutation per scene; last = query
+        images = np.stack([self._decode(frames[v], path, offset, int(v)) for v in views])
+        return images, camera_to_pose(cameras[views])
+
+    def make_batch(self, recs: list[Record], rng: np.random.Generator) -> dict[str, torch.Tensor] | None:
+        lo, hi = self.context_range
+        m = int(rng.integers(lo, hi + 1))  # shared by the whole batch
+        images, poses = [], []
+        for rec in recs:
+            try:
+                img, pose = self._scene(rec, m, rng)
+            except CorruptRecordError as err:
+                if not self.skip_corrupt:
+                    raise
+                self.skipped += 1
+                warnings.warn(f"skipping corrupt scene: {err}", stacklevel=2)
+                continue
+            images.append(img)
+            poses.append(pose)
+        if not images:
+            return None
+        images = torch.from_numpy(np.stack(images))  # [B, M+1, H, W, 3] uint8
+        poses = torch.from_numpy(np.stack(poses))  # [B, M+1, 7]
+        return {
+            "context_images": images[:, :m],
+            "context_poses": poses[:, :m],
+            "query_images": images[:, m],
+            "query_poses": poses[:, m],
+        }
+
+    def __iter__(self):
+        shard, num_shards = self._shard()
+        epoch = self.epoch
+        while True:
+            rng = np.random.default_rng([self.seed, epoch, shard, 1])
+            stream = self.records(epoch, shard, num_shards)
+            if self.shuffle:
+                stream = shuffle_buffer(stream, self.buffer, rng)
+            batch = []
+            for rec in stream:
+                batch.append(rec)
+                if len(batch) == self.batch_size:
+                    out = self.make_batch(batch, rng)
+                    batch = []
+                    if out is not None:
+                        yield out
+            if batch and not self.drop_last:
+                out = self.make_batch(batch, rng)
+                if out is not None:
+                    yield out
+            if not self.repeat:
+                return
+            epoch += 1
+
+
+def to_float(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """uint8 channels-last images -> float32 ``[..., 3, H, W]`` in [0, 1] (the batch contract)."""
+    out = dict(batch)
+    for key in ("context_images", "query_images"):
+        x = batch[key]
+        if x.dtype == torch.uint8:
+            out[key] = x.movedim(-1, -3).float().div_(255.0)
+    return out
+
+
+class GQNDataLoader(DataLoader):
+    """A DataLoader over a :class:`SceneStream` that yields the float batch contract and counts passes."""
+
+    def __iter__(self):
+        dataset = self.dataset
+        for batch in super().__iter__():
+            yield to_float(batch)
+        if isinstance(dataset, SceneStream):
+            dataset.epoch += 1
+
+
+def split_files(data_dir: str | Path, dataset: str, split: str, how_to_get: str) -> list[str]:
+    """The split's ``*.tfrecord`` files, sorted; a clear error when there are none."""
+    directory = Path(data_dir) / dataset / split
+    if not directory.is_dir():
+        raise GQNDataError(f"no data directory {directory} (expected *.tfrecord files there); {how_to_get}")
+    files = sorted(str(p) for p in directory.glob("*.tfrecord"))
+    if not files:
+        raise GQNDataError(f"{directory} holds no *.tfrecord files (empty split); {how_to_get}")
+    return files

@@ -1,0 +1,74 @@
+"""Shared helpers of the Hydra entry points: one-line errors, W&B hygiene, run bookkeeping."""
+
+from __future__ import annotations
+
+import functools
+import os
+import sys
+from pathlib import Path
+
+from data_modules.errors import GQNDataError
+
+os.environ.setdefault("WANDB_SILENT", "true")
+
+
+class UserError(ValueError):
+    """Bad user input to an entry point (missing checkpoint, malformed pose file, ...)."""
+
+
+def one_line_errors(prog: str):
+    """Turn data/user errors (also when re-raised from a DataLoader worker) into one line and exit 2."""
+
+    def wrap(fn):
+        @functools.wraps(fn)
+        def inner(*args, **kwargs):
+            try:
+                return fn(*args, **kwargs)
+            except (GQNDataError, UserError) as err:
+                lines = [ln for ln in str(err).splitlines() if ln.strip()]
+                message = lines[-1] if lines else type(err).__name__
+                for prefix in ("data_modules.errors.CorruptRecordError: ", "data_modules.errors.GQNDataError: "):
+                    message = message.split(prefix, 1)[-1]
+                print(f"{prog}: error: {message}", file=sys.stderr)
+                sys.exit(2)
+
+        return inner
+
+    return wrap
+
+
+def finish_wandb() -> None:
+    """Close the W&B run so that the next multirun job starts a new one."""
+    if "wandb" in sys.modules:
+        import wandb
+
+        if wandb.run is not None:
+            wandb.finish()
+
+
+def latest_link(output_dir: str | Path) -> Path:
+    return Path(output_dir) / "latest"
+
+
+def mark_latest(run_dir: str | Path, output_dir: str | Path) -> None:
+    """Point ``{output_dir}/latest`` at ``run_dir`` (relative symlink)."""
+    link = latest_link(output_dir)
+    run_dir = Path(run_dir).resolve()
+    try:
+        if link.is_symlink() or link.exists():
+            link.unlink()
+        link.symlink_to(os.path.relpath(run_dir, link.parent.resolve()))
+    except OSError:
+        pass
+
+
+def resolve_ckpt(ckpt_path: str | None, output_dir: str | Path) -> str | None:
+    """``None`` | a path | ``"auto"`` (the latest run's ``checkpoints/last.ckpt``, if any)."""
+    if ckpt_path in (None, "", "null"):
+        return None
+    if ckpt_path == "auto":
+        last = latest_link(output_dir) / "checkpoints" / "last.ckpt"
+        return str(last.resolve()) if last.exists() else None
+    if not Path(ckpt_path).is_file():
+        raise UserError(f"checkpoint not found: {ckpt_path} (give ckpt_path=<run>/checkpoints/last.ckpt)")
+    return str(ckpt_path)

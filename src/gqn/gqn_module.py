@@ -1,0 +1,117 @@
+"""The LightningModule: -ELBO training with annealed pixel sigma and LR, metrics, sample/render API."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import hydra
+import lightning as L
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from gqn import metrics
+from gqn.model import GQN
+from gqn.schedules import LinearAnneal
+
+
+def _plain(cfg):
+    return OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else cfg
+
+
+class GQNModule(L.LightningModule):
+    """Holds a :class:`gqn.model.GQN` built from its config (so checkpoints rebuild it on their own).
+
+    Args:
+        model: a Hydra config of the GQN (``_target_: gqn.model.GQN`` with a nested encoder).
+        optimizer: a partial optimizer config (``_partial_: true``); the module binds the parameters.
+        schedule: ``lr_init, lr_final, lr_steps`` and ``sigma_init, sigma_final, sigma_steps``; LR and
+            pixel sigma are functions of the global step (LR through ``torch.optim.lr_scheduler``).
+        sigma_warmup_steps: hold sigma at ``sigma_init`` this long before annealing starts.
+        kl_warmup_steps: scale the KL term of the loss from 0 to 1 over this many steps (metrics always
+            report the true -ELBO).
+        val_samples: prior samples per validation scene for PSNR/SSIM (prior-mean render is always used).
+    """
+
+    def __init__(
+        self,
+        model: Any,
+        optimizer: Any,
+        schedule: Any,
+        sigma_warmup_steps: int = 0,
+        kl_warmup_steps: int = 0,
+        compile: bool = False,
+    ):
+        super().__init__()
+        self.save_hyperparameters({"model": _plain(model), "optimizer": _plain(optimizer),
+                                   "schedule": _plain(schedule), "sigma_warmup_steps": sigma_warmup_steps,
+                                   "kl_warmup_steps": kl_warmup_steps, "compile": compile})
+        self.model: GQN = hydra.utils.instantiate(self.hparams.model)
+        s = self.hparams.schedule
+        self.sigma_schedule = LinearAnneal(s["sigma_init"], s["sigma_final"], s["sigma_steps"], sigma_warmup_steps)
+        self.lr_factor = LinearAnneal(1.0, s["lr_final"] / s["lr_init"], s["lr_steps"])
+        self.kl_weight = LinearAnneal(0.0, 1.0, kl_warmup_steps) if kl_warmup_steps else (lambda step: 1.0)
+        self._forward = torch.compile(self.model) if compile else self.model
+
+    # ------------------------------------------------------------------ schedules
+    def sigma(self, step: int | None = None) -> float:
+        return self.sigma_schedule(self.global_step if step is None else step)
+
+    def configure_optimizers(self):
+        opt = hydra.utils.instantiate(self.hparams.optimizer)(params=self.parameters())
+        for group in opt.param_groups:
+            group["lr"] = self.hparams.schedule["lr_init"]  # the LR lives in the schedule config
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, self.lr_factor)
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step", "frequency": 1}}
+
+    # ------------------------------------------------------------------ steps
+    def forward(self, batch: dict[str, torch.Tensor], sigma: float | None = None):
+        return self._forward(batch["context_images"], batch["context_poses"], batch["query_images"],
+                             batch["query_poses"], sigma=self.sigma() if sigma is None else sigma)
+
+    def _log_terms(self, prefix: str, out: dict, batch_size: int, **kw) -> None:
+        for key in ("elbo", "nll", "kl", "bits_per_pixel", "mse"):
+            self.log(f"{prefix}/{key}", out[key].mean(), batch_size=batch_size, **kw)
+
+    def training_step(self, batch, batch_idx):
+        out = self(batch)
+        loss = (out["nll"] + self.kl_weight(self.global_step) * out["kl"]).mean()
+        B = batch["query_images"].shape[0]
+        self.log("train/loss", loss, prog_bar=True, batch_size=B)
+        self._log_terms("train", out, B)
+        self.log("train/sigma", self.sigma(), batch_size=B)
+        self.log("train/context_size", float(batch["context_images"].shape[1]), batch_size=B)
+        return loss
+
+    def _eval_step(self, prefix: str, batch):
+        B = batch["query_images"].shape[0]
+        out = self(batch)
+        self._log_terms(prefix, out, B, sync_dist=True)
+        gen = torch.Generator(device=self.device).manual_seed(0)
+        ctx, ctx_poses, target = batch["context_images"], batch["context_poses"], batch["query_images"]
+        render = self.model.sample(ctx, ctx_poses, batch["query_poses"], mean=True, generator=gen)
+        nearest = metrics.nearest_context_view(ctx, ctx_poses, batch["query_poses"])
+        mean_view = metrics.mean_context_view(ctx)
+        for name, img in (("model", render), ("nearest_view", nearest), ("mean_view", mean_view)):
+            self.log(f"{prefix}/psnr_{name}", metrics.psnr(img, target).mean(), batch_size=B, sync_dist=True,
+                     prog_bar=(name == "model" and prefix == "val"))
+            self.log(f"{prefix}/ssim_{name}", metrics.ssim(img, target).mean(), batch_size=B, sync_dist=True)
+        return out
+
+    def validation_step(self, batch, batch_idx):
+        return self._eval_step("val", batch)
+
+    def test_step(self, batch, batch_idx):
+        return self._eval_step("test", batch)
+
+    # ------------------------------------------------------------------ public rendering API (callbacks)
+    @torch.no_grad()
+    def reconstruct(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        return self.model.reconstruct(batch["context_images"], batch["context_poses"], batch["query_images"],
+                                      batch["query_poses"])
+
+    @torch.no_grad()
+    def sample(self, batch: dict[str, torch.Tensor], mean: bool = False, seed: int | None = None,
+               return_sequence: bool = False):
+        gen = torch.Generator(device=self.device).manual_seed(seed) if seed is not None else None
+        return self.model.sample(batch["context_images"], batch["context_poses"], batch["query_poses"],
+                                 mean=mean, generator=gen, return_sequence=return_sequence)

@@ -1,0 +1,30 @@
+"""Gaussian helpers for the ELBO: parameter heads, KL between diagonal Gaussians, pixel NLL."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+#: Lower bound on the standard deviation of the latent Gaussians (numerical safety).
+MIN_STD = 1e-4
+
+
+def split_gaussian(params: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Split a head's output ``[B, 2z, s, s]`` into mean and standard deviation (softplus)."""
+    mean, raw = params.chunk(2, dim=1)
+    return mean, F.softplus(raw) + MIN_STD
+
+
+def kl_gaussian(mq: torch.Tensor, sq: torch.Tensor, mp: torch.Tensor, sp: torch.Tensor) -> torch.Tensor:
+    """KL(N(mq, sq^2) || N(mp, sp^2)) elementwise."""
+    ratio = (sq / sp) ** 2
+    return 0.5 * (ratio + ((mq - mp) / sp) ** 2 - 1.0 - torch.log(ratio))
+
+
+def gaussian_nll(x: torch.Tensor, mean: torch.Tensor, sigma: float | torch.Tensor) -> torch.Tensor:
+    """-log N(x | mean, sigma^2) summed over all but the batch dimension -> ``[B]`` (nats)."""
+    sigma = torch.as_tensor(sigma, dtype=x.dtype, device=x.device)
+    nll = 0.5 * ((x - mean) / sigma) ** 2 + torch.log(sigma) + 0.5 * math.log(2 * math.pi)
+    return nll.flatten(1).sum(dim=1)

@@ -1,0 +1,259 @@
+"""DRAW generator with ConvLSTM inference and generation cores (the paper's Fig. S2).
+
+At each of the L steps, with generator state h_g from the previous step:
+
+* prior        pi_l = N(. | head_pi(h_g))
+* inference    (h_e, c_e) = C_e([x_q, v_q, r, h_g, down(u)], (h_e, c_e));  q_l = N(. | head_q(h_e))
+* latent       z_l ~ q_l (training) or pi_l (sampling)
+* generation   (h_g, c_g) = C_g([v_q, r, z_l], (h_g, c_g));  u += up(h_g)
+
+and finally mean = sigmoid(conv1x1(u)). The prior of step l is computed from the same h_g in training and
+in sampling. Two numerically equivalent computations exist: the *reference* path (concatenate inputs,
+one convolution per core per step, full-resolution canvas) and the *fast* path (step-invariant inputs
+convolved once, broadcast codes in closed form, unshared cores batched, the canvas kept at grid
+resolution as a running sum of generator states). ``fast`` selects it; tests prove them equal.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from gqn.model.convlstm import ConvLSTMCell, broadcast_conv
+from gqn.model.distributions import kl_gaussian, split_gaussian
+from gqn.model.representation import GRID_SCALE
+
+CORE_SHARING = ("unshared", "shared", "shared_inference_generation")
+
+
+class DRAWGenerator(nn.Module):
+    def __init__(
+        self,
+        r_channels: int,
+        image_size: int = 64,
+        image_channels: int = 3,
+        pose_dim: int = 7,
+        hidden_channels: int = 128,
+        latent_channels: int = 3,
+        canvas_channels: int = 128,
+        num_steps: int = 12,
+        kernel_size: int = 5,
+        head_kernel_size: int = 5,
+        core_sharing: str = "unshared",
+        fast: bool = True,
+        checkpoint_steps: bool = False,
+    ):
+        super().__init__()
+        if num_steps < 1:
+            raise ValueError(f"num_steps (L) must be >= 1, got {num_steps}")
+        if core_sharing not in CORE_SHARING:
+            raise ValueError(f"core_sharing must be one of {CORE_SHARING}, got {core_sharing!r}")
+        if image_size % GRID_SCALE:
+            raise ValueError(f"image_size must be divisible by {GRID_SCALE}, got {image_size}")
+        self.image_size, self.grid = image_size, image_size // GRID_SCALE
+        self.num_steps, self.core_sharing = num_steps, core_sharing
+        self.hidden_channels, self.latent_channels = hidden_channels, latent_channels
+        self.fast, self.checkpoint_steps = fast, checkpoint_steps
+
+        x_channels = image_channels * GRID_SCALE**2  # query image by space-to-depth, no information lost
+        inf = {"x": x_channels, "v": pose_dim, "r": r_channels, "h_g": hidden_channels, "u": hidden_channels}
+        gen = {"v": pose_dim, "r": r_channels, "z": latent_channels}
+        n_cores = num_steps if core_sharing == "unshared" else 1
+        if core_sharing == "shared_inference_generation":
+            cell = ConvLSTMCell({**inf, "z": latent_channels}, hidden_channels, kernel_size)
+            self.inference_cores = nn.ModuleList([cell])
+            self.generation_cores = nn.ModuleList([cell])  # the very same weights
+        else:
+            self.inference_cores = nn.ModuleList(
+                ConvLSTMCell(inf, hidden_channels, kernel_size) for _ in range(n_cores)
+            )
+            self.generation_cores = nn.ModuleList(
+                ConvLSTMCell(gen, hidden_channels, kernel_size) for _ in range(n_cores)
+            )
+        pad = head_kernel_size // 2
+        self.prior_head = nn.Conv2d(hidden_channels, 2 * latent_channels, head_kernel_size, padding=pad)
+        self.posterior_head = nn.Conv2d(hidden_channels, 2 * latent_channels, head_kernel_size, padding=pad)
+        self.canvas_up = nn.ConvTranspose2d(hidden_channels, canvas_channels, GRID_SCALE, stride=GRID_SCALE)
+        self.canvas_down = nn.Conv2d(canvas_channels, hidden_channels, GRID_SCALE, stride=GRID_SCALE)
+        self.observation = nn.Conv2d(canvas_channels, image_channels, 1)
+
+    # ------------------------------------------------------------------ helpers
+    def _core(self, cores: nn.ModuleList, step: int) -> ConvLSTMCell:
+        return cores[step if len(cores) > 1 else 0]
+
+    def _noise(self, batch: int, like: torch.Tensor, generator: torch.Generator | None) -> list[torch.Tensor]:
+        shape = (batch, self.latent_channels, self.grid, self.grid)
+        return [
+            torch.randn(shape, generator=generator, device=like.device, dtype=like.dtype)
+            for _ in range(self.num_steps)
+        ]
+
+    def _check(self, query_images, query_poses, representation) -> None:
+        B = query_poses.shape[0]
+        if query_poses.dim() != 2:
+            raise ValueError(f"query_poses must be [B, pose_dim], got {tuple(query_poses.shape)}")
+        if representation.dim() != 4 or representation.shape[0] != B or representation.shape[-1] not in (
+            1,
+            self.grid,
+        ):
+            raise ValueError(
+                f"representation must be [B={B}, C, s, s] with s in (1, {self.grid}), "
+                f"got {tuple(representation.shape)}"
+            )
+        if query_images is not None and tuple(query_images.shape[-2:]) != (self.image_size,) * 2:
+            raise ValueError(
+                f"query_images are {tuple(query_images.shape[-2:])} but the model renders "
+                f"{self.image_size}x{self.image_size}; set data.image_size / model.image_size to match"
+            )
+
+    def observe(self, canvas: torch.Tensor) -> torch.Tensor:
+        """Canvas ``[B, canvas, H, W]`` -> mean image ``[B, 3, H, W]`` in (0, 1)."""
+        return torch.sigmoid(self.observation(canvas))
+
+    # ------------------------------------------------------------------ API
+    def forward(
+        self,
+        query_poses: torch.Tensor,
+        representation: torch.Tensor,
+        query_images: torch.Tensor | None = None,
+        sample_prior: bool = True,
+        generator: torch.Generator | None = None,
+        return_sequence: bool = False,
+    ) -> dict[str, torch.Tensor]:
+        """Run the L DRAW steps.
+
+        With ``query_images`` the latents come from the posterior and ``kl`` ``[B, L]`` is returned;
+        without, from the prior (a sample, or its mean when ``sample_prior`` is False). Returns
+        ``mean`` ``[B, 3, H, W]``, optionally ``kl`` and ``sequence`` ``[B, L, 3, H, W]`` (the image after
+        each step).
+        """
+        self._check(query_images, query_poses, representation)
+        noise = self._noise(query_poses.shape[0], representation, generator)
+        run = self._run_fast if self.fast else self._run_reference
+        return run(query_poses, representation, query_images, noise, sample_prior, return_sequence)
+
+    def _latent(self, params, noise, use_sample):
+        mean, std = split_gaussian(params)
+        return (mean + std * noise if use_sample else mean), mean, std
+
+    # ------------------------------------------------------------------ reference path
+    def _run_reference(self, v, r, x, noise, sample_prior, return_sequence):
+        B, G = v.shape[0], self.grid
+        v_grid = v[:, :, None, None].expand(-1, -1, G, G)
+        r_grid = r.expand(-1, -1, G, G) if r.shape[-1] == 1 else r
+        x_s2d = F.pixel_unshuffle(x, GRID_SCALE) if x is not None else None
+        zeros = r.new_zeros(B, self.hidden_channels, G, G)
+        h_g, c_g, h_e, c_e = zeros, zeros, zeros, zeros
+        u = r.new_zeros(B, self.canvas_up.out_channels, self.image_size, self.image_size)
+        kls, seq = [], []
+
+        def fill(cell, inputs):  # groups a shared inference/generation cell does not get are zero
+            return {
+                n: inputs[n] if n in inputs else r.new_zeros(B, c, G, G) for n, c in cell.input_channels.items()
+            }
+
+        for step in range(self.num_steps):
+            p_mean, p_std = split_gaussian(self.prior_head(h_g))
+            if x is not None:
+                cell = self._core(self.inference_cores, step)
+                inputs = {"x": x_s2d, "v": v_grid, "r": r_grid, "h_g": h_g, "u": self.canvas_down(u)}
+                h_e, c_e = cell(fill(cell, inputs), (h_e, c_e))
+                z, q_mean, q_std = self._latent(self.posterior_head(h_e), noise[step], True)
+                kls.append(kl_gaussian(q_mean, q_std, p_mean, p_std).flatten(1).sum(1))
+            else:
+                z = p_mean + p_std * noise[step] if sample_prior else p_mean
+            cell = self._core(self.generation_cores, step)
+            h_g, c_g = cell(fill(cell, {"v": v_grid, "r": r_grid, "z": z}), (h_g, c_g))
+            u = u + self.canvas_up(h_g)
+            if return_sequence:
+                seq.append(self.observe(u))
+        return self._outputs(self.observe(u), kls, seq)
+
+    def _outputs(self, mean, kls, seq):
+        out = {"mean": mean}
+        if kls:
+            out["kl"] = torch.stack(kls, dim=1)
+        if seq:
+            out["sequence"] = torch.stack(seq, dim=1)
+        return out
+
+    # ------------------------------------------------------------------ fast path
+    def _static_gates(self, cores: nn.ModuleList, inputs: dict[str, torch.Tensor]) -> list[torch.Tensor]:
+        """Gate contributions of step-invariant inputs, one tensor per core, computed once.
+
+        ``inputs`` maps a group name to ``[B, C]`` (a code constant over the grid: closed form) or
+        ``[B, C, G, G]``. Unshared cores are batched: their weights are stacked along the output
+        channels so that each input is convolved once for all L cores.
+        """
+        total = None
+        for name, value in inputs.items():
+            w = torch.cat([c.weight[name] for c in cores], dim=0) if len(cores) > 1 else cores[0].weight[name]
+            if value.dim() == 2:
+                g = broadcast_conv(value, w, self.grid)
+            else:
+                g = F.conv2d(value, w, padding=w.shape[-1] // 2)
+            total = g if total is None else total + g
+        return list(total.chunk(len(cores), dim=1))
+
+    def _canvas_maps(self):
+        """down(up(h)) is a per-position linear map: return its matrix and the per-step bias."""
+        w_down, w_up = self.canvas_down.weight, self.canvas_up.weight  # [h, c, 4, 4], [h, c, 4, 4]
+        matrix = torch.einsum("ocab,kcab->ok", w_down, w_up)[:, :, None, None]  # [h_out, h_in, 1, 1]
+        step_bias = torch.einsum("ocab,c->o", w_down, self.canvas_up.bias)  # added once per step
+        return matrix, step_bias
+
+    def _run_fast(self, v, r, x, noise, sample_prior, return_sequence):
+        B, G = v.shape[0], self.grid
+        r_in = r.flatten(1) if r.shape[-1] == 1 else r  # [B, C] codes take the closed form
+        gen_static = self._static_gates(self.generation_cores, {"v": v, "r": r_in})
+        zeros = r.new_zeros(B, self.hidden_channels, G, G)
+        h_g, c_g, h_e, c_e = zeros, zeros, zeros, zeros
+        h_sum = zeros  # sum of generator states so far: the canvas is up(h_sum) + steps * up.bias
+        kls, seq = [], []
+        if x is not None:
+            inf_static = self._static_gates(
+                self.inference_cores, {"x": F.pixel_unshuffle(x, GRID_SCALE), "v": v, "r": r_in}
+            )
+            canvas_matrix, canvas_step_bias = self._canvas_maps()
+
+        def step_fn(step, h_g, c_g, h_e, c_e, h_sum, eps):
+            p_mean, p_std = split_gaussian(self.prior_head(h_g))
+            kl = None
+            if x is not None:
+                cell = self._core(self.inference_cores, step)
+                u_down = F.conv2d(h_sum, canvas_matrix) + (
+                    step * canvas_step_bias + self.canvas_down.bias
+                )[None, :, None, None]
+                gates = inf_static[step if len(inf_static) > 1 else 0] + cell.conv(
+                    torch.cat([h_g, u_down, h_e], dim=1), ["h_g", "u", "h"]
+                )
+                h_e, c_e = cell.update(gates, c_e)
+                z, q_mean, q_std = self._latent(self.posterior_head(h_e), eps, True)
+                kl = kl_gaussian(q_mean, q_std, p_mean, p_std).flatten(1).sum(1)
+            else:
+                z = p_mean + p_std * eps if sample_prior else p_mean
+            cell = self._core(self.generation_cores, step)
+            gates = gen_static[step if len(gen_static) > 1 else 0] + cell.conv(
+                torch.cat([z, h_g], dim=1), ["z", "h"]
+            )
+            h_g, c_g = cell.update(gates, c_g)
+            return h_g, c_g, h_e, c_e, h_sum + h_g, kl
+
+        for step in range(self.num_steps):
+            if self.checkpoint_steps and torch.is_grad_enabled():
+                h_g, c_g, h_e, c_e, h_sum, kl = checkpoint(
+                    step_fn, step, h_g, c_g, h_e, c_e, h_sum, noise[step], use_reentrant=False
+                )
+            else:
+                h_g, c_g, h_e, c_e, h_sum, kl = step_fn(step, h_g, c_g, h_e, c_e, h_sum, noise[step])
+            if kl is not None:
+                kls.append(kl)
+            if return_sequence:
+                seq.append(self.observe(self._canvas(h_sum, step + 1)))
+        return self._outputs(self.observe(self._canvas(h_sum, self.num_steps)), kls, seq)
+
+    def _canvas(self, h_sum: torch.Tensor, steps: int) -> torch.Tensor:
+        """The full-resolution canvas after ``steps`` steps, built from the running state sum."""
+        return F.conv_transpose2d(h_sum, self.canvas_up.weight, steps * self.canvas_up.bias, stride=GRID_SCALE)

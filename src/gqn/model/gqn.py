@@ -1,0 +1,146 @@
+"""The Generative Query Network: representation network + DRAW generator + ELBO."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from gqn.model.distributions import gaussian_nll
+from gqn.model.generator import DRAWGenerator
+
+
+class GQN(nn.Module):
+    """GQN(encoder, ...): scenes in, -ELBO terms out; ``sample`` renders novel views.
+
+    Tensors follow the batch contract: ``context_images`` ``[B, M, 3, H, W]`` in [0, 1],
+    ``context_poses`` ``[B, M, 7]``, ``query_images`` ``[B, 3, H, W]``, ``query_poses`` ``[B, 7]``.
+    """
+
+    def __init__(
+        self,
+        encoder: nn.Module,
+        image_size: int = 64,
+        image_channels: int = 3,
+        pose_dim: int = 7,
+        hidden_channels: int = 128,
+        latent_channels: int = 3,
+        canvas_channels: int = 128,
+        num_steps: int = 12,
+        kernel_size: int = 5,
+        head_kernel_size: int = 5,
+        core_sharing: str = "unshared",
+        fast: bool = True,
+        checkpoint_steps: bool = False,
+    ):
+        super().__init__()
+        if getattr(encoder, "image_size", image_size) != image_size:
+            raise ValueError(f"encoder built for {encoder.image_size}px images but model.image_size={image_size}")
+        self.image_size, self.pose_dim, self.image_channels = image_size, pose_dim, image_channels
+        self.encoder = encoder
+        self.generator = DRAWGenerator(
+            r_channels=encoder.out_channels,
+            image_size=image_size,
+            image_channels=image_channels,
+            pose_dim=pose_dim,
+            hidden_channels=hidden_channels,
+            latent_channels=latent_channels,
+            canvas_channels=canvas_channels,
+            num_steps=num_steps,
+            kernel_size=kernel_size,
+            head_kernel_size=head_kernel_size,
+            core_sharing=core_sharing,
+            fast=fast,
+            checkpoint_steps=checkpoint_steps,
+        )
+
+    @property
+    def num_steps(self) -> int:
+        return self.generator.num_steps
+
+    # ------------------------------------------------------------------ representation
+    def represent(self, context_images: torch.Tensor, context_poses: torch.Tensor) -> torch.Tensor:
+        """Scene representation r ``[B, C, s, s]``: the encoder applied per view, summed over views."""
+        if context_images.dim() != 5 or context_poses.dim() != 3:
+            raise ValueError(
+                "context_images must be [B, M, C, H, W] and context_poses [B, M, pose_dim]; got "
+                f"{tuple(context_images.shape)} and {tuple(context_poses.shape)}"
+            )
+        B, M, C, H, W = context_images.shape
+        if context_poses.shape[:2] != (B, M) or context_poses.shape[2] != self.pose_dim:
+            raise ValueError(
+                f"context_poses must be [{B}, {M}, {self.pose_dim}], got {tuple(context_poses.shape)}"
+            )
+        if (C, H, W) != (self.image_channels, self.image_size, self.image_size):
+            raise ValueError(
+                f"context images are {C}x{H}x{W} but the model expects "
+                f"{self.image_channels}x{self.image_size}x{self.image_size}; resize the data "
+                "(data.image_size) or build the model for this size (model.image_size)"
+            )
+        r = self.encoder(context_images.flatten(0, 1), context_poses.flatten(0, 1))
+        return r.unflatten(0, (B, M)).sum(dim=1)
+
+    # ------------------------------------------------------------------ training
+    def forward(
+        self,
+        context_images: torch.Tensor,
+        context_poses: torch.Tensor,
+        query_images: torch.Tensor,
+        query_poses: torch.Tensor,
+        sigma: float | torch.Tensor = 0.7,
+        generator: torch.Generator | None = None,
+    ) -> dict[str, torch.Tensor]:
+        """-ELBO terms per scene (nats): ``nll`` [B], ``kl`` [B], ``kl_steps`` [B, L], ``elbo`` [B] (=-ELBO),
+        ``bits_per_pixel`` [B], ``mse`` [B] and the posterior ``mean`` image [B, 3, H, W]."""
+        r = self.represent(context_images, context_poses)
+        out = self.generator(query_poses, r, query_images=query_images, generator=generator)
+        nll = gaussian_nll(query_images, out["mean"], sigma)
+        kl = out["kl"].sum(dim=1)
+        neg_elbo = nll + kl
+        pixels = query_images.shape[-1] * query_images.shape[-2]
+        return {
+            "elbo": neg_elbo,
+            "nll": nll,
+            "kl": kl,
+            "kl_steps": out["kl"],
+            "bits_per_pixel": neg_elbo / (pixels * math.log(2)),
+            "mse": (out["mean"] - query_images).pow(2).flatten(1).mean(dim=1),
+            "mean": out["mean"],
+        }
+
+    # ------------------------------------------------------------------ rendering
+    @torch.no_grad()
+    def reconstruct(self, context_images, context_poses, query_images, query_poses, generator=None):
+        """Posterior reconstruction of the query view (latents inferred from the target image)."""
+        r = self.represent(context_images, context_poses)
+        return self.generator(query_poses, r, query_images=query_images, generator=generator)["mean"]
+
+    @torch.no_grad()
+    def sample(
+        self,
+        context_images: torch.Tensor,
+        context_poses: torch.Tensor,
+        query_poses: torch.Tensor,
+        mean: bool = False,
+        generator: torch.Generator | None = None,
+        return_sequence: bool = False,
+    ):
+        """Render query views from the prior: a sample, or with ``mean=True`` the prior-mean latents.
+
+        Returns ``[B, 3, H, W]``; with ``return_sequence`` also the images after each DRAW step
+        ``[B, L, 3, H, W]``.
+        """
+        r = self.represent(context_images, context_poses)
+        return self.render(r, query_poses, mean=mean, generator=generator, return_sequence=return_sequence)
+
+    @torch.no_grad()
+    def render(self, representation, query_poses, mean=False, generator=None, return_sequence=False):
+        """Render from a precomputed representation (encode the context once, render many poses)."""
+        if representation.shape[0] == 1 and query_poses.shape[0] > 1:
+            representation = representation.expand(query_poses.shape[0], -1, -1, -1)
+        out = self.generator(
+            query_poses, representation, sample_prior=not mean, generator=generator,
+            return_sequence=return_sequence,
+        )
+        return (out["mean"], out["sequence"]) if return_sequence else out["mean"]

@@ -1,0 +1,85 @@
+"""Representation networks f(x, v) -> r of the paper (Fig. S1): tower, pool and pyramid.
+
+Every encoder maps images ``[N, 3, H, W]`` and poses ``[N, 7]`` to ``[N, C, s, s]`` where ``s`` is either
+``H / 4`` (the latent grid of the generator) or 1 (a pooled code). The GQN sums them over context views.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+#: The generator's latent grid is the image downsampled by this factor.
+GRID_SCALE = 4
+
+
+def _check_image_size(image_size: int) -> None:
+    if image_size % GRID_SCALE != 0:
+        raise ValueError(f"image_size must be divisible by {GRID_SCALE}, got {image_size}")
+
+
+def tile_pose(pose: torch.Tensor, size: int) -> torch.Tensor:
+    """Broadcast a pose ``[N, P]`` over a ``size x size`` grid -> ``[N, P, size, size]``."""
+    return pose[:, :, None, None].expand(-1, -1, size, size)
+
+
+class Tower(nn.Module):
+    """The 'tower' representation: residual convs down to the latent grid, pose joined at 1/4 size."""
+
+    def __init__(self, image_size: int = 64, pose_dim: int = 7, channels: int = 256, image_channels: int = 3):
+        super().__init__()
+        _check_image_size(image_size)
+        half = channels // 2
+        self.image_size, self.pose_dim, self.out_channels = image_size, pose_dim, channels
+        self.out_size = image_size // GRID_SCALE
+        self.conv1 = nn.Conv2d(image_channels, channels, 2, stride=2)
+        self.conv2 = nn.Conv2d(channels, channels, 2, stride=2)
+        self.conv3 = nn.Conv2d(channels, half, 3, padding=1)
+        self.conv4 = nn.Conv2d(half, channels, 2, stride=2)
+        self.conv5 = nn.Conv2d(channels + pose_dim, channels, 3, padding=1)
+        self.conv6 = nn.Conv2d(channels + pose_dim, half, 3, padding=1)
+        self.conv7 = nn.Conv2d(half, channels, 3, padding=1)
+        self.conv8 = nn.Conv2d(channels, channels, 1)
+
+    def forward(self, images: torch.Tensor, poses: torch.Tensor) -> torch.Tensor:
+        x = F.relu(self.conv1(images))  # [N, C, H/2, W/2]
+        skip = F.relu(self.conv2(x))  # [N, C, H/4, W/4]
+        x = F.relu(self.conv3(x))
+        x = F.relu(self.conv4(x)) + skip
+        x = torch.cat([x, tile_pose(poses, x.shape[-1])], dim=1)
+        skip = F.relu(self.conv5(x))
+        x = F.relu(self.conv6(x))
+        x = F.relu(self.conv7(x)) + skip
+        return F.relu(self.conv8(x))  # [N, C, H/4, W/4]
+
+
+class Pool(Tower):
+    """The 'pool' representation: the tower followed by a global average -> ``[N, C, 1, 1]``."""
+
+    def __init__(self, image_size: int = 64, pose_dim: int = 7, channels: int = 256, image_channels: int = 3):
+        super().__init__(image_size, pose_dim, channels, image_channels)
+        self.out_size = 1
+
+    def forward(self, images: torch.Tensor, poses: torch.Tensor) -> torch.Tensor:
+        return super().forward(images, poses).mean(dim=(2, 3), keepdim=True)
+
+
+class Pyramid(nn.Module):
+    """The 'pyramid' representation: pose joined at the input, 2x2/2 convs, one last conv to 1x1."""
+
+    def __init__(self, image_size: int = 64, pose_dim: int = 7, channels: int = 256, image_channels: int = 3):
+        super().__init__()
+        _check_image_size(image_size)
+        self.image_size, self.pose_dim, self.out_channels, self.out_size = image_size, pose_dim, channels, 1
+        widths = [32, 64, 128]
+        layers, cin, size = [], image_channels + pose_dim, image_size
+        for w in widths:
+            layers += [nn.Conv2d(cin, w, 2, stride=2), nn.ReLU()]
+            cin, size = w, size // 2
+        layers += [nn.Conv2d(cin, channels, size, stride=size), nn.ReLU()]  # 8x8/8 for 64x64 images
+        self.net = nn.Sequential(*layers)
+
+    def forward(self, images: torch.Tensor, poses: torch.Tensor) -> torch.Tensor:
+        x = torch.cat([images, tile_pose(poses, images.shape[-1])], dim=1)
+        return self.net(x)  # [N, C, 1, 1]

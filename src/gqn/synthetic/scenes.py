@@ -1,0 +1,101 @@
+"""Procedural scene families: `rooms` (ring camera, in the spirit of rooms_ring_camera) and
+`shepard_metzler` (N unit cubes joined by a random walk, camera on a sphere)."""
+
+from __future__ import annotations
+
+import colorsys
+
+import numpy as np
+
+from gqn.synthetic.camera import look_at, ray_directions
+from gqn.synthetic.raycast import Box, Cone, Cylinder, Room, Sphere, World
+
+FAMILIES = ("rooms", "shepard_metzler")
+
+ROOM_HALF = 1.5  # walls at x, y = +-1.5
+WALL_HEIGHT = 1.2
+RING_RADIUS = 1.05  # camera ring inside the room
+CAMERA_HEIGHT = 0.55
+
+
+def _colour(rng: np.random.Generator, saturation=(0.5, 0.95), value=(0.55, 1.0)) -> np.ndarray:
+    return np.array(colorsys.hsv_to_rgb(rng.uniform(), rng.uniform(*saturation), rng.uniform(*value)))
+
+
+def _rooms_world(rng: np.random.Generator) -> World:
+    wall = _colour(rng, (0.15, 0.6), (0.5, 0.9))
+    walls = np.stack([np.clip(wall * f, 0, 1) for f in (1.0, 0.9, 0.8, 0.7)])  # a shade per wall
+    room = Room(ROOM_HALF, WALL_HEIGHT, _colour(rng, (0.1, 0.5), (0.35, 0.75)), walls)
+    objects, placed = [], []
+    for _ in range(int(rng.integers(1, 4))):
+        size = rng.uniform(0.18, 0.32)
+        for _attempt in range(20):  # rejection sampling: objects do not overlap
+            xy = rng.uniform(-0.65, 0.65, size=2)
+            if all(np.linalg.norm(xy - p) > size + s + 0.05 for p, s in placed):
+                break
+        placed.append((xy, size))
+        colour = _colour(rng)
+        kind = rng.integers(4)
+        if kind == 0:
+            objects.append(Sphere(np.array([*xy, size]), size, colour))
+        elif kind == 1:
+            objects.append(Box(np.array([*xy, size]), np.full(3, size), colour, rng.uniform(0, np.pi / 2)))
+        elif kind == 2:
+            objects.append(Cylinder(np.array([*xy, 0.0]), size, 2 * size * rng.uniform(0.8, 1.4), colour))
+        else:
+            objects.append(Cone(np.array([*xy, 0.0]), size, 2.5 * size, colour))
+    azimuth = rng.uniform(0, 2 * np.pi)
+    light = np.array([np.cos(azimuth), np.sin(azimuth), rng.uniform(1.2, 2.0)])
+    return World(objects=objects, room=room, light=light, ambient=0.4, sky=True)
+
+
+def _rooms_cameras(rng: np.random.Generator, views: int) -> np.ndarray:
+    cams = []
+    for _ in range(views):
+        angle = rng.uniform(0, 2 * np.pi)
+        pos = np.array([RING_RADIUS * np.cos(angle), RING_RADIUS * np.sin(angle), CAMERA_HEIGHT])
+        yaw, pitch = look_at(pos, np.array([0.0, 0.0, 0.15]))
+        cams.append([*pos, yaw, pitch + rng.uniform(-0.05, 0.05)])
+    return np.array(cams)
+
+
+def _shepard_metzler_world(rng: np.random.Generator, parts: int) -> World:
+    steps = np.array([[1, 0, 0], [-1, 0, 0], [0, 1, 0], [0, -1, 0], [0, 0, 1], [0, 0, -1]])
+    cells = [np.zeros(3, int)]
+    while len(cells) < parts:
+        nxt = cells[-1] + steps[rng.integers(6)]
+        if not any((nxt == c).all() for c in cells):
+            cells.append(nxt)
+    cells = np.array(cells, float)
+    cells -= cells.mean(axis=0)
+    scale = 0.3
+    objects = [Box(c * scale, np.full(3, scale / 2), _colour(rng, (0.6, 1.0), (0.7, 1.0))) for c in cells]
+    return World(objects=objects, light=np.array([0.4, 0.3, 0.9]), ambient=0.45, shadows=False)
+
+
+def _sphere_cameras(rng: np.random.Generator, views: int, distance: float = 1.7) -> np.ndarray:
+    cams = []
+    for _ in range(views):
+        yaw_pos, elev = rng.uniform(0, 2 * np.pi), rng.uniform(-np.pi / 6, np.pi / 3)
+        pos = distance * np.array([np.cos(elev) * np.cos(yaw_pos), np.cos(elev) * np.sin(yaw_pos), np.sin(elev)])
+        cams.append([*pos, *look_at(pos, np.zeros(3))])
+    return np.array(cams)
+
+
+def render_views(world: World, cameras: np.ndarray, size: int) -> np.ndarray:
+    """uint8 frames ``[V, size, size, 3]`` of ``world`` seen by ``cameras`` ``[V, 5]``."""
+    D = ray_directions(cameras, size).reshape(-1, 3)
+    O = np.repeat(cameras[:, :3], size * size, axis=0)
+    rgb = world.render(O, D).reshape(len(cameras), size, size, 3)
+    return (rgb * 255 + 0.5).astype(np.uint8)
+
+
+def make_scene(family: str, rng: np.random.Generator, views: int, size: int, parts: int = 7):
+    """One scene: (frames uint8 ``[V, S, S, 3]``, cameras float32 ``[V, 5]`` = x, y, z, yaw, pitch)."""
+    if family == "rooms":
+        world, cameras = _rooms_world(rng), _rooms_cameras(rng, views)
+    elif family == "shepard_metzler":
+        world, cameras = _shepard_metzler_world(rng, parts), _sphere_cameras(rng, views)
+    else:
+        raise ValueError(f"unknown scene family {family!r}; choose one of {FAMILIES}")
+    return render_views(world, cameras, size), cameras.astype(np.float32)

@@ -1,0 +1,56 @@
+"""gqn-train: compose the config, instantiate data, model, callbacks, loggers and trainer; fit.
+
+    gqn-train                                  # the embedded default (procedural rooms)
+    gqn-train model=paper data=rooms_ring_camera trainer=gpu
+    gqn-train model/encoder=pool model.num_steps=8 -m seed=1,2,3
+    gqn-train ckpt_path=auto                   # resume the latest run
+"""
+
+from __future__ import annotations
+
+import hydra
+import lightning as L
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig, OmegaConf
+
+from gqn import CONF_DIR
+from gqn.cli import finish_wandb, mark_latest, one_line_errors, resolve_ckpt
+
+
+def instantiate_dict(cfg: DictConfig | None) -> list:
+    """Instantiate every ``_target_`` entry of a dict config (callbacks, loggers)."""
+    return [hydra.utils.instantiate(v) for v in (cfg or {}).values() if v is not None and "_target_" in v]
+
+
+def train(cfg: DictConfig) -> float | None:
+    """Fit (and optionally test) the model described by ``cfg``; returns ``cfg.optimized_metric``."""
+    L.seed_everything(cfg.seed, workers=True)
+    datamodule = hydra.utils.instantiate(cfg.data)
+    module = hydra.utils.instantiate(cfg.module, _recursive_=False)
+    callbacks = instantiate_dict(cfg.get("callbacks"))
+    loggers = instantiate_dict(cfg.get("logger"))
+    trainer = hydra.utils.instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
+    resolved = OmegaConf.to_container(cfg, resolve=True)
+    for logger in loggers:
+        logger.log_hyperparams(resolved)
+    ckpt = resolve_ckpt(cfg.get("ckpt_path"), cfg.paths.output_dir)
+    try:
+        trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt)
+        if cfg.get("test_after_fit"):
+            trainer.test(module, datamodule=datamodule)
+    finally:
+        if trainer.is_global_zero and not trainer.fast_dev_run:
+            mark_latest(HydraConfig.get().runtime.output_dir, cfg.paths.output_dir)
+        finish_wandb()
+    metric = trainer.callback_metrics.get(cfg.get("optimized_metric") or "")
+    return None if metric is None else float(metric)
+
+
+@hydra.main(config_path=str(CONF_DIR), config_name="train", version_base="1.3")
+@one_line_errors("gqn-train")
+def main(cfg: DictConfig) -> float | None:
+    return train(cfg)
+
+
+if __name__ == "__main__":
+    main()
