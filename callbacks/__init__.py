@@ -4,3 +4,7 @@ from callbacks.images import DrawSequence, ReconstructionGrid
 from callbacks.throughput import Throughput
 
 __all__ = ["DrawSequence", "ReconstructionGrid", "Throughput"]
+
+from callbacks.flythrough import FlyThrough  # noqa: E402
+
+__all__ += ["FlyThrough"]

@@ -90,7 +90,7 @@ def decode_frame(jpeg: bytes, expected_size: int, path="<bytes>", offset: int = 
 
 
 def camera_to_pose(cameras: np.ndarray) -> np.ndarray:
-    """Raw ``[..., 5]`` ``[x, y, z, yaw, pitch]`` -> ``[..., 7]`` ``[x, y, z, sin yaw, cos yaw, sin pitch, cos pitch]``."""
+    """Raw ``[..., 5]`` ``[x, y, z, yaw, pitch]`` -> ``[..., 7]`` ``[x, y, z, sin, cos (yaw), sin, cos (pitch)]``."""
     xyz, yaw, pitch = cameras[..., :3], cameras[..., 3:4], cameras[..., 4:5]
     return np.concatenate([xyz, np.sin(yaw), np.cos(yaw), np.sin(pitch), np.cos(pitch)], axis=-1).astype(
         np.float32

@@ -115,3 +115,15 @@ class GQNModule(L.LightningModule):
         gen = torch.Generator(device=self.device).manual_seed(seed) if seed is not None else None
         return self.model.sample(batch["context_images"], batch["context_poses"], batch["query_poses"],
                                  mean=mean, generator=gen, return_sequence=return_sequence)
+
+    @torch.no_grad()
+    def render_views(self, context_images: torch.Tensor, context_poses: torch.Tensor, query_poses: torch.Tensor,
+                     batch_size: int = 16, mean: bool = True, seed: int = 0) -> torch.Tensor:
+        """Render many poses ``[N, 7]`` of ONE scene (context ``[M, 3, H, W]``, ``[M, 7]``): the context is
+        encoded once, the poses rendered in batches. Returns ``[N, 3, H, W]``."""
+        r = self.model.represent(context_images[None].to(self.device), context_poses[None].to(self.device))
+        gen = torch.Generator(device=self.device).manual_seed(seed)
+        out = [self.model.render(r, q.to(self.device), mean=mean, generator=gen)
+               for q in query_poses.split(batch_size)]
+        return torch.cat(out)
+

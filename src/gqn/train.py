@@ -30,7 +30,7 @@ def train(cfg: DictConfig) -> float | None:
     callbacks = instantiate_dict(cfg.get("callbacks"))
     loggers = instantiate_dict(cfg.get("logger"))
     trainer = hydra.utils.instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
-    resolved = OmegaConf.to_container(cfg, resolve=True)
+    resolved = {k: v for k, v in OmegaConf.to_container(cfg, resolve=True).items() if k != "hydra"}
     for logger in loggers:
         logger.log_hyperparams(resolved)
     ckpt = resolve_ckpt(cfg.get("ckpt_path"), cfg.paths.output_dir)
