@@ -27,8 +27,13 @@ def masked_crc(data) -> int:
     return (((crc >> 15) | (crc << 17)) + _MASK_DELTA) & 0xFFFFFFFF
 
 
-def iter_records(path: str | Path, verify: bool = True) -> Iterator[tuple[int, bytes]]:
-    """Yield ``(byte offset, record bytes)`` for every record of an uncompressed TFRecord file."""
+def iter_records(path: str | Path, verify: bool = True, on_bad_data=None) -> Iterator[tuple[int, bytes]]:
+    """Yield ``(byte offset, record bytes)`` for every record of an uncompressed TFRecord file.
+
+    A record whose data fails its CRC still has sound framing (its length passed its own CRC): if
+    ``on_bad_data`` is given it is called with the error and reading goes on with the next record;
+    otherwise the error is raised. Broken framing always raises (the rest of the file is unreadable).
+    """
     with open(path, "rb") as fh:
         offset = 0
         while True:
@@ -47,8 +52,12 @@ def iter_records(path: str | Path, verify: bool = True) -> Iterator[tuple[int, b
                     path, offset, f"truncated record: expected {length} bytes of data, file ends early"
                 )
             if verify and masked_crc(data) != struct.unpack("<I", footer)[0]:
-                raise CorruptRecordError(path, offset, "data CRC mismatch (the record is damaged)")
-            yield offset, data
+                err = CorruptRecordError(path, offset, "data CRC mismatch (the record is damaged)")
+                if on_bad_data is None:
+                    raise err
+                on_bad_data(err)
+            else:
+                yield offset, data
             offset += 16 + length
 
 

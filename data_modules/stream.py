@@ -8,6 +8,7 @@ contract late, in the consuming process.
 from __future__ import annotations
 
 import warnings
+import zlib
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -80,14 +81,17 @@ class SceneStream(IterableDataset):
         workers, wid = (worker.num_workers, worker.id) if worker else (1, 0)
         return self.rank * workers + wid, self.world_size * workers
 
+    def _skip(self, err: CorruptRecordError, what: str = "skipping corrupt scene") -> None:
+        self.skipped += 1
+        warnings.warn(f"{what}: {err}", stacklevel=3)
+
     def _file_records(self, path: str) -> Iterator[tuple[int, bytes]]:
-        try:
-            yield from iter_records(path)
+        try:  # a damaged record inside sound framing is skipped alone, the file's other scenes still count
+            yield from iter_records(path, on_bad_data=self._skip if self.skip_corrupt else None)
         except CorruptRecordError as err:
             if not self.skip_corrupt:
                 raise
-            self.skipped += 1
-            warnings.warn(f"skipping the rest of a corrupt file: {err}", stacklevel=2)
+            self._skip(err, "skipping the rest of a corrupt file")
 
     def records(self, epoch: int, shard: int, num_shards: int) -> Iterator[Record]:
         files = list(self.files)
@@ -115,14 +119,16 @@ class SceneStream(IterableDataset):
         return image
 
     def _scene(self, rec: Record, m: int, rng: np.random.Generator):
-        path, offset, index, data = rec
+        path, offset, _, data = rec
         frames, cameras = parse_scene(data, path, offset)
         if m + 1 > len(frames):
             raise CorruptRecordError(
                 path, offset, f"scene has {len(frames)} frames, too few for {m} context views + 1 query"
             )
         if self.fixed_views:  # evaluation: the same views of a scene every time, whatever the sharding
-            rng = np.random.default_rng([self.seed, index])
+            # keyed by (file name, byte offset), known in both sharding modes (file-level sharding has no
+            # global scene index), so that scenes do not all share one set of views
+            rng = np.random.default_rng([self.seed, zlib.crc32(Path(path).name.encode()), offset])
         views = rng.permutation(len(frames))[: m + 1]  # a fresh permutation per scene; last = query
         images = np.stack([self._decode(frames[v], path, offset, int(v)) for v in views])
         return images, camera_to_pose(cameras[views])
@@ -137,8 +143,7 @@ class SceneStream(IterableDataset):
             except CorruptRecordError as err:
                 if not self.skip_corrupt:
                     raise
-                self.skipped += 1
-                warnings.warn(f"skipping corrupt scene: {err}", stacklevel=2)
+                self._skip(err)
                 continue
             images.append(img)
             poses.append(pose)

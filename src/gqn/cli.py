@@ -24,7 +24,10 @@ def one_line_errors(prog: str):
         def inner(*args, **kwargs):
             try:
                 return fn(*args, **kwargs)
-            except (GQNDataError, UserError) as err:
+            except Exception as exc:
+                err = _user_cause(exc)
+                if err is None:
+                    raise
                 lines = [ln for ln in str(err).splitlines() if ln.strip()]
                 message = lines[-1] if lines else type(err).__name__
                 for prefix in ("data_modules.errors.CorruptRecordError: ", "data_modules.errors.GQNDataError: "):
@@ -35,6 +38,16 @@ def one_line_errors(prog: str):
         return inner
 
     return wrap
+
+
+def _user_cause(exc: BaseException | None) -> BaseException | None:
+    """The user-facing error behind ``exc`` (Hydra's instantiate wraps constructor errors), if any."""
+    seen = 0
+    while exc is not None and seen < 10:
+        if isinstance(exc, (GQNDataError, UserError)):
+            return exc
+        exc, seen = exc.__cause__ or exc.__context__, seen + 1
+    return None
 
 
 def finish_wandb() -> None:

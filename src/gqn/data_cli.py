@@ -34,23 +34,43 @@ def _splits(root: Path):
     return splits
 
 
+def _expected(root: Path):
+    """(frame size, frames per scene) that the dataset must have (DeepMind table or card), or None."""
+    from data_modules.datasets import dataset_info
+    from data_modules.errors import GQNDataError
+
+    try:
+        info = dataset_info(root.parent, root.name)
+    except GQNDataError:
+        return None
+    return info.image_size, info.frames_per_scene
+
+
 def _scan(root: Path, decode: bool):
     """Read every record of every split; returns ({split: stats}, [problems])."""
     from data_modules.errors import CorruptRecordError
     from data_modules.records import frame_size, iter_records, parse_scene
 
     stats, problems = {}, []
+    expected = _expected(root)
     for split in _splits(root):
         files = sorted((root / split).glob("*.tfrecord"))
         frames_per_scene, sizes, scenes = Counter(), Counter(), 0
         for path in files:
             try:
-                for offset, data in iter_records(path):
+                for offset, data in iter_records(path, on_bad_data=lambda err: problems.append(str(err))):
                     try:
                         frames, _ = parse_scene(data, path, offset)
                         for i, jpeg in enumerate(frames if decode else frames[:1]):
                             h, w = frame_size(jpeg, path, offset, i, decode)
                             sizes[f"{w}x{h}"] += 1
+                            if expected and (h, w) != (expected[0],) * 2:
+                                raise CorruptRecordError(
+                                    path, offset, f"frame {i} is {w}x{h} but {root.name} has "
+                                    f"{expected[0]}x{expected[0]} frames (wrong dataset name?)")
+                        if expected and len(frames) != expected[1]:
+                            raise CorruptRecordError(
+                                path, offset, f"{len(frames)} frames but {root.name} has {expected[1]} per scene")
                         frames_per_scene[len(frames)] += 1
                         scenes += 1
                     except CorruptRecordError as err:

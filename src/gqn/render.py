@@ -49,7 +49,7 @@ def context_from_file(path: str, image_size: int):
         full = (p.parent / img_path) if not Path(img_path).is_absolute() else Path(img_path)
         if not full.is_file():
             raise UserError(f"context_file {path}: image {full} does not exist")
-        img = np.asarray(Image.open(full).convert("RGB"))
+        img = np.array(Image.open(full).convert("RGB"))
         if img.shape[0] != image_size or img.shape[1] != image_size:
             raise UserError(
                 f"image {full} is {img.shape[1]}x{img.shape[0]} but the model takes {image_size}x{image_size}"

@@ -11,6 +11,7 @@ from __future__ import annotations
 import hydra
 import lightning as L
 from hydra.core.hydra_config import HydraConfig
+from lightning.pytorch.callbacks import LearningRateMonitor
 from omegaconf import DictConfig, OmegaConf
 
 from gqn import CONF_DIR
@@ -22,13 +23,18 @@ def instantiate_dict(cfg: DictConfig | None) -> list:
     return [hydra.utils.instantiate(v) for v in (cfg or {}).values() if v is not None and "_target_" in v]
 
 
-def train(cfg: DictConfig) -> float | None:
-    """Fit (and optionally test) the model described by ``cfg``; returns ``cfg.optimized_metric``."""
+def train(cfg: DictConfig, extra_callbacks: list | None = None) -> float | None:
+    """Fit (and optionally test) the model described by ``cfg``; returns ``cfg.optimized_metric``.
+
+    ``extra_callbacks`` are added to the configured ones (programmatic use, tests).
+    """
     L.seed_everything(cfg.seed, workers=True)
     datamodule = hydra.utils.instantiate(cfg.data)
     module = hydra.utils.instantiate(cfg.module, _recursive_=False)
-    callbacks = instantiate_dict(cfg.get("callbacks"))
+    callbacks = instantiate_dict(cfg.get("callbacks")) + list(extra_callbacks or [])
     loggers = instantiate_dict(cfg.get("logger"))
+    if not loggers:  # logger=none: nothing to send learning rates to
+        callbacks = [c for c in callbacks if not isinstance(c, LearningRateMonitor)]
     trainer = hydra.utils.instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
     resolved = {k: v for k, v in OmegaConf.to_container(cfg, resolve=True).items() if k != "hydra"}
     for logger in loggers:

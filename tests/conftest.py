@@ -1,0 +1,86 @@
+"""Shared fixtures: a tiny generated dataset and composition of the real Hydra configs."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import lightning as L
+import pytest
+from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import open_dict
+
+from gqn import CONF_DIR
+
+os.environ.setdefault("WANDB_MODE", "offline")
+os.environ.setdefault("WANDB_SILENT", "true")
+BIN = Path(sys.executable).parent
+
+#: Overrides that shrink any training config to seconds on a CPU.
+TINY = [
+    "data.image_size=32", "data.batch_size=4", "data.num_workers=0", "data.val_scenes=4",
+    "data.eval_batch_size=4", "model.hidden_channels=8", "model.canvas_channels=8", "model.num_steps=2",
+    "model.encoder.channels=8", "trainer.max_steps=2", "trainer.val_check_interval=2",
+    "trainer.limit_val_batches=1", "trainer.enable_model_summary=false", "++callbacks.progress=null",
+    "++callbacks.flythrough.frames=4",
+]
+
+
+@pytest.fixture(scope="session")
+def data_root(tmp_path_factory) -> Path:
+    """``{root}/synthetic_rooms``: 32 px procedural rooms, 24 train / 8 test scenes, 10 views."""
+    from gqn.synthetic import synthesize
+
+    root = tmp_path_factory.mktemp("data")
+    synthesize(root / "synthetic_rooms", "rooms", train_scenes=24, test_scenes=8, seed=0, image_size=32,
+               views=10, scenes_per_file=8, workers=1, log=lambda *_: None)
+    return root
+
+
+def compose_train(overrides: list[str], out_dir: Path):
+    """Compose ``conf/train.yaml`` like ``gqn-train`` would, with a run directory ``out_dir``."""
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        cfg = compose(config_name="train", overrides=overrides, return_hydra_config=True)
+    with open_dict(cfg):
+        cfg.hydra.runtime.output_dir = str(out_dir)
+        cfg.hydra.job.num = 0
+        cfg.paths.output_dir = str(out_dir.parent)
+    HydraConfig.instance().set_config(cfg)
+    return cfg
+
+
+@pytest.fixture
+def train_cfg(data_root, tmp_path):
+    """Factory: a tiny, real training config (extra overrides last)."""
+
+    def make(*overrides: str):
+        return compose_train([f"paths.data_dir={data_root}", *TINY, *overrides], tmp_path / "run")
+
+    return make
+
+
+def run_cli(prog: str, *args: str, cwd: Path, check: bool = True, timeout: int = 300):
+    """Run a console script in a subprocess; returns the CompletedProcess."""
+    env = {**os.environ, "WANDB_MODE": "offline", "WANDB_SILENT": "true", "HYDRA_FULL_ERROR": "0"}
+    exe = shutil.which(prog, path=str(BIN)) or prog
+    proc = subprocess.run([exe, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{prog} {' '.join(args)} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
+    return proc
+
+
+class Probe(L.Callback):
+    """A test callback recording (global_step, lr, sigma) at every training batch."""
+
+    def __init__(self):
+        self.rows = []
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        lr = trainer.optimizers[0].param_groups[0]["lr"]
+        self.rows.append((trainer.global_step, lr, pl_module.sigma()))

@@ -1,0 +1,199 @@
+"""Console scripts end to end, in subprocesses: gqn-train/eval/render, multirun, resume after SIGKILL, DDP."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import imageio.v3 as iio
+import numpy as np
+import pytest
+import torch
+from conftest import BIN, TINY, run_cli
+from PIL import Image
+
+
+def tiny(data_root: Path, run_dir: Path, *extra: str) -> list[str]:
+    return [f"paths.data_dir={data_root}", f"hydra.run.dir={run_dir}", f"paths.output_dir={run_dir.parent}",
+            *TINY, "logger=csv", *extra]
+
+
+@pytest.fixture(scope="module")
+def trained(data_root, tmp_path_factory) -> Path:
+    """A tiny checkpoint from the acceptance command `gqn-train trainer.max_steps=5 model.num_steps=4`."""
+    run = tmp_path_factory.mktemp("cli") / "run"
+    run_cli("gqn-train", *tiny(data_root, run, "trainer.max_steps=5", "model.num_steps=4",
+                               "trainer.val_check_interval=5"), cwd=run.parent)
+    return run
+
+
+def test_train_help_lists_config_groups(tmp_path):
+    out = run_cli("gqn-train", "--help", cwd=tmp_path).stdout
+    for group in ("data:", "model:", "model/encoder:", "model/core:", "schedule:", "trainer:", "logger:",
+                  "callbacks:", "experiment:", "debug:"):
+        assert group in out, group
+    for option in ("tower", "pool", "pyramid", "unshared", "shared_inference_generation", "rooms_ring_camera"):
+        assert option in out, option
+
+
+def test_train_leaves_checkpoint_logs_and_latest_link(trained):
+    ckpt = trained / "checkpoints" / "last.ckpt"
+    state = torch.load(ckpt, map_location="cpu", weights_only=False)
+    assert state["global_step"] == 5
+    assert state["hyper_parameters"]["model"]["num_steps"] == 4
+    assert (trained.parent / "latest").resolve() == trained.resolve()
+    assert list((trained / "media").glob("images_reconstructions_*.png"))
+    metrics = (trained / "csv").rglob("metrics.csv")
+    assert any("val/elbo" in p.read_text() for p in metrics)
+
+
+def test_eval_writes_metrics_json(trained, data_root, tmp_path):
+    run_cli("gqn-eval", f"ckpt_path={trained / 'checkpoints' / 'last.ckpt'}", f"paths.data_dir={data_root}",
+            "data.image_size=32", f"hydra.run.dir={tmp_path}", "num_workers=0", cwd=tmp_path)
+    report = json.loads((tmp_path / "metrics.json").read_text())
+    m = report["metrics"]
+    for key in ("psnr_model", "psnr_nearest_view", "psnr_mean_view", "ssim_model", "elbo", "nll", "kl",
+                "bits_per_pixel"):
+        assert np.isfinite(m[key]), key
+    assert m["elbo"] == pytest.approx(m["nll"] + m["kl"], rel=1e-4)
+    assert report["global_step"] == 5 and report["context_size"] == 5
+
+
+def test_render_writes_gif_mp4_and_sheet(trained, data_root, tmp_path):
+    run_cli("gqn-render", f"ckpt_path={trained / 'checkpoints' / 'last.ckpt'}", f"paths.data_dir={data_root}",
+            "data.image_size=32", f"hydra.run.dir={tmp_path}", "trajectory.frames=7", "scale=1",
+            "num_context=2", cwd=tmp_path)
+    gif = iio.imread(tmp_path / "flythrough.gif")
+    assert gif.shape[0] == 7 and gif.shape[1:3] == (32, 32)
+    mp4 = iio.imread(tmp_path / "flythrough.mp4", plugin="pyav") if _has_pyav() else None
+    if mp4 is not None:
+        assert mp4.shape[0] == 7
+    assert (tmp_path / "flythrough.mp4").stat().st_size > 0
+    info = json.loads((tmp_path / "render.json").read_text())
+    poses = np.array(info["poses"])
+    radius = np.hypot(poses[:, 0], poses[:, 1])
+    assert np.allclose(radius, radius[0], atol=1e-5)  # a ring
+    assert np.allclose(poses[:, 2], poses[0, 2])  # at one height
+    yaw = np.arctan2(poses[:, 3], poses[:, 4])
+    inward = np.arctan2(-poses[:, 1], -poses[:, 0])
+    assert np.allclose(np.cos(yaw - inward), 1, atol=1e-5)  # looking at the centre
+    assert Image.open(tmp_path / "contact_sheet.png").size[0] >= 32 * 7
+
+
+def _has_pyav() -> bool:
+    try:
+        import av  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def test_render_from_own_images_and_bad_inputs(trained, tmp_path):
+    ckpt = f"ckpt_path={trained / 'checkpoints' / 'last.ckpt'}"
+    Image.fromarray(np.zeros((32, 32, 3), np.uint8)).save(tmp_path / "a.png")
+    Image.fromarray(np.zeros((16, 16, 3), np.uint8)).save(tmp_path / "small.png")
+    good = tmp_path / "ctx.yaml"
+    good.write_text("images: [a.png]\ncameras: [[1.0, 0.0, 0.5, 3.14, -0.2]]\n")
+    run_cli("gqn-render", ckpt, f"context_file={good}", f"hydra.run.dir={tmp_path / 'out'}",
+            "trajectory.frames=3", cwd=tmp_path)
+    assert iio.imread(tmp_path / "out" / "flythrough.gif").shape[0] == 3
+    cases = {
+        "missing checkpoint": (["ckpt_path=/nope/last.ckpt", f"context_file={good}"], "checkpoint not found"),
+        "image size": ([ckpt, f"context_file={_ctx(tmp_path, 'small.png', '[[1, 0, 0.5, 0, 0]]')}"],
+                       "16x16 but the model takes 32x32"),
+        "malformed pose": ([ckpt, f"context_file={_ctx(tmp_path, 'a.png', '[[1, 0, 0.5]]')}"],
+                           "must be 5 numbers"),
+        "bad yaml": ([ckpt, f"context_file={_raw(tmp_path, 'images: [a.png')}"], "not valid YAML"),
+        "bad trajectory": ([ckpt, f"context_file={good}", "trajectory.kind=spiral"], "trajectory.kind"),
+    }
+    for name, (args, message) in cases.items():
+        proc = run_cli("gqn-render", *args, f"hydra.run.dir={tmp_path / 'bad'}", cwd=tmp_path, check=False)
+        assert proc.returncode == 2, name
+        assert message in proc.stderr, (name, proc.stderr)
+        assert "Traceback" not in proc.stderr and len(proc.stderr.strip().splitlines()) == 1, name
+
+
+def _ctx(tmp: Path, image: str, cameras: str) -> Path:
+    return _raw(tmp, f"images: [{image}]\ncameras: {cameras}\n")
+
+
+def _raw(tmp: Path, text: str) -> Path:
+    path = tmp / f"ctx_{abs(hash(text))}.yaml"
+    path.write_text(text)
+    return path
+
+
+def test_missing_data_is_one_clear_line(tmp_path):
+    proc = run_cli("gqn-train", f"paths.data_dir={tmp_path / 'nowhere'}", f"hydra.run.dir={tmp_path / 'r'}",
+                   "logger=none", cwd=tmp_path, check=False)
+    assert proc.returncode == 2
+    assert "gqn-data synth" in proc.stderr and "nowhere" in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def test_multirun_two_jobs(data_root, tmp_path):
+    args = [a for a in tiny(data_root, tmp_path / "unused") if not a.startswith("hydra.run.dir")]
+    run_cli("gqn-train", "-m", "seed=1,2", f"hydra.sweep.dir={tmp_path / 'sweep'}", *args, "logger=wandb",
+            cwd=tmp_path)
+    jobs = sorted((tmp_path / "sweep").glob("[0-9]"))
+    assert [j.name for j in jobs] == ["0", "1"]
+    run_ids = set()
+    for job in jobs:
+        assert (job / "checkpoints" / "last.ckpt").is_file()
+        (offline,) = (job / "wandb").glob("offline-run-*")
+        run_ids.add(offline.name.rsplit("-", 1)[-1])
+    assert len(run_ids) == 2  # wandb.finish() between jobs: one run per job
+
+
+def test_resume_after_sigkill(data_root, tmp_path):
+    """Kill a run with SIGKILL, resume from its last.ckpt: same step, LR and sigma as the schedule says."""
+    run = tmp_path / "run"
+    args = tiny(data_root, run, "trainer.max_steps=100000", "callbacks.last_checkpoint.every_n_train_steps=3",
+                "trainer.val_check_interval=1000", "schedule.lr_steps=1000", "schedule.sigma_steps=1000")
+    env = {**os.environ, "WANDB_MODE": "offline"}
+    proc = subprocess.Popen([str(BIN / "gqn-train"), *args], cwd=tmp_path, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    ckpt = run / "checkpoints" / "last.ckpt"
+    deadline = time.time() + 240
+    step = 0
+    while time.time() < deadline:
+        time.sleep(1)
+        if ckpt.exists():
+            try:
+                step = torch.load(ckpt, map_location="cpu", weights_only=False)["global_step"]
+            except Exception:  # caught mid-write
+                continue
+            if step >= 6:
+                break
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert step >= 6, "no checkpoint before the deadline"
+    step = torch.load(ckpt, map_location="cpu", weights_only=False)["global_step"]
+    resumed = tmp_path / "resumed"
+    run_cli("gqn-train", *tiny(data_root, resumed, f"ckpt_path={ckpt}", f"trainer.max_steps={step + 2}",
+                               "trainer.val_check_interval=1000", "schedule.lr_steps=1000",
+                               "schedule.sigma_steps=1000", "trainer.log_every_n_steps=1"), cwd=tmp_path)
+    state = torch.load(resumed / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    assert state["global_step"] == step + 2
+    lr = state["optimizer_states"][0]["param_groups"][0]["lr"]
+    assert lr == pytest.approx(5e-4 + (5e-5 - 5e-4) * (step + 2) / 1000, rel=1e-9)
+    import csv
+
+    (metrics,) = (resumed / "csv").rglob("metrics.csv")
+    rows = [r for r in csv.DictReader(metrics.open()) if r.get("train/sigma")]
+    first = rows[0]
+    assert int(first["step"]) == step  # continues where the killed run stopped
+    assert float(first["train/sigma"]) == pytest.approx(2.0 + (0.7 - 2.0) * step / 1000, rel=1e-6)
+
+
+def test_ddp_two_cpu_processes(data_root, tmp_path):
+    run = tmp_path / "ddp"
+    proc = run_cli("gqn-train", *tiny(data_root, run, "trainer=ddp", "trainer.max_steps=2",
+                                      "trainer.val_check_interval=2"), cwd=tmp_path, timeout=400)
+    assert "MEMBER: 2/2" in proc.stdout + proc.stderr  # two processes joined the gloo group
+    state = torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    assert state["global_step"] == 2

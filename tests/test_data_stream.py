@@ -1,0 +1,169 @@
+"""Sampling, determinism, resizing and sharding of the GQN scene stream."""
+
+from __future__ import annotations
+
+from collections import Counter
+from itertools import islice
+
+import pytest
+import torch
+from records_helper import check_contract, scenes_views, write_dataset, write_split
+from torch.utils.data import DataLoader
+
+from data_modules import DATASETS, GQNDataModule, SceneStream, to_float
+
+ROOMS = "rooms_ring_camera"  # 64 px, 10 frames per scene
+
+
+@pytest.fixture
+def rooms(tmp_path):
+    """12 train scenes (ids 0-11) in 3 files, 9 test scenes (ids 100-108) in 3 files."""
+    write_dataset(tmp_path, ROOMS, train=[[0, 1, 2, 3], [4, 5, 6, 7, 8], [9, 10, 11]],
+                  test=[[100, 101, 102], [103, 104], [105, 106, 107, 108]])
+    return tmp_path
+
+
+def views_by_scene(batches) -> dict[int, list[int]]:
+    out = {}
+    for batch in batches:
+        for scene, views in scenes_views(batch):
+            assert scene not in out, f"scene {scene} delivered twice"
+            out[scene] = views
+    return out
+
+
+def test_each_scene_gets_its_own_view_permutation(rooms):
+    dm = GQNDataModule(str(rooms), ROOMS, batch_size=8, context_size=5, num_workers=0)
+    batch = next(iter(dm.train_dataloader()))
+    check_contract(batch, 8, 5, 64)
+    items = scenes_views(batch)
+    assert len({s for s, _ in items}) == 8
+    # one index set shared by every scene is the classic bug: require (nearly) all to differ
+    assert len({tuple(v) for _, v in items}) >= 7, items
+    assert len({frozenset(v[:-1]) for _, v in items}) >= 7, items
+    assert len({v[-1] for _, v in items}) >= 3, "the query view is the same for every scene"
+
+
+def test_evaluation_views_also_differ_between_scenes(rooms):
+    dm = GQNDataModule(str(rooms), ROOMS, batch_size=9, context_size=5, num_workers=0)
+    for loader in (dm.val_dataloader(), dm.test_dataloader()):
+        views = views_by_scene(loader)
+        assert sorted(views) == list(range(100, 109))
+        assert len({tuple(v) for v in views.values()}) >= 8, views
+
+
+def test_context_size_range_draws_m_per_batch(rooms):
+    dm = GQNDataModule(str(rooms), ROOMS, batch_size=4, context_size=[1, 5], num_workers=0)
+    ms = []
+    for batch in islice(dm.train_dataloader(), 40):
+        m = batch["context_images"].shape[1]
+        check_contract(batch, 4, m, 64)  # one M for every item of the batch
+        assert 1 <= m <= 5
+        assert len(scenes_views(batch)) == 4
+        ms.append(m)
+    assert len(set(ms)) >= 3, Counter(ms)
+
+
+def test_fixed_context_size_and_eval_default_to_the_largest(rooms):
+    dm = GQNDataModule(str(rooms), ROOMS, batch_size=4, context_size=[2, 6], num_workers=0, val_scenes=5)
+    assert {b["context_images"].shape[1] for b in dm.val_dataloader()} == {6}
+    dm = GQNDataModule(str(rooms), ROOMS, batch_size=4, context_size=3, num_workers=0)
+    assert {b["context_images"].shape[1] for b in islice(dm.train_dataloader(), 10)} == {3}
+
+
+def test_validation_is_identical_on_two_passes(rooms):
+    dm = GQNDataModule(str(rooms), ROOMS, batch_size=4, context_size=[1, 5], num_workers=0, val_scenes=6)
+    loader = dm.val_dataloader()
+    first, second = list(loader), list(loader)
+    assert len(first) == len(second) == 2  # 6 scenes in batches of 4
+    for a, b in zip(first, second):
+        assert a.keys() == b.keys()
+        for key in a:
+            assert torch.equal(a[key], b[key]), key
+    # the first val_scenes scenes of the test split, in file order
+    assert [s for batch in first for s, _ in scenes_views(batch)] == list(range(100, 106))
+    # a freshly built loader (e.g. after a restart) gives the same views too
+    again = list(GQNDataModule(str(rooms), ROOMS, batch_size=4, context_size=[1, 5], num_workers=0,
+                               val_scenes=6).val_dataloader())
+    assert all(torch.equal(a["query_images"], b["query_images"]) for a, b in zip(first, again))
+
+
+def test_fixed_views_do_not_depend_on_sharding(rooms):
+    files = GQNDataModule(str(rooms), ROOMS, 2, 4, num_workers=0).files("test")  # 3 files
+
+    def views(world):  # 1 and 2 shards: file-level sharding; 4 shards: record-level sharding
+        out = {}
+        for rank in range(world):
+            stream = SceneStream(files, DATASETS[ROOMS], batch_size=2, context_size=4, fixed_views=True,
+                                 rank=rank, world_size=world)
+            out.update(views_by_scene(to_float(b) for b in stream))
+        return out
+
+    one = views(1)
+    assert sorted(one) == list(range(100, 109))
+    assert views(2) == one
+    assert views(4) == one
+
+
+def test_training_reshuffles_every_epoch(rooms):
+    dm = GQNDataModule(str(rooms), ROOMS, batch_size=4, context_size=3, num_workers=0)
+    batches = list(islice(dm.train_dataloader(), 6))  # 12 scenes: two epochs of 3 batches
+    order = [s for batch in batches for s, _ in scenes_views(batch)]
+    epoch1, epoch2 = order[:12], order[12:]
+    assert sorted(epoch1) == sorted(epoch2) == list(range(12))  # each scene once per epoch
+    assert epoch1 != list(range(12)), "training scenes come in file order"
+    assert epoch1 != epoch2, "the same order every epoch"
+
+
+def test_image_size_resizes_128_to_64(tmp_path):
+    name = "rooms_free_camera_with_object_rotations"
+    write_dataset(tmp_path, name, train=[[0, 1, 2]], test=[[100, 101]])
+    dm = GQNDataModule(str(tmp_path), name, batch_size=2, context_size=4, image_size=64, num_workers=0)
+    for batch in (next(iter(dm.train_dataloader())), next(iter(dm.test_dataloader()))):
+        check_contract(batch, 2, 4, 64)
+        scenes_views(batch)  # the resized frames keep their colour and stay paired with their poses
+    native = GQNDataModule(str(tmp_path), name, batch_size=2, context_size=4, num_workers=0)
+    check_contract(next(iter(native.test_dataloader())), 2, 4, 128)
+
+
+# ------------------------------------------------------------------------------------------ sharding
+def run_ranks(files, world=2, workers=2, batch_size=2, **kw) -> Counter:
+    """Every scene id delivered by ``world`` simulated ranks, each with a DataLoader of ``workers``."""
+    seen = Counter()
+    for rank in range(world):
+        stream = SceneStream([str(f) for f in files], DATASETS[ROOMS], batch_size=batch_size, context_size=2,
+                             repeat=False, rank=rank, world_size=world, **kw)
+        loader = DataLoader(stream, batch_size=None, num_workers=workers)
+        for batch in loader:
+            batch = to_float(batch)
+            assert batch["query_images"].shape[1:] == (3, 64, 64)
+            seen.update(scene for scene, _ in scenes_views(batch))
+    return seen
+
+
+@pytest.mark.parametrize("shuffle", [False, True], ids=["ordered", "shuffled"])
+def test_sharding_more_files_than_shards(tmp_path, shuffle):
+    # 6 files (one of them empty) for 2 ranks x 2 workers = 4 shards: files are dealt out
+    sizes = [3, 1, 0, 4, 2, 5]
+    ids, files, first = [], [], 0
+    for n in sizes:
+        files.append(list(range(first, first + n)))
+        ids += files[-1]
+        first += n
+    paths = write_split(tmp_path, ROOMS, "train", files)
+    seen = run_ranks(paths, shuffle=shuffle, shuffle_buffer=4)
+    assert seen == Counter(ids)  # every scene exactly once
+
+
+@pytest.mark.parametrize("shuffle", [False, True], ids=["ordered", "shuffled"])
+def test_sharding_fewer_files_than_shards(tmp_path, shuffle):
+    # 2 files for 4 shards: records are dealt out
+    paths = write_split(tmp_path, ROOMS, "train", [list(range(0, 7)), list(range(7, 13))])
+    seen = run_ranks(paths, shuffle=shuffle, shuffle_buffer=4)
+    assert seen == Counter(range(13))
+
+
+def test_sharding_with_a_scene_cap(tmp_path):
+    # validation's max_scenes: exactly the first N scenes, each once, however many shards
+    paths = write_split(tmp_path, ROOMS, "test", [list(range(0, 5)), list(range(5, 9)), list(range(9, 14))])
+    assert run_ranks(paths, max_scenes=10, fixed_views=True) == Counter(range(10))

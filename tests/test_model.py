@@ -1,0 +1,202 @@
+"""The GQN model: shapes, KL, gradients, sharing, seeded sampling, fast path == reference path."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+
+from gqn.model import GQN, Pool, Pyramid, Tower
+from gqn.model.convlstm import broadcast_conv
+from gqn.model.distributions import kl_gaussian
+
+ENCODERS = {"tower": Tower, "pool": Pool, "pyramid": Pyramid}
+SHARING = ["unshared", "shared", "shared_inference_generation"]
+
+
+def make_model(encoder="tower", sharing="shared", steps=2, size=32, **kw):
+    enc = ENCODERS[encoder](image_size=size, channels=kw.pop("r", 16))
+    return GQN(enc, image_size=size, hidden_channels=kw.pop("h", 8), canvas_channels=kw.pop("canvas", 8),
+               latent_channels=kw.pop("z", 3), num_steps=steps, core_sharing=sharing, **kw)
+
+
+def batch(B=2, M=3, size=32, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return (torch.rand(B, M, 3, size, size, generator=g), torch.randn(B, M, 7, generator=g),
+            torch.rand(B, 3, size, size, generator=g), torch.randn(B, 7, generator=g))
+
+
+@pytest.mark.parametrize("encoder,sharing,steps", itertools.product(ENCODERS, SHARING, [1, 2, 12]))
+def test_output_shapes(encoder, sharing, steps):
+    model = make_model(encoder, sharing, steps, h=4, canvas=4, r=8)
+    ci, cp, qi, qp = batch()
+    out = model(ci, cp, qi, qp, sigma=0.7)
+    for key in ("elbo", "nll", "kl", "bits_per_pixel", "mse"):
+        assert out[key].shape == (2,) and torch.isfinite(out[key]).all(), key
+    assert out["kl_steps"].shape == (2, steps)
+    assert out["mean"].shape == (2, 3, 32, 32)
+    assert torch.allclose(out["elbo"], out["nll"] + out["kl"])
+    img, seq = model.sample(ci, cp, qp, return_sequence=True)
+    assert img.shape == (2, 3, 32, 32) and seq.shape == (2, steps, 3, 32, 32)
+    assert torch.allclose(seq[:, -1], img)
+
+
+@pytest.mark.parametrize("size", [32, 64, 84, 128])
+@pytest.mark.parametrize("encoder", list(ENCODERS))
+def test_image_sizes(size, encoder):
+    model = make_model(encoder, "shared", 2, size=size, h=4, canvas=4, r=8)
+    ci, cp, qi, qp = batch(B=1, M=1, size=size)  # a single context view works too
+    r = model.represent(ci, cp)
+    assert r.shape[-1] in (1, size // 4)
+    assert model(ci, cp, qi, qp)["mean"].shape == (1, 3, size, size)
+
+
+def test_representation_is_a_sum_over_views():
+    model = make_model("tower")
+    ci, cp, _, _ = batch(M=3)
+    r = model.represent(ci, cp)
+    parts = sum(model.represent(ci[:, i : i + 1], cp[:, i : i + 1]) for i in range(3))
+    assert torch.allclose(r, parts, atol=1e-5)
+
+
+def test_kl_matches_torch_distributions():
+    g = torch.Generator().manual_seed(1)
+    mq, mp = torch.randn(4, 3, 5, 5, generator=g), torch.randn(4, 3, 5, 5, generator=g)
+    sq, sp = torch.rand(4, 3, 5, 5, generator=g) + 0.1, torch.rand(4, 3, 5, 5, generator=g) + 0.1
+    expected = torch.distributions.kl_divergence(torch.distributions.Normal(mq, sq), torch.distributions.Normal(mp, sp))
+    assert torch.allclose(kl_gaussian(mq, sq, mp, sp), expected, rtol=1e-5, atol=1e-6)
+
+
+def test_nll_is_the_gaussian_log_likelihood():
+    model = make_model()
+    ci, cp, qi, qp = batch()
+    out = model(ci, cp, qi, qp, sigma=0.5, generator=torch.Generator().manual_seed(0))
+    expected = -torch.distributions.Normal(out["mean"], 0.5).log_prob(qi).flatten(1).sum(1)
+    assert torch.allclose(out["nll"], expected, rtol=1e-5)
+
+
+@pytest.mark.parametrize("encoder,sharing", itertools.product(ENCODERS, SHARING))
+def test_gradients_reach_every_parameter(encoder, sharing):
+    model = make_model(encoder, sharing, steps=3)
+    ci, cp, qi, qp = batch()
+    model(ci, cp, qi, qp)["elbo"].mean().backward()
+    missing = {n for n, p in model.named_parameters() if p.grad is None or p.grad.abs().sum() == 0}
+    if sharing == "unshared":  # step 0's own cores only ever see the zero initial states
+        missing -= {"generator.inference_cores.0.weight.h", "generator.inference_cores.0.weight.h_g",
+                    "generator.generation_cores.0.weight.h"}
+    assert not missing, missing
+
+
+def test_core_sharing_parameter_counts():
+    L = 5
+    counts = {}
+    for sharing in SHARING:
+        gen = make_model("pool", sharing, steps=L).generator
+        counts[sharing] = (len(gen.inference_cores), len(gen.generation_cores),
+                           sum(p.numel() for p in gen.parameters()))
+    assert counts["unshared"][:2] == (L, L)
+    assert counts["shared"][:2] == (1, 1)
+    gen = make_model("pool", "shared_inference_generation", steps=L).generator
+    assert gen.inference_cores[0] is gen.generation_cores[0]
+    core_params = {s: sum(p.numel() for p in make_model("pool", s, steps=L).generator.inference_cores.parameters())
+                   for s in ("unshared", "shared")}
+    assert core_params["unshared"] == L * core_params["shared"]
+    assert counts["shared_inference_generation"][2] < counts["shared"][2]
+
+
+def test_sampling_is_reproducible_with_a_seed():
+    model = make_model("tower", "unshared", 3)
+    ci, cp, _, qp = batch()
+    a = model.sample(ci, cp, qp, generator=torch.Generator().manual_seed(7))
+    b = model.sample(ci, cp, qp, generator=torch.Generator().manual_seed(7))
+    c = model.sample(ci, cp, qp, generator=torch.Generator().manual_seed(8))
+    assert torch.equal(a, b)
+    assert not torch.allclose(a, c)
+    m1, m2 = model.sample(ci, cp, qp, mean=True), model.sample(ci, cp, qp, mean=True)
+    assert torch.equal(m1, m2)
+
+
+def test_prior_uses_the_same_generator_state_in_training_and_sampling():
+    """The prior of step l reads the generator state after step l-1 (zero at step 0), in both modes."""
+    model = make_model("tower", "unshared", 4)
+    model.generator.fast = False  # the reference path calls the cores' forward (hookable)
+    gen = model.generator
+    ci, cp, qi, qp = batch()
+    for training in (True, False):
+        prior_in, gen_out = [], []
+        hooks = [gen.prior_head.register_forward_hook(lambda m, i, o, acc=prior_in: acc.append(i[0].detach()))]
+        hooks += [c.register_forward_hook(lambda m, i, o, acc=gen_out: acc.append(o[0].detach()))
+                  for c in gen.generation_cores]
+        if training:
+            model(ci, cp, qi, qp)
+        else:
+            model.sample(ci, cp, qp)
+        for h in hooks:
+            h.remove()
+        assert len(prior_in) == 4 and len(gen_out) == 4
+        assert prior_in[0].abs().max() == 0
+        for step in range(1, 4):
+            assert torch.equal(prior_in[step], gen_out[step - 1])
+
+
+def test_broadcast_conv_is_exact():
+    g = torch.Generator().manual_seed(0)
+    code, w = torch.randn(3, 6, generator=g), torch.randn(10, 6, 5, 5, generator=g)
+    ref = torch.nn.functional.conv2d(code[:, :, None, None].expand(-1, -1, 7, 7), w, padding=2)
+    assert torch.allclose(broadcast_conv(code, w, 7), ref, atol=1e-5)
+
+
+def _rel(a, b):
+    return ((a - b).abs().max() / b.abs().max().clamp_min(1e-12)).item()
+
+
+@pytest.mark.parametrize("encoder,sharing", itertools.product(ENCODERS, SHARING))
+def test_fast_path_equals_reference(encoder, sharing):
+    """Outputs and gradients of the optimised DRAW loop within 1e-4 relative of the reference (float32)."""
+    torch.manual_seed(0)
+    model = make_model(encoder, sharing, steps=4, h=16, canvas=16, r=32)
+    ci, cp, qi, qp = batch(B=3)
+    results = {}
+    for fast, ckpt in ((False, False), (True, False), (True, True)):
+        model.generator.fast, model.generator.checkpoint_steps = fast, ckpt
+        model.zero_grad()
+        out = model(ci, cp, qi, qp, generator=torch.Generator().manual_seed(3))
+        out["elbo"].mean().backward()
+        sample = model.sample(ci, cp, qp, generator=torch.Generator().manual_seed(4), return_sequence=True)
+        results[(fast, ckpt)] = (out, [p.grad.clone() for p in model.parameters()], sample)
+    ref_out, ref_grads, ref_sample = results[(False, False)]
+    for key in [(True, False), (True, True)]:
+        out, grads, sample = results[key]
+        for name in ("elbo", "nll", "kl", "mean"):
+            assert _rel(out[name], ref_out[name]) < 1e-4, (key, name)
+        assert _rel(sample[0], ref_sample[0]) < 1e-4 and _rel(sample[1], ref_sample[1]) < 1e-4
+        for g, rg in zip(grads, ref_grads):
+            assert _rel(g, rg) < 1e-4, key
+
+
+def test_bad_shapes_raise_clear_errors():
+    model = make_model()
+    ci, cp, qi, qp = batch()
+    with pytest.raises(ValueError, match="context_images must be"):
+        model.represent(ci[0], cp)
+    with pytest.raises(ValueError, match="model expects"):
+        model.represent(torch.rand(2, 3, 3, 64, 64), cp)
+    with pytest.raises(ValueError, match="divisible by 4"):
+        make_model(size=30)
+
+
+@pytest.mark.slow
+def test_training_on_one_batch_drives_elbo_down():
+    torch.manual_seed(0)
+    model = make_model("tower", "shared", 4, h=32, canvas=32, r=32)
+    ci, cp, qi, qp = batch(B=4)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    first = None
+    for _ in range(300):
+        loss = model(ci, cp, qi, qp, sigma=0.1)["elbo"].mean()
+        first = first if first is not None else loss.item()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert loss.item() < 0.5 * first
