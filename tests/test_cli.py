@@ -197,3 +197,20 @@ def test_ddp_two_cpu_processes(data_root, tmp_path):
     assert "MEMBER: 2/2" in proc.stdout + proc.stderr  # two processes joined the gloo group
     state = torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
     assert state["global_step"] == 2
+
+
+def test_optuna_sweep_runs_two_trials(data_root, tmp_path):
+    pytest.importorskip("hydra_plugins.hydra_optuna_sweeper")
+    args = [a for a in tiny(data_root, tmp_path / "unused") if not a.startswith("hydra.run.dir")]
+    run_cli("gqn-train", "hparams_search=optuna", "hydra.sweeper.n_trials=2", "hydra.sweeper.sampler.n_startup_trials=2",
+            f"hydra.sweep.dir={tmp_path / 'sweep'}", *args, cwd=tmp_path)
+    result = (tmp_path / "sweep" / "optimization_results.yaml").read_text()
+    assert "best_params" in result and "schedule.lr_init" in result
+    assert len(list((tmp_path / "sweep").glob("[0-9]/checkpoints/last.ckpt"))) == 2
+
+
+def test_slurm_launcher_config_composes(tmp_path):
+    pytest.importorskip("hydra_plugins.hydra_submitit_launcher")
+    out = run_cli("gqn-train", "-m", "hydra/launcher=slurm", "--cfg", "hydra", "--package", "hydra.launcher",
+                  cwd=tmp_path).stdout
+    assert "SlurmLauncher" in out and "gpus_per_node: 1" in out

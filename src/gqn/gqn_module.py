@@ -50,7 +50,8 @@ class GQNModule(L.LightningModule):
         self.sigma_schedule = LinearAnneal(s["sigma_init"], s["sigma_final"], s["sigma_steps"], sigma_warmup_steps)
         self.lr_factor = LinearAnneal(1.0, s["lr_final"] / s["lr_init"], s["lr_steps"])
         self.kl_weight = LinearAnneal(0.0, 1.0, kl_warmup_steps) if kl_warmup_steps else (lambda step: 1.0)
-        self._forward = torch.compile(self.model) if compile else self.model
+        # kept out of the module tree (a compiled wrapper would duplicate the state dict's keys)
+        self.__dict__["_forward"] = torch.compile(self.model) if compile else self.model
 
     # ------------------------------------------------------------------ schedules
     def sigma(self, step: int | None = None) -> float:

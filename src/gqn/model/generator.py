@@ -223,21 +223,27 @@ class DRAWGenerator(nn.Module):
             kl = None
             if x is not None:
                 cell = self._core(self.inference_cores, step)
-                u_down = F.conv2d(h_sum, canvas_matrix) + (
-                    step * canvas_step_bias + self.canvas_down.bias
-                )[None, :, None, None]
-                gates = inf_static[step if len(inf_static) > 1 else 0] + cell.conv(
-                    torch.cat([h_g, u_down, h_e], dim=1), ["h_g", "u", "h"]
-                )
+                static = inf_static[step if len(inf_static) > 1 else 0]
+                if step == 0:  # zero states; the empty canvas seen through down() is its bias (closed form)
+                    bias = self.canvas_down.bias[None].expand(B, -1)
+                    gates = static + cell.conv_broadcast(bias, "u", self.grid)
+                else:
+                    u_down = F.conv2d(h_sum, canvas_matrix) + (
+                        step * canvas_step_bias + self.canvas_down.bias
+                    )[None, :, None, None]
+                    gates = static + cell.conv(torch.cat([h_g, u_down, h_e], dim=1), ["h_g", "u", "h"])
                 h_e, c_e = cell.update(gates, c_e)
                 z, q_mean, q_std = self._latent(self.posterior_head(h_e), eps, True)
                 kl = kl_gaussian(q_mean, q_std, p_mean, p_std).flatten(1).sum(1)
             else:
                 z = p_mean + p_std * eps if sample_prior else p_mean
             cell = self._core(self.generation_cores, step)
-            gates = gen_static[step if len(gen_static) > 1 else 0] + cell.conv(
-                torch.cat([z, h_g], dim=1), ["z", "h"]
-            )
+            if step == 0:  # the initial generator state is zero: convolve the latent alone
+                gates = gen_static[0] + cell.conv(z, ["z"])
+            else:
+                gates = gen_static[step if len(gen_static) > 1 else 0] + cell.conv(
+                    torch.cat([z, h_g], dim=1), ["z", "h"]
+                )
             h_g, c_g = cell.update(gates, c_g)
             return h_g, c_g, h_e, c_e, h_sum + h_g, kl
 

@@ -22,11 +22,22 @@ def _rot_z(v: np.ndarray, angle: float) -> np.ndarray:
     return out
 
 
+def _may_hit(O: np.ndarray, D: np.ndarray, center: np.ndarray, radius: float) -> np.ndarray:
+    """Indices of the rays that pass through a bounding sphere in front of their origin."""
+    oc = O - center
+    b = np.einsum("ij,ij->i", oc, D)
+    c = np.einsum("ij,ij->i", oc, oc) - radius * radius
+    return np.flatnonzero((b * b - c > 0) & ((b < 0) | (c < 0)))
+
+
 @dataclass
 class Sphere:
     center: np.ndarray
     radius: float
     color: np.ndarray
+
+    def bound(self):
+        return self.center, self.radius
 
     def intersect(self, O, D):
         oc = O - self.center
@@ -49,6 +60,9 @@ class Box:
     half: np.ndarray
     color: np.ndarray
     angle: float = 0.0
+
+    def bound(self):
+        return self.center, float(np.linalg.norm(self.half))
 
     def intersect(self, O, D):
         o = _rot_z(O - self.center, -self.angle)
@@ -81,6 +95,9 @@ class Cylinder:
     height: float
     color: np.ndarray
 
+    def bound(self):
+        return self.center + np.array([0, 0, self.height / 2]), float(np.hypot(self.radius, self.height / 2))
+
     def intersect(self, O, D):
         o = O - self.center
         a = D[:, 0] ** 2 + D[:, 1] ** 2
@@ -109,6 +126,9 @@ class Cone:
     radius: float
     height: float
     color: np.ndarray
+
+    def bound(self):
+        return self.center + np.array([0, 0, self.height / 2]), float(np.hypot(self.radius, self.height / 2))
 
     def intersect(self, O, D):
         o = O - self.center
@@ -179,11 +199,15 @@ class World:
         normal = np.zeros_like(O)
         color = np.zeros_like(O)
         for obj in self.objects:
-            ti, ni = obj.intersect(O, D)
-            closer = ti < t
-            t = np.where(closer, ti, t)
-            normal[closer] = ni[closer]
-            color[closer] = obj.color
+            idx = _may_hit(O, D, *obj.bound())  # only rays through the bounding sphere are traced
+            if idx.size == 0:
+                continue
+            ti, ni = obj.intersect(O[idx], D[idx])
+            closer = ti < t[idx]
+            sel = idx[closer]
+            t[sel] = ti[closer]
+            normal[sel] = ni[closer]
+            color[sel] = obj.color
         return t, normal, color
 
     def render(self, O: np.ndarray, D: np.ndarray) -> np.ndarray:
