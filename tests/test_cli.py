@@ -202,7 +202,8 @@ def test_ddp_two_cpu_processes(data_root, tmp_path):
 def test_optuna_sweep_runs_two_trials(data_root, tmp_path):
     pytest.importorskip("hydra_plugins.hydra_optuna_sweeper")
     args = [a for a in tiny(data_root, tmp_path / "unused") if not a.startswith("hydra.run.dir")]
-    run_cli("gqn-train", "hparams_search=optuna", "hydra.sweeper.n_trials=2", "hydra.sweeper.sampler.n_startup_trials=2",
+    run_cli("gqn-train", "hparams_search=optuna", "hydra.sweeper.n_trials=2",
+            "hydra.sweeper.sampler.n_startup_trials=2",
             f"hydra.sweep.dir={tmp_path / 'sweep'}", *args, cwd=tmp_path)
     result = (tmp_path / "sweep" / "optimization_results.yaml").read_text()
     assert "best_params" in result and "schedule.lr_init" in result

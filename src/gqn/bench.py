@@ -127,7 +127,8 @@ def bench_train(configs, steps: int, batch: int, context: int, paths=("reference
     return {"conv_peak_gflops": peak, "batch": batch, "context": context, "steps": steps, "results": rows}
 
 
-def bench_data(scenes: int = 2000, batch: int = 36, context: int = 5, workers=(0, 1, 2), root: str | None = None) -> dict:
+def bench_data(scenes: int = 2000, batch: int = 36, context: int = 5, workers=(0, 1, 2),
+               root: str | None = None) -> dict:
     from data_modules import GQNDataModule
     from gqn.synthetic import synthesize
 
