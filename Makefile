@@ -20,7 +20,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 data: $(STAMP)
-	$(BIN)/gqn-data synth --family rooms --out $(DATA_DIR)/synthetic_rooms --skip-existing
+	$(BIN)/gqn-data synth --family rooms --out $(DATA_DIR)/synthetic_rooms --image-size 32 --train-scenes 5000 --test-scenes 200 --skip-existing
 
 train: data
 	$(BIN)/gqn-train $(ARGS)

@@ -91,10 +91,12 @@ class GQNDataModule(L.LightningDataModule):
         self.files("test")
 
     def train_dataloader(self) -> GQNDataLoader:
-        return self._loader(
-            self.stream("train", batch_size=self.batch_size, context_size=self.context_size, shuffle=True,
-                        shuffle_buffer=self.shuffle_buffer, repeat=True, drop_last=True)
-        )
+        stream = self.stream("train", batch_size=self.batch_size, context_size=self.context_size, shuffle=True,
+                             shuffle_buffer=self.shuffle_buffer, repeat=True, drop_last=True)
+        trainer = getattr(self, "trainer", None)
+        if trainer is not None:  # a resumed run continues with fresh shuffles, not the first run's order
+            stream.epoch = int(trainer.global_step)
+        return self._loader(stream)
 
     def val_dataloader(self) -> GQNDataLoader:
         return self._loader(

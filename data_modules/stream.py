@@ -13,13 +13,14 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
+import simplejpeg
 import torch
 from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from data_modules.datasets import DatasetInfo
 from data_modules.errors import CorruptRecordError, GQNDataError
-from data_modules.records import camera_to_pose, decode_frame, iter_records, parse_scene
+from data_modules.records import JPEG_MAGIC, camera_to_pose, decode_frame, iter_records, parse_scene
 
 Record = tuple[str, int, int, bytes]  # (path, byte offset, global scene index, record bytes)
 
@@ -112,13 +113,29 @@ class SceneStream(IterableDataset):
                 index += 1
 
     # ------------------------------------------------------------------ sampling
-    def _decode(self, jpeg: bytes, path: str, offset: int, index: int) -> np.ndarray:
-        image = decode_frame(jpeg, self.info.image_size, path, offset, index)
-        if self.image_size != self.info.image_size:
+    def _decode_into(self, out: np.ndarray, jpeg: bytes, path: str, offset: int, index: int) -> None:
+        """Decode one frame into ``out`` ``[S, S, 3]`` (resized when ``image_size`` differs)."""
+        native = self.info.image_size
+        if self.image_size == native and jpeg.startswith(JPEG_MAGIC):
+            try:
+                image = simplejpeg.decode_jpeg(jpeg, colorspace="RGB", buffer=out)
+            except ValueError:  # broken, or larger than the buffer: let decode_frame say which
+                image = None
+            if image is not None and image.shape[:2] == (native, native):
+                return
+        image = decode_frame(jpeg, native, path, offset, index)  # raises the precise error
+        if self.image_size != native:
             image = np.asarray(Image.fromarray(image).resize((self.image_size,) * 2, Image.BILINEAR))
-        return image
+        out[...] = image
 
-    def _scene(self, rec: Record, m: int, rng: np.random.Generator):
+    def decode(self, jpeg: bytes, path: str = "<bytes>", offset: int = 0, index: int = 0) -> np.ndarray:
+        """One frame as uint8 ``[S, S, 3]`` at this stream's image size, with the stream's checks."""
+        out = np.empty((self.image_size, self.image_size, 3), np.uint8)
+        self._decode_into(out, jpeg, path, offset, index)
+        return out
+
+    def _views(self, rec: Record, m: int, rng: np.random.Generator):
+        """Parse a scene and draw its ``m + 1`` views: (JPEGs, view indices, poses ``[m+1, 7]``)."""
         path, offset, _, data = rec
         frames, cameras = parse_scene(data, path, offset)
         if m + 1 > len(frames):
@@ -130,27 +147,46 @@ class SceneStream(IterableDataset):
             # global scene index), so that scenes do not all share one set of views
             rng = np.random.default_rng([self.seed, zlib.crc32(Path(path).name.encode()), offset])
         views = rng.permutation(len(frames))[: m + 1]  # a fresh permutation per scene; last = query
-        images = np.stack([self._decode(frames[v], path, offset, int(v)) for v in views])
-        return images, camera_to_pose(cameras[views])
+        return [frames[v] for v in views], views, camera_to_pose(cameras[views])
 
     def make_batch(self, recs: list[Record], rng: np.random.Generator) -> dict[str, torch.Tensor] | None:
         lo, hi = self.context_range
         m = int(rng.integers(lo, hi + 1))  # shared by the whole batch
-        images, poses = [], []
-        for rec in recs:
+        size = self.image_size
+        images = torch.empty((len(recs), m + 1, size, size, 3), dtype=torch.uint8)  # [B, M+1, H, W, 3]
+        if get_worker_info() is not None:
+            images.share_memory_()  # decoded straight into shared memory: no copy on the way to the trainer
+        pixels = images.numpy()
+        scenes, errors = [], {}
+        for i, rec in enumerate(recs):
             try:
-                img, pose = self._scene(rec, m, rng)
+                scenes.append((i, rec, *self._views(rec, m, rng)))
             except CorruptRecordError as err:
-                if not self.skip_corrupt:
-                    raise
-                self._skip(err)
-                continue
-            images.append(img)
-            poses.append(pose)
-        if not images:
+                errors[i] = err
+
+        def decode_scene(task) -> CorruptRecordError | None:
+            i, rec, jpegs, views, _ = task
+            try:
+                for j, (jpeg, view) in enumerate(zip(jpegs, views)):
+                    self._decode_into(pixels[i, j], jpeg, rec[0], rec[1], int(view))
+            except CorruptRecordError as err:
+                return err
             return None
-        images = torch.from_numpy(np.stack(images))  # [B, M+1, H, W, 3] uint8
-        poses = torch.from_numpy(np.stack(poses))  # [B, M+1, 7]
+
+        for task in scenes:
+            err = decode_scene(task)
+            if err is not None:
+                errors[task[0]] = err
+        for i in sorted(errors):
+            if not self.skip_corrupt:
+                raise errors[i]
+            self._skip(errors[i])
+        keep = [task[0] for task in scenes if task[0] not in errors]
+        if not keep:
+            return None
+        if len(keep) < len(recs):
+            images = images[keep]
+        poses = torch.from_numpy(np.stack([task[4] for task in scenes if task[0] not in errors]))  # [B, M+1, 7]
         return {
             "context_images": images[:, :m],
             "context_poses": poses[:, :m],

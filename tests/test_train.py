@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import TINY, Probe, compose_train
-from omegaconf import OmegaConf
+from omegaconf import OmegaConf, open_dict
 
 from data_modules import DATASETS
 from gqn import CONF_DIR
@@ -121,3 +121,40 @@ def test_same_seed_same_loss(train_cfg):
         ckpt = torch.load(Path(cfg.hydra.runtime.output_dir) / "checkpoints" / "last.ckpt", weights_only=False)
         losses.append(torch.cat([p.flatten() for p in ckpt["state_dict"].values()]))
     assert torch.equal(losses[0], losses[1])
+
+
+@pytest.mark.parametrize("encoder", options("model/encoder"))
+@pytest.mark.parametrize("core", options("model/core"))
+def test_every_encoder_and_core_sharing_trains(train_cfg, encoder, core):
+    cfg = train_cfg("model=paper", f"model/encoder={encoder}", f"model/core={core}", "logger=none",
+                    "callbacks=none", "trainer.max_steps=2", "trainer.val_check_interval=2")
+    train(cfg)
+    state = torch.load(Path(cfg.hydra.runtime.output_dir) / "checkpoints" / "last.ckpt", weights_only=False)
+    assert state["global_step"] == 2
+    assert state["hyper_parameters"]["model"]["core_sharing"] == core
+    assert state["hyper_parameters"]["model"]["encoder"]["_target_"].lower().endswith(encoder)
+
+
+def test_kl_and_sigma_warmups(train_cfg):
+    from hydra.utils import instantiate
+
+    cfg = train_cfg("module.kl_warmup_steps=10", "module.sigma_warmup_steps=5", "schedule.sigma_steps=10")
+    module = instantiate(cfg.module, _recursive_=False)
+    assert [module.kl_weight(s) for s in (0, 5, 10, 20)] == [0.0, 0.5, 1.0, 1.0]
+    assert module.sigma(0) == module.sigma(5) == 2.0  # held during the warm-up
+    assert module.sigma(10) == pytest.approx(2.0 + (0.7 - 2.0) * 5 / 10)
+    assert module.sigma(100) == pytest.approx(0.7)
+
+
+def test_resume_auto_picks_the_latest_run(train_cfg, tmp_path):
+    first = train_cfg("logger=none", "trainer.max_steps=2")
+    train(first)
+    latest = Path(first.paths.output_dir) / "latest"
+    assert latest.resolve() == Path(first.hydra.runtime.output_dir).resolve()
+    second = compose_train([*[o for o in first.hydra.overrides.task], "ckpt_path=auto", "trainer.max_steps=4"],
+                           tmp_path / "run2")
+    with open_dict(second):
+        second.paths.output_dir = first.paths.output_dir
+    probe = Probe()
+    train(second, extra_callbacks=[probe])
+    assert probe.rows[0][0] == 2  # continued from step 2 of the first run

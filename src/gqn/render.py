@@ -74,8 +74,8 @@ def context_from_dataset(cfg: DictConfig, image_size: int):
                 frames, cameras = parse_scene(data, path, offset)
                 if not 1 <= cfg.num_context < len(frames):
                     raise UserError(f"num_context must be in [1, {len(frames) - 1}] for this scene")
-                imgs = [dm.stream(cfg.split, batch_size=1, context_size=1)._decode(f, path, offset, i)
-                        for i, f in enumerate(frames)]
+                stream = dm.stream(cfg.split, batch_size=1, context_size=1)
+                imgs = [stream.decode(f, path, offset, i) for i, f in enumerate(frames)]
                 imgs = torch.from_numpy(np.stack(imgs)).permute(0, 3, 1, 2).float() / 255
                 poses = torch.from_numpy(camera_to_pose(cameras))
                 m = cfg.num_context

@@ -181,21 +181,21 @@ class DRAWGenerator(nn.Module):
 
     # ------------------------------------------------------------------ fast path
     def _static_gates(self, cores: nn.ModuleList, inputs: dict[str, torch.Tensor]) -> list[torch.Tensor]:
-        """Gate contributions of step-invariant inputs, one tensor per core, computed once.
+        """Gate contributions of step-invariant inputs, one tensor per core, computed once per forward.
 
         ``inputs`` maps a group name to ``[B, C]`` (a code constant over the grid: closed form) or
-        ``[B, C, G, G]``. Unshared cores are batched: their weights are stacked along the output
-        channels so that each input is convolved once for all L cores.
+        ``[B, C, G, G]``. Codes of unshared cores are batched in one matrix product; grid inputs of
+        unshared cores are convolved per core (stacking their weights measured slower on CPU).
         """
-        total = None
+        per_core = [None] * len(cores)
         for name, value in inputs.items():
-            w = torch.cat([c.weight[name] for c in cores], dim=0) if len(cores) > 1 else cores[0].weight[name]
             if value.dim() == 2:
-                g = broadcast_conv(value, w, self.grid)
+                w = torch.cat([c.weight[name] for c in cores]) if len(cores) > 1 else cores[0].weight[name]
+                parts = broadcast_conv(value, w, self.grid).chunk(len(cores), dim=1)
             else:
-                g = F.conv2d(value, w, padding=w.shape[-1] // 2)
-            total = g if total is None else total + g
-        return list(total.chunk(len(cores), dim=1))
+                parts = [F.conv2d(value, c.weight[name], padding=c.kernel_size // 2) for c in cores]
+            per_core = [p if acc is None else acc + p for acc, p in zip(per_core, parts)]
+        return per_core
 
     def _canvas_maps(self):
         """down(up(h)) is a per-position linear map: return its matrix and the per-step bias."""

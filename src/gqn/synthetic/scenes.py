@@ -14,7 +14,7 @@ FAMILIES = ("rooms", "shepard_metzler")
 
 ROOM_HALF = 1.5  # walls at x, y = +-1.5
 WALL_HEIGHT = 1.2
-RING_RADIUS = 1.05  # camera ring inside the room
+RING_RADIUS = 1.3  # camera ring inside the room, outside the objects
 CAMERA_HEIGHT = 0.55
 
 
@@ -28,9 +28,9 @@ def _rooms_world(rng: np.random.Generator) -> World:
     room = Room(ROOM_HALF, WALL_HEIGHT, _colour(rng, (0.1, 0.5), (0.35, 0.75)), walls)
     objects, placed = [], []
     for _ in range(int(rng.integers(1, 4))):
-        size = rng.uniform(0.18, 0.32)
+        size = rng.uniform(0.15, 0.28)
         for _attempt in range(20):  # rejection sampling: objects do not overlap
-            xy = rng.uniform(-0.65, 0.65, size=2)
+            xy = rng.uniform(-0.6, 0.6, size=2)
             if all(np.linalg.norm(xy - p) > size + s + 0.05 for p, s in placed):
                 break
         placed.append((xy, size))
