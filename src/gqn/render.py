@@ -17,6 +17,7 @@ import yaml
 from omegaconf import DictConfig, OmegaConf
 from PIL import Image
 
+from callbacks.media import to_uint8
 from gqn import CONF_DIR
 from gqn.cli import UserError, one_line_errors
 from gqn.eval import load_module
@@ -24,7 +25,8 @@ from gqn.trajectory import orbit, pose_from_camera
 
 
 def _uint8(img: torch.Tensor, scale: int = 1) -> np.ndarray:
-    a = (img.clamp(0, 1).permute(1, 2, 0).cpu().numpy() * 255 + 0.5).astype(np.uint8)
+    """``[3, H, W]`` in [0, 1] -> uint8 ``[H*scale, W*scale, 3]`` (nearest-neighbour upscaling)."""
+    a = to_uint8(img)
     return a.repeat(scale, 0).repeat(scale, 1) if scale > 1 else a
 
 
