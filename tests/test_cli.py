@@ -153,7 +153,8 @@ def test_resume_after_sigkill(data_root, tmp_path):
     """Kill a run with SIGKILL, resume from its last.ckpt: same step, LR and sigma as the schedule says."""
     run = tmp_path / "run"
     args = tiny(data_root, run, "trainer.max_steps=100000", "callbacks.last_checkpoint.every_n_train_steps=3",
-                "trainer.val_check_interval=1000", "schedule.lr_steps=1000", "schedule.sigma_steps=1000")
+                "trainer.val_check_interval=1000", "schedule=paper", "schedule.lr_steps=1000",
+                "schedule.sigma_steps=1000")
     env = {**os.environ, "WANDB_MODE": "offline"}
     proc = subprocess.Popen([str(BIN / "gqn-train"), *args], cwd=tmp_path, env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
@@ -175,7 +176,7 @@ def test_resume_after_sigkill(data_root, tmp_path):
     step = torch.load(ckpt, map_location="cpu", weights_only=False)["global_step"]
     resumed = tmp_path / "resumed"
     run_cli("gqn-train", *tiny(data_root, resumed, f"ckpt_path={ckpt}", f"trainer.max_steps={step + 2}",
-                               "trainer.val_check_interval=1000", "schedule.lr_steps=1000",
+                               "trainer.val_check_interval=1000", "schedule=paper", "schedule.lr_steps=1000",
                                "schedule.sigma_steps=1000", "trainer.log_every_n_steps=1"), cwd=tmp_path)
     state = torch.load(resumed / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
     assert state["global_step"] == step + 2
@@ -212,6 +213,6 @@ def test_optuna_sweep_runs_two_trials(data_root, tmp_path):
 
 def test_slurm_launcher_config_composes(tmp_path):
     pytest.importorskip("hydra_plugins.hydra_submitit_launcher")
-    out = run_cli("gqn-train", "-m", "hydra/launcher=slurm", "--cfg", "hydra", "--package", "hydra.launcher",
+    out = run_cli("gqn-train", "hydra/launcher=slurm", "--cfg", "hydra", "--package", "hydra.launcher",
                   cwd=tmp_path).stdout
     assert "SlurmLauncher" in out and "gpus_per_node: 1" in out

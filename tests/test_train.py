@@ -138,7 +138,8 @@ def test_every_encoder_and_core_sharing_trains(train_cfg, encoder, core):
 def test_kl_and_sigma_warmups(train_cfg):
     from hydra.utils import instantiate
 
-    cfg = train_cfg("module.kl_warmup_steps=10", "module.sigma_warmup_steps=5", "schedule.sigma_steps=10")
+    cfg = train_cfg("schedule=paper", "module.kl_warmup_steps=10", "module.sigma_warmup_steps=5",
+                    "schedule.sigma_steps=10")
     module = instantiate(cfg.module, _recursive_=False)
     assert [module.kl_weight(s) for s in (0, 5, 10, 20)] == [0.0, 0.5, 1.0, 1.0]
     assert module.sigma(0) == module.sigma(5) == 2.0  # held during the warm-up
