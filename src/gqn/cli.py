@@ -71,8 +71,8 @@ def mark_latest(run_dir: str | Path, output_dir: str | Path) -> None:
         if link.is_symlink() or link.exists():
             link.unlink()
         link.symlink_to(os.path.relpath(run_dir, link.parent.resolve()))
-    except OSError:
-        pass
+    except OSError as err:  # e.g. a file system without symlinks: the run itself is fine
+        print(f"note: could not point {link} at {run_dir}: {err}", file=sys.stderr)
 
 
 def resolve_ckpt(ckpt_path: str | None, output_dir: str | Path) -> str | None:

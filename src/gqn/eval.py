@@ -20,14 +20,21 @@ from gqn.cli import UserError, one_line_errors, resolve_ckpt
 from gqn.gqn_module import GQNModule
 
 
-def load_module(ckpt_path: str) -> GQNModule:
-    path = resolve_ckpt(ckpt_path, "outputs")
+def load_module(ckpt_path: str, output_dir: str = "outputs") -> GQNModule:
+    """The GQNModule of a checkpoint (rebuilt from its own hyperparameters), in eval mode, on the CPU.
+
+    ``module.global_step_loaded`` holds the training step the checkpoint was written at.
+    """
+    path = resolve_ckpt(ckpt_path, output_dir)
     if path is None:
         raise UserError(f"no checkpoint at {ckpt_path!r}; train first (make train) or give ckpt_path=...")
     try:
-        module = GQNModule.load_from_checkpoint(path, map_location="cpu")
+        ckpt = torch.load(path, map_location="cpu", weights_only=False)
+        module = GQNModule(**ckpt["hyper_parameters"])
+        module.load_state_dict(ckpt["state_dict"])
     except Exception as err:  # a file that is not a Lightning checkpoint of this model
         raise UserError(f"cannot load checkpoint {path}: {type(err).__name__}: {err}".splitlines()[0]) from None
+    module.global_step_loaded = int(ckpt.get("global_step", 0))
     return module.eval()
 
 
@@ -41,7 +48,7 @@ def check_sizes(module: GQNModule, datamodule) -> None:
 
 def evaluate(cfg: DictConfig) -> dict:
     L.seed_everything(cfg.seed)
-    module = load_module(cfg.ckpt_path)
+    module = load_module(cfg.ckpt_path, cfg.paths.output_dir)
     datamodule = hydra.utils.instantiate(
         cfg.data, eval_context_size=cfg.context_size, num_workers=cfg.num_workers, seed=cfg.seed
     )
@@ -54,8 +61,7 @@ def evaluate(cfg: DictConfig) -> dict:
     results["psnr_gain_over_nearest_view_db"] = results["psnr_model"] - results["psnr_nearest_view"]
     report = {
         "checkpoint": str(Path(cfg.ckpt_path)), "dataset": datamodule.dataset, "context_size": cfg.context_size,
-        "seed": cfg.seed, "global_step": int(torch.load(resolve_ckpt(cfg.ckpt_path, "outputs"),
-                                                          map_location="cpu", weights_only=False)["global_step"]),
+        "seed": cfg.seed, "global_step": module.global_step_loaded,
         "metrics": results,
     }
     out = Path(HydraConfig.get().runtime.output_dir) / "metrics.json"

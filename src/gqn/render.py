@@ -100,7 +100,7 @@ def trajectory_poses(cfg: DictConfig, context_poses: torch.Tensor) -> torch.Tens
 
 
 def render(cfg: DictConfig) -> dict:
-    module = load_module(cfg.ckpt_path)
+    module = load_module(cfg.ckpt_path, cfg.paths.output_dir)
     size = module.model.image_size
     if cfg.context_file:
         ctx, ctx_poses, gt, gt_poses = context_from_file(cfg.context_file, size)
