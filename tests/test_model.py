@@ -54,8 +54,10 @@ def test_image_sizes(size, encoder):
 
 def test_representation_is_a_sum_over_views():
     model = make_model("tower")
-    ci, cp, _, _ = batch(M=3)
+    ci, cp, qi, qp = batch(M=3)
     r = model.represent(ci, cp)
+    assert torch.equal(model(ci, cp, qi, qp)["representation"], r)  # forward hands out the same r
+    assert torch.equal(model.render(r, qp, mean=True), model.sample(ci, cp, qp, mean=True))
     parts = sum(model.represent(ci[:, i : i + 1], cp[:, i : i + 1]) for i in range(3))
     assert torch.allclose(r, parts, atol=1e-5)
 

@@ -87,9 +87,8 @@ class GQNModule(L.LightningModule):
         B = batch["query_images"].shape[0]
         out = self(batch)
         self._log_terms(prefix, out, B, sync_dist=True)
-        gen = torch.Generator(device=self.device).manual_seed(0)
         ctx, ctx_poses, target = batch["context_images"], batch["context_poses"], batch["query_images"]
-        render = self.model.sample(ctx, ctx_poses, batch["query_poses"], mean=True, generator=gen)
+        render = self.model.render(out["representation"], batch["query_poses"], mean=True)  # context encoded once
         nearest = metrics.nearest_context_view(ctx, ctx_poses, batch["query_poses"])
         mean_view = metrics.mean_context_view(ctx)
         for name, img in (("model", render), ("nearest_view", nearest), ("mean_view", mean_view)):

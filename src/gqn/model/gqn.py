@@ -92,7 +92,8 @@ class GQN(nn.Module):
         generator: torch.Generator | None = None,
     ) -> dict[str, torch.Tensor]:
         """-ELBO terms per scene (nats): ``nll`` [B], ``kl`` [B], ``kl_steps`` [B, L], ``elbo`` [B] (=-ELBO),
-        ``bits_per_pixel`` [B], ``mse`` [B] and the posterior ``mean`` image [B, 3, H, W]."""
+        ``bits_per_pixel`` [B], ``mse`` [B], the posterior ``mean`` image [B, 3, H, W] and the scene
+        ``representation`` [B, C, s, s] (so that callers can render from it without encoding again)."""
         r = self.represent(context_images, context_poses)
         out = self.generator(query_poses, r, query_images=query_images, generator=generator)
         nll = gaussian_nll(query_images, out["mean"], sigma)
@@ -107,6 +108,7 @@ class GQN(nn.Module):
             "bits_per_pixel": neg_elbo / (pixels * math.log(2)),
             "mse": (out["mean"] - query_images).pow(2).flatten(1).mean(dim=1),
             "mean": out["mean"],
+            "representation": r,
         }
 
     # ------------------------------------------------------------------ rendering
