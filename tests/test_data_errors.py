@@ -245,6 +245,16 @@ def test_skip_corrupt_warns_counts_and_delivers_the_good_scenes(tmp_path):
     assert any(str(files["c"]) in t and "truncated" in t for t in texts)
 
 
+def test_skip_corrupt_counts_skips_made_in_worker_processes(tmp_path):
+    corrupt_test_split(tmp_path)
+    loader = dm_for(tmp_path, skip_corrupt=True, num_workers=2).test_dataloader()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        scenes = [s for batch in loader for s, _ in scenes_views(batch)]
+    assert sorted(scenes) == list(range(100, 107))
+    assert loader.dataset.skipped == 3  # counted in the workers, reported to the trainer's stream
+
+
 # ------------------------------------------------------------------------------------- gqn-data CLI
 def cli(capsys, *args) -> tuple[int, str, str]:
     code = data_cli.main(list(args))

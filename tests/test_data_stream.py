@@ -11,6 +11,7 @@ from records_helper import check_contract, scenes_views, write_dataset, write_sp
 from torch.utils.data import DataLoader
 
 from data_modules import DATASETS, GQNDataModule, SceneStream, to_float
+from data_modules.stream import GQNDataLoader
 
 ROOMS = "rooms_ring_camera"  # 64 px, 10 frames per scene
 
@@ -127,13 +128,13 @@ def test_image_size_resizes_128_to_64(tmp_path):
 
 
 # ------------------------------------------------------------------------------------------ sharding
-def run_ranks(files, world=2, workers=2, batch_size=2, **kw) -> Counter:
+def run_ranks(files, world=2, workers=2, batch_size=2, loader_class=DataLoader, **kw) -> Counter:
     """Every scene id delivered by ``world`` simulated ranks, each with a DataLoader of ``workers``."""
     seen = Counter()
     for rank in range(world):
         stream = SceneStream([str(f) for f in files], DATASETS[ROOMS], batch_size=batch_size, context_size=2,
                              repeat=False, rank=rank, world_size=world, **kw)
-        loader = DataLoader(stream, batch_size=None, num_workers=workers)
+        loader = loader_class(stream, batch_size=None, num_workers=workers)
         for batch in loader:
             batch = to_float(batch)
             assert batch["query_images"].shape[1:] == (3, 64, 64)
@@ -161,6 +162,27 @@ def test_sharding_fewer_files_than_shards(tmp_path, shuffle):
     paths = write_split(tmp_path, ROOMS, "train", [list(range(0, 7)), list(range(7, 13))])
     seen = run_ranks(paths, shuffle=shuffle, shuffle_buffer=4)
     assert seen == Counter(range(13))
+
+
+def test_sharding_through_the_shared_ring_of_gqn_data_loader(tmp_path):
+    # GQNDataLoader's workers decode into reused shared slots: still every scene exactly once
+    paths = write_split(tmp_path, ROOMS, "train", [list(range(0, 9)), list(range(9, 20)), list(range(20, 31))])
+    assert run_ranks(paths, loader_class=GQNDataLoader, shuffle=True, shuffle_buffer=4) == Counter(range(31))
+
+
+def test_worker_batches_through_the_ring_equal_in_process_batches(rooms):
+    # one worker is one shard, like no worker: the same batches, bit for bit, although every batch
+    # (M varies per batch) is decoded into one of only 5 reused shared-memory slots
+    def batches(workers):
+        dm = GQNDataModule(str(rooms), ROOMS, batch_size=2, context_size=[1, 5], num_workers=workers)
+        return list(islice(dm.train_dataloader(), 12))  # a worker has prefetch_factor + 1 = 5 slots
+
+    here, there = batches(0), batches(1)
+    assert len({b["context_images"].shape[1] for b in here}) > 1
+    for a, b in zip(here, there, strict=True):
+        assert a.keys() == b.keys()
+        for key in a:
+            assert a[key].dtype == b[key].dtype and torch.equal(a[key], b[key]), key
 
 
 def test_sharding_with_a_scene_cap(tmp_path):

@@ -27,9 +27,9 @@ class GQNModule(L.LightningModule):
         schedule: ``lr_init, lr_final, lr_steps`` and ``sigma_init, sigma_final, sigma_steps``; LR and
             pixel sigma are functions of the global step (LR through ``torch.optim.lr_scheduler``).
         sigma_warmup_steps: hold sigma at ``sigma_init`` this long before annealing starts.
-        kl_warmup_steps: scale the KL term of the loss from 0 to 1 over this many steps (metrics always
-            report the true -ELBO).
-        val_samples: prior samples per validation scene for PSNR/SSIM (prior-mean render is always used).
+        kl_warmup_steps: scale the KL term of the loss from 0 to ``kl_weight`` over this many steps.
+        kl_weight: the weight (beta) of the KL term in the training loss; 1 is the ELBO. Metrics always
+            report the true -ELBO.
     """
 
     def __init__(
@@ -39,17 +39,19 @@ class GQNModule(L.LightningModule):
         schedule: Any,
         sigma_warmup_steps: int = 0,
         kl_warmup_steps: int = 0,
+        kl_weight: float = 1.0,
         compile: bool = False,
     ):
         super().__init__()
         self.save_hyperparameters({"model": _plain(model), "optimizer": _plain(optimizer),
                                    "schedule": _plain(schedule), "sigma_warmup_steps": sigma_warmup_steps,
-                                   "kl_warmup_steps": kl_warmup_steps, "compile": compile})
+                                   "kl_warmup_steps": kl_warmup_steps, "kl_weight": kl_weight,
+                                   "compile": compile})
         self.model: GQN = hydra.utils.instantiate(self.hparams.model)
         s = self.hparams.schedule
         self.sigma_schedule = LinearAnneal(s["sigma_init"], s["sigma_final"], s["sigma_steps"], sigma_warmup_steps)
         self.lr_factor = LinearAnneal(1.0, s["lr_final"] / s["lr_init"], s["lr_steps"])
-        self.kl_weight = LinearAnneal(0.0, 1.0, kl_warmup_steps) if kl_warmup_steps else (lambda step: 1.0)
+        self.kl_weight = LinearAnneal(0.0, kl_weight, kl_warmup_steps) if kl_warmup_steps else (lambda step: kl_weight)
         # kept out of the module tree (a compiled wrapper would duplicate the state dict's keys)
         self.__dict__["_forward"] = torch.compile(self.model) if compile else self.model
 
