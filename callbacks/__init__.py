@@ -1,9 +1,10 @@
-"""Lightning callbacks: reconstruction grid, DRAW-sequence strip, fly-through video, throughput."""
+"""Lightning callbacks: reconstruction grid, DRAW-sequence strip, fly-through video, throughput, progress lines."""
 
 from callbacks.images import DrawSequence, ReconstructionGrid
+from callbacks.progress import LineProgress
 from callbacks.throughput import Throughput
 
-__all__ = ["DrawSequence", "ReconstructionGrid", "Throughput"]
+__all__ = ["DrawSequence", "LineProgress", "ReconstructionGrid", "Throughput"]
 
 from callbacks.flythrough import FlyThrough  # noqa: E402
 

@@ -158,3 +158,13 @@ def test_resume_auto_picks_the_latest_run(train_cfg, tmp_path):
     probe = Probe()
     train(second, extra_callbacks=[probe])
     assert probe.rows[0][0] == 2  # continued from step 2 of the first run
+
+
+def test_progress_lines_when_stdout_is_not_a_terminal(train_cfg, capsys):
+    # pytest's captured stdout is not a terminal: the lines are printed there
+    cfg = train_cfg("logger=none", "trainer.max_steps=4", "callbacks.progress_lines.every_n_steps=2",
+                    "callbacks.progress_lines.keys=[train/loss]")
+    train(cfg)
+    lines = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("step ")]
+    assert [ln.split()[1] for ln in lines] == ["2/4", "4/4"], lines
+    assert all("train/loss" in ln and "it/s" in ln and "left" in ln for ln in lines), lines

@@ -1,0 +1,41 @@
+"""Plain progress lines for logs that are not a terminal (SLURM, nohup, CI), where a live bar shows nothing."""
+
+from __future__ import annotations
+
+import sys
+import time
+
+import lightning as L
+from lightning.pytorch.utilities import rank_zero_only
+
+
+class LineProgress(L.Callback):
+    """Every ``every_n_steps`` training steps print ``step N/MAX``, the latest logged metrics, it/s and the
+    time left, as one line on stdout. With ``only_if_not_terminal`` it stays silent when stdout is a
+    terminal (the Rich bar is shown there)."""
+
+    def __init__(self, every_n_steps: int = 100, only_if_not_terminal: bool = True,
+                 keys: tuple[str, ...] = ("train/loss", "val/psnr_model", "val/psnr_nearest_view")):
+        self.every, self.keys = every_n_steps, tuple(keys)
+        self.enabled = not (only_if_not_terminal and sys.stdout.isatty())
+        self._mark: tuple[float, int] | None = None
+
+    def on_train_start(self, trainer, pl_module):
+        self._mark = (time.perf_counter(), trainer.global_step)
+
+    @rank_zero_only
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        step = trainer.global_step
+        if not self.enabled or step % self.every or self._mark is None:
+            return
+        now = time.perf_counter()
+        start, first = self._mark
+        rate = (step - first) / max(now - start, 1e-9)
+        parts = [f"step {step}/{trainer.max_steps}" if trainer.max_steps > 0 else f"step {step}"]
+        metrics = trainer.callback_metrics
+        parts += [f"{k} {float(metrics[k]):.4g}" for k in self.keys if k in metrics]
+        parts.append(f"{rate:.2f} it/s")
+        if trainer.max_steps > 0 and rate > 0:
+            left = (trainer.max_steps - step) / rate
+            parts.append(f"left {int(left // 60)}m{int(left % 60):02d}s")
+        print("  ".join(parts), flush=True)
