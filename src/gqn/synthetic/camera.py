@@ -23,13 +23,14 @@ def camera_basis(yaw: np.ndarray, pitch: np.ndarray) -> tuple[np.ndarray, np.nda
 
 def ray_directions(cameras: np.ndarray, size: int, fov: float = FIELD_OF_VIEW) -> np.ndarray:
     """Unit ray directions ``[V, size, size, 3]`` through pixel centres for cameras ``[V, 5]``."""
-    forward, right, up = camera_basis(cameras[:, 3], cameras[:, 4])
     half = np.tan(fov / 2)
     coords = (np.arange(size) + 0.5) / size * 2 - 1  # -1..1, left->right / top->bottom
-    u = coords[None, None, :, None] * half
-    v = -coords[None, :, None, None] * half
-    d = forward[:, None, None, :] + u * right[:, None, None, :] + v * up[:, None, None, :]
-    return d / np.linalg.norm(d, axis=-1, keepdims=True)
+    u = np.broadcast_to(coords[None, :] * half, (size, size))
+    v = np.broadcast_to(-coords[:, None] * half, (size, size))
+    # forward + u * right + v * up has length sqrt(1 + u^2 + v^2) (orthonormal basis): normalise the weights
+    weights = np.stack([np.ones_like(u), u, v], axis=-1) / np.sqrt(1 + u * u + v * v)[..., None]
+    basis = np.stack(camera_basis(cameras[:, 3], cameras[:, 4]), axis=-2)  # [V, 3 (forward, right, up), 3]
+    return weights @ basis[:, None]
 
 
 def project(points: np.ndarray, camera: np.ndarray, size: int, fov: float = FIELD_OF_VIEW) -> np.ndarray:
