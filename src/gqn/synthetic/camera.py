@@ -25,12 +25,12 @@ def ray_directions(cameras: np.ndarray, size: int, fov: float = FIELD_OF_VIEW) -
     """Unit ray directions ``[V, size, size, 3]`` through pixel centres for cameras ``[V, 5]``."""
     half = np.tan(fov / 2)
     coords = (np.arange(size) + 0.5) / size * 2 - 1  # -1..1, left->right / top->bottom
-    u = np.broadcast_to(coords[None, :] * half, (size, size))
-    v = np.broadcast_to(-coords[:, None] * half, (size, size))
-    # forward + u * right + v * up has length sqrt(1 + u^2 + v^2) (orthonormal basis): normalise the weights
-    weights = np.stack([np.ones_like(u), u, v], axis=-1) / np.sqrt(1 + u * u + v * v)[..., None]
-    basis = np.stack(camera_basis(cameras[:, 3], cameras[:, 4]), axis=-2)  # [V, 3 (forward, right, up), 3]
-    return weights @ basis[:, None]
+    u, v = np.meshgrid(coords * half, -coords * half)  # [size, size]: u along the rows, v down the columns
+    # forward + u * right + v * up, normalised: the basis is orthonormal, so its length is sqrt(1 + u^2 + v^2)
+    weights = np.stack([np.ones_like(u), u, v]).reshape(3, -1) / np.sqrt(1 + u * u + v * v).reshape(-1)
+    basis = np.stack(camera_basis(cameras[:, 3], cameras[:, 4]), axis=-1)  # [V, 3 (x, y, z), 3 (f, r, u)]
+    directions = np.einsum("vxc,cp->vxp", basis, weights)  # not matmul: BLAS may round differently per thread
+    return np.moveaxis(directions, 1, -1).reshape(len(cameras), size, size, 3)
 
 
 def project(points: np.ndarray, camera: np.ndarray, size: int, fov: float = FIELD_OF_VIEW) -> np.ndarray:

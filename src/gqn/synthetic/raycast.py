@@ -9,6 +9,7 @@ miss) and its ``normal(p)`` the unit outward normal at surface points ``p``.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -172,7 +173,7 @@ class Cone:
         x, y, _ = _shift(p, self.center)
         slope = float(self.radius) / float(self.height)
         radial = np.sqrt(x * x + y * y)
-        length = np.maximum(radial * np.sqrt(1 + slope * slope), TINY)  # |(x, y, slope * radial)|
+        length = np.maximum(radial * math.hypot(1, slope), TINY)  # |(x, y, slope * radial)|
         return x / length, y / length, slope * radial / length
 
 
@@ -205,16 +206,17 @@ class Room:
             t_wall = np.where(on_x, tx, ty)
             wall_z = oz + t_wall * dz
         t_wall = np.where((wall_z <= float(self.wall_height)) & (wall_z >= 0), t_wall, INF)
-        wall = np.where(on_x, np.where(dx > 0, 1, 2), np.where(dy > 0, 3, 4))
-        return np.minimum(t_floor, t_wall), np.where(t_floor <= t_wall, 0, wall)
+        part = [np.int8(i) for i in range(5)]
+        wall = np.where(on_x, np.where(dx > 0, part[1], part[2]), np.where(dy > 0, part[3], part[4]))
+        return np.minimum(t_floor, t_wall), np.where(t_floor <= t_wall, part[0], wall)
 
 
 def _may_hit(o, d, center, radius: float) -> np.ndarray:
     """Flat indices of the rays that pass through a bounding sphere ahead of their origin."""
     w, radius = _shift(o, center), float(radius)
-    b = w[0] * d[0] + w[1] * d[1] + w[2] * d[2]
-    c = w[0] * w[0] + w[1] * w[1] + w[2] * w[2] - radius * radius
-    return np.flatnonzero((b * b > c) & ((b < 0) | (c < 0)))
+    b = w[0] * d[0] + w[1] * d[1] + w[2] * d[2]  # minus the distance along the ray to the point nearest the centre
+    c = w[0] * w[0] + w[1] * w[1] + w[2] * w[2] - radius * radius  # < 0: the origin is inside
+    return np.flatnonzero(b < np.where(c < 0, INF, -np.sqrt(np.maximum(c, 0))))  # b < 0 and b^2 > c
 
 
 @dataclass
@@ -239,9 +241,8 @@ class World:
         lambert = np.clip(n[0] * light[0] + n[1] * light[1] + n[2] * light[2], 0, 1)
         if self.shadows and self.objects:
             lit = np.flatnonzero(hit & (lambert > 0))  # a shadow on an unlit point changes nothing
-            tl, view = _flat(t)[lit], lit // t.shape[1]
-            start = tuple(oi.take(view) + tl * _flat(di)[lit] + SHADOW_OFFSET * _flat(ni)[lit]
-                          for oi, di, ni in zip(o, d, n))
+            with np.errstate(invalid="ignore"):  # inf * 0 on the misses
+                start = tuple(_flat(oi + t * di + SHADOW_OFFSET * ni)[lit] for oi, di, ni in zip(o, d, n))
             _flat(lambert)[lit[self._in_shadow(start, light)]] *= SHADOW_FACTOR
         shade = np.where(hit, self.ambient + (1 - self.ambient) * lambert, 1)  # the background is not shaded
         palette = self._palette()
@@ -265,6 +266,7 @@ class World:
         n = tuple(np.zeros_like(t) for _ in range(3))
         if self.room is not None:
             t, part = self.room.intersect(o, d)
+            part = part.astype(np.intp)
             np.copyto(surface, len(self.objects) + part, where=t < INF)
             for i, ni in enumerate(n):
                 np.asarray(Room.NORMALS, np.float32)[:, i].take(part, out=ni)
