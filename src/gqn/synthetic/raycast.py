@@ -179,7 +179,7 @@ class Cone:
 
 @dataclass
 class Room:
-    """Floor z = 0 and four walls at x, y = +-half up to ``wall_height``; sky above."""
+    """Floor z = 0 and four walls at x, y = +-half up to ``wall_height``; sky above. Seen from inside."""
 
     half: float
     wall_height: float
@@ -206,9 +206,9 @@ class Room:
             t_wall = np.where(on_x, tx, ty)
             wall_z = oz + t_wall * dz
         t_wall = np.where((wall_z <= float(self.wall_height)) & (wall_z >= 0), t_wall, INF)
-        part = [np.int8(i) for i in range(5)]
-        wall = np.where(on_x, np.where(dx > 0, part[1], part[2]), np.where(dy > 0, part[3], part[4]))
-        return np.minimum(t_floor, t_wall), np.where(t_floor <= t_wall, part[0], wall)
+        floor, wall_px, wall_mx, wall_py, wall_my = (np.int8(i) for i in range(5))  # int8: small part arrays
+        wall = np.where(on_x, np.where(dx > 0, wall_px, wall_mx), np.where(dy > 0, wall_py, wall_my))
+        return np.minimum(t_floor, t_wall), np.where(t_floor <= t_wall, floor, wall)
 
 
 def _may_hit(o, d, center, radius: float) -> np.ndarray:
