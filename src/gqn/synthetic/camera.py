@@ -23,13 +23,14 @@ def camera_basis(yaw: np.ndarray, pitch: np.ndarray) -> tuple[np.ndarray, np.nda
 
 def ray_directions(cameras: np.ndarray, size: int, fov: float = FIELD_OF_VIEW) -> np.ndarray:
     """Unit ray directions ``[V, size, size, 3]`` through pixel centres for cameras ``[V, 5]``."""
-    forward, right, up = camera_basis(cameras[:, 3], cameras[:, 4])
     half = np.tan(fov / 2)
     coords = (np.arange(size) + 0.5) / size * 2 - 1  # -1..1, left->right / top->bottom
-    u = coords[None, None, :, None] * half
-    v = -coords[None, :, None, None] * half
-    d = forward[:, None, None, :] + u * right[:, None, None, :] + v * up[:, None, None, :]
-    return d / np.linalg.norm(d, axis=-1, keepdims=True)
+    u, v = np.meshgrid(coords * half, -coords * half)  # [size, size]: u along the rows, v down the columns
+    # forward + u * right + v * up, normalised: the basis is orthonormal, so its length is sqrt(1 + u^2 + v^2)
+    weights = np.stack([np.ones_like(u), u, v]).reshape(3, -1) / np.sqrt(1 + u * u + v * v).reshape(-1)
+    basis = np.stack(camera_basis(cameras[:, 3], cameras[:, 4]), axis=-1)  # [V, 3 (x, y, z), 3 (f, r, u)]
+    directions = np.einsum("vxc,cp->vxp", basis, weights)  # not matmul: BLAS may round differently per thread
+    return np.moveaxis(directions, 1, -1).reshape(len(cameras), size, size, 3)
 
 
 def project(points: np.ndarray, camera: np.ndarray, size: int, fov: float = FIELD_OF_VIEW) -> np.ndarray:

@@ -84,9 +84,8 @@ def _sphere_cameras(rng: np.random.Generator, views: int, distance: float = 1.7)
 
 def render_views(world: World, cameras: np.ndarray, size: int) -> np.ndarray:
     """uint8 frames ``[V, size, size, 3]`` of ``world`` seen by ``cameras`` ``[V, 5]``."""
-    D = ray_directions(cameras, size).reshape(-1, 3)
-    O = np.repeat(cameras[:, :3], size * size, axis=0)
-    rgb = world.render(O, D).reshape(len(cameras), size, size, 3)
+    directions = ray_directions(cameras, size).reshape(len(cameras), size * size, 3)
+    rgb = world.render(cameras[:, :3], directions).reshape(len(cameras), size, size, 3)
     return (rgb * 255 + 0.5).astype(np.uint8)
 
 
