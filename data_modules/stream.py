@@ -183,20 +183,21 @@ class SceneStream(IterableDataset):
         for i in sorted(errors):
             if not self.skip_corrupt:
                 if slot is not None:
-                    self.ring.release(*slot)
+                    self.ring.release(slot[0])
                 raise errors[i]
             self._skip(errors[i])
         keep = [task[0] for task in scenes if task[0] not in errors]
         if not keep:
             if slot is not None:
-                self.ring.release(*slot)
+                self.ring.release(slot[0])
             return None
         if len(keep) < len(recs):  # move the good scenes to the front (a ring slot stays one flat buffer)
             for dst, src in enumerate(keep):
                 if dst != src:
                     pixels[dst] = pixels[src]
             images = images[: len(keep)]
-        poses = np.stack([task[4] for task in scenes if task[0] not in errors]).astype(np.float32)  # [B, M+1, 7]
+        poses = np.stack([task[4] for task in scenes if task[0] not in errors])  # [B, M+1, 7]
+        poses = poses.astype(np.float32, copy=False)
         if slot is not None:  # only the slot's address and the small arrays travel through the queue
             return {"ring_slot": slot, "views": m + 1, "scenes": len(keep), "poses": poses, "skipped": self.skipped}
         return to_batch(images, torch.from_numpy(poses), m)
@@ -280,7 +281,8 @@ class BatchRing:
         self._next[worker] = (slot + 1) % self.slots
         return slot
 
-    def release(self, worker: int, slot: int) -> None:
+    def release(self, worker: int) -> None:
+        """Free the oldest slot ``worker`` filled (slots are consumed in the order they were filled)."""
         self.free[worker].release()
 
     def view(self, worker: int, slot: int, scenes: int, views: int) -> torch.Tensor:
@@ -330,7 +332,7 @@ class GQNDataLoader(DataLoader):
                     continue
                 images = ring.view(worker, slot, batch["scenes"], batch["views"])
                 out = to_float(to_batch(images, torch.from_numpy(batch["poses"]), batch["views"] - 1))
-                ring.release(worker, slot)
+                ring.release(worker)
                 yield out
             else:
                 yield to_float(batch)

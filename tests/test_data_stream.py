@@ -11,7 +11,7 @@ from records_helper import check_contract, scenes_views, write_dataset, write_sp
 from torch.utils.data import DataLoader
 
 from data_modules import DATASETS, GQNDataModule, SceneStream, to_float
-from data_modules.stream import GQNDataLoader
+from data_modules.stream import BatchRing, GQNDataLoader
 
 ROOMS = "rooms_ring_camera"  # 64 px, 10 frames per scene
 
@@ -170,14 +170,18 @@ def test_sharding_through_the_shared_ring_of_gqn_data_loader(tmp_path):
     assert run_ranks(paths, loader_class=GQNDataLoader, shuffle=True, shuffle_buffer=4) == Counter(range(31))
 
 
-def test_worker_batches_through_the_ring_equal_in_process_batches(rooms):
+def test_worker_batches_through_the_ring_equal_in_process_batches(rooms, monkeypatch):
     # one worker is one shard, like no worker: the same batches, bit for bit, although every batch
     # (M varies per batch) is decoded into one of only 5 reused shared-memory slots
     def batches(workers):
         dm = GQNDataModule(str(rooms), ROOMS, batch_size=2, context_size=[1, 5], num_workers=workers)
         return list(islice(dm.train_dataloader(), 12))  # a worker has prefetch_factor + 1 = 5 slots
 
+    read = []  # slots the trainer read: proves the worker batches did come through the ring
+    view = BatchRing.view
+    monkeypatch.setattr(BatchRing, "view", lambda ring, *args: read.append(args[:2]) or view(ring, *args))
     here, there = batches(0), batches(1)
+    assert len(read) == 12 and len(set(read)) == 5, read
     assert len({b["context_images"].shape[1] for b in here}) > 1
     for a, b in zip(here, there, strict=True):
         assert a.keys() == b.keys()
