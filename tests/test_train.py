@@ -144,6 +144,10 @@ def test_kl_and_sigma_warmups(train_cfg):
     assert module.sigma(0) == module.sigma(5) == 2.0  # held during the warm-up
     assert module.sigma(10) == pytest.approx(2.0 + (0.7 - 2.0) * 5 / 10)
     assert module.sigma(100) == pytest.approx(0.7)
+    beta = instantiate(train_cfg("module.kl_warmup_steps=10", "module.kl_weight=0.5").module, _recursive_=False)
+    assert [beta.kl_weight(s) for s in (0, 5, 10, 20)] == [0.0, 0.25, 0.5, 0.5]  # warm-up ends at beta
+    beta = instantiate(train_cfg("module.kl_weight=3").module, _recursive_=False)
+    assert [beta.kl_weight(s) for s in (0, 1000)] == [3.0, 3.0]
 
 
 def test_resume_auto_picks_the_latest_run(train_cfg, tmp_path):
