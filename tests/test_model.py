@@ -153,11 +153,16 @@ def _rel(a, b):
     return ((a - b).abs().max() / b.abs().max().clamp_min(1e-12)).item()
 
 
-@pytest.mark.parametrize("encoder,sharing", itertools.product(ENCODERS, SHARING))
-def test_fast_path_equals_reference(encoder, sharing):
+@pytest.mark.parametrize(
+    "encoder,sharing,options",
+    [(e, s, {}) for e, s in itertools.product(ENCODERS, SHARING)]
+    + [(e, s, {"grid_coords": True, "inference_kernel_size": 3}) for e, s in itertools.product(ENCODERS, SHARING[:2])]
+    + [("tower", "shared_inference_generation", {"grid_coords": True})],
+)
+def test_fast_path_equals_reference(encoder, sharing, options):
     """Outputs and gradients of the optimised DRAW loop within 1e-4 relative of the reference (float32)."""
     torch.manual_seed(0)
-    model = make_model(encoder, sharing, steps=4, h=16, canvas=16, r=32)
+    model = make_model(encoder, sharing, steps=4, h=16, canvas=16, r=32, **options)
     ci, cp, qi, qp = batch(B=3)
     results = {}
     for fast, ckpt in ((False, False), (True, False), (True, True)):

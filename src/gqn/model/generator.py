@@ -44,6 +44,8 @@ class DRAWGenerator(nn.Module):
         core_sharing: str = "unshared",
         fast: bool = True,
         checkpoint_steps: bool = False,
+        inference_kernel_size: int | None = None,
+        grid_coords: bool = False,
     ):
         super().__init__()
         if num_steps < 1:
@@ -56,10 +58,23 @@ class DRAWGenerator(nn.Module):
         self.num_steps, self.core_sharing = num_steps, core_sharing
         self.hidden_channels, self.latent_channels = hidden_channels, latent_channels
         self.fast, self.checkpoint_steps = fast, checkpoint_steps
+        inference_kernel_size = kernel_size if inference_kernel_size is None else inference_kernel_size
+        if core_sharing == "shared_inference_generation" and inference_kernel_size != kernel_size:
+            raise ValueError(
+                "core_sharing=shared_inference_generation uses one core for both: inference_kernel_size "
+                f"({inference_kernel_size}) must equal kernel_size ({kernel_size}) or be null"
+            )
+        self.grid_coords = grid_coords
+        # Grid coordinates (CoordConv): two constant channels, y and x in [-1, 1] over the latent grid, so
+        # that the cores know where on the image each position is instead of inferring it from padding.
+        coords = torch.stack(torch.meshgrid(*[torch.linspace(-1, 1, self.grid)] * 2, indexing="ij"))
+        self.register_buffer("coords", coords[None], persistent=False)  # [1, 2, G, G]
 
         x_channels = image_channels * GRID_SCALE**2  # query image by space-to-depth, no information lost
         inf = {"x": x_channels, "v": pose_dim, "r": r_channels, "h_g": hidden_channels, "u": hidden_channels}
         gen = {"v": pose_dim, "r": r_channels, "z": latent_channels}
+        if grid_coords:
+            inf["coords"] = gen["coords"] = 2
         n_cores = num_steps if core_sharing == "unshared" else 1
         if core_sharing == "shared_inference_generation":
             cell = ConvLSTMCell({**inf, "z": latent_channels}, hidden_channels, kernel_size)
@@ -67,7 +82,7 @@ class DRAWGenerator(nn.Module):
             self.generation_cores = nn.ModuleList([cell])  # the very same weights
         else:
             self.inference_cores = nn.ModuleList(
-                ConvLSTMCell(inf, hidden_channels, kernel_size) for _ in range(n_cores)
+                ConvLSTMCell(inf, hidden_channels, inference_kernel_size) for _ in range(n_cores)
             )
             self.generation_cores = nn.ModuleList(
                 ConvLSTMCell(gen, hidden_channels, kernel_size) for _ in range(n_cores)
@@ -144,6 +159,7 @@ class DRAWGenerator(nn.Module):
         v_grid = v[:, :, None, None].expand(-1, -1, G, G)
         r_grid = r.expand(-1, -1, G, G) if r.shape[-1] == 1 else r
         x_s2d = F.pixel_unshuffle(x, GRID_SCALE) if x is not None else None
+        coords = self.coords.expand(B, -1, -1, -1)
         zeros = r.new_zeros(B, self.hidden_channels, G, G)
         h_g, c_g, h_e, c_e = zeros, zeros, zeros, zeros
         u = r.new_zeros(B, self.canvas_up.out_channels, self.image_size, self.image_size)
@@ -158,14 +174,14 @@ class DRAWGenerator(nn.Module):
             p_mean, p_std = split_gaussian(self.prior_head(h_g))
             if x is not None:
                 cell = self._core(self.inference_cores, step)
-                inputs = {"x": x_s2d, "v": v_grid, "r": r_grid, "h_g": h_g, "u": self.canvas_down(u)}
+                inputs = {"x": x_s2d, "v": v_grid, "r": r_grid, "h_g": h_g, "u": self.canvas_down(u), "coords": coords}
                 h_e, c_e = cell(fill(cell, inputs), (h_e, c_e))
                 z, q_mean, q_std = self._latent(self.posterior_head(h_e), noise[step], True)
                 kls.append(kl_gaussian(q_mean, q_std, p_mean, p_std).flatten(1).sum(1))
             else:
                 z = p_mean + p_std * noise[step] if sample_prior else p_mean
             cell = self._core(self.generation_cores, step)
-            h_g, c_g = cell(fill(cell, {"v": v_grid, "r": r_grid, "z": z}), (h_g, c_g))
+            h_g, c_g = cell(fill(cell, {"v": v_grid, "r": r_grid, "z": z, "coords": coords}), (h_g, c_g))
             u = u + self.canvas_up(h_g)
             if return_sequence:
                 seq.append(self.observe(u))
@@ -207,14 +223,15 @@ class DRAWGenerator(nn.Module):
     def _run_fast(self, v, r, x, noise, sample_prior, return_sequence):
         B, G = v.shape[0], self.grid
         r_in = r.flatten(1) if r.shape[-1] == 1 else r  # [B, C] codes take the closed form
-        gen_static = self._static_gates(self.generation_cores, {"v": v, "r": r_in})
+        extra = {"coords": self.coords} if self.grid_coords else {}  # batch 1: broadcast in the sum
+        gen_static = self._static_gates(self.generation_cores, {"v": v, "r": r_in, **extra})
         zeros = r.new_zeros(B, self.hidden_channels, G, G)
         h_g, c_g, h_e, c_e = zeros, zeros, zeros, zeros
         h_sum = zeros  # sum of generator states so far: the canvas is up(h_sum) + steps * up.bias
         kls, seq = [], []
         if x is not None:
             inf_static = self._static_gates(
-                self.inference_cores, {"x": F.pixel_unshuffle(x, GRID_SCALE), "v": v, "r": r_in}
+                self.inference_cores, {"x": F.pixel_unshuffle(x, GRID_SCALE), "v": v, "r": r_in, **extra}
             )
             canvas_matrix, canvas_step_bias = self._canvas_maps()
 

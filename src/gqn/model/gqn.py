@@ -33,6 +33,8 @@ class GQN(nn.Module):
         core_sharing: str = "unshared",
         fast: bool = True,
         checkpoint_steps: bool = False,
+        inference_kernel_size: int | None = None,
+        grid_coords: bool = False,
     ):
         super().__init__()
         if getattr(encoder, "image_size", image_size) != image_size:
@@ -53,6 +55,8 @@ class GQN(nn.Module):
             core_sharing=core_sharing,
             fast=fast,
             checkpoint_steps=checkpoint_steps,
+            inference_kernel_size=inference_kernel_size,
+            grid_coords=grid_coords,
         )
 
     @property
