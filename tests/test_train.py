@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from unittest.mock import PropertyMock, patch
 
 import pytest
 import torch
@@ -172,3 +173,25 @@ def test_progress_lines_when_stdout_is_not_a_terminal(train_cfg, capsys):
     lines = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("step ")]
     assert [ln.split()[1] for ln in lines] == ["2/4", "4/4"], lines
     assert all("train/loss" in ln and "it/s" in ln and "left" in ln for ln in lines), lines
+
+
+def test_prior_mean_loss_adds_the_nll_of_the_prior_mean_render_from_its_start_step(train_cfg):
+    from hydra.utils import instantiate
+
+    from gqn.model.distributions import gaussian_nll
+
+    cfg = train_cfg("module.prior_mean_weight=0.5", "module.prior_mean_start=3")
+    module = instantiate(cfg.module, _recursive_=False)
+    assert [module.prior_mean_weight(s) for s in (0, 2, 3, 100)] == [0.0, 0.0, 0.5, 0.5]
+    dm = instantiate(cfg.data)
+    dm.setup("fit")
+    batch = next(iter(dm.val_dataloader()))
+    module.log = lambda *a, **k: None  # no trainer attached
+    losses = {}
+    for step in (0, 3):
+        with patch.object(type(module), "global_step", new_callable=PropertyMock, return_value=step):
+            torch.manual_seed(0)  # the same posterior noise at both steps
+            losses[step] = module.training_step(batch, 0)
+    render = module.sample(batch, mean=True)
+    expected = 0.5 * gaussian_nll(batch["query_images"], render, module.sigma()).mean()
+    assert torch.allclose(losses[3] - losses[0], expected, rtol=1e-4)

@@ -11,6 +11,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from gqn import metrics
 from gqn.model import GQN
+from gqn.model.distributions import gaussian_nll
 from gqn.schedules import LinearAnneal
 
 
@@ -30,6 +31,10 @@ class GQNModule(L.LightningModule):
         kl_warmup_steps: scale the KL term of the loss from 0 to ``kl_weight`` over this many steps.
         kl_weight: the weight (beta) of the KL term in the training loss; 1 is the ELBO. Metrics always
             report the true -ELBO.
+        prior_mean_weight: weight of an auxiliary loss, the pixel NLL (at the same sigma) of the render
+            from the prior-mean latents, i.e. of the deterministic render that evaluation scores. 0 trains
+            on the ELBO alone (the paper); above 0 each step also runs the generator once from the prior.
+        prior_mean_start: the step from which that auxiliary loss applies (before it costs nothing).
     """
 
     def __init__(
@@ -40,18 +45,22 @@ class GQNModule(L.LightningModule):
         sigma_warmup_steps: int = 0,
         kl_warmup_steps: int = 0,
         kl_weight: float = 1.0,
+        prior_mean_weight: float = 0.0,
+        prior_mean_start: int = 0,
         compile: bool = False,
     ):
         super().__init__()
         self.save_hyperparameters({"model": _plain(model), "optimizer": _plain(optimizer),
                                    "schedule": _plain(schedule), "sigma_warmup_steps": sigma_warmup_steps,
                                    "kl_warmup_steps": kl_warmup_steps, "kl_weight": kl_weight,
+                                   "prior_mean_weight": prior_mean_weight, "prior_mean_start": prior_mean_start,
                                    "compile": compile})
         self.model: GQN = hydra.utils.instantiate(self.hparams.model)
         s = self.hparams.schedule
         self.sigma_schedule = LinearAnneal(s["sigma_init"], s["sigma_final"], s["sigma_steps"], sigma_warmup_steps)
         self.lr_factor = LinearAnneal(1.0, s["lr_final"] / s["lr_init"], s["lr_steps"])
         self.kl_weight = LinearAnneal(0.0, kl_weight, kl_warmup_steps) if kl_warmup_steps else (lambda step: kl_weight)
+        self.prior_mean_weight = LinearAnneal(0.0, prior_mean_weight, 0, delay=prior_mean_start)
         # kept out of the module tree (a compiled wrapper would duplicate the state dict's keys)
         self.__dict__["_forward"] = torch.compile(self.model) if compile else self.model
 
@@ -79,6 +88,12 @@ class GQNModule(L.LightningModule):
         out = self(batch)
         loss = (out["nll"] + self.kl_weight(self.global_step) * out["kl"]).mean()
         B = batch["query_images"].shape[0]
+        weight = self.prior_mean_weight(self.global_step)
+        if weight:
+            prior_mean = self.model.generator(batch["query_poses"], out["representation"], sample_prior=False)["mean"]
+            prior_nll = gaussian_nll(batch["query_images"], prior_mean, self.sigma())
+            loss = loss + weight * prior_nll.mean()
+            self.log("train/prior_mean_nll", prior_nll.mean(), batch_size=B)
         self.log("train/loss", loss, prog_bar=True, batch_size=B)
         self._log_terms("train", out, B)
         self.log("train/sigma", self.sigma(), batch_size=B)
