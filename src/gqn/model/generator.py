@@ -58,12 +58,8 @@ class DRAWGenerator(nn.Module):
         self.num_steps, self.core_sharing = num_steps, core_sharing
         self.hidden_channels, self.latent_channels = hidden_channels, latent_channels
         self.fast, self.checkpoint_steps = fast, checkpoint_steps
+        # shared_inference_generation has one core for both, with kernel_size
         inference_kernel_size = kernel_size if inference_kernel_size is None else inference_kernel_size
-        if core_sharing == "shared_inference_generation" and inference_kernel_size != kernel_size:
-            raise ValueError(
-                "core_sharing=shared_inference_generation uses one core for both: inference_kernel_size "
-                f"({inference_kernel_size}) must equal kernel_size ({kernel_size}) or be null"
-            )
         self.grid_coords = grid_coords
         # Grid coordinates (CoordConv): two constant channels, y and x in [-1, 1] over the latent grid, so
         # that the cores know where on the image each position is instead of inferring it from padding.
