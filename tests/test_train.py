@@ -180,6 +180,10 @@ def test_prior_mean_loss_adds_the_nll_of_the_prior_mean_render_from_its_start_st
 
     from gqn.model.distributions import gaussian_nll
 
+    default = instantiate(train_cfg().module, _recursive_=False)  # schedule=fast sets it, the paper's do not
+    assert [default.prior_mean_weight(s) for s in (999, 1000)] == [0.0, 1.0]
+    paper = instantiate(train_cfg("schedule=paper").module, _recursive_=False)
+    assert paper.prior_mean_weight(10**6) == 0.0
     cfg = train_cfg("module.prior_mean_weight=0.5", "module.prior_mean_start=3")
     module = instantiate(cfg.module, _recursive_=False)
     assert [module.prior_mean_weight(s) for s in (0, 2, 3, 100)] == [0.0, 0.0, 0.5, 0.5]
