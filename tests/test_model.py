@@ -208,3 +208,28 @@ def test_training_on_one_batch_drives_elbo_down():
         loss.backward()
         opt.step()
     assert loss.item() < 0.5 * first
+
+
+@pytest.mark.parametrize("fast", [True, False])
+def test_grid_coords_and_inference_kernel_reach_the_output(fast):
+    """The coordinate channels feed both cores (their weights change the result); the inference core
+    gets its own kernel size."""
+    torch.manual_seed(0)
+    model = make_model("tower", "shared", steps=3, grid_coords=True, inference_kernel_size=3)
+    model.generator.fast = fast
+    gen = model.generator
+    assert gen.inference_cores[0].weight["h"].shape[-1] == 3 and gen.generation_cores[0].weight["h"].shape[-1] == 5
+    ci, cp, qi, qp = batch()
+
+    def run():
+        out = model(ci, cp, qi, qp, generator=torch.Generator().manual_seed(1))
+        return out["elbo"], model.sample(ci, cp, qp, mean=True)
+
+    elbo, render = run()
+    for cores in (gen.inference_cores, gen.generation_cores):
+        with torch.no_grad():
+            cores[0].weight["coords"].zero_()
+        elbo_off, render_off = run()
+        assert not torch.allclose(elbo, elbo_off)
+        elbo = elbo_off
+    assert not torch.allclose(render, render_off)  # the prior path sees the generation core's coords
