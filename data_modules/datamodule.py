@@ -9,6 +9,7 @@ import lightning as L
 
 from data_modules.datasets import dataset_info, how_to_get
 from data_modules.errors import GQNDataError
+from data_modules.splits import ValidationSplit, carve_validation
 from data_modules.stream import GQNDataLoader, SceneStream, split_files
 
 
@@ -16,9 +17,13 @@ class GQNDataModule(L.LightningDataModule):
     """Batches ``context_images [B, M, 3, H, W]``, ``context_poses [B, M, 7]``, ``query_images
     [B, 3, H, W]``, ``query_poses [B, 7]`` from ``{data_dir}/{dataset}/{train,test}/*.tfrecord``.
 
-    ``context_size`` is an int or ``[min, max]`` (M drawn per training batch). Validation is the first
-    ``val_scenes`` scenes of the test split with fixed views and ``eval_context_size`` views (default:
-    the largest M); test is the whole test split, also with fixed views.
+    ``context_size`` is an int or ``[min, max]`` (M drawn per training batch). Validation is carved from the
+    train split (:func:`data_modules.splits.carve_validation`: ``val_files`` whole files, else ``val_fraction``
+    of the files or, with too few files, of the scenes; seeded by ``split_seed``, not by the training seed);
+    training reads the rest. Validation reads the first ``val_scenes`` scenes of the carve-out, test the
+    whole test split, both with fixed views per scene and ``eval_context_size`` views (default: the largest
+    M). Where the data has object sidecars (:mod:`data_modules.objects`), evaluation batches also carry the
+    query view's object mask and empty-room render.
     """
 
     def __init__(
@@ -35,6 +40,10 @@ class GQNDataModule(L.LightningDataModule):
         eval_batch_size: int | None = None,
         seed: int = 0,
         skip_corrupt: bool = False,
+        val_fraction: float = 0.02,
+        val_files: int | None = None,
+        split_seed: int = 0,
+        num_queries: int = 1,
     ):
         super().__init__()
         self.data_dir, self.dataset = str(data_dir), dataset
@@ -45,10 +54,13 @@ class GQNDataModule(L.LightningDataModule):
         frames = self.info.frames_per_scene
         if not 1 <= lo <= hi:
             raise GQNDataError(f"context_size must be >= 1 (an int or [min, max]), got {context_size}")
-        if hi >= frames:
+        if not isinstance(num_queries, int) or num_queries < 1:
+            raise GQNDataError(f"data.num_queries must be an integer >= 1 (query views per scene), got {num_queries}")
+        self.num_queries = num_queries
+        if hi + num_queries > frames:
             raise GQNDataError(
-                f"context_size {context_size} needs {hi + 1} views per scene but {dataset} has {frames}; "
-                f"use at most {frames - 1}"
+                f"context_size {context_size} with num_queries={num_queries} needs {hi + num_queries} views per "
+                f"scene but {dataset} has {frames}; use at most {frames - num_queries} context views"
             )
         self.eval_context_size = int(eval_context_size or hi)
         if not 1 <= self.eval_context_size < frames:
@@ -56,10 +68,19 @@ class GQNDataModule(L.LightningDataModule):
         self.batch_size, self.eval_batch_size = batch_size, eval_batch_size or batch_size
         self.num_workers, self.shuffle_buffer, self.val_scenes = num_workers, shuffle_buffer, val_scenes
         self.seed, self.skip_corrupt = seed, skip_corrupt
+        self.val_fraction, self.val_files, self.split_seed = val_fraction, val_files, split_seed
+        self._split: ValidationSplit | None = None
 
     # ------------------------------------------------------------------ files and streams
     def files(self, split: str) -> list[str]:
         return split_files(self.data_dir, self.dataset, split, how_to_get(self.data_dir, self.dataset))
+
+    @property
+    def validation_split(self) -> ValidationSplit:
+        """Training and validation files (and scene filters) carved from the train split."""
+        if self._split is None:
+            self._split = carve_validation(self.files("train"), self.val_fraction, self.val_files, self.split_seed)
+        return self._split
 
     @property
     def root(self) -> Path:
@@ -70,13 +91,20 @@ class GQNDataModule(L.LightningDataModule):
         return (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
 
     def stream(self, split: str, **kwargs) -> SceneStream:
+        """A stream over ``split``: "train" (minus the validation carve-out), "val" (the carve-out) or "test"."""
         rank, world = self._dist()
+        if split == "test":
+            files, scene_filter = self.files("test"), None
+        else:
+            carve = self.validation_split
+            files, scene_filter = ((carve.train_files, carve.train_filter) if split == "train"
+                                   else (carve.val_files, carve.val_filter))
         opts = dict(
             info=self.info, image_size=self.image_size, seed=self.seed, skip_corrupt=self.skip_corrupt,
-            rank=rank, world_size=world,
+            rank=rank, world_size=world, scene_filter=scene_filter,
         )
         opts.update(kwargs)
-        return SceneStream(self.files(split), **opts)
+        return SceneStream(files, **opts)
 
     def _loader(self, stream: SceneStream) -> GQNDataLoader:
         return GQNDataLoader(
@@ -86,13 +114,15 @@ class GQNDataModule(L.LightningDataModule):
 
     def setup(self, stage: str | None = None) -> None:
         # fail early, in the main process, with a clear message
-        if stage in (None, "fit"):
-            self.files("train")
-        self.files("test")
+        if stage in (None, "fit", "validate"):
+            self.validation_split  # noqa: B018  (lists the train files and carves validation out of them)
+        if stage in (None, "test"):
+            self.files("test")
 
     def train_dataloader(self) -> GQNDataLoader:
         stream = self.stream("train", batch_size=self.batch_size, context_size=self.context_size, shuffle=True,
-                             shuffle_buffer=self.shuffle_buffer, repeat=True, drop_last=True)
+                             shuffle_buffer=self.shuffle_buffer, repeat=True, drop_last=True,
+                             num_queries=self.num_queries)
         trainer = getattr(self, "trainer", None)
         if trainer is not None:  # a resumed run continues with fresh shuffles, not the first run's order
             stream.epoch = int(trainer.global_step)
@@ -100,12 +130,12 @@ class GQNDataModule(L.LightningDataModule):
 
     def val_dataloader(self) -> GQNDataLoader:
         return self._loader(
-            self.stream("test", batch_size=self.eval_batch_size, context_size=self.eval_context_size,
-                        max_scenes=self.val_scenes, fixed_views=True)
+            self.stream("val", batch_size=self.eval_batch_size, context_size=self.eval_context_size,
+                        max_scenes=self.val_scenes, fixed_views=True, objects=True)
         )
 
     def test_dataloader(self) -> GQNDataLoader:
         return self._loader(
             self.stream("test", batch_size=self.eval_batch_size, context_size=self.eval_context_size,
-                        fixed_views=True)
+                        fixed_views=True, objects=True)
         )

@@ -20,6 +20,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from data_modules.datasets import DatasetInfo
 from data_modules.errors import CorruptRecordError, GQNDataError
+from data_modules.objects import load_sidecar
 from data_modules.records import JPEG_MAGIC, camera_to_pose, decode_frame, iter_records, parse_scene
 
 Record = tuple[str, int, int, bytes]  # (path, byte offset, global scene index, record bytes)
@@ -64,6 +65,9 @@ class SceneStream(IterableDataset):
         rank: int = 0,
         world_size: int = 1,
         drop_last: bool = False,
+        objects: bool = False,
+        scene_filter=None,
+        num_queries: int = 1,
     ):
         super().__init__()
         self.files, self.info, self.batch_size = [str(f) for f in files], info, batch_size
@@ -73,6 +77,12 @@ class SceneStream(IterableDataset):
         self.shuffle, self.buffer, self.seed, self.repeat = shuffle, shuffle_buffer, seed, repeat
         self.max_scenes, self.fixed_views, self.skip_corrupt = max_scenes, fixed_views, skip_corrupt
         self.rank, self.world_size, self.drop_last = rank, world_size, drop_last
+        # the query view's object coverage and empty-room render, from sidecar files (data_modules.objects)
+        self.objects = objects
+        if num_queries < 1:
+            raise GQNDataError(f"num_queries must be >= 1 (query views per scene), got {num_queries}")
+        self.num_queries = num_queries  # query views per scene; > 1 gives [B, K, ...] query tensors
+        self.scene_filter = scene_filter  # (path, offset) -> whether this stream reads the scene
         self.epoch = 0
         self.skipped = 0
         self.ring: BatchRing | None = None  # set by GQNDataLoader for its worker processes
@@ -95,18 +105,24 @@ class SceneStream(IterableDataset):
                 raise
             self._skip(err, "skipping the rest of a corrupt file")
 
+    def _scenes(self, path: str) -> Iterator[tuple[int, bytes]]:
+        """The records of one file that this stream reads (all, or those its ``scene_filter`` keeps)."""
+        if self.scene_filter is None:
+            return self._file_records(path)
+        return ((offset, data) for offset, data in self._file_records(path) if self.scene_filter(path, offset))
+
     def records(self, epoch: int, shard: int, num_shards: int) -> Iterator[Record]:
         files = list(self.files)
         if self.shuffle:
             np.random.default_rng([self.seed, epoch]).shuffle(files)  # same order on every shard
         if len(files) >= num_shards and self.max_scenes is None:
             for path in files[shard::num_shards]:
-                for offset, data in self._file_records(path):
+                for offset, data in self._scenes(path):
                     yield path, offset, -1, data
             return
         index = 0
         for path in files:
-            for offset, data in self._file_records(path):
+            for offset, data in self._scenes(path):
                 if self.max_scenes is not None and index >= self.max_scenes:
                     return
                 if index % num_shards == shard:
@@ -136,29 +152,31 @@ class SceneStream(IterableDataset):
         return out
 
     def _views(self, rec: Record, m: int, rng: np.random.Generator):
-        """Parse a scene and draw its ``m + 1`` views: (JPEGs, view indices, poses ``[m+1, 7]``)."""
+        """Parse a scene and draw its ``m + K`` views (K queries): (JPEGs, view indices, poses ``[m+K, 7]``)."""
         path, offset, _, data = rec
         frames, cameras = parse_scene(data, path, offset)
-        if m + 1 > len(frames):
+        k = self.num_queries
+        if m + k > len(frames):
             raise CorruptRecordError(
-                path, offset, f"scene has {len(frames)} frames, too few for {m} context views + 1 query"
+                path, offset, f"scene has {len(frames)} frames, too few for {m} context views + {k} "
+                f"quer{'y' if k == 1 else 'ies'}"
             )
         if self.fixed_views:  # evaluation: the same views of a scene every time, whatever the sharding
             # keyed by (file name, byte offset), known in both sharding modes (file-level sharding has no
             # global scene index), so that scenes do not all share one set of views
             rng = np.random.default_rng([self.seed, zlib.crc32(Path(path).name.encode()), offset])
-        views = rng.permutation(len(frames))[: m + 1]  # a fresh permutation per scene; last = query
+        views = rng.permutation(len(frames))[: m + k]  # a fresh permutation per scene; last k = queries
         return [frames[v] for v in views], views, camera_to_pose(cameras[views])
 
     def _batch_pixels(self, n: int, m: int) -> tuple[torch.Tensor, tuple[int, int] | None]:
-        """Where a batch of ``n`` scenes x ``m + 1`` views is decoded: a slot of the loader's shared ring
+        """Where a batch of ``n`` scenes x ``m + K`` views is decoded: a slot of the loader's shared ring
         (inside a worker of a :class:`GQNDataLoader`), else a fresh tensor."""
         size = self.image_size
         worker = get_worker_info()
         if worker is not None and self.ring is not None:
             slot = self.ring.acquire(worker.id)
-            return self.ring.view(worker.id, slot, n, m + 1), (worker.id, slot)
-        images = torch.empty((n, m + 1, size, size, 3), dtype=torch.uint8)  # [B, M+1, H, W, 3]
+            return self.ring.view(worker.id, slot, n, m + self.num_queries), (worker.id, slot)
+        images = torch.empty((n, m + self.num_queries, size, size, 3), dtype=torch.uint8)  # [B, M+K, H, W, 3]
         if worker is not None:
             images.share_memory_()  # decoded straight into shared memory: no copy on the way to the trainer
         return images, None
@@ -198,9 +216,29 @@ class SceneStream(IterableDataset):
             images = images[: len(keep)]
         poses = np.stack([task[4] for task in scenes if task[0] not in errors])  # [B, M+1, 7]
         poses = poses.astype(np.float32, copy=False)
+        extras = self._query_objects([task for task in scenes if task[0] not in errors]) if self.objects else {}
         if slot is not None:  # only the slot's address and the small arrays travel through the queue
-            return {"ring_slot": slot, "views": m + 1, "scenes": len(keep), "poses": poses, "skipped": self.skipped}
-        return to_batch(images, torch.from_numpy(poses), m)
+            return {"ring_slot": slot, "views": m + self.num_queries, "queries": self.num_queries,
+                    "scenes": len(keep), "poses": poses, "skipped": self.skipped,
+                    **extras}
+        return {**to_batch(images, torch.from_numpy(poses), m, self.num_queries),
+                **{k: torch.from_numpy(v) for k, v in extras.items()}}
+
+    def _query_objects(self, scenes) -> dict[str, np.ndarray]:
+        """The query views' object coverage ``[B, S, S]`` and empty-room renders ``[B, S, S, 3]`` (uint8) from
+        the sidecar files; nothing when a scene has none (then the batch has no object metrics)."""
+        masks, empty = [], []
+        for _, (path, offset, _, _), _, views, _ in scenes:
+            table = load_sidecar(path)
+            if table is None or offset not in table:
+                return {}
+            m, e = table[offset][0][views[-1]], table[offset][1][views[-1]]
+            if m.shape[0] != self.image_size:  # resized like the frames
+                m = np.asarray(Image.fromarray(m).resize((self.image_size,) * 2, Image.BILINEAR))
+                e = np.asarray(Image.fromarray(e).resize((self.image_size,) * 2, Image.BILINEAR))
+            masks.append(m)
+            empty.append(e)
+        return {"query_object_mask": np.stack(masks), "query_empty_room": np.stack(empty)}
 
     def __iter__(self):
         shard, num_shards = self._shard()
@@ -230,13 +268,20 @@ class SceneStream(IterableDataset):
             epoch += 1
 
 
-def to_batch(images: torch.Tensor, poses: torch.Tensor, m: int) -> dict[str, torch.Tensor]:
-    """Split ``[B, M+1, H, W, 3]`` images and ``[B, M+1, 7]`` poses into context (first M) and query."""
+#: Optional batch keys of evaluation streams over data with object sidecars (see data_modules.objects):
+#: the query view's object coverage [B, 1, H, W] in [0, 1] and its empty-room render [B, 3, H, W].
+OBJECT_KEYS = ("query_object_mask", "query_empty_room")
+
+
+def to_batch(images: torch.Tensor, poses: torch.Tensor, m: int, queries: int = 1) -> dict[str, torch.Tensor]:
+    """Split ``[B, M+K, H, W, 3]`` images and ``[B, M+K, 7]`` poses into context (first M) and the K queries:
+    ``query_images`` ``[B, H, W, 3]`` for one query per scene, ``[B, K, H, W, 3]`` for several."""
+    query = slice(m, None) if queries > 1 else m
     return {
         "context_images": images[:, :m],
         "context_poses": poses[:, :m],
-        "query_images": images[:, m],
-        "query_poses": poses[:, m],
+        "query_images": images[:, query],
+        "query_poses": poses[:, query],
     }
 
 
@@ -248,12 +293,14 @@ def to_float(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     cores: 4800 scenes/s with torch's 2 threads, 7300 in one). The result has channels-last strides.
     """
     out = dict(batch)
-    for key in ("context_images", "query_images"):
-        x = batch[key]
-        if x.dtype == torch.uint8:
+    for key in ("context_images", "query_images", "query_empty_room", "query_object_mask"):
+        x = batch.get(key)
+        if x is not None and x.dtype == torch.uint8:
             pixels = np.empty(x.shape, np.float32)
             np.divide(x.numpy(), np.float32(255.0), out=pixels)
-            out[key] = torch.from_numpy(pixels).movedim(-1, -3)
+            # masks [B, S, S] -> [B, 1, S, S]; images [..., S, S, 3] -> [..., 3, S, S]
+            out[key] = torch.from_numpy(pixels)[:, None] if key == "query_object_mask" else \
+                torch.from_numpy(pixels).movedim(-1, -3)
     return out
 
 
@@ -315,7 +362,8 @@ class GQNDataLoader(DataLoader):
         ring = None
         if isinstance(dataset, SceneStream) and self.num_workers > 0 and not self.persistent_workers:
             ring = BatchRing(self.num_workers, (self.prefetch_factor or 2) + 1, dataset.batch_size,
-                             dataset.context_range[1] + 1, dataset.image_size, self.multiprocessing_context)
+                             dataset.context_range[1] + dataset.num_queries, dataset.image_size,
+                             self.multiprocessing_context)
             dataset.ring = ring
         try:
             iterator = super().__iter__()
@@ -331,7 +379,10 @@ class GQNDataLoader(DataLoader):
                 if slot is None:
                     continue
                 images = ring.view(worker, slot, batch["scenes"], batch["views"])
-                out = to_float(to_batch(images, torch.from_numpy(batch["poses"]), batch["views"] - 1))
+                out = to_batch(images, torch.from_numpy(batch["poses"]), batch["views"] - batch["queries"],
+                               batch["queries"])
+                out.update({k: torch.from_numpy(batch[k]) for k in OBJECT_KEYS if k in batch})
+                out = to_float(out)
                 ring.release(worker)
                 yield out
             else:

@@ -77,9 +77,11 @@ def test_missing_directory_says_how_to_download(tmp_path):
 
 
 def test_missing_test_split_is_named(tmp_path):
-    write_dataset(tmp_path, ROOMS, train=[[0, 1]], test=[])
+    """Training validates on a carve-out of train, so only testing needs the test split."""
+    write_dataset(tmp_path, ROOMS, train=[[0, 1], [2, 3]], test=[])
+    dm_for(tmp_path).setup("fit")
     with pytest.raises(GQNDataError) as err:
-        dm_for(tmp_path).setup("fit")
+        dm_for(tmp_path).setup("test")
     assert str(tmp_path / ROOMS / "test") in str(err.value)
 
 

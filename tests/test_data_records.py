@@ -94,7 +94,7 @@ def test_camera_to_pose_order_and_values():
 # name, context size, batch, train files (scene ids per file), test files, first train/test file names
 LAYOUT_CASES = [
     ("jaco", 7, 3, [[0, 1, 2], [3, 4]], [[100, 101, 102]], "0001-of-3600.tfrecord", "001-of-400.tfrecord"),
-    ("mazes", 20, 1, [[0]], [[100]], "0001-of-1080.tfrecord", "001-of-120.tfrecord"),
+    ("mazes", 20, 1, [[0], [1]], [[100]], "0001-of-1080.tfrecord", "001-of-120.tfrecord"),
     ("rooms_free_camera_with_object_rotations", 5, 2, [[0, 1], [2, 3]], [[100], [101, 102]],
      "0001-of-2034.tfrecord", "001-of-226.tfrecord"),
     ("rooms_ring_camera", 5, 3, [[0, 1, 2], [3, 4, 5]], [[100, 101, 102, 103]],
@@ -112,14 +112,16 @@ def test_every_layout_end_to_end(tmp_path, name, m, b, train, test, first_train,
     (tmp_path / name / "train" / "README.txt").write_text("not a record file")  # must be ignored
     assert written["train"][0].name == first_train and written["test"][0].name == first_test
 
-    dm = GQNDataModule(str(tmp_path), name, batch_size=b, context_size=m, num_workers=0)
+    dm = GQNDataModule(str(tmp_path), name, batch_size=b, context_size=m, num_workers=0, val_files=1)
     dm.setup("fit")
     assert dm.files("train") == [str(p) for p in written["train"]]
+    (val_file,) = dm.validation_split.val_files  # one whole train file held out for validation
+    val_ids = {s for path, scenes in zip(written["train"], train) if str(path) == val_file for s in scenes}
     assert dm.files("test") == [str(p) for p in written["test"]]
 
     batch = next(iter(dm.train_dataloader()))
     check_contract(batch, b, m, size)
-    train_ids = {s for f in train for s in f}
+    train_ids = {s for f in train for s in f} - val_ids
     for scene, views in scenes_views(batch):  # checks every frame's pixels against its own pose
         assert scene in train_ids
         assert all(0 <= v < frames for v in views)
@@ -132,7 +134,7 @@ def test_every_layout_end_to_end(tmp_path, name, m, b, train, test, first_train,
     assert sorted(seen) == test_ids
 
     val = list(dm.val_dataloader())
-    assert sorted(s for batch in val for s, _ in scenes_views(batch)) == test_ids
+    assert sorted(s for batch in val for s, _ in scenes_views(batch)) == sorted(val_ids)
 
 
 def test_frames_with_structure_reach_the_batch_channels_first(tmp_path):

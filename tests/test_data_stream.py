@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections import Counter
 from itertools import islice
+from pathlib import Path
 
 import pytest
 import torch
@@ -46,11 +47,13 @@ def test_each_scene_gets_its_own_view_permutation(rooms):
 
 
 def test_evaluation_views_also_differ_between_scenes(rooms):
-    dm = GQNDataModule(str(rooms), ROOMS, batch_size=9, context_size=5, num_workers=0)
-    for loader in (dm.val_dataloader(), dm.test_dataloader()):
-        views = views_by_scene(loader)
-        assert sorted(views) == list(range(100, 109))
-        assert len({tuple(v) for v in views.values()}) >= 8, views
+    dm = GQNDataModule(str(rooms), ROOMS, batch_size=9, context_size=5, num_workers=0, val_files=1)
+    views = views_by_scene(dm.test_dataloader())
+    assert sorted(views) == list(range(100, 109))
+    assert len({tuple(v) for v in views.values()}) >= 8, views
+    views = views_by_scene(dm.val_dataloader())  # the validation carve-out: one of the train files
+    assert sorted(views) in ([0, 1, 2, 3], [4, 5, 6, 7, 8], [9, 10, 11])
+    assert len({tuple(v) for v in views.values()}) == len(views), views
 
 
 def test_context_size_range_draws_m_per_batch(rooms):
@@ -66,14 +69,16 @@ def test_context_size_range_draws_m_per_batch(rooms):
 
 
 def test_fixed_context_size_and_eval_default_to_the_largest(rooms):
-    dm = GQNDataModule(str(rooms), ROOMS, batch_size=4, context_size=[2, 6], num_workers=0, val_scenes=5)
+    dm = GQNDataModule(str(rooms), ROOMS, batch_size=4, context_size=[2, 6], num_workers=0, val_scenes=5,
+                       val_files=2)
     assert {b["context_images"].shape[1] for b in dm.val_dataloader()} == {6}
     dm = GQNDataModule(str(rooms), ROOMS, batch_size=4, context_size=3, num_workers=0)
     assert {b["context_images"].shape[1] for b in islice(dm.train_dataloader(), 10)} == {3}
 
 
 def test_validation_is_identical_on_two_passes(rooms):
-    dm = GQNDataModule(str(rooms), ROOMS, batch_size=4, context_size=[1, 5], num_workers=0, val_scenes=6)
+    dm = GQNDataModule(str(rooms), ROOMS, batch_size=4, context_size=[1, 5], num_workers=0, val_scenes=6,
+                       val_files=2)
     loader = dm.val_dataloader()
     first, second = list(loader), list(loader)
     assert len(first) == len(second) == 2  # 6 scenes in batches of 4
@@ -81,11 +86,13 @@ def test_validation_is_identical_on_two_passes(rooms):
         assert a.keys() == b.keys()
         for key in a:
             assert torch.equal(a[key], b[key]), key
-    # the first val_scenes scenes of the test split, in file order
-    assert [s for batch in first for s, _ in scenes_views(batch)] == list(range(100, 106))
+    # the first val_scenes scenes of the two held-out train files, in file order
+    by_file = {"1": [0, 1, 2, 3], "2": [4, 5, 6, 7, 8], "3": [9, 10, 11]}
+    held_out = [s for f in dm.validation_split.val_files for s in by_file[Path(f).name.split("-")[0].lstrip("0")]]
+    assert [s for batch in first for s, _ in scenes_views(batch)] == held_out[:6]
     # a freshly built loader (e.g. after a restart) gives the same views too
     again = list(GQNDataModule(str(rooms), ROOMS, batch_size=4, context_size=[1, 5], num_workers=0,
-                               val_scenes=6).val_dataloader())
+                               val_scenes=6, val_files=2).val_dataloader())
     assert all(torch.equal(a["query_images"], b["query_images"]) for a, b in zip(first, again))
 
 
@@ -193,3 +200,23 @@ def test_sharding_with_a_scene_cap(tmp_path):
     # validation's max_scenes: exactly the first N scenes, each once, however many shards
     paths = write_split(tmp_path, ROOMS, "test", [list(range(0, 5)), list(range(5, 9)), list(range(9, 14))])
     assert run_ranks(paths, max_scenes=10, fixed_views=True) == Counter(range(10))
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_several_query_views_per_training_scene(rooms, workers):
+    """num_queries=K: [B, K, ...] queries, each a frame of its own scene with its own pose, no view repeated in
+    a scene (context or query), through the shared-memory ring too; evaluation keeps one query per scene."""
+    from records_helper import check_frame
+
+    dm = GQNDataModule(str(rooms), ROOMS, batch_size=3, context_size=[2, 4], num_workers=workers, num_queries=3,
+                       val_files=1)
+    for batch in islice(dm.train_dataloader(), 4):
+        m = batch["context_images"].shape[1]
+        assert batch["query_images"].shape == (3, 3, 3, 64, 64) and batch["query_poses"].shape == (3, 3, 7)
+        for i in range(3):
+            seen = [check_frame(img, pose) for img, pose in zip(batch["context_images"][i], batch["context_poses"][i])]
+            seen += [check_frame(img, pose) for img, pose in zip(batch["query_images"][i], batch["query_poses"][i])]
+            assert len({s for s, _ in seen}) == 1 and len({v for _, v in seen}) == m + 3, seen
+    check_contract(next(iter(dm.val_dataloader())), 3, 4, 64)
+    with pytest.raises(Exception, match="num_queries=8 needs 12 views"):
+        GQNDataModule(str(rooms), ROOMS, batch_size=3, context_size=[2, 4], num_workers=0, num_queries=8)

@@ -84,6 +84,6 @@ def test_records_are_deepmind_format_and_read_back(tmp_path):
     frames, cameras = parse_scene(data)
     assert len(frames) == 6 and all(f[:2] == b"\xff\xd8" for f in frames) and cameras.shape == (6, 5)
     dm = GQNDataModule(tmp_path, "synthetic_rooms", batch_size=2, context_size=3, num_workers=0)
-    batch = next(iter(dm.val_dataloader()))
+    batch = next(iter(dm.test_dataloader()))
     assert batch["context_images"].shape == (2, 3, 3, 32, 32)
     assert batch["query_poses"].shape == (2, 7)

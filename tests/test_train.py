@@ -81,11 +81,22 @@ def test_lr_and_sigma_follow_the_formula(train_cfg, tmp_path):
         assert rows[step][1] == pytest.approx(sigma(step), rel=1e-12), step
 
 
-def _wandb_history_keys(run_dir: Path, candidates: set[str]) -> set[str]:
-    """Keys among ``candidates`` that the offline run's transaction log (``run-*.wandb``) records."""
-    (wandb_file,) = run_dir.glob("run-*.wandb")
-    data = wandb_file.read_bytes()  # protobuf records: string keys appear verbatim
-    return {k for k in candidates if k.encode() in data}
+def _wandb_history_keys(run_dir: Path, candidates: set[str], wait: float = 30.0) -> set[str]:
+    """Keys among ``candidates`` that the offline run's transaction log (``run-*.wandb``) records.
+
+    wandb's service process may still be writing the log when ``wandb.finish`` returns (seen with 0.31):
+    poll until every candidate is there or ``wait`` seconds have passed.
+    """
+    import time
+
+    deadline = time.monotonic() + wait
+    while True:
+        (wandb_file,) = run_dir.glob("run-*.wandb")
+        data = wandb_file.read_bytes()  # protobuf records: string keys appear verbatim
+        found = {k for k in candidates if k.encode() in data}
+        if found == candidates or time.monotonic() > deadline:
+            return found
+        time.sleep(0.5)
 
 
 def test_wandb_offline_run_holds_the_logged_images(train_cfg, tmp_path):
@@ -132,7 +143,8 @@ def test_every_encoder_and_core_sharing_trains(train_cfg, encoder, core):
     state = torch.load(Path(cfg.hydra.runtime.output_dir) / "checkpoints" / "last.ckpt", weights_only=False)
     assert state["global_step"] == 2
     assert state["hyper_parameters"]["model"]["core_sharing"] == core
-    assert state["hyper_parameters"]["model"]["encoder"]["_target_"].lower().endswith(encoder)
+    classes = {"tower": "Tower", "pool": "Pool", "pyramid": "Pyramid", "attention": "AttentionTower"}
+    assert state["hyper_parameters"]["model"]["encoder"]["_target_"] == f"gqn.model.{classes[encoder]}"
 
 
 def test_kl_and_sigma_warmups(train_cfg):

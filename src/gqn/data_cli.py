@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from collections import Counter
 from pathlib import Path
@@ -14,12 +15,18 @@ def _synth(args) -> int:
     from gqn.synthetic import synthesize
 
     out = Path(args.out)
-    if args.skip_existing and (out / "dataset.json").is_file():
-        print(f"{out} exists (dataset.json found); keeping it")
-        return 0
-    synthesize(out, family=args.family, train_scenes=args.train_scenes, test_scenes=args.test_scenes,
-               seed=args.seed, image_size=args.image_size, views=args.views,
-               scenes_per_file=args.scenes_per_file, parts=args.parts, workers=args.workers)
+    opts = dict(family=args.family, train_scenes=args.train_scenes, test_scenes=args.test_scenes,
+                seed=args.seed, image_size=args.image_size, views=args.views,
+                scenes_per_file=args.scenes_per_file, parts=args.parts, samples=args.samples,
+                objects=not args.no_objects)
+    card = out / "dataset.json"
+    if args.skip_existing and card.is_file():
+        old = json.loads(card.read_text()).get("settings")
+        if old == opts:
+            print(f"{out} exists with these settings (dataset.json); keeping it")
+            return 0
+        print(f"{out} exists but was written with other settings; writing it again")
+    synthesize(out, workers=args.workers, **opts)
     return 0
 
 
@@ -148,8 +155,14 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--views", type=int, default=10, help="frames per scene (default: 10)")
     s.add_argument("--scenes-per-file", type=int, default=100, help="records per .tfrecord file (default: 100)")
     s.add_argument("--parts", type=int, default=7, help="cubes per Shepard-Metzler object (default: 7)")
+    s.add_argument("--samples", type=int, default=2,
+                   help="anti-aliasing: N x N rays per pixel, box-filtered (default: 2; 1 = aliased)")
+    s.add_argument("--no-objects", action="store_true",
+                   help="do not write the object masks and empty-room renders beside the records "
+                        "(objects/{split}/*.npz, used by gqn-eval's object-pixel metrics)")
     s.add_argument("--workers", type=int, default=None, help="processes (default: 2)")
-    s.add_argument("--skip-existing", action="store_true", help="do nothing if the dataset card exists")
+    s.add_argument("--skip-existing", action="store_true",
+                   help="do nothing if the dataset exists with the same settings (its dataset.json says)")
     s.set_defaults(func=_synth)
     for name, func, text in (("info", _info, "files, scenes, frames per scene, image size per split"),
                              ("verify", _verify, "read every record, check CRCs, decode every frame")):

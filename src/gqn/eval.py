@@ -2,11 +2,13 @@
 
     gqn-eval ckpt_path=outputs/latest/checkpoints/last.ckpt
     gqn-eval ckpt_path=... data=rooms_ring_camera context_size=3
+    gqn-eval ckpt_path=... draws=5            # average every scene over 5 draws of its context views
 """
 
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import hydra
@@ -46,34 +48,105 @@ def check_sizes(module: GQNModule, datamodule) -> None:
         )
 
 
+#: Gains reported per scene (the difference of two PSNRs on the same scene and views), name -> (a, b).
+GAINS = {
+    "psnr_gain_over_nearest_view_db": ("psnr_model", "psnr_nearest_view"),
+    "psnr_gain_over_mean_view_db": ("psnr_model", "psnr_mean_view"),
+    "object_psnr_gain_over_mean_view_db": ("object_psnr_model", "object_psnr_mean_view"),
+    "object_psnr_gain_over_nearest_view_db": ("object_psnr_model", "object_psnr_nearest_view"),
+    "object_psnr_gain_over_empty_room_db": ("object_psnr_model", "object_psnr_empty_room"),
+}
+
+
+def spread(values: torch.Tensor) -> dict:
+    """Mean, standard error and normal 95% interval over scenes ``[S]`` (NaN scenes left out)."""
+    v = values[~values.isnan()].double()
+    n = int(v.numel())
+    if n == 0:
+        return {"mean": None, "se": None, "ci95": None, "n": 0}
+    mean = float(v.mean())
+    se = float(v.std(unbiased=True) / math.sqrt(n)) if n > 1 else None
+    ci = [mean - 1.96 * se, mean + 1.96 * se] if se is not None else None
+    return {"mean": mean, "se": se, "ci95": ci, "n": n}
+
+
+def per_scene_metrics(module: GQNModule, loader, limit_batches: int | None, device: torch.device) -> dict:
+    """``{metric: [S]}`` over the scenes of one pass of ``loader`` (see GQNModule.evaluation_metrics)."""
+    values: dict[str, list[torch.Tensor]] = {}
+    with torch.inference_mode():
+        for i, batch in enumerate(loader):
+            if limit_batches is not None and i >= limit_batches:
+                break
+            batch = {k: v.to(device) for k, v in batch.items()}
+            for key, value in module.evaluation_metrics(batch).items():
+                values.setdefault(key, []).append(value.float().cpu())
+    if not values:
+        raise UserError("the test split gave no scenes to evaluate (all skipped as corrupt, or limit_batches=0)")
+    return {k: torch.cat(v) for k, v in values.items()}
+
+
 def evaluate(cfg: DictConfig) -> dict:
+    """Test-split metrics of a checkpoint: the mean over scenes of each metric (per scene first averaged over
+    ``draws`` draws of the context views), with its standard error and 95% interval over scenes."""
     L.seed_everything(cfg.seed)
+    if int(cfg.draws) < 1:
+        raise UserError(f"draws must be >= 1 (context draws per scene), got {cfg.draws}")
     module = load_module(cfg.ckpt_path, cfg.paths.output_dir)
-    datamodule = hydra.utils.instantiate(
-        cfg.data, eval_context_size=cfg.context_size, num_workers=cfg.num_workers, seed=cfg.seed
-    )
-    check_sizes(module, datamodule)
-    trainer = L.Trainer(accelerator="auto", devices=1, logger=False, enable_checkpointing=False,
-                        limit_test_batches=cfg.limit_batches, default_root_dir=HydraConfig.get().runtime.output_dir,
-                        enable_progress_bar=True)
-    trainer.test(module, datamodule=datamodule, verbose=False)
-    results = {k.removeprefix("test/"): float(v) for k, v in trainer.callback_metrics.items()}
-    results["psnr_gain_over_nearest_view_db"] = results["psnr_model"] - results["psnr_nearest_view"]
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    module.to(device)
+    draws = []
+    for draw in range(int(cfg.draws)):  # draw d: the views of every scene drawn with seed + d
+        datamodule = hydra.utils.instantiate(
+            cfg.data, eval_context_size=cfg.context_size, num_workers=cfg.num_workers, seed=cfg.seed + draw
+        )
+        check_sizes(module, datamodule)
+        draws.append(per_scene_metrics(module, datamodule.test_dataloader(), cfg.limit_batches, device))
+    # the stream's scene order does not depend on the seed (only the views do): average each scene over draws
+    if len({len(d["elbo"]) for d in draws}) != 1:
+        raise UserError("the draws saw different numbers of scenes; evaluate with draws=1")
+    scenes = {k: torch.stack([d[k] for d in draws], dim=1).nanmean(dim=1) for k in draws[0]}
+    for gain, (a, b) in GAINS.items():
+        if a in scenes:
+            scenes[gain] = scenes[a] - scenes[b]
+    stats = {k: spread(v) for k, v in scenes.items()}
     report = {
-        "checkpoint": str(Path(cfg.ckpt_path)), "dataset": datamodule.dataset, "context_size": cfg.context_size,
-        "seed": cfg.seed, "global_step": module.global_step_loaded,
-        "metrics": results,
+        "checkpoint": str(Path(cfg.ckpt_path)), "dataset": datamodule.dataset, "split": "test",
+        "context_size": cfg.context_size, "seed": cfg.seed, "draws": int(cfg.draws),
+        "scenes": len(draws[0]["elbo"]), "global_step": module.global_step_loaded,
+        "metrics": {k: s["mean"] for k, s in stats.items()},
+        "spread": {k: {"se": s["se"], "ci95": s["ci95"], "n": s["n"]} for k, s in stats.items()},
     }
     out = Path(HydraConfig.get().runtime.output_dir) / "metrics.json"
-    out.write_text(json.dumps(report, indent=2) + "\n")
-    m = results
-    print(f"PSNR  model {m['psnr_model']:.2f} dB | nearest view {m['psnr_nearest_view']:.2f} dB | "
-          f"mean view {m['psnr_mean_view']:.2f} dB  (gain {m['psnr_gain_over_nearest_view_db']:+.2f} dB)")
-    print(f"SSIM  model {m['ssim_model']:.3f} | nearest view {m['ssim_nearest_view']:.3f} | "
-          f"mean view {m['ssim_mean_view']:.3f}")
-    print(f"-ELBO {m['elbo']:.1f} nats = NLL {m['nll']:.1f} + KL {m['kl']:.1f}; {m['bits_per_pixel']:.3f} bits/pixel")
+    out.write_text(json.dumps(report, indent=2, allow_nan=False) + "\n")
+    for line in summary_lines(stats, report):
+        print(line)
     print(f"wrote {out}")
     return report
+
+
+def summary_lines(stats: dict, report: dict) -> list[str]:
+    def f(key, digits=2):
+        s = stats[key]
+        if s["mean"] is None:
+            return "n/a"
+        return f"{s['mean']:.{digits}f}" + (f" ±{s['se']:.{digits}f}" if s["se"] is not None else "")
+
+    lines = [f"{report['scenes']} test scenes x {report['draws']} context draw(s), {report['context_size']} context "
+             "views; mean ± standard error over scenes",
+             f"PSNR  model {f('psnr_model')} dB | nearest view {f('psnr_nearest_view')} | mean view "
+             f"{f('psnr_mean_view')}  (gain over nearest {f('psnr_gain_over_nearest_view_db')}, over mean view "
+             f"{f('psnr_gain_over_mean_view_db')})",
+             f"SSIM  model {f('ssim_model', 3)} | nearest view {f('ssim_nearest_view', 3)} | "
+             f"mean view {f('ssim_mean_view', 3)}"]
+    if "object_psnr_model" in stats:
+        lines.append(
+            f"object-pixel PSNR ({stats['object_psnr_model']['n']} scenes with objects in view)  model "
+            f"{f('object_psnr_model')} dB | nearest view {f('object_psnr_nearest_view')} | mean view "
+            f"{f('object_psnr_mean_view')} | empty room {f('object_psnr_empty_room')}  (gain over mean view "
+            f"{f('object_psnr_gain_over_mean_view_db')})")
+    lines.append(f"-ELBO {f('elbo', 1)} nats = NLL {f('nll', 1)} + KL {f('kl', 1)}; "
+                 f"{f('bits_per_pixel', 3)} bits/pixel")
+    return lines
 
 
 @hydra.main(config_path=str(CONF_DIR), config_name="eval", version_base="1.3")

@@ -90,8 +90,12 @@ class GQNModule(L.LightningModule):
         B = batch["query_images"].shape[0]
         weight = self.prior_mean_weight(self.global_step)
         if weight:
-            prior_mean = self.model.generator(batch["query_poses"], out["representation"], sample_prior=False)["mean"]
-            prior_nll = gaussian_nll(batch["query_images"], prior_mean, self.sigma())
+            images, poses = batch["query_images"], batch["query_poses"]
+            if images.dim() == 5:  # several query views per scene: [B, K, ...] -> [B * K, ...] like the ELBO terms
+                images, poses = images.flatten(0, 1), poses.flatten(0, 1)
+            prior_mean = self.model.generator(poses, out["representation"], sample_prior=False,
+                                              views=out["views"])["mean"]
+            prior_nll = gaussian_nll(images, prior_mean, self.sigma())
             loss = loss + weight * prior_nll.mean()
             self.log("train/prior_mean_nll", prior_nll.mean(), batch_size=B)
         self.log("train/loss", loss, prog_bar=True, batch_size=B)
@@ -100,18 +104,38 @@ class GQNModule(L.LightningModule):
         self.log("train/context_size", float(batch["context_images"].shape[1]), batch_size=B)
         return loss
 
-    def _eval_step(self, prefix: str, batch):
-        B = batch["query_images"].shape[0]
-        out = self(batch)
-        self._log_terms(prefix, out, B, sync_dist=True)
+    @torch.no_grad()
+    def evaluation_metrics(self, batch: dict[str, torch.Tensor], out: dict | None = None) -> dict[str, torch.Tensor]:
+        """Per-scene ``[B]`` metrics of a batch: the -ELBO terms, and PSNR/SSIM of the prior-mean render next to
+        two baselines (the context view nearest in pose, the mean of the context views). When the batch has
+        object masks (``query_object_mask``, ``query_empty_room``), also PSNR on object pixels of those three
+        and of the exact empty-room render; NaN for scenes whose query view shows no object pixel."""
+        out = self(batch) if out is None else out
         ctx, ctx_poses, target = batch["context_images"], batch["context_poses"], batch["query_images"]
-        render = self.model.render(out["representation"], batch["query_poses"], mean=True)  # context encoded once
-        nearest = metrics.nearest_context_view(ctx, ctx_poses, batch["query_poses"])
-        mean_view = metrics.mean_context_view(ctx)
-        for name, img in (("model", render), ("nearest_view", nearest), ("mean_view", mean_view)):
-            self.log(f"{prefix}/psnr_{name}", metrics.psnr(img, target).mean(), batch_size=B, sync_dist=True,
-                     prog_bar=(name == "model" and prefix == "val"))
-            self.log(f"{prefix}/ssim_{name}", metrics.ssim(img, target).mean(), batch_size=B, sync_dist=True)
+        renders = {
+            "model": self.model.render(out["representation"], batch["query_poses"], mean=True,  # encoded once
+                                       views=out["views"]),
+            "nearest_view": metrics.nearest_context_view(ctx, ctx_poses, batch["query_poses"]),
+            "mean_view": metrics.mean_context_view(ctx),
+        }
+        values = {key: out[key].float() for key in ("elbo", "nll", "kl", "bits_per_pixel", "mse")}
+        for name, img in renders.items():
+            values[f"psnr_{name}"] = metrics.psnr(img, target)
+            values[f"ssim_{name}"] = metrics.ssim(img, target)
+        if "query_object_mask" in batch:
+            mask = metrics.object_pixels(batch["query_object_mask"])
+            values["object_fraction"] = mask.float().flatten(1).mean(dim=1)
+            for name, img in {**renders, "empty_room": batch["query_empty_room"]}.items():
+                values[f"object_psnr_{name}"] = metrics.masked_psnr(img, target, mask)
+        return values
+
+    def _eval_step(self, prefix: str, batch):
+        out = self(batch)
+        for key, value in self.evaluation_metrics(batch, out).items():
+            finite = ~value.isnan()  # object metrics: only the scenes whose query view shows an object
+            if finite.any():
+                self.log(f"{prefix}/{key}", value[finite].mean(), batch_size=int(finite.sum()), sync_dist=True,
+                         prog_bar=(key == "psnr_model" and prefix == "val"))
         return out
 
     def validation_step(self, batch, batch_idx):
@@ -138,9 +162,9 @@ class GQNModule(L.LightningModule):
                      batch_size: int = 16, mean: bool = True, seed: int = 0) -> torch.Tensor:
         """Render many poses ``[N, 7]`` of ONE scene (context ``[M, 3, H, W]``, ``[M, 7]``): the context is
         encoded once, the poses rendered in batches. Returns ``[N, 3, H, W]``."""
-        r = self.model.represent(context_images[None].to(self.device), context_poses[None].to(self.device))
+        r, views = self.model.encode(context_images[None].to(self.device), context_poses[None].to(self.device))
         gen = torch.Generator(device=self.device).manual_seed(seed)
-        out = [self.model.render(r, q.to(self.device), mean=mean, generator=gen)
+        out = [self.model.render(r, q.to(self.device), mean=mean, generator=gen, views=views)
                for q in query_poses.split(batch_size)]
         return torch.cat(out)
 

@@ -28,6 +28,54 @@ from gqn.model.representation import GRID_SCALE
 CORE_SHARING = ("unshared", "shared", "shared_inference_generation")
 
 
+class ViewAttention(nn.Module):
+    """Attention over the context views' patches (Rosenbaum et al. 2018), read once per DRAW step.
+
+    Every context patch (a position of a view's tower output, which carries that view's pose) gives a key and
+    a value, together with its grid position. Every position of the latent grid asks a query made of the query
+    pose, its own grid position and the generator state ``h_g`` of the previous step, and reads
+    ``value_channels`` channels: multi-head dot-product attention over all ``M x G x G`` patches.
+    """
+
+    def __init__(self, patch_channels: int, hidden_channels: int, pose_dim: int, grid: int, key_channels: int = 32,
+                 value_channels: int = 32, heads: int = 4):
+        super().__init__()
+        self.heads, self.key_channels, self.value_channels = heads, key_channels, value_channels
+        width = max(key_channels, 64)
+        # no bias on the last key layer: a constant added to every key leaves the softmax unchanged
+        self.key = nn.Sequential(nn.Linear(patch_channels + 2, width), nn.ReLU(),
+                                 nn.Linear(width, key_channels, bias=False))
+        self.value = nn.Linear(patch_channels + 2, value_channels)
+        self.query_pose = nn.Sequential(  # step-invariant part of the query: query pose and grid position
+            nn.Conv2d(pose_dim + 2, width, 1), nn.ReLU(), nn.Conv2d(width, key_channels, 1)
+        )
+        self.query_state = nn.Conv2d(hidden_channels, key_channels, 1, bias=False)  # from h_g, per step
+
+    def memory(self, views: torch.Tensor, coords: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys ``[B, heads, M*G*G, dk]`` and values ``[B, heads, M*G*G, dv]`` of views ``[B, M, C, G, G]``."""
+        B, M, C, G, _ = views.shape
+        patches = torch.cat([views, coords[:, None].expand(B, M, -1, -1, -1)], dim=2)  # [B, M, C+2, G, G]
+        patches = patches.movedim(2, -1).reshape(B, M * G * G, C + 2)
+        keys = self.key(patches).unflatten(-1, (self.heads, -1)).transpose(1, 2)
+        values = self.value(patches).unflatten(-1, (self.heads, -1)).transpose(1, 2)
+        return keys, values
+
+    def static_query(self, query_poses: torch.Tensor, coords: torch.Tensor) -> torch.Tensor:
+        """The step-invariant part of the queries ``[B, dk, G, G]``."""
+        B, G = query_poses.shape[0], coords.shape[-1]
+        v = query_poses[:, :, None, None].expand(-1, -1, G, G)
+        return self.query_pose(torch.cat([v, coords.expand(B, -1, -1, -1)], dim=1))
+
+    def read(self, memory, static_query: torch.Tensor, h_g: torch.Tensor | None) -> torch.Tensor:
+        """The attention summary ``[B, dv, G, G]`` for generator state ``h_g`` (None: the zero initial state)."""
+        keys, values = memory
+        q = static_query if h_g is None else static_query + self.query_state(h_g)
+        B, _, G, _ = q.shape
+        q = q.flatten(2).transpose(1, 2).unflatten(-1, (self.heads, -1)).transpose(1, 2)  # [B, heads, G*G, dk/h]
+        out = F.scaled_dot_product_attention(q, keys, values)  # [B, heads, G*G, dv/h]
+        return out.transpose(1, 2).reshape(B, G, G, self.value_channels).movedim(-1, 1)
+
+
 class DRAWGenerator(nn.Module):
     def __init__(
         self,
@@ -46,7 +94,10 @@ class DRAWGenerator(nn.Module):
         checkpoint_steps: bool = False,
         inference_kernel_size: int | None = None,
         grid_coords: bool = False,
+        attention: dict | None = None,
     ):
+        """``attention``: ``{key_channels, value_channels, heads}`` to read the context views' patches at every
+        step through :class:`ViewAttention` (the encoder's per-view outputs, ``r_channels`` each)."""
         super().__init__()
         if num_steps < 1:
             raise ValueError(f"num_steps (L) must be >= 1, got {num_steps}")
@@ -71,6 +122,10 @@ class DRAWGenerator(nn.Module):
         gen = {"v": pose_dim, "r": r_channels, "z": latent_channels}
         if grid_coords:
             inf["coords"] = gen["coords"] = 2
+        self.attention = None
+        if attention:
+            self.attention = ViewAttention(r_channels, hidden_channels, pose_dim, self.grid, **attention)
+            inf["a"] = gen["a"] = self.attention.value_channels  # the attention read: a per-step input
         n_cores = num_steps if core_sharing == "unshared" else 1
         if core_sharing == "shared_inference_generation":
             cell = ConvLSTMCell({**inf, "z": latent_channels}, hidden_channels, kernel_size)
@@ -132,8 +187,11 @@ class DRAWGenerator(nn.Module):
         sample_prior: bool = True,
         generator: torch.Generator | None = None,
         return_sequence: bool = False,
+        views: torch.Tensor | None = None,
     ) -> dict[str, torch.Tensor]:
         """Run the L DRAW steps.
+
+        ``views`` ``[B, M, C, G, G]``: the context views' encoder outputs, which an attention generator reads.
 
         With ``query_images`` the latents come from the posterior and ``kl`` ``[B, L]`` is returned;
         without, from the prior (a sample, or its mean when ``sample_prior`` is False). Returns
@@ -141,16 +199,28 @@ class DRAWGenerator(nn.Module):
         each step).
         """
         self._check(query_images, query_poses, representation)
+        if (self.attention is not None) != (views is not None):
+            raise ValueError("an attention generator needs the context views (views=[B, M, C, G, G]) and only it "
+                             "takes them; encode with GQN.encode")
         noise = self._noise(query_poses.shape[0], representation, generator)
+        attend = self._attention_reader(query_poses, views)
         run = self._run_fast if self.fast else self._run_reference
-        return run(query_poses, representation, query_images, noise, sample_prior, return_sequence)
+        return run(query_poses, representation, query_images, noise, sample_prior, return_sequence, attend)
+
+    def _attention_reader(self, query_poses, views):
+        """``h_g -> [B, dv, G, G]`` (None for the zero initial state), or None without attention."""
+        if self.attention is None:
+            return None
+        memory = self.attention.memory(views, self.coords)  # keys and values once per forward
+        static = self.attention.static_query(query_poses, self.coords)
+        return lambda h_g: self.attention.read(memory, static, h_g)
 
     def _latent(self, params, noise, use_sample):
         mean, std = split_gaussian(params)
         return (mean + std * noise if use_sample else mean), mean, std
 
     # ------------------------------------------------------------------ reference path
-    def _run_reference(self, v, r, x, noise, sample_prior, return_sequence):
+    def _run_reference(self, v, r, x, noise, sample_prior, return_sequence, attend=None):
         B, G = v.shape[0], self.grid
         v_grid = v[:, :, None, None].expand(-1, -1, G, G)
         r_grid = r.expand(-1, -1, G, G) if r.shape[-1] == 1 else r
@@ -168,16 +238,18 @@ class DRAWGenerator(nn.Module):
 
         for step in range(self.num_steps):
             p_mean, p_std = split_gaussian(self.prior_head(h_g))
+            a = {} if attend is None else {"a": attend(h_g)}
             if x is not None:
                 cell = self._core(self.inference_cores, step)
-                inputs = {"x": x_s2d, "v": v_grid, "r": r_grid, "h_g": h_g, "u": self.canvas_down(u), "coords": coords}
+                inputs = {"x": x_s2d, "v": v_grid, "r": r_grid, "h_g": h_g, "u": self.canvas_down(u), "coords": coords,
+                          **a}
                 h_e, c_e = cell(fill(cell, inputs), (h_e, c_e))
                 z, q_mean, q_std = self._latent(self.posterior_head(h_e), noise[step], True)
                 kls.append(kl_gaussian(q_mean, q_std, p_mean, p_std).flatten(1).sum(1))
             else:
                 z = p_mean + p_std * noise[step] if sample_prior else p_mean
             cell = self._core(self.generation_cores, step)
-            h_g, c_g = cell(fill(cell, {"v": v_grid, "r": r_grid, "z": z, "coords": coords}), (h_g, c_g))
+            h_g, c_g = cell(fill(cell, {"v": v_grid, "r": r_grid, "z": z, "coords": coords, **a}), (h_g, c_g))
             u = u + self.canvas_up(h_g)
             if return_sequence:
                 seq.append(self.observe(u))
@@ -216,7 +288,7 @@ class DRAWGenerator(nn.Module):
         step_bias = torch.einsum("ocab,c->o", w_down, self.canvas_up.bias)  # added once per step
         return matrix, step_bias
 
-    def _run_fast(self, v, r, x, noise, sample_prior, return_sequence):
+    def _run_fast(self, v, r, x, noise, sample_prior, return_sequence, attend=None):
         B, G = v.shape[0], self.grid
         r_in = r.flatten(1) if r.shape[-1] == 1 else r  # [B, C] codes take the closed form
         extra = {"coords": self.coords} if self.grid_coords else {}  # batch 1: broadcast in the sum
@@ -234,17 +306,22 @@ class DRAWGenerator(nn.Module):
         def step_fn(step, h_g, c_g, h_e, c_e, h_sum, eps):
             p_mean, p_std = split_gaussian(self.prior_head(h_g))
             kl = None
+            # the attention read of this step (from the previous generator state), an input of both cores
+            a = [] if attend is None else [attend(h_g if step else None)]
+            a_name = ["a"] if a else []
             if x is not None:
                 cell = self._core(self.inference_cores, step)
                 static = inf_static[step if len(inf_static) > 1 else 0]
                 if step == 0:  # zero states; the empty canvas seen through down() is its bias (closed form)
                     bias = self.canvas_down.bias[None].expand(B, -1)
                     gates = static + cell.conv_broadcast(bias, "u", self.grid)
+                    if a:
+                        gates = gates + cell.conv(a[0], a_name)
                 else:
                     u_down = F.conv2d(h_sum, canvas_matrix) + (
                         step * canvas_step_bias + self.canvas_down.bias
                     )[None, :, None, None]
-                    gates = static + cell.conv(torch.cat([h_g, u_down, h_e], dim=1), ["h_g", "u", "h"])
+                    gates = static + cell.conv(torch.cat([h_g, u_down, h_e, *a], dim=1), ["h_g", "u", "h", *a_name])
                 h_e, c_e = cell.update(gates, c_e)
                 z, q_mean, q_std = self._latent(self.posterior_head(h_e), eps, True)
                 kl = kl_gaussian(q_mean, q_std, p_mean, p_std).flatten(1).sum(1)
@@ -252,10 +329,10 @@ class DRAWGenerator(nn.Module):
                 z = p_mean + p_std * eps if sample_prior else p_mean
             cell = self._core(self.generation_cores, step)
             if step == 0:  # the initial generator state is zero: convolve the latent alone
-                gates = gen_static[0] + cell.conv(z, ["z"])
+                gates = gen_static[0] + cell.conv(torch.cat([z, *a], dim=1), ["z", *a_name])
             else:
                 gates = gen_static[step if len(gen_static) > 1 else 0] + cell.conv(
-                    torch.cat([z, h_g], dim=1), ["z", "h"]
+                    torch.cat([z, h_g, *a], dim=1), ["z", "h", *a_name]
                 )
             h_g, c_g = cell.update(gates, c_g)
             return h_g, c_g, h_e, c_e, h_sum + h_g, kl

@@ -11,6 +11,11 @@ from gqn.model.distributions import gaussian_nll
 from gqn.model.generator import DRAWGenerator
 
 
+def repeat_scenes(x: torch.Tensor, k: int) -> torch.Tensor:
+    """``[B, ...]`` -> ``[B * K, ...]``, each scene's rows next to each other (scene-major)."""
+    return x.repeat_interleave(k, dim=0)
+
+
 class GQN(nn.Module):
     """GQN(encoder, ...): scenes in, -ELBO terms out; ``sample`` renders novel views.
 
@@ -57,6 +62,7 @@ class GQN(nn.Module):
             checkpoint_steps=checkpoint_steps,
             inference_kernel_size=inference_kernel_size,
             grid_coords=grid_coords,
+            attention=getattr(encoder, "attention", None),
         )
 
     @property
@@ -64,8 +70,18 @@ class GQN(nn.Module):
         return self.generator.num_steps
 
     # ------------------------------------------------------------------ representation
+    @property
+    def keeps_views(self) -> bool:
+        """Whether the generator also reads the context views one by one (attention GQN)."""
+        return self.generator.attention is not None
+
     def represent(self, context_images: torch.Tensor, context_poses: torch.Tensor) -> torch.Tensor:
         """Scene representation r ``[B, C, s, s]``: the encoder applied per view, summed over views."""
+        return self.encode(context_images, context_poses)[0]
+
+    def encode(self, context_images: torch.Tensor, context_poses: torch.Tensor):
+        """``(r, views)``: r ``[B, C, s, s]`` summed over the views and, for an attention GQN, the views' own
+        encodings ``[B, M, C, s, s]`` (else None)."""
         if context_images.dim() != 5 or context_poses.dim() != 3:
             raise ValueError(
                 "context_images must be [B, M, C, H, W] and context_poses [B, M, pose_dim]; got "
@@ -82,8 +98,8 @@ class GQN(nn.Module):
                 f"{self.image_channels}x{self.image_size}x{self.image_size}; resize the data "
                 "(data.image_size) or build the model for this size (model.image_size)"
             )
-        r = self.encoder(context_images.flatten(0, 1), context_poses.flatten(0, 1))
-        return r.unflatten(0, (B, M)).sum(dim=1)
+        per_view = self.encoder(context_images.flatten(0, 1), context_poses.flatten(0, 1)).unflatten(0, (B, M))
+        return per_view.sum(dim=1), (per_view if self.keeps_views else None)
 
     # ------------------------------------------------------------------ training
     def forward(
@@ -95,11 +111,23 @@ class GQN(nn.Module):
         sigma: float | torch.Tensor = 0.7,
         generator: torch.Generator | None = None,
     ) -> dict[str, torch.Tensor]:
-        """-ELBO terms per scene (nats): ``nll`` [B], ``kl`` [B], ``kl_steps`` [B, L], ``elbo`` [B] (=-ELBO),
+        """-ELBO terms per query view (nats): ``nll`` [B], ``kl`` [B], ``kl_steps`` [B, L], ``elbo`` [B] (=-ELBO),
         ``bits_per_pixel`` [B], ``mse`` [B], the posterior ``mean`` image [B, 3, H, W] and the scene
-        ``representation`` [B, C, s, s] (so that callers can render from it without encoding again)."""
-        r = self.represent(context_images, context_poses)
-        out = self.generator(query_poses, r, query_images=query_images, generator=generator)
+        ``representation`` [B, C, s, s] and ``views`` (attention GQN, else None), so that callers can render
+        from them without encoding again.
+
+        Several query views per scene: ``query_images`` ``[B, K, 3, H, W]`` and ``query_poses`` ``[B, K, 7]``;
+        the context is encoded once, and every output has ``B * K`` rows (scene-major).
+        """
+        r, views = self.encode(context_images, context_poses)
+        if query_images.dim() == 5:  # K query views per scene
+            k = query_images.shape[1]
+            if query_poses.dim() != 3 or query_poses.shape[1] != k:
+                raise ValueError(f"query_poses must be [B, {k}, pose_dim] for query_images "
+                                 f"{tuple(query_images.shape)}, got {tuple(query_poses.shape)}")
+            r, views = repeat_scenes(r, k), (None if views is None else repeat_scenes(views, k))
+            query_images, query_poses = query_images.flatten(0, 1), query_poses.flatten(0, 1)
+        out = self.generator(query_poses, r, query_images=query_images, generator=generator, views=views)
         nll = gaussian_nll(query_images, out["mean"], sigma)
         kl = out["kl"].sum(dim=1)
         neg_elbo = nll + kl
@@ -113,14 +141,15 @@ class GQN(nn.Module):
             "mse": (out["mean"] - query_images).pow(2).flatten(1).mean(dim=1),
             "mean": out["mean"],
             "representation": r,
+            "views": views,
         }
 
     # ------------------------------------------------------------------ rendering
     @torch.no_grad()
     def reconstruct(self, context_images, context_poses, query_images, query_poses, generator=None):
         """Posterior reconstruction of the query view (latents inferred from the target image)."""
-        r = self.represent(context_images, context_poses)
-        return self.generator(query_poses, r, query_images=query_images, generator=generator)["mean"]
+        r, views = self.encode(context_images, context_poses)
+        return self.generator(query_poses, r, query_images=query_images, generator=generator, views=views)["mean"]
 
     @torch.no_grad()
     def sample(
@@ -137,16 +166,20 @@ class GQN(nn.Module):
         Returns ``[B, 3, H, W]``; with ``return_sequence`` also the images after each DRAW step
         ``[B, L, 3, H, W]``.
         """
-        r = self.represent(context_images, context_poses)
-        return self.render(r, query_poses, mean=mean, generator=generator, return_sequence=return_sequence)
+        r, views = self.encode(context_images, context_poses)
+        return self.render(r, query_poses, mean=mean, generator=generator, return_sequence=return_sequence,
+                           views=views)
 
     @torch.no_grad()
-    def render(self, representation, query_poses, mean=False, generator=None, return_sequence=False):
-        """Render from a precomputed representation (encode the context once, render many poses)."""
+    def render(self, representation, query_poses, mean=False, generator=None, return_sequence=False, views=None):
+        """Render from a precomputed representation (and, for an attention GQN, ``views``): encode the context
+        once, render many poses. A representation of one scene serves a batch of poses."""
         if representation.shape[0] == 1 and query_poses.shape[0] > 1:
             representation = representation.expand(query_poses.shape[0], -1, -1, -1)
+            if views is not None:
+                views = views.expand(query_poses.shape[0], *views.shape[1:])
         out = self.generator(
             query_poses, representation, sample_prior=not mean, generator=generator,
-            return_sequence=return_sequence,
+            return_sequence=return_sequence, views=views,
         )
         return (out["mean"], out["sequence"]) if return_sequence else out["mean"]

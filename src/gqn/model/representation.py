@@ -54,6 +54,26 @@ class Tower(nn.Module):
         return F.relu(self.conv8(x))  # [N, C, H/4, W/4]
 
 
+class AttentionTower(Tower):
+    """The tower, whose per-view outputs are also kept as patches for an attention GQN (Rosenbaum et al. 2018).
+
+    The GQN still sums the views into ``r``; with this encoder the generator also reads, at every DRAW step,
+    an attention summary of the ``M x (H/4)^2`` context patches (each carries its view's pose, joined inside
+    the tower), queried from the query pose, the grid position and the generator state
+    (:class:`gqn.model.generator.ViewAttention`). ``key_channels``, ``value_channels`` and ``heads`` size it.
+    """
+
+    keeps_views = True
+
+    def __init__(self, image_size: int = 64, pose_dim: int = 7, channels: int = 256, image_channels: int = 3,
+                 key_channels: int = 32, value_channels: int = 32, heads: int = 4):
+        super().__init__(image_size, pose_dim, channels, image_channels)
+        if key_channels % heads or value_channels % heads:
+            raise ValueError(f"key_channels ({key_channels}) and value_channels ({value_channels}) must be "
+                             f"divisible by heads ({heads})")
+        self.attention = {"key_channels": key_channels, "value_channels": value_channels, "heads": heads}
+
+
 class Pool(Tower):
     """The 'pool' representation: the tower followed by a global average -> ``[N, C, 1, 1]``."""
 

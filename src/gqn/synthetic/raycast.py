@@ -229,9 +229,10 @@ class World:
     sky: bool = False  # light-blue gradient instead of a plain background
     shadows: bool = True
 
-    def render(self, origins: np.ndarray, directions: np.ndarray) -> np.ndarray:
+    def render(self, origins: np.ndarray, directions: np.ndarray, return_objects: bool = False):
         """Colours ``[V, P, 3]`` in [0, 1] of the rays from one origin per view ``origins`` ``[V, 3]`` along the
-        unit ``directions`` ``[V, P, 3]``."""
+        unit ``directions`` ``[V, P, 3]``. With ``return_objects`` also a bool ``[V, P]``: the ray's first hit
+        is one of the objects (not the room or the background)."""
         f32 = np.float32
         o = tuple(np.asarray(origins, f32)[:, None, i] for i in range(3))  # [V, 1] each
         d = tuple(np.ascontiguousarray(directions[..., i], f32) for i in range(3))  # [V, P] each
@@ -252,7 +253,8 @@ class World:
         if self.sky:  # a gradient instead of the background colour
             miss = np.flatnonzero(~hit)
             out.reshape(-1, 3)[miss] = SKY + np.clip(_flat(d[2])[miss], 0, 1)[:, None] * SKY_GRADIENT
-        return np.clip(out, 0, 1, out=out)
+        out = np.clip(out, 0, 1, out=out)
+        return (out, surface < len(self.objects)) if return_objects else out
 
     def _palette(self) -> np.ndarray:
         """Colours ``[S, 3]`` of the surfaces: the objects, the room's parts (if any), the background."""

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import colorsys
+import dataclasses
 
 import numpy as np
 
@@ -28,7 +29,7 @@ def _rooms_world(rng: np.random.Generator) -> World:
     room = Room(ROOM_HALF, WALL_HEIGHT, _colour(rng, (0.1, 0.5), (0.35, 0.75)), walls)
     objects, placed = [], []
     for _ in range(int(rng.integers(1, 4))):
-        size = rng.uniform(0.15, 0.28)
+        size = rng.uniform(0.12, 0.34)
         for _attempt in range(20):  # rejection sampling: objects do not overlap
             xy = rng.uniform(-0.6, 0.6, size=2)
             if all(np.linalg.norm(xy - p) > size + s + 0.05 for p, s in placed):
@@ -82,19 +83,51 @@ def _sphere_cameras(rng: np.random.Generator, views: int, distance: float = 1.7)
     return np.array(cams)
 
 
-def render_views(world: World, cameras: np.ndarray, size: int) -> np.ndarray:
-    """uint8 frames ``[V, size, size, 3]`` of ``world`` seen by ``cameras`` ``[V, 5]``."""
-    directions = ray_directions(cameras, size).reshape(len(cameras), size * size, 3)
-    rgb = world.render(cameras[:, :3], directions).reshape(len(cameras), size, size, 3)
-    return (rgb * 255 + 0.5).astype(np.uint8)
+def _box_filter(x: np.ndarray, size: int, samples: int) -> np.ndarray:
+    """``[V, size*k, size*k, ...]`` -> ``[V, size, size, ...]``: the mean of each k x k block of sub-pixels."""
+    v, rest = x.shape[0], x.shape[3:]
+    return x.reshape(v, size, samples, size, samples, *rest).mean(axis=(2, 4))
 
 
-def make_scene(family: str, rng: np.random.Generator, views: int, size: int, parts: int = 7):
-    """One scene: (frames uint8 ``[V, S, S, 3]``, cameras float32 ``[V, 5]`` = x, y, z, yaw, pitch)."""
+def _to_uint8(x: np.ndarray) -> np.ndarray:
+    return (x * 255 + 0.5).astype(np.uint8)
+
+
+def render_views(world: World, cameras: np.ndarray, size: int, samples: int = 1, return_objects: bool = False):
+    """uint8 frames ``[V, size, size, 3]`` of ``world`` seen by ``cameras`` ``[V, 5]``.
+
+    ``samples`` anti-aliases: ``samples x samples`` rays on a regular grid inside every pixel, averaged (a box
+    filter), as a real renderer's multisampling would. With ``return_objects`` also the object coverage of
+    each pixel, uint8 ``[V, size, size]`` (255: every sub-pixel ray first hits an object).
+    """
+    if samples < 1:
+        raise ValueError(f"samples (rays per pixel along each axis) must be >= 1, got {samples}")
+    fine = size * samples
+    directions = ray_directions(cameras, fine).reshape(len(cameras), fine * fine, 3)
+    rgb, objects = world.render(cameras[:, :3], directions, return_objects=True)
+    frames = _to_uint8(_box_filter(rgb.reshape(len(cameras), fine, fine, 3), size, samples))
+    if not return_objects:
+        return frames
+    coverage = _box_filter(objects.reshape(len(cameras), fine, fine).astype(np.float32), size, samples)
+    return frames, _to_uint8(coverage)
+
+
+def make_scene(family: str, rng: np.random.Generator, views: int, size: int, parts: int = 7, samples: int = 1,
+               objects: bool = False):
+    """One scene: (frames uint8 ``[V, S, S, 3]``, cameras float32 ``[V, 5]`` = x, y, z, yaw, pitch).
+
+    With ``objects`` a third item: ``{"masks": uint8 [V, S, S] object coverage, "empty": uint8 [V, S, S, 3]}``,
+    the exact render of each view with the objects (and so their shadows) taken out of the scene.
+    """
     if family == "rooms":
         world, cameras = _rooms_world(rng), _rooms_cameras(rng, views)
     elif family == "shepard_metzler":
         world, cameras = _shepard_metzler_world(rng, parts), _sphere_cameras(rng, views)
     else:
         raise ValueError(f"unknown scene family {family!r}; choose one of {FAMILIES}")
-    return render_views(world, cameras, size), cameras.astype(np.float32)
+    cameras = cameras.astype(np.float32)
+    if not objects:
+        return render_views(world, cameras, size, samples), cameras
+    frames, masks = render_views(world, cameras, size, samples, return_objects=True)
+    empty = render_views(dataclasses.replace(world, objects=[]), cameras, size, samples)
+    return frames, cameras, {"masks": masks, "empty": empty}

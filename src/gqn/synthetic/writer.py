@@ -3,6 +3,11 @@
 Each record is a ``tf.train.Example`` with ``frames`` (a bytes list of JPEG images) and ``cameras``
 (``views * 5`` floats ``[x, y, z, yaw, pitch]``). Files are ``{i}-of-{n}.tfrecord`` in ``train/`` and
 ``test/``. Output is byte-identical for a seed, whatever the number of processes.
+
+With ``objects`` the writer also puts, *beside* the records (the record format stays DeepMind's), one
+:data:`data_modules.objects.SIDECAR_DIR` file per record file: every view's object coverage and the exact
+render of the view with the objects taken out (see :mod:`data_modules.objects` for the layout). Evaluation
+uses them for the object-pixel metric.
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ import simplejpeg
 from tfrecord import example_pb2
 from tfrecord.writer import TFRecordWriter
 
+from data_modules.objects import SIDECAR_DIR, SIDECAR_SUFFIX, sidecar_path, write_sidecar
 from gqn.synthetic.scenes import make_scene
 
 CARD = "dataset.json"
@@ -43,12 +49,21 @@ def shard_name(index: int, count: int) -> str:
 
 
 def _write_file(job) -> int:
-    path, family, seed, split, first, count, views, size, parts = job
+    path, family, seed, split, first, count, views, size, parts, samples, objects = job
+    masks, empty, offsets, offset = [], [], [], 0
     with open(path, "wb") as fh:
         for scene in range(first, first + count):
             rng = np.random.default_rng([seed, SPLITS[split], scene])
-            frames, cameras = make_scene(family, rng, views, size, parts)
-            fh.write(_framed(encode_example(frames, cameras)))
+            frames, cameras, *extra = make_scene(family, rng, views, size, parts, samples, objects)
+            record = _framed(encode_example(frames, cameras))
+            fh.write(record)
+            if objects:
+                masks.append(extra[0]["masks"])
+                empty.append(extra[0]["empty"])
+                offsets.append(offset)
+            offset += len(record)
+    if objects:
+        write_sidecar(sidecar_path(path), np.asarray(offsets), np.stack(masks), np.stack(empty))
     return count
 
 
@@ -69,18 +84,26 @@ def synthesize(
     scenes_per_file: int = 100,
     parts: int = 7,
     workers: int | None = None,
+    samples: int = 2,
+    objects: bool = True,
     log=print,
 ) -> dict:
-    """Render and write a dataset; returns its card (also written to ``out/dataset.json``)."""
+    """Render and write a dataset; returns its card (also written to ``out/dataset.json``).
+
+    ``samples``: anti-aliasing, ``samples x samples`` rays per pixel (1 = one ray, aliased edges).
+    ``objects``: also write the object masks and empty-room renders beside the records.
+    """
     out = Path(out)
     if image_size % 4:
         raise ValueError(f"--image-size must be divisible by 4, got {image_size}")
+    if samples < 1:
+        raise ValueError(f"--samples must be >= 1 (rays per pixel along each axis), got {samples}")
     if views < 2:
         raise ValueError(f"--views must be >= 2 (context + query), got {views}")
     jobs = []
     for split, total in (("train", train_scenes), ("test", test_scenes)):
         (out / split).mkdir(parents=True, exist_ok=True)
-        for old in (out / split).glob("*.tfrecord"):
+        for old in [*(out / split).glob("*.tfrecord"), *(out / SIDECAR_DIR / split).glob("*" + SIDECAR_SUFFIX)]:
             old.unlink()
         n_files = max(1, math.ceil(total / scenes_per_file))
         for i in range(n_files):
@@ -88,7 +111,7 @@ def synthesize(
             count = min(scenes_per_file, total - first)
             if count > 0:
                 jobs.append((out / split / shard_name(i, n_files), family, seed, split, first, count, views,
-                             image_size, parts))
+                             image_size, parts, samples, objects))
     start = time.perf_counter()
     workers = workers or min(2, len(jobs)) or 1
     if workers > 1:
@@ -107,10 +130,17 @@ def synthesize(
         "train_scenes": train_scenes,
         "test_scenes": test_scenes,
         "scenes_per_file": scenes_per_file,
+        "sampling": f"{samples}x{samples} rays per pixel on a regular grid, box-filtered"
+        if samples > 1 else "1 ray per pixel (aliased)",
+        "objects": f"{SIDECAR_DIR}/{{split}}/*{SIDECAR_SUFFIX}: object coverage and empty-room renders per view"
+        if objects else None,
         "pose": "x, y, z, yaw, pitch (radians); z up, yaw from +x towards +y",
     }
     if family == "shepard_metzler":
         card["parts"] = parts
+    card["settings"] = dict(family=family, train_scenes=train_scenes, test_scenes=test_scenes, seed=seed,
+                            image_size=image_size, views=views, scenes_per_file=scenes_per_file, parts=parts,
+                            samples=samples, objects=objects)
     (out / CARD).write_text(json.dumps(card, indent=2) + "\n")
     log(f"wrote {written} scenes to {out} in {seconds:.1f} s ({written / max(seconds, 1e-9):.0f} scenes/s)")
     return card

@@ -1,0 +1,219 @@
+"""The measuring stick: a validation split carved from train, anti-aliased synthetic rooms with object sidecars,
+object-pixel PSNR, and gqn-eval's spreads over scenes and context draws."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+from conftest import run_cli
+from records_helper import scenes_views, write_dataset
+
+from data_modules import GQNDataModule
+from data_modules.objects import load_sidecar, sidecar_path
+from data_modules.records import iter_records, parse_scene
+from data_modules.splits import carve_validation
+from gqn import metrics
+from gqn.synthetic import synthesize
+from gqn.synthetic.raycast import Sphere, World
+from gqn.synthetic.scenes import render_views
+
+ROOMS = "rooms_ring_camera"  # 64 px, 10 frames per scene
+
+
+def scene_ids(stream, num_shards: int) -> list[int]:
+    """Scene ids (camera x of the test records) that all ``num_shards`` shards of a stream read in one pass."""
+    ids = []
+    for shard in range(num_shards):
+        for _path, _offset, _index, data in stream.records(0, shard, num_shards):
+            ids.append(int(round(float(parse_scene(data)[1][0, 0]))))
+    return ids
+
+
+@pytest.mark.parametrize("layout", ["files", "scenes"])
+def test_validation_is_carved_from_train_disjoint_and_the_same_on_every_rank_and_worker(tmp_path, layout):
+    if layout == "files":  # 6 train files: whole files are held out
+        train = [list(range(i * 5, i * 5 + 5)) for i in range(6)]
+        kw = dict(val_files=2)
+    else:  # 2 train files: a seeded fraction of the scenes is held out
+        train = [list(range(0, 20)), list(range(20, 40))]
+        kw = dict(val_files=None, val_fraction=0.3)
+    write_dataset(tmp_path, ROOMS, train=train, test=[[100, 101, 102], [103, 104]])
+    all_train = {s for f in train for s in f}
+
+    def dm(**extra):
+        return GQNDataModule(str(tmp_path), ROOMS, batch_size=2, context_size=3, num_workers=0, **kw, **extra)
+
+    assert dm().validation_split.level == layout
+    val = scene_ids(dm().stream("val", batch_size=2, context_size=3), 1)
+    assert val and len(val) == len(set(val))
+    for shards in (1, 2, 3, 4, 8):  # ranks x workers: every shard layout reads the complement of validation
+        seen = scene_ids(dm().stream("train", batch_size=2, context_size=3), shards)
+        assert sorted(seen) == sorted(all_train - set(val)), shards
+        assert sorted(scene_ids(dm().stream("val", batch_size=2, context_size=3), shards)) == sorted(val)
+    assert not set(val) & {s for s in range(100, 105)}, "validation read the test split"
+    assert scene_ids(dm(seed=7).stream("val", batch_size=2, context_size=3), 1) == val, "depends on the train seed"
+    if layout == "scenes":
+        assert 0.1 < len(val) / len(all_train) < 0.5
+    other = scene_ids(dm(split_seed=1).stream("val", batch_size=2, context_size=3), 1)
+    assert sorted(other) != sorted(val)
+
+
+def test_loaders_never_read_a_test_file_and_val_batches_hold_only_validation_scenes(tmp_path):
+    write_dataset(tmp_path, ROOMS, train=[list(range(i * 4, i * 4 + 4)) for i in range(5)],
+                  test=[[100, 101], [102, 103]])
+    dm = GQNDataModule(str(tmp_path), ROOMS, batch_size=3, context_size=2, num_workers=2, val_files=1)
+    dm.setup("fit")
+    assert not any("/test/" in f for f in dm.validation_split.train_files + dm.validation_split.val_files)
+    val_ids = {s for b in dm.val_dataloader() for s, _ in scenes_views(b)}
+    assert val_ids == {s for f in dm.validation_split.val_files for s in scene_ids_of_file(f)}
+    train_ids = {s for b in _take(dm.train_dataloader(), 12) for s, _ in scenes_views(b)}
+    assert train_ids and not train_ids & val_ids and max(train_ids) < 100
+    assert {s for b in dm.test_dataloader() for s, _ in scenes_views(b)} == {100, 101, 102, 103}
+
+
+def scene_ids_of_file(path) -> list[int]:
+    return [int(round(float(parse_scene(d)[1][0, 0]))) for _, d in iter_records(path)]
+
+
+def _take(loader, n):
+    for i, batch in enumerate(loader):
+        if i == n:
+            return
+        yield batch
+
+
+def test_bad_validation_settings_say_what_to_do(tmp_path):
+    from data_modules.errors import GQNDataError
+
+    with pytest.raises(GQNDataError, match="val_files=3 but the train split has 2 file.*use 1 to 1, or"):
+        carve_validation(["a", "b"], 0.02, 3, 0)
+    with pytest.raises(GQNDataError, match="val_fraction must be in"):
+        carve_validation(["a", "b"], 0.0, None, 0)
+
+
+# ------------------------------------------------------------------------------------------ synthetic data
+def test_supersampling_antialiases_edges_and_masks_are_coverage():
+    """A sphere's silhouette: one ray per pixel gives two colours; 4x4 rays give the coverage in between."""
+    world = World(objects=[Sphere(np.array([2.0, 0.0, 0.0]), 0.5, np.array([1.0, 1.0, 1.0]))], ambient=1.0,
+                  shadows=False)
+    cameras = np.array([[0.0, 0.0, 0.0, 0.0, 0.0]], np.float32)
+    aliased, hard = render_views(world, cameras, 32, samples=1, return_objects=True)
+    smooth, soft = render_views(world, cameras, 32, samples=4, return_objects=True)
+    assert set(np.unique(aliased[..., 0])) == {0, 255} and set(np.unique(hard)) == {0, 255}
+    edge = (soft > 0) & (soft < 255)
+    assert edge.sum() > 20  # the silhouette's pixels are partly covered
+    # white sphere on black: a pixel's brightness is the fraction of it the sphere covers
+    assert np.abs(smooth[..., 0].astype(int) - soft.astype(int)).max() <= 1
+    assert abs(int((soft >= 128).sum()) - int((hard > 0).sum())) < 0.1 * (hard > 0).sum()
+
+
+def test_synth_writes_sidecars_that_match_the_records(tmp_path):
+    root = tmp_path / "synthetic_rooms"
+    card = synthesize(root, "rooms", train_scenes=4, test_scenes=3, seed=3, image_size=32, views=5,
+                      scenes_per_file=2, workers=1, log=lambda *_: None)
+    assert card["sampling"].startswith("2x2") and card["settings"]["objects"] is True
+    for record_file in sorted(root.glob("*/*.tfrecord")):
+        table = load_sidecar(str(record_file))
+        offsets = [o for o, _ in iter_records(record_file)]
+        assert sorted(table) == offsets, record_file
+        masks, empty = table[offsets[0]]
+        assert masks.shape == (5, 32, 32) and empty.shape == (5, 32, 32, 3)
+    dm = GQNDataModule(str(tmp_path), "synthetic_rooms", batch_size=3, context_size=2, num_workers=0)
+    batch = next(iter(dm.test_dataloader()))
+    mask, empty, target = batch["query_object_mask"], batch["query_empty_room"], batch["query_images"]
+    assert mask.shape == (3, 1, 32, 32) and empty.shape == (3, 3, 32, 32)
+    objects = metrics.object_pixels(mask).expand_as(target)
+    diff = (empty - target).abs()
+    assert objects.any()
+    # the empty-room render is the query view without its objects: equal up to JPEG and shadows off the objects
+    assert diff[~objects].median() < 0.03 and diff[objects].mean() > 0.05
+    data = sidecar_path(next(root.glob("train/*.tfrecord")))
+    assert data.parent.parent.name == "objects" and data.suffix == ".npz"
+
+
+def test_data_without_sidecars_has_no_object_keys(tmp_path):
+    synthesize(tmp_path / "synthetic_rooms", "rooms", train_scenes=2, test_scenes=2, image_size=32, views=4,
+               scenes_per_file=1, workers=1, objects=False, samples=1, log=lambda *_: None)
+    assert not (tmp_path / "synthetic_rooms" / "objects").exists()
+    dm = GQNDataModule(str(tmp_path), "synthetic_rooms", batch_size=2, context_size=2, num_workers=0)
+    assert "query_object_mask" not in next(iter(dm.test_dataloader()))
+
+
+# ------------------------------------------------------------------------------------------ object metric
+def constructed_batch(b=4, m=3, s=8):
+    g = torch.Generator().manual_seed(0)
+    target = torch.rand(b, 3, s, s, generator=g)
+    mask = torch.zeros(b, 1, s, s)
+    mask[:, :, 2:5, 3:6] = 1.0
+    mask[-1] = 0.0  # the last query view shows no object
+    empty = torch.rand(b, 3, s, s, generator=g)
+    return {
+        "context_images": torch.rand(b, m, 3, s, s, generator=g), "context_poses": torch.randn(b, m, 7, generator=g),
+        "query_images": target, "query_poses": torch.randn(b, 7, generator=g),
+        "query_object_mask": mask, "query_empty_room": empty,
+    }
+
+
+def expected_object_psnr(img, target, mask):
+    out = []
+    for i in range(len(img)):
+        sel = mask[i, 0] >= 0.5
+        if not sel.any():
+            out.append(float("nan"))
+            continue
+        mse = ((img[i] - target[i])[:, sel] ** 2).mean().clamp_min(1e-4)
+        out.append(-10 * math.log10(float(mse)))
+    return torch.tensor(out)
+
+
+@pytest.mark.parametrize("render", ["empty_room", "mean_view", "perfect"])
+def test_object_psnr_on_constructed_images(render, monkeypatch):
+    from gqn.gqn_module import GQNModule
+
+    model = {"_target_": "gqn.model.GQN", "image_size": 8, "hidden_channels": 4, "canvas_channels": 4,
+             "num_steps": 1, "encoder": {"_target_": "gqn.model.Tower", "image_size": 8, "channels": 4}}
+    schedule = {"lr_init": 1e-3, "lr_final": 1e-3, "lr_steps": 1, "sigma_init": 0.5, "sigma_final": 0.5,
+                "sigma_steps": 1}
+    module = GQNModule(model, {"_target_": "torch.optim.Adam", "_partial_": True}, schedule)
+    batch = constructed_batch()
+    image = {"empty_room": batch["query_empty_room"], "mean_view": batch["context_images"].mean(1),
+             "perfect": batch["query_images"]}[render]
+    monkeypatch.setattr(module.model, "render", lambda *a, **k: image.clone())
+    values = module.evaluation_metrics(batch)
+    model = values["object_psnr_model"]
+    assert model[-1].isnan() and values["object_psnr_empty_room"][-1].isnan()
+    if render == "perfect":
+        assert torch.allclose(model[:-1], torch.full((3,), 40.0))  # the cap, from the MSE floor
+    else:
+        assert torch.equal(model[:-1], values[f"object_psnr_{render}"][:-1])
+    want = expected_object_psnr(image, batch["query_images"], batch["query_object_mask"])
+    assert torch.allclose(model[:-1], want[:-1].float(), atol=1e-4)
+    assert torch.allclose(values["object_fraction"], torch.tensor([9 / 64] * 3 + [0.0]))
+
+
+def test_eval_reports_object_metrics_with_spreads_and_draws(tmp_path, data_root):
+    """gqn-eval on data with sidecars: object-pixel PSNRs, standard errors, strict JSON, context draws."""
+    from test_cli import tiny
+
+    run = tmp_path / "run"
+    run_cli("gqn-train", *tiny(data_root, run, "trainer.max_steps=2", "callbacks=none"), cwd=tmp_path)
+    out = tmp_path / "eval"
+    proc = run_cli("gqn-eval", f"ckpt_path={run / 'checkpoints' / 'last.ckpt'}", f"paths.data_dir={data_root}",
+                   f"hydra.run.dir={out}", "num_workers=0", "draws=2", cwd=tmp_path)
+    text = (out / "metrics.json").read_text()
+    report = json.loads(text, parse_constant=lambda c: pytest.fail(f"non-strict JSON constant {c}"))
+    m, spread = report["metrics"], report["spread"]
+    assert report["draws"] == 2 and report["scenes"] == 8 and report["split"] == "test"
+    for key in ("object_psnr_model", "object_psnr_nearest_view", "object_psnr_mean_view", "object_psnr_empty_room",
+                "object_psnr_gain_over_mean_view_db", "psnr_gain_over_nearest_view_db", "psnr_model"):
+        assert math.isfinite(m[key]), key
+        assert spread[key]["se"] > 0 and spread[key]["n"] >= 2, key
+        lo, hi = spread[key]["ci95"]
+        assert lo < m[key] < hi
+    assert m["object_psnr_gain_over_mean_view_db"] == pytest.approx(
+        m["object_psnr_model"] - m["object_psnr_mean_view"], abs=1e-6)
+    assert "object-pixel PSNR" in proc.stdout
