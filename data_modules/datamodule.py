@@ -9,6 +9,7 @@ import lightning as L
 
 from data_modules.datasets import dataset_info, how_to_get
 from data_modules.errors import GQNDataError
+from data_modules.remote import RemoteCache
 from data_modules.stream import GQNDataLoader, SceneStream, split_files
 
 
@@ -35,6 +36,8 @@ class GQNDataModule(L.LightningDataModule):
         eval_batch_size: int | None = None,
         seed: int = 0,
         skip_corrupt: bool = False,
+        cache_dir: str | None = None,
+        cache_max_gb: float | None = None,
     ):
         super().__init__()
         self.data_dir, self.dataset = str(data_dir), dataset
@@ -56,6 +59,8 @@ class GQNDataModule(L.LightningDataModule):
         self.batch_size, self.eval_batch_size = batch_size, eval_batch_size or batch_size
         self.num_workers, self.shuffle_buffer, self.val_scenes = num_workers, shuffle_buffer, val_scenes
         self.seed, self.skip_corrupt = seed, skip_corrupt
+        # remote data_dir only: keep files read once on local disk (data_modules.remote.RemoteCache)
+        self.cache = RemoteCache(cache_dir, cache_max_gb) if cache_dir else None
 
     # ------------------------------------------------------------------ files and streams
     def files(self, split: str) -> list[str]:
@@ -73,7 +78,7 @@ class GQNDataModule(L.LightningDataModule):
         rank, world = self._dist()
         opts = dict(
             info=self.info, image_size=self.image_size, seed=self.seed, skip_corrupt=self.skip_corrupt,
-            rank=rank, world_size=world,
+            rank=rank, world_size=world, cache=self.cache,
         )
         opts.update(kwargs)
         return SceneStream(self.files(split), **opts)
