@@ -10,9 +10,9 @@ from lightning.pytorch.utilities import rank_zero_only
 
 
 class LineProgress(L.Callback):
-    """Every ``every_n_steps`` training steps print ``step N/MAX``, the latest logged metrics, it/s and the
-    time left, as one line on stdout. With ``only_if_not_terminal`` it stays silent when stdout is a
-    terminal (the Rich bar is shown there)."""
+    """Every ``every_n_steps`` training steps print ``step N/MAX``, the latest logged metrics, it/s, the
+    training time so far and the time left, as one line on stdout. With ``only_if_not_terminal`` it stays
+    silent when stdout is a terminal (the Rich bar is shown there)."""
 
     def __init__(self, every_n_steps: int = 100, only_if_not_terminal: bool = True,
                  keys: tuple[str, ...] = ("train/loss", "val/psnr_model", "val/psnr_nearest_view")):
@@ -35,6 +35,8 @@ class LineProgress(L.Callback):
         metrics = trainer.callback_metrics
         parts += [f"{k} {float(metrics[k]):.4g}" for k in self.keys if k in metrics]
         parts.append(f"{rate:.2f} it/s")
+        elapsed = now - start
+        parts.append(f"elapsed {int(elapsed // 60)}m{int(elapsed % 60):02d}s")
         if trainer.max_steps > 0 and rate > 0:
             left = (trainer.max_steps - step) / rate
             parts.append(f"left {int(left // 60)}m{int(left % 60):02d}s")

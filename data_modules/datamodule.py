@@ -9,6 +9,7 @@ import lightning as L
 
 from data_modules.datasets import dataset_info, how_to_get
 from data_modules.errors import GQNDataError
+from data_modules.remote import RemoteCache
 from data_modules.splits import ValidationSplit, carve_validation
 from data_modules.stream import GQNDataLoader, SceneStream, split_files
 
@@ -44,6 +45,8 @@ class GQNDataModule(L.LightningDataModule):
         val_files: int | None = None,
         split_seed: int = 0,
         num_queries: int = 1,
+        cache_dir: str | None = None,
+        cache_max_gb: float | None = None,
     ):
         super().__init__()
         self.data_dir, self.dataset = str(data_dir), dataset
@@ -70,6 +73,8 @@ class GQNDataModule(L.LightningDataModule):
         self.seed, self.skip_corrupt = seed, skip_corrupt
         self.val_fraction, self.val_files, self.split_seed = val_fraction, val_files, split_seed
         self._split: ValidationSplit | None = None
+        # remote data_dir only: keep files read once on local disk (data_modules.remote.RemoteCache)
+        self.cache = RemoteCache(cache_dir, cache_max_gb) if cache_dir else None
 
     # ------------------------------------------------------------------ files and streams
     def files(self, split: str) -> list[str]:
@@ -91,7 +96,8 @@ class GQNDataModule(L.LightningDataModule):
         return (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
 
     def stream(self, split: str, **kwargs) -> SceneStream:
-        """A stream over ``split``: "train" (minus the validation carve-out), "val" (the carve-out) or "test"."""
+        """A stream over ``split``: "train" (minus the validation carve-out), "val" (the carve-out) or "test";
+        ``kwargs`` override the stream's options (``files=`` its files)."""
         rank, world = self._dist()
         if split == "test":
             files, scene_filter = self.files("test"), None
@@ -101,10 +107,10 @@ class GQNDataModule(L.LightningDataModule):
                                    else (carve.val_files, carve.val_filter))
         opts = dict(
             info=self.info, image_size=self.image_size, seed=self.seed, skip_corrupt=self.skip_corrupt,
-            rank=rank, world_size=world, scene_filter=scene_filter,
+            rank=rank, world_size=world, scene_filter=scene_filter, cache=self.cache,
         )
         opts.update(kwargs)
-        return SceneStream(files, **opts)
+        return SceneStream(opts.pop("files", files), **opts)
 
     def _loader(self, stream: SceneStream) -> GQNDataLoader:
         return GQNDataLoader(

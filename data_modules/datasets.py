@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from data_modules.errors import GQNDataError
+from data_modules.remote import is_url, join, local_path, read_bytes
 
 PUBLIC_BUCKET = "gs://gqn-dataset"
 CARD = "dataset.json"
@@ -38,18 +39,28 @@ DATASETS: dict[str, DatasetInfo] = {
 
 
 def how_to_get(data_dir: str | Path, name: str) -> str:
+    if is_url(data_dir):
+        return f"check the URL: expected {join(str(data_dir), name)}/{{train,test}}/*.tfrecord"
     if name in DATASETS:
-        return f"download it: gsutil -m cp -r {PUBLIC_BUCKET}/{name} {data_dir}/"
-    return f"generate it: gqn-data synth --family rooms --out {Path(data_dir) / name}"
+        return (f"download it: gqn-data download {name} --out {local_path(data_dir)} "
+                f"(or stream it: data.data_dir={PUBLIC_BUCKET})")
+    return f"generate it: gqn-data synth --family rooms --out {Path(local_path(data_dir)) / name}"
+
+
+def _card(data_dir: str | Path, name: str) -> dict | None:
+    if is_url(data_dir):
+        text = read_bytes(join(str(data_dir), name, CARD))
+        return None if text is None else json.loads(text)
+    card = Path(local_path(data_dir)) / name / CARD
+    return json.loads(card.read_text()) if card.is_file() else None
 
 
 def dataset_info(data_dir: str | Path, name: str) -> DatasetInfo:
     """Info for one of the seven DeepMind datasets, or from the card of a generated one."""
     if name in DATASETS:
         return DATASETS[name]
-    card = Path(data_dir) / name / CARD
-    if card.is_file():
-        meta = json.loads(card.read_text())
+    meta = _card(data_dir, name)
+    if meta is not None:
         return DatasetInfo(
             name,
             int(meta["image_size"]),
@@ -57,6 +68,12 @@ def dataset_info(data_dir: str | Path, name: str) -> DatasetInfo:
             max_context=min(5, int(meta["frames_per_scene"]) - 1),
             synthetic=True,
         )
+    if is_url(data_dir):
+        raise GQNDataError(
+            f"unknown dataset {name!r} and no {join(str(data_dir), name, CARD)}; valid names: {', '.join(DATASETS)} "
+            f"(or a directory written by gqn-data synth)"
+        )
+    data_dir = local_path(data_dir)
     if (Path(data_dir) / name).is_dir():
         raise GQNDataError(
             f"{Path(data_dir) / name} has no {CARD} and {name!r} is not a DeepMind dataset; "

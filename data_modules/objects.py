@@ -18,17 +18,23 @@ archive with, for the N records of the file in order:
 from __future__ import annotations
 
 import functools
+import io
 from pathlib import Path
 
 import numpy as np
+
+from data_modules.remote import is_url, local_path, read_bytes
 
 SIDECAR_DIR = "objects"
 SIDECAR_SUFFIX = ".npz"
 
 
-def sidecar_path(record_file: str | Path) -> Path:
-    """``{root}/{split}/NAME.tfrecord`` -> ``{root}/objects/{split}/NAME.npz``."""
-    record_file = Path(record_file)
+def sidecar_path(record_file: str | Path) -> Path | str:
+    """``{root}/{split}/NAME.tfrecord`` -> ``{root}/objects/{split}/NAME.npz`` (a URL for a remote file)."""
+    if is_url(record_file):
+        base, split, name = str(record_file).rsplit("/", 2)
+        return f"{base}/{SIDECAR_DIR}/{split}/{name.rsplit('.', 1)[0]}{SIDECAR_SUFFIX}"
+    record_file = Path(local_path(record_file))
     split_dir = record_file.parent
     return split_dir.parent / SIDECAR_DIR / split_dir.name / (record_file.stem + SIDECAR_SUFFIX)
 
@@ -51,13 +57,17 @@ def write_sidecar(path: str | Path, offsets: np.ndarray, masks: np.ndarray, empt
 def load_sidecar(record_file: str) -> dict[int, tuple[np.ndarray, np.ndarray]] | None:
     """``{offset: (masks [V, S, S], empty [V, S, S, 3])}`` for a record file, or None without a sidecar."""
     path = sidecar_path(record_file)
-    if not path.is_file():
+    if is_url(path):
+        data = read_bytes(path)
+        if data is None:
+            return None
+        source = io.BytesIO(data)
+    elif not Path(path).is_file():
         return None
-    with np.load(path) as z:
+    else:
+        source = path
+    with np.load(source) as z:
         offsets, masks, empty = z["offsets"], z["masks"], z["empty"]
     return {int(o): (m, e) for o, m, e in zip(offsets, masks, empty)}
 
 
-def has_sidecars(files: list[str]) -> bool:
-    """Whether every record file of a split has its sidecar."""
-    return bool(files) and all(sidecar_path(f).is_file() for f in files)

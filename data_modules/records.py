@@ -7,9 +7,9 @@ framing is read here (with the same CRC32C as its writer); Examples are parsed w
 
 from __future__ import annotations
 
+import contextlib
 import struct
 from collections.abc import Iterator
-from pathlib import Path
 
 import crc32c
 import numpy as np
@@ -27,14 +27,27 @@ def masked_crc(data) -> int:
     return (((crc >> 15) | (crc << 17)) + _MASK_DELTA) & 0xFFFFFFFF
 
 
-def iter_records(path: str | Path, verify: bool = True, on_bad_data=None) -> Iterator[tuple[int, bytes]]:
+def _open(source):
+    """A binary file object for a path, a remote URL (streamed, see ``data_modules.remote``) or an open file."""
+    if hasattr(source, "read"):
+        return contextlib.nullcontext(source)
+    from data_modules.remote import is_url, local_path, open_url
+
+    return open_url(str(source)) if is_url(source) else open(local_path(source), "rb")
+
+
+def iter_records(path, verify: bool = True, on_bad_data=None) -> Iterator[tuple[int, bytes]]:
     """Yield ``(byte offset, record bytes)`` for every record of an uncompressed TFRecord file.
+
+    ``path``: a local path, a remote URL (``gs://...``, any fsspec URL) or an open binary file object
+    (whose ``name`` appears in errors).
 
     A record whose data fails its CRC still has sound framing (its length passed its own CRC): if
     ``on_bad_data`` is given it is called with the error and reading goes on with the next record;
     otherwise the error is raised. Broken framing always raises (the rest of the file is unreadable).
     """
-    with open(path, "rb") as fh:
+    with _open(path) as fh:
+        path = getattr(fh, "name", path) if hasattr(path, "read") else path
         offset = 0
         while True:
             header = fh.read(12)

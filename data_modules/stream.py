@@ -21,7 +21,8 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from data_modules.datasets import DatasetInfo
 from data_modules.errors import CorruptRecordError, GQNDataError
 from data_modules.objects import load_sidecar
-from data_modules.records import JPEG_MAGIC, camera_to_pose, decode_frame, iter_records, parse_scene
+from data_modules.records import JPEG_MAGIC, camera_to_pose, decode_frame, parse_scene
+from data_modules.remote import RemoteCache, is_url, iter_file_records, list_split, local_path
 
 Record = tuple[str, int, int, bytes]  # (path, byte offset, global scene index, record bytes)
 
@@ -68,6 +69,7 @@ class SceneStream(IterableDataset):
         objects: bool = False,
         scene_filter=None,
         num_queries: int = 1,
+        cache: RemoteCache | None = None,
     ):
         super().__init__()
         self.files, self.info, self.batch_size = [str(f) for f in files], info, batch_size
@@ -83,6 +85,7 @@ class SceneStream(IterableDataset):
             raise GQNDataError(f"num_queries must be >= 1 (query views per scene), got {num_queries}")
         self.num_queries = num_queries  # query views per scene; > 1 gives [B, K, ...] query tensors
         self.scene_filter = scene_filter  # (path, offset) -> whether this stream reads the scene
+        self.cache = cache  # local copies of remote files (data_modules.remote), or None
         self.epoch = 0
         self.skipped = 0
         self.ring: BatchRing | None = None  # set by GQNDataLoader for its worker processes
@@ -99,7 +102,7 @@ class SceneStream(IterableDataset):
 
     def _file_records(self, path: str) -> Iterator[tuple[int, bytes]]:
         try:  # a damaged record inside sound framing is skipped alone, the file's other scenes still count
-            yield from iter_records(path, on_bad_data=self._skip if self.skip_corrupt else None)
+            yield from iter_file_records(path, on_bad_data=self._skip if self.skip_corrupt else None, cache=self.cache)
         except CorruptRecordError as err:
             if not self.skip_corrupt:
                 raise
@@ -392,8 +395,11 @@ class GQNDataLoader(DataLoader):
 
 
 def split_files(data_dir: str | Path, dataset: str, split: str, how_to_get: str) -> list[str]:
-    """The split's ``*.tfrecord`` files, sorted; a clear error when there are none."""
-    directory = Path(data_dir) / dataset / split
+    """The split's ``*.tfrecord`` files (paths, or URLs for a remote ``data_dir``), sorted; a clear error
+    when there are none."""
+    if is_url(data_dir):
+        return list_split(str(data_dir), dataset, split, how_to_get)
+    directory = Path(local_path(data_dir)) / dataset / split
     if not directory.is_dir():
         raise GQNDataError(f"no data directory {directory} (expected *.tfrecord files there); {how_to_get}")
     files = sorted(str(p) for p in directory.glob("*.tfrecord"))

@@ -71,7 +71,7 @@ def test_missing_directory_says_how_to_download(tmp_path):
         dm.setup("fit")
     msg = str(err.value)
     assert str(tmp_path / ROOMS / "train") in msg
-    assert f"gs://gqn-dataset/{ROOMS}" in msg and "gsutil" in msg
+    assert f"gqn-data download {ROOMS} --out {tmp_path}" in msg and "data.data_dir=gs://gqn-dataset" in msg
     with pytest.raises(GQNDataError, match="no data directory"):
         dm.train_dataloader()
 
@@ -113,7 +113,7 @@ def test_empty_split(tmp_path):
     with pytest.raises(GQNDataError) as err:
         dm_for(tmp_path).setup("fit")
     msg = str(err.value)
-    assert str(train) in msg and "no *.tfrecord" in msg and "gsutil" in msg
+    assert str(train) in msg and "no *.tfrecord" in msg and f"gqn-data download {ROOMS}" in msg
 
 
 @pytest.mark.parametrize("context_size,needs", [(10, 11), ([1, 10], 11), ([2, 12], 13)])

@@ -1,7 +1,8 @@
 """gqn-bench: performance numbers as JSON (never timed tests).
 
     gqn-bench train   # seconds/step, FLOPs, GFLOP/s, peak memory: reference vs optimised DRAW loop
-    gqn-bench data    # scenes/s into ready batches with 0, 1, 2 DataLoader workers
+    gqn-bench data    # scenes/s into ready batches with 0, 1, 2 DataLoader workers: local disk, then the
+                      # same files from a Cloud Storage emulator on 127.0.0.1 (gcsfs)
     gqn-bench synth   # procedural scenes/s written
     gqn-bench         # all of them (what `make bench` runs)
 
@@ -128,7 +129,9 @@ def bench_train(configs, steps: int, batch: int, context: int, paths=("reference
 
 
 def bench_data(scenes: int = 2000, batch: int = 36, context: int = 5, workers=(0, 1, 2),
-               root: str | None = None) -> dict:
+               root: str | None = None, image_size: int = 64, emulator: bool = True) -> dict:
+    """Scenes/s into float batches from local disk and, in the same run, from a Cloud Storage emulator on
+    127.0.0.1 serving the same files (gcsfs through ``STORAGE_EMULATOR_HOST``; dev extra)."""
     from data_modules import GQNDataModule
     from gqn.synthetic import synthesize
 
@@ -136,26 +139,48 @@ def bench_data(scenes: int = 2000, batch: int = 36, context: int = 5, workers=(0
     if root is None:
         tmp = tempfile.TemporaryDirectory()
         root = tmp.name
-        synthesize(Path(root) / "bench_rooms", "rooms", train_scenes=scenes, test_scenes=batch, seed=0, image_size=64,
-                   views=10, scenes_per_file=250, log=lambda *_: None)
+        synthesize(Path(root) / "bench_rooms", "rooms", train_scenes=scenes, test_scenes=batch, seed=0,
+                   image_size=image_size, views=10, scenes_per_file=250, log=lambda *_: None)
+    sources, server, saved = [("local", str(root))], None, os.environ.get("STORAGE_EMULATOR_HOST")
+    if emulator:
+        try:
+            from data_modules.emulator import Emulator
+
+            server = Emulator(bucket="gqn-bench").start()
+            server.upload(Path(root) / "bench_rooms", "bench_rooms")
+            os.environ["STORAGE_EMULATOR_HOST"] = server.host  # inherited by the loader's workers
+            sources.append(("emulator", server.url))
+        except ImportError as err:
+            print(f"data: no emulator rows ({err})")
     rows = []
-    for w in workers:
-        dm = GQNDataModule(root, "bench_rooms", batch_size=batch, context_size=context, num_workers=w,
-                           shuffle_buffer=256)
-        loader = dm.train_dataloader()
-        loader.dataset.repeat = False
-        it = iter(loader)
-        next(it)  # start-up (worker spawn) excluded
-        start, count = time.perf_counter(), 0
-        for b in it:
-            count += b["query_images"].shape[0]
-            assert b["context_images"].dtype.is_floating_point
-        rate = count / (time.perf_counter() - start)
-        rows.append({"workers": w, "scenes_per_s": rate, "scenes": count})
-        print(f"data: {w} workers: {rate:7.0f} scenes/s into float batches (batch {batch}, {context} context views, "
-              f"64x64, 10 frames/scene)", flush=True)
-    if tmp:
-        tmp.cleanup()
+    try:
+        for source, data_dir in sources:
+            for w in workers:
+                dm = GQNDataModule(data_dir, "bench_rooms", batch_size=batch, context_size=context, num_workers=w,
+                                   shuffle_buffer=256)
+                # the whole train split, shuffled as in training (no validation carve-out: a reading benchmark)
+                loader = dm._loader(dm.stream("train", batch_size=batch, context_size=context, shuffle=True,
+                                              shuffle_buffer=256, drop_last=True, scene_filter=None,
+                                              files=dm.files("train")))
+                it = iter(loader)
+                next(it)  # start-up (worker spawn, first requests) excluded
+                start, count = time.perf_counter(), 0
+                for b in it:
+                    count += b["query_images"].shape[0]
+                    assert b["context_images"].dtype.is_floating_point
+                rate = count / (time.perf_counter() - start)
+                rows.append({"source": source, "workers": w, "scenes_per_s": rate, "scenes": count})
+                print(f"data: {source:8s} {w} workers: {rate:7.0f} scenes/s into float batches (batch {batch}, "
+                      f"{context} context views, {image_size}x{image_size}, 10 frames/scene)", flush=True)
+    finally:
+        if server is not None:
+            server.stop()
+            if saved is None:
+                os.environ.pop("STORAGE_EMULATOR_HOST", None)
+            else:
+                os.environ["STORAGE_EMULATOR_HOST"] = saved
+        if tmp:
+            tmp.cleanup()
     return {"batch": batch, "context": context, "results": rows}
 
 

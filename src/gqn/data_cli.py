@@ -90,6 +90,18 @@ def _scan(root: Path, decode: bool):
 
 
 def _info(args) -> int:
+    from data_modules.remote import is_url
+
+    if is_url(args.dir):  # listings only: files and bytes per split, nothing downloaded
+        from data_modules.datasets import DATASETS
+        from data_modules.download import remote_info
+
+        for split, files, size in remote_info(args.dir):
+            print(f"{split:5s}  files {files:5d}  bytes {size:14d} ({size / 1e9:.2f} GB)")
+        info = DATASETS.get(args.dir.rstrip("/").rsplit("/", 1)[-1])
+        if info is not None:
+            print(f"image {info.image_size}x{info.image_size}  frames/scene {info.frames_per_scene} (DeepMind table)")
+        return 0
     stats, problems = _scan(Path(args.dir), decode=False)
     for split, s in stats.items():
         fps = ", ".join(f"{k}" for k in sorted(s["frames_per_scene"])) or "-"
@@ -141,6 +153,13 @@ def _size(jpeg: bytes) -> int:
     return frame_size(jpeg)[0]
 
 
+def _download(args) -> int:
+    from data_modules.download import download
+
+    return download(args.name, args.out, source=args.source, split=args.split, files=args.files,
+                    fraction=args.fraction, jobs=args.jobs, dry_run=args.dry_run, progress=not args.no_progress)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="gqn-data", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -164,11 +183,32 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--skip-existing", action="store_true",
                    help="do nothing if the dataset exists with the same settings (its dataset.json says)")
     s.set_defaults(func=_synth)
-    for name, func, text in (("info", _info, "files, scenes, frames per scene, image size per split"),
+    for name, func, text in (("info", _info, "files, scenes, frames per scene, image size per split (for a URL: "
+                                             "files and bytes per split, from listings)"),
                              ("verify", _verify, "read every record, check CRCs, decode every frame")):
         p = sub.add_parser(name, help=text)
-        p.add_argument("dir", help="dataset directory holding train/ and test/")
+        p.add_argument("dir", help="dataset directory holding train/ and test/" + (
+            " (or a URL: gs://gqn-dataset/rooms_ring_camera, https://..., any fsspec URL)" if name == "info" else ""))
         p.set_defaults(func=func)
+    d = sub.add_parser("download", help="copy a dataset, or part of it, from the bucket (resumable, CRC-checked)",
+                       description="Copy DIR/NAME/{train,test}/*.tfrecord from --source. Interrupted runs resume "
+                       "their .part files; every file is CRC-checked before it gets its final name; a rerun "
+                       "skips complete files. Settings: GQN_REMOTE_RETRIES, GQN_REMOTE_BACKOFF, GQN_REMOTE_TIMEOUT, "
+                       "GQN_REMOTE_BLOCK_MB; STORAGE_EMULATOR_HOST points gs:// at an emulator.")
+    d.add_argument("name", help="dataset name, e.g. rooms_ring_camera or shepard_metzler_5_parts")
+    d.add_argument("--out", required=True, help="data dir; files go to OUT/NAME/{train,test}/")
+    d.add_argument("--source", default="gs://gqn-dataset",
+                   help="where NAME lives: gs://gqn-dataset (default), https://storage.googleapis.com/gqn-dataset, "
+                        "a mirror, any fsspec URL")
+    d.add_argument("--split", default="all", choices=["train", "test", "all"], help="which split (default: all)")
+    d.add_argument("--files", default=None, metavar="A:B",
+                   help="a slice of each split's sorted file list, e.g. 0:100 (default: all files)")
+    d.add_argument("--fraction", type=float, default=None,
+                   help="the first FRACTION of each split's files, e.g. 0.05 (at least one)")
+    d.add_argument("--jobs", type=int, default=4, help="files transferred in parallel (default: 4)")
+    d.add_argument("--dry-run", action="store_true", help="list the files and the total size; fetch nothing")
+    d.add_argument("--no-progress", action="store_true", help="no progress bar")
+    d.set_defaults(func=_download)
     p = sub.add_parser("preview", help="write a PNG contact sheet of a few scenes")
     p.add_argument("dir", help="dataset directory holding train/ and test/")
     p.add_argument("--split", default=None, help="train or test (default: test if it exists, else train)")
