@@ -119,6 +119,7 @@ class GQNModule(L.LightningModule):
             "mean_view": metrics.mean_context_view(ctx),
         }
         values = {key: out[key].float() for key in ("elbo", "nll", "kl", "bits_per_pixel", "mse")}
+        renders = {name: img.float() for name, img in renders.items()}  # bf16 under autocast: score in fp32
         for name, img in renders.items():
             values[f"psnr_{name}"] = metrics.psnr(img, target)
             values[f"ssim_{name}"] = metrics.ssim(img, target)

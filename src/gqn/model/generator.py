@@ -95,9 +95,11 @@ class DRAWGenerator(nn.Module):
         inference_kernel_size: int | None = None,
         grid_coords: bool = False,
         attention: dict | None = None,
+        patch_channels: int | None = None,
     ):
         """``attention``: ``{key_channels, value_channels, heads}`` to read the context views' patches at every
-        step through :class:`ViewAttention` (the encoder's per-view outputs, ``r_channels`` each)."""
+        step through :class:`ViewAttention` (the encoder's per-view outputs, ``patch_channels`` each; default
+        ``r_channels``)."""
         super().__init__()
         if num_steps < 1:
             raise ValueError(f"num_steps (L) must be >= 1, got {num_steps}")
@@ -124,7 +126,8 @@ class DRAWGenerator(nn.Module):
             inf["coords"] = gen["coords"] = 2
         self.attention = None
         if attention:
-            self.attention = ViewAttention(r_channels, hidden_channels, pose_dim, self.grid, **attention)
+            self.attention = ViewAttention(patch_channels or r_channels, hidden_channels, pose_dim, self.grid,
+                                           **attention)
             inf["a"] = gen["a"] = self.attention.value_channels  # the attention read: a per-step input
         n_cores = num_steps if core_sharing == "unshared" else 1
         if core_sharing == "shared_inference_generation":

@@ -5,10 +5,12 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from gqn.model.distributions import gaussian_nll
 from gqn.model.generator import DRAWGenerator
+from gqn.model.representation import GRID_SCALE
 
 
 def repeat_scenes(x: torch.Tensor, k: int) -> torch.Tensor:
@@ -63,6 +65,7 @@ class GQN(nn.Module):
             inference_kernel_size=inference_kernel_size,
             grid_coords=grid_coords,
             attention=getattr(encoder, "attention", None),
+            patch_channels=getattr(encoder, "patch_channels", None),
         )
 
     @property
@@ -99,7 +102,13 @@ class GQN(nn.Module):
                 "(data.image_size) or build the model for this size (model.image_size)"
             )
         per_view = self.encoder(context_images.flatten(0, 1), context_poses.flatten(0, 1)).unflatten(0, (B, M))
-        return per_view.sum(dim=1), (per_view if self.keeps_views else None)
+        if not self.keeps_views:
+            return per_view.sum(dim=1), None
+        views = per_view
+        if getattr(self.encoder, "pixel_values", False):  # each patch also carries its own pixels
+            pixels = F.pixel_unshuffle(context_images.flatten(0, 1), GRID_SCALE).unflatten(0, (B, M))
+            views = torch.cat([per_view, pixels.to(per_view.dtype)], dim=2)
+        return per_view.sum(dim=1), views
 
     # ------------------------------------------------------------------ training
     def forward(
@@ -138,7 +147,7 @@ class GQN(nn.Module):
             "kl": kl,
             "kl_steps": out["kl"],
             "bits_per_pixel": neg_elbo / (pixels * math.log(2)),
-            "mse": (out["mean"] - query_images).pow(2).flatten(1).mean(dim=1),
+            "mse": (out["mean"].float() - query_images).pow(2).flatten(1).mean(dim=1),
             "mean": out["mean"],
             "representation": r,
             "views": views,

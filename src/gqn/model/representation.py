@@ -61,17 +61,22 @@ class AttentionTower(Tower):
     an attention summary of the ``M x (H/4)^2`` context patches (each carries its view's pose, joined inside
     the tower), queried from the query pose, the grid position and the generator state
     (:class:`gqn.model.generator.ViewAttention`). ``key_channels``, ``value_channels`` and ``heads`` size it.
+    With ``pixel_values`` every patch also carries its own pixels (the ``4 x 4`` block of the view it covers,
+    space-to-depth), so that the generator can copy detail from the context views.
     """
 
     keeps_views = True
 
     def __init__(self, image_size: int = 64, pose_dim: int = 7, channels: int = 256, image_channels: int = 3,
-                 key_channels: int = 32, value_channels: int = 32, heads: int = 4):
+                 key_channels: int = 32, value_channels: int = 32, heads: int = 4, pixel_values: bool = False):
         super().__init__(image_size, pose_dim, channels, image_channels)
         if key_channels % heads or value_channels % heads:
             raise ValueError(f"key_channels ({key_channels}) and value_channels ({value_channels}) must be "
                              f"divisible by heads ({heads})")
         self.attention = {"key_channels": key_channels, "value_channels": value_channels, "heads": heads}
+        self.pixel_values = pixel_values
+        #: channels of one patch as the generator reads it: tower features (+ the patch's pixels)
+        self.patch_channels = channels + (image_channels * GRID_SCALE**2 if pixel_values else 0)
 
 
 class Pool(Tower):
