@@ -273,3 +273,19 @@ def test_several_queries_per_scene_equal_the_context_repeated():
     one = model(ci, cp, qi[:, :1], qp[:, :1], generator=torch.Generator().manual_seed(2))
     plain = model(ci, cp, qi[:, 0], qp[:, 0], generator=torch.Generator().manual_seed(2))
     assert torch.equal(one["elbo"], plain["elbo"]) and torch.equal(one["mean"], plain["mean"])
+
+
+def test_attention_pixel_values_let_the_generator_read_context_pixels():
+    """With pixel_values the patches carry the views' own pixels: changing only those pixel channels changes
+    the render; without, the views hold the tower's features alone."""
+    torch.manual_seed(0)
+    ci, cp, qi, qp = batch(B=2)
+    enc = AttentionTower(image_size=32, channels=16, pixel_values=True)
+    model = GQN(enc, image_size=32, hidden_channels=16, canvas_channels=16, num_steps=2)
+    r, views = model.encode(ci, cp)
+    assert views.shape == (2, 3, 16 + 48, 8, 8)
+    assert torch.equal(views[:, :, 16:], torch.nn.functional.pixel_unshuffle(ci.flatten(0, 1), 4).unflatten(0, (2, 3)))
+    other = views.clone()
+    other[:, :, 16:] = torch.rand_like(other[:, :, 16:])
+    assert not torch.allclose(model.render(r, qp, mean=True, views=views), model.render(r, qp, mean=True, views=other))
+    assert make_model("attention").encode(ci, cp)[1].shape[2] == 16

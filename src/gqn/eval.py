@@ -129,7 +129,8 @@ def summary_lines(stats: dict, report: dict) -> list[str]:
         s = stats[key]
         if s["mean"] is None:
             return "n/a"
-        return f"{s['mean']:.{digits}f}" + (f" ±{s['se']:.{digits}f}" if s["se"] is not None else "")
+        sign = "+" if "gain" in key else ""
+        return f"{s['mean']:{sign}.{digits}f}" + (f" ±{s['se']:.{digits}f}" if s["se"] is not None else "")
 
     lines = [f"{report['scenes']} test scenes x {report['draws']} context draw(s), {report['context_size']} context "
              "views; mean ± standard error over scenes",
