@@ -9,7 +9,7 @@ import lightning as L
 
 from data_modules.datasets import dataset_info, how_to_get
 from data_modules.errors import GQNDataError
-from data_modules.stream import GQNDataLoader, SceneStream, split_files
+from data_modules.stream import GQNDataLoader, SceneStream, check_loader_options, split_files
 
 
 class GQNDataModule(L.LightningDataModule):
@@ -37,6 +37,8 @@ class GQNDataModule(L.LightningDataModule):
         skip_corrupt: bool = False,
     ):
         super().__init__()
+        check_loader_options(batch_size=batch_size, eval_batch_size=eval_batch_size, num_workers=num_workers,
+                             shuffle_buffer=shuffle_buffer, val_scenes=val_scenes)
         self.data_dir, self.dataset = str(data_dir), dataset
         self.info = dataset_info(data_dir, dataset)
         self.image_size = int(image_size or self.info.image_size)

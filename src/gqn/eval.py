@@ -11,12 +11,20 @@ from pathlib import Path
 
 import hydra
 import lightning as L
-import torch
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
+from data_modules.datasets import dataset_info
 from gqn import CONF_DIR
-from gqn.cli import UserError, one_line_errors, resolve_ckpt
+from gqn.cli import (
+    UserError,
+    check_config_types,
+    finite_or_none,
+    load_checkpoint,
+    non_finite_tensors,
+    one_line_errors,
+    resolve_ckpt,
+)
 from gqn.gqn_module import GQNModule
 
 
@@ -28,8 +36,12 @@ def load_module(ckpt_path: str, output_dir: str = "outputs") -> GQNModule:
     path = resolve_ckpt(ckpt_path, output_dir)
     if path is None:
         raise UserError(f"no checkpoint at {ckpt_path!r}; train first (make train) or give ckpt_path=...")
+    ckpt = load_checkpoint(path)
+    bad = non_finite_tensors(ckpt["state_dict"])
+    if bad:  # a diverged run: its renders and metrics would be garbage
+        raise UserError(f"checkpoint {path} holds non-finite weights ({bad[0]} and {len(bad) - 1} more): it comes "
+                        f"from a diverged run; use an earlier checkpoint")
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=False)
         module = GQNModule(**ckpt["hyper_parameters"])
         module.load_state_dict(ckpt["state_dict"])
     except Exception as err:  # a file that is not a Lightning checkpoint of this model
@@ -48,7 +60,13 @@ def check_sizes(module: GQNModule, datamodule) -> None:
 
 def evaluate(cfg: DictConfig) -> dict:
     L.seed_everything(cfg.seed)
+    check_config_types(cfg, ("data",))
     module = load_module(cfg.ckpt_path, cfg.paths.output_dir)
+    frames = dataset_info(cfg.data.data_dir, cfg.data.dataset).frames_per_scene
+    n = cfg.context_size  # checked here, under the name the user set (the data module calls it eval_context_size)
+    if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n < frames:
+        raise UserError(f"context_size must be an int in [1, {frames - 1}] ({cfg.data.dataset} has {frames} views "
+                        f"per scene, one is the query), got {n!r}")
     datamodule = hydra.utils.instantiate(
         cfg.data, eval_context_size=cfg.context_size, num_workers=cfg.num_workers, seed=cfg.seed
     )
@@ -65,7 +83,10 @@ def evaluate(cfg: DictConfig) -> dict:
         "metrics": results,
     }
     out = Path(HydraConfig.get().runtime.output_dir) / "metrics.json"
-    out.write_text(json.dumps(report, indent=2) + "\n")
+    non_finite = []
+    report = finite_or_none(report, bad=non_finite)  # strict JSON: NaN/inf become null, and are listed
+    report["non_finite"] = non_finite
+    out.write_text(json.dumps(report, indent=2, allow_nan=False) + "\n")
     m = results
     print(f"PSNR  model {m['psnr_model']:.2f} dB | nearest view {m['psnr_nearest_view']:.2f} dB | "
           f"mean view {m['psnr_mean_view']:.2f} dB  (gain {m['psnr_gain_over_nearest_view_db']:+.2f} dB)")
