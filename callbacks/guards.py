@@ -77,7 +77,8 @@ class NonFiniteGuard(L.Callback):
     def on_save_checkpoint(self, trainer, pl_module, checkpoint: dict) -> None:
         bad = non_finite_tensors(checkpoint.get("state_dict", {}))
         if bad:
-            raise self._stop(trainer, f"the weights are not finite ({bad[0]} and {len(bad) - 1} more)")
+            more = f" and {len(bad) - 1} more tensors" if len(bad) > 1 else ""
+            raise self._stop(trainer, f"the weights are not finite ({bad[0]}{more})")
         self.last_good = (trainer.global_step, str(last_checkpoint_path(trainer)))
 
     def state_dict(self) -> dict:

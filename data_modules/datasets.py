@@ -82,6 +82,9 @@ def dataset_info(data_dir: str | Path, name: str) -> DatasetInfo:
             max_context=min(5, int(meta["frames_per_scene"]) - 1),
             synthetic=True,
         )
+    if name in SYNTHETIC and not (Path(data_dir) / name).is_dir():
+        raise GQNDataError(f"dataset {name!r} not found: no directory {Path(data_dir) / name}; "
+                           f"{how_to_get(data_dir, name)} (or set paths.data_dir / GQN_DATA_DIR to where it is)")
     if (Path(data_dir) / name).is_dir():
         raise GQNDataError(
             f"{Path(data_dir) / name} has no {CARD} and {name!r} is not a DeepMind dataset; "

@@ -39,8 +39,9 @@ def load_module(ckpt_path: str, output_dir: str = "outputs") -> GQNModule:
     ckpt = load_checkpoint(path)
     bad = non_finite_tensors(ckpt["state_dict"])
     if bad:  # a diverged run: its renders and metrics would be garbage
-        raise UserError(f"checkpoint {path} holds non-finite weights ({bad[0]} and {len(bad) - 1} more): it comes "
-                        f"from a diverged run; use an earlier checkpoint")
+        more = f" and {len(bad) - 1} more tensors" if len(bad) > 1 else ""
+        raise UserError(f"checkpoint {path} holds non-finite weights ({bad[0]}{more}): it comes from a diverged "
+                        f"run; use an earlier checkpoint")
     try:
         module = GQNModule(**ckpt["hyper_parameters"])
         module.load_state_dict(ckpt["state_dict"])
