@@ -6,6 +6,7 @@ import sys
 import time
 
 import lightning as L
+from lightning.pytorch.callbacks import RichProgressBar
 from lightning.pytorch.utilities import rank_zero_only
 
 
@@ -41,3 +42,39 @@ class LineProgress(L.Callback):
             left = (trainer.max_steps - step) / rate
             parts.append(f"left {int(left // 60)}m{int(left % 60):02d}s")
         print("  ".join(parts), flush=True)
+
+
+class StepProgressBar(RichProgressBar):
+    """The Rich bar counting optimizer steps towards ``trainer.max_steps``.
+
+    GQN training is one endless epoch bounded by ``max_steps``; Lightning's bar counts batches of the current
+    epoch against the steps left, so a resumed run read e.g. ``15/4`` and ``Epoch 0/-2``. This bar shows
+    ``step/max_steps`` (``Step`` as its label) and starts where a resumed run starts.
+    """
+
+    def _by_steps(self) -> bool:
+        trainer = self.trainer
+        return trainer.max_epochs in (None, -1) and trainer.max_steps is not None and trainer.max_steps > 0
+
+    @property
+    def total_train_batches(self) -> int | float:
+        return self.trainer.max_steps if self._by_steps() else super().total_train_batches
+
+    def _get_train_description(self, current_epoch: int) -> str:
+        if not self._by_steps():
+            return super()._get_train_description(current_epoch)
+        return f"{'Step':{len(self.validation_description)}}"
+
+    def on_train_epoch_start(self, trainer, pl_module) -> None:
+        super().on_train_epoch_start(trainer, pl_module)
+        if self._by_steps() and self.progress is not None and self.train_progress_bar_id is not None:
+            self._update(self.train_progress_bar_id, trainer.global_step)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if not self._by_steps():
+            return super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+        if not self.is_disabled and self.train_progress_bar_id is None:  # resumed mid-epoch
+            self._initialize_train_progress_bar_id()
+        self._update(self.train_progress_bar_id, trainer.global_step)
+        self._update_metrics(trainer, pl_module)
+        self.refresh()

@@ -11,7 +11,7 @@ from data_modules.datasets import dataset_info, how_to_get
 from data_modules.errors import GQNDataError
 from data_modules.remote import RemoteCache
 from data_modules.splits import ValidationSplit, carve_validation
-from data_modules.stream import GQNDataLoader, SceneStream, split_files
+from data_modules.stream import GQNDataLoader, SceneStream, check_loader_options, split_files
 
 
 class GQNDataModule(L.LightningDataModule):
@@ -49,6 +49,8 @@ class GQNDataModule(L.LightningDataModule):
         cache_max_gb: float | None = None,
     ):
         super().__init__()
+        check_loader_options(batch_size=batch_size, eval_batch_size=eval_batch_size, num_workers=num_workers,
+                             shuffle_buffer=shuffle_buffer, val_scenes=val_scenes)
         self.data_dir, self.dataset = str(data_dir), dataset
         self.info = dataset_info(data_dir, dataset)
         self.image_size = int(image_size or self.info.image_size)

@@ -38,13 +38,18 @@ DATASETS: dict[str, DatasetInfo] = {
 }
 
 
+#: Generated datasets that have a config in conf/data/ (name -> ``gqn-data synth --family``).
+SYNTHETIC = {"synthetic_rooms": "rooms", "synthetic_shepard_metzler": "shepard_metzler"}
+
+
 def how_to_get(data_dir: str | Path, name: str) -> str:
     if is_url(data_dir):
         return f"check the URL: expected {join(str(data_dir), name)}/{{train,test}}/*.tfrecord"
     if name in DATASETS:
         return (f"download it: gqn-data download {name} --out {local_path(data_dir)} "
                 f"(or stream it: data.data_dir={PUBLIC_BUCKET})")
-    return f"generate it: gqn-data synth --family rooms --out {Path(local_path(data_dir)) / name}"
+    family = SYNTHETIC.get(name, "rooms")
+    return f"generate it: gqn-data synth --family {family} --out {Path(local_path(data_dir)) / name}"
 
 
 def _card(data_dir: str | Path, name: str) -> dict | None:
@@ -55,8 +60,29 @@ def _card(data_dir: str | Path, name: str) -> dict | None:
     return json.loads(card.read_text()) if card.is_file() else None
 
 
+def valid_names(data_dir: str | Path) -> str:
+    """The dataset names to choose from: the DeepMind ones, the generated ones with a config, and any
+    generated dataset (a directory with a card) under ``data_dir``."""
+    generated = dict.fromkeys(SYNTHETIC)
+    root = Path(data_dir)
+    if "://" not in str(data_dir) and root.is_dir():
+        generated.update(dict.fromkeys(sorted(p.parent.name for p in root.glob(f"*/{CARD}"))))
+    return f"{', '.join(DATASETS)}; generated (gqn-data synth): {', '.join(generated)}"
+
+
+def check_local_dir(data_dir: str | Path, name: str) -> None:
+    """A local ``data_dir`` (or its dataset directory) that is a file, not a directory, said as such."""
+    if "://" in str(data_dir):
+        return
+    for path, what in ((Path(data_dir), "paths.data_dir (GQN_DATA_DIR)"), (Path(data_dir) / name, "the dataset")):
+        if path.exists() and not path.is_dir():
+            raise GQNDataError(f"{path} is a file, not a directory: {what} must be the directory that holds "
+                               f"{name}/{{train,test}}/*.tfrecord")
+
+
 def dataset_info(data_dir: str | Path, name: str) -> DatasetInfo:
     """Info for one of the seven DeepMind datasets, or from the card of a generated one."""
+    check_local_dir(data_dir, name)
     if name in DATASETS:
         return DATASETS[name]
     meta = _card(data_dir, name)
@@ -73,13 +99,16 @@ def dataset_info(data_dir: str | Path, name: str) -> DatasetInfo:
             f"unknown dataset {name!r} and no {join(str(data_dir), name, CARD)}; valid names: {', '.join(DATASETS)} "
             f"(or a directory written by gqn-data synth)"
         )
+    if name in SYNTHETIC and not (Path(data_dir) / name).is_dir():
+        raise GQNDataError(f"dataset {name!r} not found: no directory {Path(data_dir) / name}; "
+                           f"{how_to_get(data_dir, name)} (or set paths.data_dir / GQN_DATA_DIR to where it is)")
     data_dir = local_path(data_dir)
     if (Path(data_dir) / name).is_dir():
         raise GQNDataError(
             f"{Path(data_dir) / name} has no {CARD} and {name!r} is not a DeepMind dataset; "
-            f"valid names: {', '.join(DATASETS)} (or a directory written by gqn-data synth)"
+            f"valid names: {valid_names(data_dir)} (or a directory written by gqn-data synth)"
         )
     raise GQNDataError(
         f"unknown dataset {name!r} and no directory {Path(data_dir) / name}; valid names: "
-        f"{', '.join(DATASETS)}, or generate one: gqn-data synth --family rooms --out {Path(data_dir) / name}"
+        f"{valid_names(data_dir)}; or {how_to_get(data_dir, name)}"
     )

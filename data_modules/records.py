@@ -16,7 +16,7 @@ import numpy as np
 import simplejpeg
 from tfrecord import example_pb2
 
-from data_modules.errors import CorruptRecordError
+from data_modules.errors import CorruptRecordError, FrameSizeError
 
 _MASK_DELTA = 0xA282EAD8
 JPEG_MAGIC = b"\xff\xd8"
@@ -102,11 +102,11 @@ def decode_frame(jpeg: bytes, expected_size: int, path="<bytes>", offset: int = 
     except ValueError as err:
         raise CorruptRecordError(path, offset, f"frame {index}: broken JPEG ({err})") from None
     if image.shape[0] != expected_size or image.shape[1] != expected_size:
-        raise CorruptRecordError(
+        raise FrameSizeError(
             path,
             offset,
             f"frame {index} is {image.shape[1]}x{image.shape[0]} but this dataset has "
-            f"{expected_size}x{expected_size} frames (wrong dataset name or data.dataset?)",
+            f"{expected_size}x{expected_size} frames",
         )
     return image
 

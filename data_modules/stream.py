@@ -7,6 +7,9 @@ contract late, in the consuming process.
 
 from __future__ import annotations
 
+import atexit
+import os
+import signal
 import warnings
 import zlib
 from collections.abc import Iterator
@@ -72,6 +75,8 @@ class SceneStream(IterableDataset):
         cache: RemoteCache | None = None,
     ):
         super().__init__()
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+            raise GQNDataError(f"batch size must be an integer >= 1, got {batch_size!r}")
         self.files, self.info, self.batch_size = [str(f) for f in files], info, batch_size
         lo, hi = (context_size, context_size) if isinstance(context_size, int) else tuple(context_size)
         self.context_range = (int(lo), int(hi))
@@ -88,7 +93,9 @@ class SceneStream(IterableDataset):
         self.cache = cache  # local copies of remote files (data_modules.remote), or None
         self.epoch = 0
         self.skipped = 0
+        self._pass = 0
         self.ring: BatchRing | None = None  # set by GQNDataLoader for its worker processes
+        self.closing = None  # an Event of GQNDataLoader, set when its workers are to stop
 
     # ------------------------------------------------------------------ reading
     def _shard(self) -> tuple[int, int]:
@@ -97,8 +104,10 @@ class SceneStream(IterableDataset):
         return self.rank * workers + wid, self.world_size * workers
 
     def _skip(self, err: CorruptRecordError, what: str = "skipping corrupt scene") -> None:
+        """Warn on every hit (a damaged record is met again each pass), with the pass and a running count."""
         self.skipped += 1
-        warnings.warn(f"{what}: {err}", stacklevel=3)
+        where = f"pass {self._pass}, " if self.repeat else ""
+        warnings.warn(f"{what} ({where}{self.skipped} skipped so far): {err}", stacklevel=3)
 
     def _file_records(self, path: str) -> Iterator[tuple[int, bytes]]:
         try:  # a damaged record inside sound framing is skipped alone, the file's other scenes still count
@@ -244,21 +253,56 @@ class SceneStream(IterableDataset):
         return {"query_object_mask": np.stack(masks), "query_empty_room": np.stack(empty)}
 
     def __iter__(self):
+        if get_worker_info() is None:
+            yield from self._batches()
+            return
+        _quiet_worker_signals(self.closing)
+        try:
+            yield from self._batches()
+        except GQNDataError as err:
+            # hand the error itself to the trainer process (torch would re-raise it there as a RuntimeError
+            # holding this worker's traceback); GQNDataLoader raises it
+            yield {"error": err}
+
+    def _short_pass(self, read: int, num_shards: int) -> GQNDataError:
+        where = f"{Path(self.files[0]).parent}" if self.files else self.info.name
+        if num_shards == 1:
+            return GQNDataError(
+                f"{where} has {read} readable scenes, fewer than one batch (data.batch_size={self.batch_size}): "
+                f"lower data.batch_size or add scenes"
+            )
+        return GQNDataError(
+            f"{where} gives each of its {num_shards} readers (data.num_workers per process x processes) about "
+            f"{read} scenes per pass, fewer than one batch (data.batch_size={self.batch_size}): lower "
+            f"data.num_workers or data.batch_size"
+        )
+
+    def _batches(self):
         shard, num_shards = self._shard()
         epoch = self.epoch
+        pass_size, failed = None, 0  # records per pass; records in whole batches lost to corruption since a good one
         while True:
+            self._pass = epoch
             rng = np.random.default_rng([self.seed, epoch, shard, 1])
             stream = self.records(epoch, shard, num_shards)
             if self.shuffle:
                 stream = shuffle_buffer(stream, self.buffer, rng)
-            batch = []
+            batch, read, made = [], 0, 0
             for rec in stream:
                 batch.append(rec)
+                read += 1
                 if len(batch) == self.batch_size:
                     out = self.make_batch(batch, rng)
+                    made += 1
+                    failed = failed + len(batch) if out is None else 0
                     batch = []
                     if out is not None:
                         yield out
+                    elif pass_size and failed >= pass_size:
+                        raise GQNDataError(
+                            f"every scene of {Path(self.files[0]).parent} read by this loader was skipped as "
+                            f"corrupt ({self.skipped} skipped): check the files with gqn-data verify"
+                        )
             if batch and not self.drop_last:
                 out = self.make_batch(batch, rng)
                 if out is not None:
@@ -268,7 +312,41 @@ class SceneStream(IterableDataset):
                     # skips after this worker's last batch
                     yield {"ring_slot": None, "worker": get_worker_info().id, "skipped": self.skipped}
                 return
+            if not made:  # an endless stream that can never fill a batch would spin without a word
+                raise self._short_pass(read, num_shards)
+            pass_size = read
             epoch += 1
+
+
+def _quiet_worker_signals(closing=None) -> None:
+    """In a loader worker: leave SIGINT, and SIGTERM while the trainer still runs, to the trainer process.
+
+    A Ctrl-C (SIGINT to the terminal's process group) or a SLURM preemption (SIGTERM to every process of
+    the job) would otherwise kill the workers before the trainer has finished its step and saved a
+    checkpoint, and torch then raises "worker exited unexpectedly" at an arbitrary point of the step. The
+    trainer shuts its workers down itself. ``closing`` (an Event of :class:`GQNDataLoader`, set when its
+    pass ends or the trainer exits) marks the terminate that comes from the trainer: then SIGTERM ends the
+    worker as usual, as it does once the trainer is gone.
+    """
+    global _WORKER_SIGNALS_SET
+    if _WORKER_SIGNALS_SET:
+        return
+    _WORKER_SIGNALS_SET = True
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    if closing is None:
+        return
+    parent = os.getppid()
+
+    def on_term(signum, frame):
+        if os.getppid() == parent and not closing.is_set():
+            return
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    signal.signal(signal.SIGTERM, on_term)
+
+
+_WORKER_SIGNALS_SET = False
 
 
 #: Optional batch keys of evaluation streams over data with object sidecars (see data_modules.objects):
@@ -335,6 +413,12 @@ class BatchRing:
         """Free the oldest slot ``worker`` filled (slots are consumed in the order they were filled)."""
         self.free[worker].release()
 
+    def release_all(self) -> None:
+        """Free every slot (the loader is done): a worker blocked in :meth:`acquire` goes on and can exit."""
+        for free in self.free:
+            for _ in range(self.slots):
+                free.release()
+
     def view(self, worker: int, slot: int, scenes: int, views: int) -> torch.Tensor:
         """The slot as a contiguous ``[scenes, views, H, W, 3]`` uint8 tensor."""
         _, _, size, _, channels = self.shape
@@ -368,30 +452,58 @@ class GQNDataLoader(DataLoader):
                              dataset.context_range[1] + dataset.num_queries, dataset.image_size,
                              self.multiprocessing_context)
             dataset.ring = ring
+        closing = None
+        if isinstance(dataset, SceneStream) and self.num_workers > 0:
+            closing = (self.multiprocessing_context or torch.multiprocessing).Event()
+            dataset.closing = closing
+            atexit.register(closing.set)  # runs before multiprocessing terminates the workers at exit
         try:
             iterator = super().__iter__()
         finally:
             if isinstance(dataset, SceneStream):
-                dataset.ring = None  # the workers hold their copy; the stream itself stays picklable
+                dataset.ring = dataset.closing = None  # the workers hold their copies; the stream stays picklable
         skipped, base = {}, getattr(dataset, "skipped", 0)  # each worker counts on from the value it was given
-        for batch in iterator:
-            if "ring_slot" in batch:  # a batch in a ring slot, or a worker's final count of skipped scenes
-                worker, slot = batch["ring_slot"] or (batch["worker"], None)
-                skipped[worker] = batch["skipped"] - base
-                dataset.skipped = base + sum(skipped.values())
-                if slot is None:
-                    continue
-                images = ring.view(worker, slot, batch["scenes"], batch["views"])
-                out = to_batch(images, torch.from_numpy(batch["poses"]), batch["views"] - batch["queries"],
-                               batch["queries"])
-                out.update({k: torch.from_numpy(batch[k]) for k in OBJECT_KEYS if k in batch})
-                out = to_float(out)
-                ring.release(worker)
-                yield out
-            else:
-                yield to_float(batch)
+        try:
+            for batch in iterator:
+                if "error" in batch:  # a worker's data error, raised here as itself (see SceneStream.__iter__)
+                    raise batch["error"]
+                if "ring_slot" in batch:  # a batch in a ring slot, or a worker's final count of skipped scenes
+                    worker, slot = batch["ring_slot"] or (batch["worker"], None)
+                    skipped[worker] = batch["skipped"] - base
+                    dataset.skipped = base + sum(skipped.values())
+                    if slot is None:
+                        continue
+                    images = ring.view(worker, slot, batch["scenes"], batch["views"])
+                    out = to_batch(images, torch.from_numpy(batch["poses"]), batch["views"] - batch["queries"],
+                                   batch["queries"])
+                    out.update({k: torch.from_numpy(batch[k]) for k in OBJECT_KEYS if k in batch})
+                    out = to_float(out)
+                    ring.release(worker)
+                    yield out
+                else:
+                    yield to_float(batch)
+        finally:
+            if closing is not None:
+                closing.set()
+                atexit.unregister(closing.set)
+            if ring is not None:  # wake workers waiting for a slot, so that they see the shutdown and exit
+                ring.release_all()
         if isinstance(dataset, SceneStream):
+            if dataset.repeat:  # an endless stream ended: every reader stopped without a batch
+                raise GQNDataError(f"{Path(dataset.files[0]).parent if dataset.files else dataset.info.name} "
+                                   f"gave no batch: no readable scenes")
             dataset.epoch += 1
+
+
+def check_loader_options(**options: int | None) -> None:
+    """``data.<name>`` counts a loader needs: batch sizes, buffer and validation scenes >= 1, workers >= 0
+    (None: the default). A batch size of 0 would otherwise never fill a batch and spin without a word."""
+    for name, value in options.items():
+        if value is None and name in ("eval_batch_size",):
+            continue
+        low = 0 if name == "num_workers" else 1
+        if isinstance(value, bool) or not isinstance(value, int) or value < low:
+            raise GQNDataError(f"data.{name} must be an integer >= {low}, got {value!r}")
 
 
 def split_files(data_dir: str | Path, dataset: str, split: str, how_to_get: str) -> list[str]:

@@ -1,11 +1,19 @@
-"""Shared helpers of the Hydra entry points: one-line errors, W&B hygiene, run bookkeeping."""
+"""Shared helpers of the Hydra entry points: one-line errors, checks of the config, W&B hygiene, run
+bookkeeping (the ``latest`` link, finding the checkpoint to resume), strict JSON."""
 
 from __future__ import annotations
 
 import functools
+import math
 import os
 import sys
+import tempfile
+import types
+import typing
+from collections.abc import Iterable
 from pathlib import Path
+
+from hydra.experimental.callback import Callback as HydraCallback
 
 from data_modules.errors import GQNDataError
 
@@ -15,29 +23,47 @@ os.environ.setdefault("WANDB_SILENT", "true")
 class UserError(ValueError):
     """Bad user input to an entry point (missing checkpoint, malformed pose file, ...)."""
 
+    fix: str | None = None
+
+
+def prog_name() -> str:
+    return Path(sys.argv[0]).name or "gqn"
+
 
 def one_line_errors(prog: str):
-    """Turn data/user errors (also when re-raised from a DataLoader worker) into one line and exit 2."""
+    """Turn data/user errors (also when re-raised from a DataLoader worker) into one line and exit 2.
+
+    The line is ``{prog}: error: {message}`` and, where the error knows its remedy (``err.fix``),
+    ``; fix: {remedy}``. A Ctrl-C outside training (where gqn-train saves a checkpoint) exits 130.
+    """
 
     def wrap(fn):
         @functools.wraps(fn)
         def inner(*args, **kwargs):
             try:
                 return fn(*args, **kwargs)
+            except KeyboardInterrupt:
+                print(f"{prog}: interrupted", file=sys.stderr)
+                sys.exit(130)
             except Exception as exc:
                 err = _user_cause(exc)
                 if err is None:
                     raise
-                lines = [ln for ln in str(err).splitlines() if ln.strip()]
-                message = lines[-1] if lines else type(err).__name__
-                for prefix in ("data_modules.errors.CorruptRecordError: ", "data_modules.errors.GQNDataError: "):
-                    message = message.split(prefix, 1)[-1]
-                print(f"{prog}: error: {message}", file=sys.stderr)
+                print(f"{prog}: error: {one_line(err)}", file=sys.stderr)
                 sys.exit(2)
 
         return inner
 
     return wrap
+
+
+def one_line(err: BaseException) -> str:
+    lines = [ln for ln in str(err).splitlines() if ln.strip()]
+    message = lines[-1] if lines else type(err).__name__
+    for prefix in ("data_modules.errors.CorruptRecordError: ", "data_modules.errors.GQNDataError: "):
+        message = message.split(prefix, 1)[-1]
+    fix = getattr(err, "fix", None)
+    return f"{message}; fix: {fix}" if fix else message
 
 
 def _user_cause(exc: BaseException | None) -> BaseException | None:
@@ -59,15 +85,42 @@ def finish_wandb() -> None:
             wandb.finish()
 
 
+# ---------------------------------------------------------------------------------------- run directories
+class RunDirCheck(HydraCallback):
+    """Hydra callback: fail with one line (exit 2) when the run or sweep directory cannot be written,
+    before Hydra's own traceback would (it creates the directory just after this hook)."""
+
+    def on_run_start(self, config, **kwargs) -> None:
+        check_writable(config.hydra.run.dir, "hydra.run.dir")
+
+    def on_multirun_start(self, config, **kwargs) -> None:
+        check_writable(config.hydra.sweep.dir, "hydra.sweep.dir")
+
+
+def check_writable(directory: str | Path, key: str) -> None:
+    directory = Path(directory)
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=directory):
+            pass
+    except OSError as err:
+        blocker = next((p for p in [directory, *directory.parents] if p.exists()), None)
+        why = f"{blocker} is a file" if blocker is not None and not blocker.is_dir() else (err.strerror or str(err))
+        print(f"{prog_name()}: error: cannot write the run directory {directory} ({why}); set {key}=<a writable "
+              f"directory> or paths.output_dir=<a writable directory>", file=sys.stderr)
+        sys.exit(2)
+
+
 def latest_link(output_dir: str | Path) -> Path:
     return Path(output_dir) / "latest"
 
 
 def mark_latest(run_dir: str | Path, output_dir: str | Path) -> None:
-    """Point ``{output_dir}/latest`` at ``run_dir`` (relative symlink)."""
+    """Point ``{output_dir}/latest`` at ``run_dir`` (relative symlink), also for a run outside output_dir."""
     link = latest_link(output_dir)
     run_dir = Path(run_dir).resolve()
     try:
+        link.parent.mkdir(parents=True, exist_ok=True)
         if link.is_symlink() or link.exists():
             link.unlink()
         link.symlink_to(os.path.relpath(run_dir, link.parent.resolve()))
@@ -75,13 +128,211 @@ def mark_latest(run_dir: str | Path, output_dir: str | Path) -> None:
         print(f"note: could not point {link} at {run_dir}: {err}", file=sys.stderr)
 
 
-def resolve_ckpt(ckpt_path: str | None, output_dir: str | Path) -> str | None:
-    """``None`` | a path | ``"auto"`` (the latest run's ``checkpoints/last.ckpt``, if any)."""
+LAST = Path("checkpoints") / "last.ckpt"
+HPC = "hpc_ckpt_*.ckpt"  # what Lightning's SLURMEnvironment saves in the run directory before a requeue
+
+
+def find_last_checkpoints(roots: Iterable[str | Path | tuple[str | Path, int]]) -> list[Path]:
+    """Every ``checkpoints/last.ckpt`` (or Lightning's SLURM ``hpc_ckpt_N.ckpt``) of a run directory below a
+    root, newest first.
+
+    A root is a directory, searched 4 levels deep (runs are ``{output_dir}/{date}/{time}_{name}``, sweep jobs
+    ``{multirun_dir}/{date}/{time}_{name}/{job}``), or ``(directory, depth)``; depth 0 is the directory itself.
+    A root's ``latest`` link counts too, wherever its run lies.
+    """
+    found = {}
+    for item in roots:
+        root, depth = item if isinstance(item, tuple) else (item, 4)
+        root = Path(root)
+        if not root.is_dir():
+            continue
+        for level in range(depth + 1):
+            for name in (str(LAST), HPC):
+                for path in root.glob("/".join(["*"] * level + [name])):
+                    if path.is_file():
+                        found[path.resolve()] = path.stat().st_mtime
+        last = latest_link(root) / LAST
+        if last.is_file():
+            found[last.resolve()] = last.stat().st_mtime
+    return sorted(found, key=lambda p: found[p], reverse=True)
+
+
+def checkpoint_roots(cfg) -> list[tuple[Path, int]]:
+    """Where runs of this config are written, as ``(directory, depth)``: paths.output_dir and
+    paths.multirun_dir, the siblings of this run's directory (runs placed with ``hydra.run.dir`` outside
+    output_dir), and this run's directory itself (a fixed one, as a requeued SLURM job has)."""
+    roots = [(Path(cfg.paths.output_dir), 4)]
+    if cfg.paths.get("multirun_dir"):
+        roots.append((Path(cfg.paths.multirun_dir), 4))
+    try:
+        from hydra.core.hydra_config import HydraConfig
+
+        run_dir = Path(HydraConfig.get().runtime.output_dir)
+        roots += [(run_dir.parent, 1), (run_dir, 0)]
+    except ValueError:  # no Hydra run (programmatic use)
+        pass
+    return roots
+
+
+def resolve_ckpt(ckpt_path: str | None, roots: str | Path | Iterable[str | Path], announce: str | None = None):
+    """``None`` | a path | ``"auto"`` (the newest ``checkpoints/last.ckpt`` under ``roots``, if any).
+
+    With ``announce`` (the program's name), ``auto`` says on one line what it resumes or that it found nothing.
+    """
     if ckpt_path in (None, "", "null"):
         return None
     if ckpt_path == "auto":
-        last = latest_link(output_dir) / "checkpoints" / "last.ckpt"
-        return str(last.resolve()) if last.exists() else None
-    if not Path(ckpt_path).is_file():
+        roots = [roots] if isinstance(roots, (str, Path)) else list(roots)
+        found = find_last_checkpoints(roots)
+        if announce:
+            where = ", ".join(dict.fromkeys(str(r[0] if isinstance(r, tuple) else r) for r in roots))
+            if found:
+                print(f"{announce}: ckpt_path=auto: resuming {found[0]}", file=sys.stderr)
+            else:
+                print(f"{announce}: ckpt_path=auto: no checkpoints/last.ckpt under {where}; starting from step 0",
+                      file=sys.stderr)
+        return str(found[0]) if found else None
+    path = Path(ckpt_path)
+    if path.is_dir():
+        raise UserError(f"ckpt_path={ckpt_path} is a directory; give the checkpoint file, e.g. "
+                        f"ckpt_path={path / LAST}")
+    if not path.is_file():
         raise UserError(f"checkpoint not found: {ckpt_path} (give ckpt_path=<run>/checkpoints/last.ckpt)")
     return str(ckpt_path)
+
+
+def load_checkpoint(path: str | Path) -> dict:
+    """A Lightning checkpoint as a dict (on the CPU), or a one-line UserError for a file that is not one."""
+    import torch
+
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as err:
+        raise UserError(f"cannot load checkpoint {path}: {type(err).__name__}: {err}".splitlines()[0]) from None
+    if not isinstance(ckpt, dict) or "state_dict" not in ckpt or "hyper_parameters" not in ckpt:
+        raise UserError(f"{path} is not a checkpoint of gqn-train (no state_dict/hyper_parameters)")
+    return ckpt
+
+
+def non_finite_tensors(state: dict) -> list[str]:
+    """Names of the floating-point tensors of a state dict holding NaN or inf."""
+    import torch
+
+    return [k for k, v in state.items()
+            if isinstance(v, torch.Tensor) and v.is_floating_point() and not bool(torch.isfinite(v).all())]
+
+
+# ---------------------------------------------------------------------------------------- config checks
+def _flatten(d, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        key = f"{prefix}.{k}" if prefix else str(k)
+        if isinstance(v, dict):
+            out.update(_flatten(v, key))
+        else:
+            out[key] = v
+    return out
+
+
+def check_resume(ckpt: dict, model_cfg: dict, path: str) -> None:
+    """Refuse to resume a checkpoint whose model config differs from this command's, naming the keys."""
+    saved = _flatten(ckpt["hyper_parameters"].get("model") or {}, "model")
+    given = _flatten(model_cfg, "model")
+    # keys the checkpoint lacks (options added since it was written) are left to load_state_dict
+    diff = sorted(k for k in saved if saved[k] != given.get(k, "<unset>"))
+    if diff:
+        parts = [f"{k}={saved[k]} in the checkpoint but {given.get(k, '<unset>')} here" for k in diff]
+        raise UserError(
+            f"cannot resume {path}: its model differs from this command's: {'; '.join(parts)}; resume with the "
+            f"checkpoint's model config (drop those overrides) or start a new run without ckpt_path"
+        )
+
+
+_SIMPLE = {int: "an int", float: "a number", bool: "true or false", str: "a string"}
+
+
+def _accepts(hint, value) -> bool | None:
+    """Whether ``value`` fits the type ``hint`` (None: the hint is too complex to judge)."""
+    origin = typing.get_origin(hint)
+    if hint is typing.Any:
+        return None
+    if origin in (typing.Union, types.UnionType):
+        verdicts = [_accepts(h, value) for h in typing.get_args(hint)]
+        if any(v is True for v in verdicts):
+            return True
+        return None if any(v is None for v in verdicts) else False
+    if origin is typing.Literal:
+        return value in typing.get_args(hint)
+    if hint is type(None):
+        return value is None
+    if hint is bool:
+        return isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if hint is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if hint is str:
+        return isinstance(value, str)
+    return None
+
+
+def _describe(hint) -> str:
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_describe(h) for h in typing.get_args(hint))
+    if origin is typing.Literal:
+        return "one of " + ", ".join(repr(a) for a in typing.get_args(hint))
+    if hint is type(None):
+        return "null"
+    return _SIMPLE.get(hint, getattr(hint, "__name__", str(hint)))
+
+
+def check_config_types(cfg, sections: Iterable[str]) -> None:
+    """Check every value of the ``_target_`` nodes under ``sections`` against the type annotations of the
+    target's constructor: ``model.num_steps=abc`` fails here, naming the key and the type, instead of deep
+    inside the model with a traceback. Values whose annotation is not a plain type are left to the target."""
+    from hydra.utils import get_object
+    from omegaconf import DictConfig, OmegaConf
+
+    def walk(node, path: str):
+        if not isinstance(node, DictConfig):
+            return
+        hints = {}
+        if "_target_" in node:
+            try:
+                target = get_object(node._target_)
+                hints = typing.get_type_hints(target.__init__ if isinstance(target, type) else target)
+            except Exception:  # an unknown target fails in instantiate with its own message
+                hints = {}
+        for key in node:
+            if str(key).startswith("_"):
+                continue
+            sub = f"{path}.{key}"
+            value = OmegaConf.select(node, str(key), throw_on_missing=False)
+            if isinstance(value, DictConfig):
+                walk(value, sub)
+                continue
+            hint = hints.get(str(key))
+            if hint is None or OmegaConf.is_list(value):
+                continue
+            if _accepts(hint, value) is False:
+                raise UserError(f"{sub} must be {_describe(hint)}, got {value!r} ({type(value).__name__})")
+
+    for section in sections:
+        node = cfg.get(section)
+        walk(node, section)
+
+
+# ---------------------------------------------------------------------------------------- strict JSON
+def finite_or_none(obj, path: str = "", bad: list | None = None):
+    """A copy of ``obj`` (dicts, lists, numbers) with NaN and inf replaced by None (JSON null); their keys
+    are appended to ``bad``."""
+    if isinstance(obj, dict):
+        return {k: finite_or_none(v, f"{path}.{k}" if path else str(k), bad) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [finite_or_none(v, f"{path}[{i}]", bad) for i, v in enumerate(obj)]
+    if isinstance(obj, float) and not math.isfinite(obj):
+        if bad is not None:
+            bad.append(path)
+        return None
+    return obj

@@ -12,9 +12,14 @@ import numpy as np
 
 
 def _synth(args) -> int:
+    from data_modules.errors import GQNDataError
     from gqn.synthetic import synthesize
 
     out = Path(args.out)
+    blocker = next((p for p in [out, *out.parents] if p.exists()), None)
+    if blocker is not None and not blocker.is_dir():
+        raise GQNDataError(f"--out {out}: {blocker} is a file, not a directory; give a directory for the dataset "
+                           f"(it is created), e.g. --out data/synthetic_rooms")
     opts = dict(family=args.family, train_scenes=args.train_scenes, test_scenes=args.test_scenes,
                 seed=args.seed, image_size=args.image_size, views=args.views,
                 scenes_per_file=args.scenes_per_file, parts=args.parts, samples=args.samples,
@@ -26,13 +31,18 @@ def _synth(args) -> int:
             print(f"{out} exists with these settings (dataset.json); keeping it")
             return 0
         print(f"{out} exists but was written with other settings; writing it again")
-    synthesize(out, workers=args.workers, **opts)
+    try:
+        synthesize(out, workers=args.workers, **opts)
+    except OSError as err:
+        raise GQNDataError(f"cannot write the dataset to {out}: {err.strerror or err}") from None
     return 0
 
 
 def _splits(root: Path):
     from data_modules.errors import GQNDataError
 
+    if root.exists() and not root.is_dir():
+        raise GQNDataError(f"{root} is a file, not a dataset directory (one holding train/ and test/ of *.tfrecord)")
     if not root.is_dir():
         raise GQNDataError(f"no dataset directory {root}; generate one with gqn-data synth --out {root}")
     splits = [s for s in ("train", "test") if (root / s).is_dir()]
@@ -86,6 +96,13 @@ def _scan(root: Path, decode: bool):
                 problems.append(str(err))
         stats[split] = {"files": len(files), "scenes": scenes,
                         "frames_per_scene": dict(frames_per_scene), "frame_sizes": dict(sizes)}
+        if not files:
+            problems.append(f"{root / split} holds no *.tfrecord files (empty {split} split)")
+        elif not scenes:
+            problems.append(f"{root / split}: no readable scene in {len(files)} file(s) (empty {split} split)")
+    for split in ("train", "test"):
+        if split not in stats:
+            problems.append(f"{root} has no {split}/ directory (training needs train/, evaluation test/)")
     return stats, problems
 
 
@@ -160,26 +177,50 @@ def _download(args) -> int:
                     fraction=args.fraction, jobs=args.jobs, dry_run=args.dry_run, progress=not args.no_progress)
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """argparse that reports a bad argument on one line (``prog: error: ...``), without the usage block."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def at_least(low: int, multiple: int = 1):
+    """An argparse type: an integer >= ``low`` (and a multiple of ``multiple``)."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if value < low or value % multiple:
+            extra = f" and a multiple of {multiple}" if multiple > 1 else ""
+            raise argparse.ArgumentTypeError(f"must be an integer >= {low}{extra}, got {value}")
+        return value
+
+    return parse
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="gqn-data", description=__doc__)
+    parser = OneLineParser(prog="gqn-data", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     s = sub.add_parser("synth", help="render procedural scenes into DeepMind-format TFRecords")
     s.add_argument("--family", choices=["rooms", "shepard_metzler"], default="rooms",
                    help="scene family: rooms with 1-3 objects (ring camera) or Shepard-Metzler objects")
     s.add_argument("--out", required=True, help="dataset directory, e.g. data/synthetic_rooms")
-    s.add_argument("--train-scenes", type=int, default=2000, help="scenes in train/ (default: 2000)")
-    s.add_argument("--test-scenes", type=int, default=200, help="scenes in test/ (default: 200)")
+    s.add_argument("--train-scenes", type=at_least(1), default=2000, help="scenes in train/ (default: 2000)")
+    s.add_argument("--test-scenes", type=at_least(1), default=200, help="scenes in test/ (default: 200)")
     s.add_argument("--seed", type=int, default=0, help="same seed, same bytes (default: 0)")
-    s.add_argument("--image-size", type=int, default=64, help="frame size in pixels (default: 64)")
-    s.add_argument("--views", type=int, default=10, help="frames per scene (default: 10)")
-    s.add_argument("--scenes-per-file", type=int, default=100, help="records per .tfrecord file (default: 100)")
-    s.add_argument("--parts", type=int, default=7, help="cubes per Shepard-Metzler object (default: 7)")
-    s.add_argument("--samples", type=int, default=2,
+    s.add_argument("--image-size", type=at_least(8, 4), default=64,
+                   help="frame size in pixels, a multiple of 4 (default: 64)")
+    s.add_argument("--views", type=at_least(2), default=10, help="frames per scene (default: 10)")
+    s.add_argument("--scenes-per-file", type=at_least(1), default=100, help="records per .tfrecord file (default: 100)")
+    s.add_argument("--parts", type=at_least(1), default=7, help="cubes per Shepard-Metzler object (default: 7)")
+    s.add_argument("--samples", type=at_least(1), default=2,
                    help="anti-aliasing: N x N rays per pixel, box-filtered (default: 2; 1 = aliased)")
     s.add_argument("--no-objects", action="store_true",
                    help="do not write the object masks and empty-room renders beside the records "
                         "(objects/{split}/*.npz, used by gqn-eval's object-pixel metrics)")
-    s.add_argument("--workers", type=int, default=None, help="processes (default: 2)")
+    s.add_argument("--workers", type=at_least(1), default=None, help="processes (default: 2)")
     s.add_argument("--skip-existing", action="store_true",
                    help="do nothing if the dataset exists with the same settings (its dataset.json says)")
     s.set_defaults(func=_synth)
@@ -212,8 +253,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("preview", help="write a PNG contact sheet of a few scenes")
     p.add_argument("dir", help="dataset directory holding train/ and test/")
     p.add_argument("--split", default=None, help="train or test (default: test if it exists, else train)")
-    p.add_argument("--scenes", type=int, default=8, help="rows: scenes shown (default: 8)")
-    p.add_argument("--views", type=int, default=10, help="columns: frames per scene shown (default: 10)")
+    p.add_argument("--scenes", type=at_least(1), default=8, help="rows: scenes shown (default: 8)")
+    p.add_argument("--views", type=at_least(1), default=10, help="columns: frames per scene shown (default: 10)")
     p.add_argument("--out", default=None, help="PNG path (default: DIR/preview.png)")
     p.set_defaults(func=_preview)
     return parser

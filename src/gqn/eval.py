@@ -17,8 +17,17 @@ import torch
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
+from data_modules.datasets import dataset_info
 from gqn import CONF_DIR
-from gqn.cli import UserError, one_line_errors, resolve_ckpt
+from gqn.cli import (
+    UserError,
+    check_config_types,
+    finite_or_none,
+    load_checkpoint,
+    non_finite_tensors,
+    one_line_errors,
+    resolve_ckpt,
+)
 from gqn.gqn_module import GQNModule
 
 
@@ -30,8 +39,13 @@ def load_module(ckpt_path: str, output_dir: str = "outputs") -> GQNModule:
     path = resolve_ckpt(ckpt_path, output_dir)
     if path is None:
         raise UserError(f"no checkpoint at {ckpt_path!r}; train first (make train) or give ckpt_path=...")
+    ckpt = load_checkpoint(path)
+    bad = non_finite_tensors(ckpt["state_dict"])
+    if bad:  # a diverged run: its renders and metrics would be garbage
+        more = f" and {len(bad) - 1} more tensors" if len(bad) > 1 else ""
+        raise UserError(f"checkpoint {path} holds non-finite weights ({bad[0]}{more}): it comes from a diverged "
+                        f"run; use an earlier checkpoint")
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=False)
         module = GQNModule(**ckpt["hyper_parameters"])
         module.load_state_dict(ckpt["state_dict"])
     except Exception as err:  # a file that is not a Lightning checkpoint of this model
@@ -89,9 +103,15 @@ def evaluate(cfg: DictConfig) -> dict:
     """Test-split metrics of a checkpoint: the mean over scenes of each metric (per scene first averaged over
     ``draws`` draws of the context views), with its standard error and 95% interval over scenes."""
     L.seed_everything(cfg.seed)
-    if int(cfg.draws) < 1:
-        raise UserError(f"draws must be >= 1 (context draws per scene), got {cfg.draws}")
+    if isinstance(cfg.draws, bool) or not isinstance(cfg.draws, int) or cfg.draws < 1:
+        raise UserError(f"draws must be an integer >= 1 (context draws per scene), got {cfg.draws!r}")
+    check_config_types(cfg, ("data",))
     module = load_module(cfg.ckpt_path, cfg.paths.output_dir)
+    frames = dataset_info(cfg.data.data_dir, cfg.data.dataset).frames_per_scene
+    n = cfg.context_size  # checked here, under the name the user set (the data module calls it eval_context_size)
+    if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n < frames:
+        raise UserError(f"context_size must be an int in [1, {frames - 1}] ({cfg.data.dataset} has {frames} views "
+                        f"per scene, one is the query), got {n!r}")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     module.to(device)
     draws = []
@@ -117,6 +137,9 @@ def evaluate(cfg: DictConfig) -> dict:
         "spread": {k: {"se": s["se"], "ci95": s["ci95"], "n": s["n"]} for k, s in stats.items()},
     }
     out = Path(HydraConfig.get().runtime.output_dir) / "metrics.json"
+    non_finite = []
+    report = finite_or_none(report, bad=non_finite)  # strict JSON: NaN/inf become null, and are listed
+    report["non_finite"] = non_finite
     out.write_text(json.dumps(report, indent=2, allow_nan=False) + "\n")
     for line in summary_lines(stats, report):
         print(line)

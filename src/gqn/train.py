@@ -8,14 +8,28 @@
 
 from __future__ import annotations
 
+import sys
+
 import hydra
 import lightning as L
 from hydra.core.hydra_config import HydraConfig
 from lightning.pytorch.callbacks import LearningRateMonitor
 from omegaconf import DictConfig, OmegaConf
 
+from callbacks.guards import GracefulStop
 from gqn import CONF_DIR
-from gqn.cli import finish_wandb, mark_latest, one_line_errors, resolve_ckpt
+from gqn.cli import (
+    check_config_types,
+    check_resume,
+    checkpoint_roots,
+    finish_wandb,
+    load_checkpoint,
+    mark_latest,
+    one_line_errors,
+    resolve_ckpt,
+)
+
+CHECKED = ("data", "model", "module", "trainer", "callbacks", "logger")  # config sections with typed targets
 
 
 def instantiate_dict(cfg: DictConfig | None) -> list:
@@ -26,12 +40,20 @@ def instantiate_dict(cfg: DictConfig | None) -> list:
 def train(cfg: DictConfig, extra_callbacks: list | None = None) -> float | None:
     """Fit (and optionally test) the model described by ``cfg``; returns ``cfg.optimized_metric``.
 
-    ``extra_callbacks`` are added to the configured ones (programmatic use, tests).
+    ``extra_callbacks`` are added to the configured ones (programmatic use, tests). A run stopped by
+    SIGINT/SIGTERM saves ``last.ckpt`` and raises ``SystemExit(130 / 143)``.
     """
+    check_config_types(cfg, CHECKED)
+    ckpt = resolve_ckpt(cfg.get("ckpt_path"), checkpoint_roots(cfg), announce="gqn-train")
+    if ckpt is not None:  # a different architecture would fail in load_state_dict with a raw size dump
+        check_resume(load_checkpoint(ckpt), OmegaConf.to_container(cfg.model, resolve=True), ckpt)
     L.seed_everything(cfg.seed, workers=True)
     datamodule = hydra.utils.instantiate(cfg.data)
     module = hydra.utils.instantiate(cfg.module, _recursive_=False)
     callbacks = instantiate_dict(cfg.get("callbacks")) + list(extra_callbacks or [])
+    stop = next((c for c in callbacks if isinstance(c, GracefulStop)), None)
+    if stop is None:  # Ctrl-C / SIGTERM save a checkpoint whatever the callbacks group
+        callbacks.append(stop := GracefulStop())
     loggers = instantiate_dict(cfg.get("logger"))
     if not loggers:  # logger=none: nothing to send learning rates to
         callbacks = [c for c in callbacks if not isinstance(c, LearningRateMonitor)]
@@ -39,11 +61,17 @@ def train(cfg: DictConfig, extra_callbacks: list | None = None) -> float | None:
     resolved = {k: v for k, v in OmegaConf.to_container(cfg, resolve=True).items() if k != "hydra"}
     for logger in loggers:
         logger.log_hyperparams(resolved)
-    ckpt = resolve_ckpt(cfg.get("ckpt_path"), cfg.paths.output_dir)
     try:
         trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt)
         if cfg.get("test_after_fit"):
             trainer.test(module, datamodule=datamodule)
+    except BaseException as exc:
+        code = stop.exit_code(exc)
+        if code is None:
+            raise
+        if trainer.is_global_zero:
+            print(f"gqn-train: {stop.summary()}", file=sys.stderr)
+        raise SystemExit(code) from None
     finally:
         if trainer.is_global_zero and not trainer.fast_dev_run:
             mark_latest(HydraConfig.get().runtime.output_dir, cfg.paths.output_dir)

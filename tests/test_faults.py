@@ -1,0 +1,591 @@
+"""Faults and bad input: every mistake ends as ONE line and the documented exit code, nothing hangs, no
+non-finite checkpoint is written or accepted, and an interrupted run resumes at its exact step.
+
+The table ``CASES`` is the contract of docs/errors.md: each case runs the entry point in-process (Hydra's
+``main`` with ``sys.argv`` set) and asserts the exit code and the one line on stderr. Every test runs under
+a timeout (pytest-timeout), so a regression to a hang fails instead of blocking CI.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import warnings
+from pathlib import Path
+from unittest.mock import patch
+
+import pytest
+import torch
+from conftest import BIN, TINY, Probe, compose_train
+from hydra.core.global_hydra import GlobalHydra
+from omegaconf import open_dict
+from records_helper import record_offsets, write_dataset, write_file
+
+from data_modules import GQNDataError, SceneStream, dataset_info
+from gqn import data_cli
+from gqn.train import train
+
+DOCS = Path(__file__).resolve().parents[1] / "docs" / "errors.md"
+QUIET = ["hydra/job_logging=none", "hydra/hydra_logging=none", "hydra.output_subdir=null"]
+pytestmark = pytest.mark.timeout(300)
+
+
+# ---------------------------------------------------------------------------------------- fixtures
+@pytest.fixture(scope="module")
+def world(data_root, tmp_path_factory) -> dict:
+    """Files the cases point at: a plain file, a garbage .ckpt, a tiny trained checkpoint and a NaN copy
+    of it, a dataset with a damaged record, 32 px frames under a DeepMind name, broken dataset dirs."""
+    tmp = tmp_path_factory.mktemp("faults")
+    (tmp / "plain_file").write_text("not a directory\n")
+    (tmp / "garbage.ckpt").write_bytes(b"\x00not a checkpoint" * 10)
+    cfg = compose_train([f"paths.data_dir={data_root}", *TINY, "logger=none", "callbacks=none"], tmp / "trained")
+    train(cfg)
+    good = tmp / "trained" / "checkpoints" / "last.ckpt"
+    state = torch.load(good, map_location="cpu", weights_only=False)
+    key = next(k for k, v in state["state_dict"].items() if v.is_floating_point())
+    state["state_dict"][key] = torch.full_like(state["state_dict"][key], float("nan"))
+    torch.save(state, tmp / "nan.ckpt")
+    # a copy of the data whose 2nd train record has a flipped data byte
+    corrupt = tmp / "corrupt"
+    shutil.copytree(data_root / "synthetic_rooms", corrupt / "synthetic_rooms")
+    first = sorted((corrupt / "synthetic_rooms" / "train").glob("*.tfrecord"))[0]
+    offset = record_offsets(first)[1][0]
+    blob = bytearray(first.read_bytes())
+    blob[offset + 12 + 40] ^= 0x40
+    first.write_bytes(bytes(blob))
+    # 32 px frames under rooms_ring_camera (64 px in DeepMind's table)
+    wrong = tmp / "wrong"
+    shutil.copytree(data_root / "synthetic_rooms", wrong / "rooms_ring_camera", ignore=shutil.ignore_patterns("*.json"))
+    # gqn-data verify: an empty train split; a dataset without test/
+    write_dataset(tmp / "empty_train", "rooms_ring_camera", train=[], test=[[100, 101]])
+    (tmp / "empty_train" / "rooms_ring_camera" / "train").mkdir(parents=True)
+    write_dataset(tmp / "no_test", "rooms_ring_camera", train=[[0, 1]], test=[])
+    return {"tmp": tmp, "data": data_root, "file": tmp / "plain_file", "garbage": tmp / "garbage.ckpt",
+            "ckpt": good, "nan_ckpt": tmp / "nan.ckpt", "corrupt": corrupt, "corrupt_file": first,
+            "corrupt_offset": offset, "wrong": wrong}
+
+
+def run_main(prog: str, args: list[str], capsys) -> tuple[int, str, str]:
+    """Run a console script in-process; returns (exit code, stdout, stderr)."""
+    capsys.readouterr()
+    if prog == "gqn-data":
+        with patch.object(sys, "argv", [prog, *args]):
+            try:
+                code = data_cli.main(args)
+            except SystemExit as exc:
+                code = exc.code
+    else:
+        import gqn.eval
+        import gqn.render
+        import gqn.train
+
+        main = {"gqn-train": gqn.train.main, "gqn-eval": gqn.eval.main, "gqn-render": gqn.render.main}[prog]
+        GlobalHydra.instance().clear()
+        with patch.object(sys, "argv", [prog, *args, *QUIET]):
+            try:
+                main()
+                code = 0
+            except SystemExit as exc:
+                code = exc.code
+        GlobalHydra.instance().clear()
+    out = capsys.readouterr()
+    return (0 if code is None else code), out.out, out.err
+
+
+def error_line(prog: str, err: str) -> str:
+    """The one line of a failed command: no traceback, exactly one ``prog...: error:`` line on stderr."""
+    assert "Traceback" not in err, err
+    lines = [ln for ln in err.splitlines() if re.match(rf"{prog}( \w+)?: error: ", ln)]
+    assert len(lines) == 1, err
+    others = [ln for ln in err.splitlines() if ln.strip() and ln not in lines and not ln.startswith("gqn-train: ckpt")]
+    assert not others, err
+    return lines[0]
+
+
+# ---------------------------------------------------------------------------------------- the contract
+def _train(w, *extra):
+    return [f"paths.data_dir={w['data']}", *TINY, "logger=none", f"hydra.run.dir={w['tmp']}/run",
+            f"paths.output_dir={w['tmp']}/out", *extra]
+
+
+def _eval(w, *extra):
+    return [f"paths.data_dir={w['data']}", "data.image_size=32", "num_workers=0", f"hydra.run.dir={w['tmp']}/ev",
+            f"paths.output_dir={w['tmp']}/out", *extra]
+
+
+# (id, program, argument builder, exit code, fragments of the one line); ids are the rows of docs/errors.md
+CASES = [
+    ("batch-size-0", "gqn-train", lambda w: _train(w, "data.batch_size=0"), 2,
+     ["data.batch_size must be an integer >= 1, got 0"]),
+    ("batch-size-negative", "gqn-train", lambda w: _train(w, "data.batch_size=-4"), 2,
+     ["data.batch_size must be an integer >= 1, got -4"]),
+    ("batch-size-float", "gqn-train", lambda w: _train(w, "data.batch_size=1.5"), 2,
+     ["data.batch_size must be an int, got 1.5 (float)"]),
+    ("eval-batch-size-0", "gqn-train", lambda w: _train(w, "data.eval_batch_size=0"), 2,
+     ["data.eval_batch_size must be an integer >= 1, got 0"]),
+    ("num-workers-negative", "gqn-train", lambda w: _train(w, "data.num_workers=-1"), 2,
+     ["data.num_workers must be an integer >= 0, got -1"]),
+    ("shuffle-buffer-0", "gqn-train", lambda w: _train(w, "data.shuffle_buffer=0"), 2,
+     ["data.shuffle_buffer must be an integer >= 1, got 0"]),
+    ("val-scenes-0", "gqn-train", lambda w: _train(w, "data.val_scenes=0"), 2,
+     ["data.val_scenes must be an integer >= 1, got 0"]),
+    ("num-steps-abc", "gqn-train", lambda w: _train(w, "model.num_steps=abc"), 2,
+     ["model.num_steps must be an int, got 'abc' (str)"]),
+    ("encoder-channels-abc", "gqn-train", lambda w: _train(w, "model.encoder.channels=wide"), 2,
+     ["model.encoder.channels must be an int, got 'wide' (str)"]),
+    ("max-steps-text", "gqn-train", lambda w: _train(w, "trainer.max_steps=ten"), 2,
+     ["trainer.max_steps must be an int, got 'ten' (str)"]),
+    ("kl-weight-text", "gqn-train", lambda w: _train(w, "module.kl_weight=heavy"), 2,
+     ["module.kl_weight must be a number, got 'heavy' (str)"]),
+    ("skip-corrupt-text", "gqn-train", lambda w: _train(w, "data.skip_corrupt=maybe"), 2,
+     ["data.skip_corrupt must be true or false, got 'maybe' (str)"]),
+    ("precision-31", "gqn-train", lambda w: _train(w, "trainer.precision=31"), 2,
+     ["trainer.precision must be one of", "got 31 (int)"]),
+    ("context-size-0", "gqn-train", lambda w: _train(w, "data.context_size=0"), 2,
+     ["context_size must be >= 1"]),
+    ("context-size-10", "gqn-train", lambda w: _train(w, "data.context_size=10"), 2,
+     ["needs 11 views per scene but synthetic_rooms has 10; use at most 9"]),
+    ("unknown-dataset", "gqn-train", lambda w: _train(w, "data.dataset=rooms_ring"), 2,
+     ["unknown dataset 'rooms_ring'", "rooms_ring_camera", "synthetic_rooms, synthetic_shepard_metzler"]),
+    ("data-dir-is-a-file", "gqn-train", lambda w: _train(w, f"paths.data_dir={w['file']}"), 2,
+     ["plain_file is a file, not a directory: paths.data_dir (GQN_DATA_DIR) must be the directory"]),
+    ("data-dir-missing", "gqn-train", lambda w: _train(w, f"paths.data_dir={w['tmp']}/nowhere"), 2,
+     ["dataset 'synthetic_rooms' not found: no directory", "nowhere/synthetic_rooms",
+      "gqn-data synth --family rooms --out"]),
+    ("run-dir-under-a-file", "gqn-train", lambda w: _train(w, f"hydra.run.dir={w['file']}/run"), 2,
+     ["cannot write the run directory", "plain_file is a file", "set hydra.run.dir=<a writable directory>"]),
+    ("run-dir-unwritable", "gqn-train", lambda w: _train(w, "hydra.run.dir=/proc/gqn-run"), 2,
+     ["cannot write the run directory /proc/gqn-run"]),
+    ("ckpt-missing", "gqn-train", lambda w: _train(w, f"ckpt_path={w['tmp']}/none.ckpt"), 2,
+     ["checkpoint not found", "none.ckpt"]),
+    ("ckpt-is-a-directory", "gqn-train", lambda w: _train(w, f"ckpt_path={w['tmp']}"), 2,
+     ["is a directory; give the checkpoint file"]),
+    ("ckpt-garbage", "gqn-train", lambda w: _train(w, f"ckpt_path={w['garbage']}"), 2,
+     ["cannot load checkpoint", "garbage.ckpt"]),
+    ("resume-other-model", "gqn-train",
+     lambda w: _train(w, f"ckpt_path={w['ckpt']}", "model.num_steps=3", "model.hidden_channels=16"), 2,
+     ["its model differs from this command's", "model.hidden_channels=8 in the checkpoint but 16 here",
+      "model.num_steps=2 in the checkpoint but 3 here"]),
+    ("max-skipped-steps-negative", "gqn-train",
+     lambda w: _train(w, "callbacks.nonfinite_guard.max_skipped_steps=-1"), 2,
+     ["callbacks.nonfinite_guard.max_skipped_steps must be an int >= 0, got -1"]),
+    ("wrong-frame-size-with-workers", "gqn-train",
+     lambda w: _train(w, f"paths.data_dir={w['wrong']}", "data=rooms_ring_camera", "data.num_workers=2"), 2,
+     ["rooms_ring_camera/train/", "at byte", "is 32x32 but this dataset has 64x64 frames",
+      "fix: these files do not hold the dataset named by data=", "data.image_size only sets"]),
+    ("corrupt-record-with-workers", "gqn-train",
+     lambda w: _train(w, f"paths.data_dir={w['corrupt']}", "data.num_workers=2"), 2,
+     ["data CRC mismatch", "at byte", "fix: set data.skip_corrupt=true"]),
+    ("too-few-scenes-per-worker", "gqn-train", lambda w: _train(w, "data.num_workers=4", "data.batch_size=36"), 2,
+     ["each of its 4 readers", "fewer than one batch (data.batch_size=36)", "lower data.num_workers"]),
+    ("eval-nan-checkpoint", "gqn-eval", lambda w: _eval(w, f"ckpt_path={w['nan_ckpt']}"), 2,
+     ["holds non-finite weights", "diverged run"]),
+    ("eval-context-size-12", "gqn-eval", lambda w: _eval(w, f"ckpt_path={w['ckpt']}", "context_size=12"), 2,
+     ["context_size must be an int in [1, 9]", "got 12"]),
+    ("eval-context-size-0", "gqn-eval", lambda w: _eval(w, f"ckpt_path={w['ckpt']}", "context_size=0"), 2,
+     ["context_size must be an int in [1, 9]", "got 0"]),
+    ("eval-ckpt-missing", "gqn-eval", lambda w: _eval(w, f"ckpt_path={w['tmp']}/none.ckpt"), 2,
+     ["checkpoint not found"]),
+    ("eval-ckpt-garbage", "gqn-eval", lambda w: _eval(w, f"ckpt_path={w['garbage']}"), 2,
+     ["cannot load checkpoint"]),
+    ("eval-batch-size-text", "gqn-eval", lambda w: _eval(w, f"ckpt_path={w['ckpt']}", "data.batch_size=many"), 2,
+     ["data.batch_size must be an int, got 'many' (str)"]),
+    ("eval-run-dir-under-a-file", "gqn-eval", lambda w: _eval(w, f"ckpt_path={w['ckpt']}",
+                                                           f"hydra.run.dir={w['file']}/ev"), 2,
+     ["cannot write the run directory"]),
+    ("render-nan-checkpoint", "gqn-render", lambda w: [f"ckpt_path={w['nan_ckpt']}", f"paths.data_dir={w['data']}",
+                                                         "data.image_size=32", f"hydra.run.dir={w['tmp']}/re"], 2,
+     ["holds non-finite weights"]),
+    ("synth-image-size-0", "gqn-data", lambda w: ["synth", "--out", f"{w['tmp']}/s", "--image-size", "0"], 2,
+     ["argument --image-size: must be an integer >= 8 and a multiple of 4, got 0"]),
+    ("synth-image-size-30", "gqn-data", lambda w: ["synth", "--out", f"{w['tmp']}/s", "--image-size", "30"], 2,
+     ["must be an integer >= 8 and a multiple of 4, got 30"]),
+    ("synth-image-size-text", "gqn-data", lambda w: ["synth", "--out", f"{w['tmp']}/s", "--image-size", "big"], 2,
+     ["argument --image-size: expected an integer, got 'big'"]),
+    ("synth-views-1", "gqn-data", lambda w: ["synth", "--out", f"{w['tmp']}/s", "--views", "1"], 2,
+     ["argument --views: must be an integer >= 2, got 1"]),
+    ("synth-train-scenes-0", "gqn-data", lambda w: ["synth", "--out", f"{w['tmp']}/s", "--train-scenes", "0"], 2,
+     ["argument --train-scenes: must be an integer >= 1, got 0"]),
+    ("synth-out-is-a-file", "gqn-data", lambda w: ["synth", "--out", str(w["file"])], 2,
+     ["plain_file is a file, not a directory; give a directory for the dataset"]),
+    ("synth-out-under-a-file", "gqn-data", lambda w: ["synth", "--out", f"{w['file']}/rooms"], 2,
+     ["plain_file is a file, not a directory"]),
+    ("verify-a-file", "gqn-data", lambda w: ["verify", str(w["file"])], 2,
+     ["plain_file is a file, not a dataset directory"]),
+    ("info-missing-dir", "gqn-data", lambda w: ["info", f"{w['tmp']}/nowhere"], 2,
+     ["no dataset directory", "gqn-data synth --out"]),
+    ("unknown-command", "gqn-data", lambda w: ["frobnicate"], 2, ["invalid choice: 'frobnicate'"]),
+]
+
+# gqn-data verify/info report problems on stdout, one line each, and exit 1
+PROBLEMS = [
+    ("verify-empty-train", ["verify", "{tmp}/empty_train/rooms_ring_camera"],
+     "holds no *.tfrecord files (empty train split)"),
+    ("verify-no-test-split", ["verify", "{tmp}/no_test/rooms_ring_camera"], "has no test/ directory"),
+]
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
+def test_bad_input_is_one_line(case, world, capsys):
+    _, prog, build, code, fragments = case
+    got, out, err = run_main(prog, build(world), capsys)
+    assert got == code, (got, out, err)
+    line = error_line(prog, err)
+    for fragment in fragments:
+        assert fragment in line, (fragment, line)
+    assert "eval_context_size" not in line
+
+
+@pytest.mark.parametrize("case", PROBLEMS, ids=[c[0] for c in PROBLEMS])
+def test_verify_problems_fail(case, world, capsys):
+    _, args, fragment = case
+    code, out, err = run_main("gqn-data", [a.format(tmp=world["tmp"]) for a in args], capsys)
+    assert code == 1 and not err
+    problems = [ln for ln in out.splitlines() if ln.startswith("problem:")]
+    assert len(problems) == 1 and fragment in problems[0], out
+
+
+def test_the_docs_table_is_the_contract():
+    """docs/errors.md has a row per case, with its exit code and the fragments its line must hold."""
+    text = DOCS.read_text()
+    rows = {m.group(1): m.group(0) for m in re.finditer(r"^\| `([a-z0-9-]+)` \|.*$", text, re.M)}
+    for case_id, *_, code, fragments in CASES:
+        assert case_id in rows, case_id
+        row = rows[case_id].replace("\\|", "|")
+        assert f"| {code} |" in row, case_id
+        for fragment in fragments:
+            assert fragment in row, (case_id, fragment)
+    for case_id, _, fragment in PROBLEMS:
+        assert case_id in rows and fragment in rows[case_id], case_id
+    assert len(CASES) + len(PROBLEMS) >= 40
+
+
+# ---------------------------------------------------------------------------------------- the data stream
+def _stream(files, **kw) -> SceneStream:
+    opts = dict(info=dataset_info("unused", "rooms_ring_camera"), batch_size=2, context_size=3, repeat=True,
+                drop_last=True, shuffle=False)
+    opts.update(kw)
+    return SceneStream(files, **opts)
+
+
+@pytest.mark.parametrize("size", [0, -1])
+def test_a_stream_refuses_a_batch_size_below_one(size):
+    with pytest.raises(GQNDataError, match=f"batch size must be an integer >= 1, got {size}"):
+        _stream(["x.tfrecord"], batch_size=size)
+
+
+def test_skip_warning_repeats_every_pass_with_a_count(tmp_path):
+    paths = write_dataset(tmp_path, "rooms_ring_camera", train=[[0, 1, 2, 3]], test=[])
+    path = paths["train"][0]
+    blob = bytearray(path.read_bytes())
+    blob[record_offsets(path)[2][0] + 12 + 40] ^= 0x40  # damage the 3rd scene
+    path.write_bytes(bytes(blob))
+    stream = _stream([path], skip_corrupt=True, batch_size=3)  # 3 good scenes per pass: one batch each
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("default")  # Python's default: an identical warning is shown once
+        batches = iter(stream)
+        for _ in range(3):
+            next(batches)
+    texts = [str(w.message) for w in caught if "skipping" in str(w.message)]
+    assert len(texts) == 3, texts  # the same record, met on each of three passes
+    assert [re.search(r"pass (\d+), (\d+) skipped so far", t).groups() for t in texts] == [
+        ("0", "1"), ("1", "2"), ("2", "3")]
+    assert all(f"{path} at byte {record_offsets(path)[2][0]}" in t for t in texts)
+
+
+def test_an_endless_stream_of_corrupt_scenes_stops_with_one_error(tmp_path):
+    paths = write_dataset(tmp_path, "rooms_ring_camera", train=[[0, 1, 2, 3]], test=[])
+    blob = bytearray(paths["train"][0].read_bytes())
+    for offset, _ in record_offsets(paths["train"][0]):
+        blob[offset + 12 + 40] ^= 0x40
+    paths["train"][0].write_bytes(bytes(blob))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with pytest.raises(GQNDataError, match="no readable scene|fewer than one batch|skipped as corrupt"):
+            next(iter(_stream(paths["train"], skip_corrupt=True)))
+
+
+def test_every_scene_skipped_stops_instead_of_spinning(tmp_path):
+    not_jpeg = write_dataset(tmp_path, "rooms_ring_camera", train=[[0, 1]], test=[])["train"][0]
+    from records_helper import make_example
+
+    write_file(not_jpeg, [make_example([b"not a jpeg"] * 10, [0.0] * 50)] * 4)  # CRCs fine, frames not JPEGs
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with pytest.raises(GQNDataError, match="every scene .* was skipped as corrupt"):
+            next(iter(_stream([not_jpeg], skip_corrupt=True)))
+
+
+def test_a_worker_error_arrives_as_itself_however_many_workers(world):
+    from data_modules import CorruptRecordError, GQNDataModule
+
+    for workers in (1, 3):
+        dm = GQNDataModule(str(world["corrupt"]), "synthetic_rooms", batch_size=2, context_size=3,
+                           num_workers=workers, image_size=32)
+        with pytest.raises(CorruptRecordError) as err:
+            for _ in dm.train_dataloader():
+                pass
+        assert err.value.path == str(world["corrupt_file"]) and err.value.offset == world["corrupt_offset"]
+        assert "Traceback" not in str(err.value) and "skip_corrupt" in err.value.fix
+
+
+# ---------------------------------------------------------------------------------------- resume: ckpt_path=auto
+def test_auto_says_it_found_nothing_and_starts_at_step_0(data_root, tmp_path, capsys):
+    cfg = compose_train([f"paths.data_dir={data_root}", *TINY, "logger=none", "callbacks=none", "ckpt_path=auto",
+                         "trainer.max_steps=1"], tmp_path / "runs" / "first")
+    with open_dict(cfg):
+        cfg.paths.output_dir = str(tmp_path / "outputs")
+        cfg.paths.multirun_dir = str(tmp_path / "multirun")
+    probe = Probe()
+    train(cfg, extra_callbacks=[probe])
+    assert probe.rows[0][0] == 0
+    err = capsys.readouterr().err
+    assert re.search(r"gqn-train: ckpt_path=auto: no checkpoints/last.ckpt under .*outputs.*; starting from step 0",
+                     err), err
+
+
+def test_auto_finds_a_run_outside_output_dir_and_says_which(data_root, tmp_path, capsys):
+    """A run placed with hydra.run.dir outside paths.output_dir is found (by its latest link, or by scanning
+    the run directories), and the newest of several wins."""
+    base = [f"paths.data_dir={data_root}", *TINY, "logger=none", "callbacks=none"]
+    for name, steps in (("older", 1), ("newer", 3)):
+        cfg = compose_train([*base, f"trainer.max_steps={steps}"], tmp_path / "elsewhere" / name)
+        with open_dict(cfg):
+            cfg.paths.output_dir = str(tmp_path / "outputs")  # not a parent of the runs
+        train(cfg)
+        time.sleep(0.05)
+    shutil.rmtree(tmp_path / "outputs")  # no latest link either: only the scan can find them
+    again = compose_train([*base, "ckpt_path=auto", "trainer.max_steps=4"], tmp_path / "elsewhere" / "again")
+    with open_dict(again):
+        again.paths.output_dir = str(tmp_path / "outputs")
+    capsys.readouterr()
+    probe = Probe()
+    train(again, extra_callbacks=[probe])
+    assert probe.rows[0][0] == 3  # continued the newer run
+    expected = tmp_path / "elsewhere" / "newer" / "checkpoints" / "last.ckpt"
+    assert f"gqn-train: ckpt_path=auto: resuming {expected.resolve()}" in capsys.readouterr().err
+    assert (tmp_path / "outputs" / "latest").resolve() == (tmp_path / "elsewhere" / "again").resolve()
+
+
+# ---------------------------------------------------------------------------------------- NaN / inf
+class Poison:
+    """A test callback: NaN query pixels at the given steps (a non-finite loss, nothing else changed), or
+    NaN weights right after the given step (before that step's checkpoint is written)."""
+
+    def __new__(cls, loss_steps=(), weight_steps=()):
+        import lightning as L
+
+        class _Poison(L.Callback):
+            def __init__(self):
+                self.params = {}
+
+            def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+                self.params[trainer.global_step] = [p.detach().clone() for p in pl_module.parameters()]
+                if trainer.global_step in loss_steps:
+                    batch["query_images"].fill_(float("nan"))
+
+            def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+                if trainer.global_step in weight_steps:
+                    with torch.no_grad():
+                        next(pl_module.parameters()).fill_(float("inf"))
+
+        return _Poison()
+
+
+def _nan_cfg(train_cfg, *extra):
+    return train_cfg("logger=none", "callbacks=none", "trainer.max_steps=6", "trainer.val_check_interval=100",
+                     "callbacks.last_checkpoint.every_n_train_steps=2", *extra)
+
+
+def _ckpt_state(cfg) -> dict:
+    return torch.load(Path(cfg.hydra.runtime.output_dir) / "checkpoints" / "last.ckpt", map_location="cpu",
+                      weights_only=False)
+
+
+def _finite(state) -> bool:
+    return all(torch.isfinite(v).all() for v in state["state_dict"].values() if v.is_floating_point())
+
+
+def test_a_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(train_cfg):
+    from callbacks.guards import NonFiniteLossError
+
+    cfg = _nan_cfg(train_cfg)
+    poison = Poison(loss_steps={3})
+    with pytest.raises(NonFiniteLossError) as err:
+        train(cfg, extra_callbacks=[poison])
+    msg = str(err.value)
+    assert "the training loss is nan at step 3" in msg and "(step 2)" in msg and "last.ckpt" in msg
+    assert "schedule.lr_init" in err.value.fix and "max_skipped_steps" in err.value.fix
+    state = _ckpt_state(cfg)
+    assert state["global_step"] == 2 and _finite(state)
+
+
+def test_up_to_max_skipped_steps_are_skipped_without_touching_the_weights(train_cfg, capsys):
+    cfg = _nan_cfg(train_cfg, "callbacks.nonfinite_guard.max_skipped_steps=1")
+    poison = Poison(loss_steps={3})
+    train(cfg, extra_callbacks=[poison])
+    before, after = poison.params[3], poison.params[4]
+    assert all(torch.equal(a, b) for a, b in zip(before, after))  # step 3 changed nothing
+    assert not all(torch.equal(a, b) for a, b in zip(poison.params[4], poison.params[5]))  # step 4 trained
+    state = _ckpt_state(cfg)
+    assert state["global_step"] == 6 and _finite(state)
+    assert "the training loss is nan at step 3; update skipped (1 of at most 1)" in capsys.readouterr().err
+    poison2 = Poison(loss_steps={2, 4})
+    with pytest.raises(Exception, match="at step 4 after skipping 1 such step"):
+        train(_nan_cfg(train_cfg, "callbacks.nonfinite_guard.max_skipped_steps=1"), extra_callbacks=[poison2])
+
+
+def test_non_finite_weights_are_never_written(train_cfg):
+    from callbacks.guards import NonFiniteLossError
+
+    cfg = _nan_cfg(train_cfg)
+    with pytest.raises(NonFiniteLossError, match=r"the weights are not finite .* at step 4.*\(step 2\)"):
+        train(cfg, extra_callbacks=[Poison(weight_steps={4})])
+    state = _ckpt_state(cfg)
+    assert state["global_step"] == 2 and _finite(state)
+
+
+def test_metrics_json_is_strict_json_when_a_metric_is_not_finite(world, capsys, monkeypatch):
+    from gqn import metrics
+
+    real = metrics.psnr
+    monkeypatch.setattr(metrics, "psnr", lambda a, b: real(a, b) + float("inf"))  # e.g. identical images
+    run_dir = world["tmp"] / "strict"
+    code, out, err = run_main("gqn-eval", _eval(world, f"ckpt_path={world['ckpt']}", "limit_batches=1",
+                                                f"hydra.run.dir={run_dir}"), capsys)
+    assert code == 0, err
+
+    def refuse(name):
+        raise AssertionError(f"not strict JSON: {name}")
+
+    report = json.loads((run_dir / "metrics.json").read_text(), parse_constant=refuse)
+    assert report["metrics"]["psnr_model"] is None and report["metrics"]["ssim_model"] is not None
+    assert "metrics.psnr_model" in report["non_finite"]
+
+
+# ---------------------------------------------------------------------------------------- progress bar
+def test_the_progress_bar_counts_steps_after_a_resume(train_cfg, tmp_path):
+    from callbacks import StepProgressBar
+
+    class Recording(StepProgressBar):
+        seen = []
+
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+            task = next(t for t in self.progress.tasks if t.id == self.train_progress_bar_id)
+            self.seen.append((task.completed, task.total, task.description.strip()))
+
+    first = train_cfg("logger=none", "callbacks=none", "trainer.max_steps=3")
+    train(first)
+    second = compose_train([*first.hydra.overrides.task, f"ckpt_path={_last(first)}", "trainer.max_steps=5"],
+                           tmp_path / "run2")
+    train(second, extra_callbacks=[Recording()])
+    assert Recording.seen == [(4, 5, "Step"), (5, 5, "Step")], Recording.seen
+
+
+def _last(cfg) -> Path:
+    return Path(cfg.hydra.runtime.output_dir) / "checkpoints" / "last.ckpt"
+
+
+# ---------------------------------------------------------------------------------------- signals
+def _popen(args: list[str], cwd: Path, log: Path) -> subprocess.Popen:
+    env = {**os.environ, "WANDB_MODE": "offline", "HYDRA_FULL_ERROR": "0", "OMP_NUM_THREADS": "1"}
+    return subprocess.Popen([str(BIN / "gqn-train"), *args], cwd=cwd, env=env, stdout=log.open("w"),
+                            stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def _signal_after_step(proc: subprocess.Popen, log: Path, step: int, signum: int, deadline: float = 240) -> int:
+    """Wait until the run logged ``step`` (LineProgress lines), signal its process group (as a terminal's
+    Ctrl-C or SLURM does: workers included), and return its exit code."""
+    end, reached = time.time() + deadline, False
+    while time.time() < end and proc.poll() is None and not reached:
+        steps = [int(m) for m in re.findall(r"^step (\d+)/", log.read_text(), re.M)]
+        reached = bool(steps) and max(steps) >= step
+        time.sleep(0.2)
+    if not reached or proc.poll() is not None:
+        os.killpg(proc.pid, signal.SIGKILL)
+        raise AssertionError(f"the run did not reach step {step} in {deadline} s:\n{log.read_text()}")
+    os.killpg(proc.pid, signum)
+    try:
+        return proc.wait(timeout=120)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        raise AssertionError(f"no exit within 120 s of the signal:\n{log.read_text()}") from None
+
+
+def test_sigterm_to_the_process_group_saves_a_checkpoint_that_resumes_at_the_exact_step(data_root, tmp_path):
+    """SLURM preemption: SIGTERM to every process of the job, the loader worker included."""
+    signum, code = signal.SIGTERM, 143
+    run = tmp_path / "run"
+    args = [f"paths.data_dir={data_root}", *TINY, "logger=none", f"hydra.run.dir={run}",
+            f"paths.output_dir={tmp_path / 'outputs'}", "data.num_workers=1", "trainer.max_steps=100000",
+            "trainer.val_check_interval=100000", "callbacks.last_checkpoint.every_n_train_steps=100000",
+            "callbacks.progress_lines.every_n_steps=1", "schedule=paper", "schedule.lr_steps=1000",
+            "schedule.sigma_steps=1000"]
+    log = tmp_path / "log.txt"
+    got = _signal_after_step(_popen(args, tmp_path, log), log, 3, signum)
+    text = log.read_text()
+    assert got == code, text
+    assert "Traceback" not in text, text
+    match = re.search(rf"gqn-train: stopped by {signal.Signals(signum).name} at step (\d+); saved (\S+); resume "
+                      rf"with gqn-train ckpt_path=auto", text)
+    assert match, text
+    step, path = int(match.group(1)), Path(match.group(2))
+    assert path == run / "checkpoints" / "last.ckpt"
+    state = torch.load(path, map_location="cpu", weights_only=False)
+    assert state["global_step"] == step >= 3
+    resumed = compose_train([a for a in args if not a.startswith(("hydra.run.dir", "data.num_workers"))]
+                            + ["ckpt_path=auto", f"trainer.max_steps={step + 1}"], tmp_path / "resumed")
+    with open_dict(resumed):
+        resumed.paths.output_dir = str(tmp_path / "outputs")
+    probe = Probe()
+    train(resumed, extra_callbacks=[probe])
+    assert probe.rows[0][0] == step  # exactly where the signal stopped it
+    assert probe.rows[0][1] == pytest.approx(5e-4 + (5e-5 - 5e-4) * step / 1000, rel=1e-9)
+
+
+def test_ctrl_c_stops_at_the_end_of_the_step_saves_and_exits_130(train_cfg, tmp_path, capsys):
+    import lightning as L
+
+    class CtrlC(L.Callback):  # the user presses Ctrl-C in the middle of step 3
+        def on_before_backward(self, trainer, pl_module, loss):
+            if trainer.global_step == 3:
+                os.kill(os.getpid(), signal.SIGINT)
+
+    cfg = train_cfg("logger=none", "callbacks=none", "trainer.max_steps=100", "trainer.val_check_interval=1000",
+                    "schedule=paper", "schedule.lr_steps=1000")
+    previous = signal.getsignal(signal.SIGINT)
+    with pytest.raises(SystemExit) as exc:
+        train(cfg, extra_callbacks=[CtrlC()])
+    assert exc.value.code == 130
+    assert signal.getsignal(signal.SIGINT) == previous  # the handler is gone after the run
+    ckpt = _last(cfg)
+    err = capsys.readouterr().err
+    assert "SIGINT received: stopping at the end of this step" in err
+    assert f"gqn-train: stopped by SIGINT at step 4; saved {ckpt}; resume with gqn-train ckpt_path=auto" in err
+    assert torch.load(ckpt, map_location="cpu", weights_only=False)["global_step"] == 4  # step 3 completed
+    resumed = compose_train([*cfg.hydra.overrides.task, "ckpt_path=auto", "trainer.max_steps=5"], tmp_path / "again")
+    with open_dict(resumed):
+        resumed.paths.output_dir = cfg.paths.output_dir
+    probe = Probe()
+    train(resumed, extra_callbacks=[probe])
+    assert [row[0] for row in probe.rows] == [4]
+    assert probe.rows[0][1] == pytest.approx(5e-4 + (5e-5 - 5e-4) * 4 / 1000, rel=1e-9)
+
+
+def test_ctrl_c_outside_training_exits_130(capsys):
+    from gqn.cli import one_line_errors
+
+    @one_line_errors("gqn-x")
+    def interrupted():
+        raise KeyboardInterrupt
+
+    with pytest.raises(SystemExit) as exc:
+        interrupted()
+    assert exc.value.code == 130 and capsys.readouterr().err.strip() == "gqn-x: interrupted"
