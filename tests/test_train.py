@@ -13,7 +13,8 @@ from omegaconf import OmegaConf, open_dict
 
 from data_modules import DATASETS
 from gqn import CONF_DIR
-from gqn.train import train
+from gqn.cli import UserError, one_line_errors
+from gqn.train import check_run, train
 
 
 def options(group: str) -> list[str]:
@@ -60,6 +61,66 @@ def test_trainer_options_compose(tmp_path):
     assert gpu.trainer.accelerator == "gpu"
     ddp = compose_train(["trainer=ddp"], tmp_path / "b")
     assert ddp.trainer.strategy == "ddp" and ddp.trainer.devices == 2
+
+
+def test_run_length_belongs_to_the_experiment_not_the_hardware(tmp_path):
+    default = compose_train([], tmp_path / "a")
+    gpu = compose_train(["trainer=gpu"], tmp_path / "b")
+    for cfg in (default, gpu):  # a hardware preset does not change how long the run is
+        assert cfg.name == "default" and cfg.trainer.max_steps == 7000 and cfg.schedule.lr_steps == 7000
+    longer = compose_train(["trainer.max_steps=28000"], tmp_path / "c")
+    assert longer.schedule.lr_steps == 28000  # schedule=fast anneals the LR over the whole run
+    paper = compose_train(["experiment=rooms_ring_camera", "trainer=gpu"], tmp_path / "d")
+    assert paper.name == "rooms_ring_camera" and paper.trainer.accelerator == "gpu"
+    assert paper.trainer.max_steps == 2_000_000 and paper.trainer.val_check_interval == 5000
+    assert paper.model.hidden_channels == 128 and paper.model.num_steps == 12
+    assert (paper.schedule.lr_steps, paper.schedule.sigma_init, paper.schedule.sigma_steps) == (1.6e6, 2.0, 2e5)
+    assert paper.module.prior_mean_weight == 0.0
+    with pytest.raises(UserError, match="trainer.max_steps is not set"):
+        check_run(compose_train(["~experiment"], tmp_path / "e"))
+
+
+def test_fast_schedule_on_a_paper_scale_run_warns_in_one_line(tmp_path, capsys):
+    for overrides, warned in ((["model=paper"], True), (["trainer.max_steps=200000"], True), ([], False),
+                              (["experiment=rooms_ring_camera"], False), (["trainer.max_steps=28000"], False)):
+        check_run(compose_train(overrides, tmp_path / "run"))
+        err = capsys.readouterr().err.strip().splitlines()
+        if warned:
+            assert len(err) == 1 and err[0].startswith("gqn-train: warning: schedule=fast"), (overrides, err)
+            assert "experiment=rooms_ring_camera" in err[0]
+        else:
+            assert err == [], (overrides, err)
+
+
+def test_the_lr_lives_in_the_schedule_and_another_optimizer_lr_is_refused(train_cfg, capsys):
+    probe = Probe()
+    train(train_cfg("schedule=constant", "schedule.lr_init=1e-3"), extra_callbacks=[probe])
+    assert [lr for _, lr, _ in probe.rows] == [1e-3, 1e-3]
+    cfg = train_cfg("schedule=constant", "module.optimizer.lr=1e-3")
+    with pytest.raises(SystemExit) as exit_info:
+        one_line_errors("gqn-train")(train)(cfg)
+    assert exit_info.value.code == 2
+    (line,) = _prog_lines(capsys.readouterr().err)
+    assert line == ("gqn-train: error: module.optimizer.lr=0.001 but the LR schedule starts at "
+                    "schedule.lr_init=0.0005: the LR lives in the schedule group, set schedule.lr_init (and "
+                    "schedule.lr_final) instead")
+
+
+def test_bad_model_config_values_are_one_line_errors(train_cfg, capsys):
+    for override, message in (("model.checkpoint_steps=true", "model.checkpoint_steps=true needs model.fast=true"),
+                              ("model.num_steps=0", "num_steps (L) must be >= 1, got 0")):
+        cfg = train_cfg("model.fast=false", override)
+        with pytest.raises(SystemExit) as exit_info:
+            one_line_errors("gqn-train")(train)(cfg)
+        assert exit_info.value.code == 2
+        (line,) = _prog_lines(capsys.readouterr().err)
+        assert line.startswith("gqn-train: error: ") and message in line, line
+
+
+def _prog_lines(stderr: str) -> list[str]:
+    """gqn-train's own lines on stderr (in-process, Lightning's log lines share it); never a traceback."""
+    assert "Traceback" not in stderr
+    return [ln for ln in stderr.splitlines() if ln.startswith("gqn-train:")]
 
 
 def test_lr_and_sigma_follow_the_formula(train_cfg, tmp_path):

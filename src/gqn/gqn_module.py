@@ -25,8 +25,10 @@ class GQNModule(L.LightningModule):
     Args:
         model: a Hydra config of the GQN (``_target_: gqn.model.GQN`` with a nested encoder).
         optimizer: a partial optimizer config (``_partial_: true``); the module binds the parameters.
-        schedule: ``lr_init, lr_final, lr_steps`` and ``sigma_init, sigma_final, sigma_steps``; LR and
-            pixel sigma are functions of the global step (LR through ``torch.optim.lr_scheduler``).
+        schedule: ``sigma_init, sigma_final, sigma_steps``: pixel sigma as a function of the global step
+            (the group's ``lr_*`` keys feed ``optimizer`` and ``lr_scheduler`` in the config, not the module).
+        lr_scheduler: a partial LR scheduler config (``_partial_: true``), called with the optimizer and
+            stepped after every optimizer step; ``None``: a constant LR.
         sigma_warmup_steps: hold sigma at ``sigma_init`` this long before annealing starts.
         kl_warmup_steps: scale the KL term of the loss from 0 to ``kl_weight`` over this many steps.
         kl_weight: the weight (beta) of the KL term in the training loss; 1 is the ELBO. Metrics always
@@ -42,6 +44,7 @@ class GQNModule(L.LightningModule):
         model: Any,
         optimizer: Any,
         schedule: Any,
+        lr_scheduler: Any = None,
         sigma_warmup_steps: int = 0,
         kl_warmup_steps: int = 0,
         kl_weight: float = 1.0,
@@ -51,14 +54,14 @@ class GQNModule(L.LightningModule):
     ):
         super().__init__()
         self.save_hyperparameters({"model": _plain(model), "optimizer": _plain(optimizer),
-                                   "schedule": _plain(schedule), "sigma_warmup_steps": sigma_warmup_steps,
+                                   "schedule": _plain(schedule), "lr_scheduler": _plain(lr_scheduler),
+                                   "sigma_warmup_steps": sigma_warmup_steps,
                                    "kl_warmup_steps": kl_warmup_steps, "kl_weight": kl_weight,
                                    "prior_mean_weight": prior_mean_weight, "prior_mean_start": prior_mean_start,
                                    "compile": compile})
         self.model: GQN = hydra.utils.instantiate(self.hparams.model)
         s = self.hparams.schedule
         self.sigma_schedule = LinearAnneal(s["sigma_init"], s["sigma_final"], s["sigma_steps"], sigma_warmup_steps)
-        self.lr_factor = LinearAnneal(1.0, s["lr_final"] / s["lr_init"], s["lr_steps"])
         self.kl_weight = LinearAnneal(0.0, kl_weight, kl_warmup_steps) if kl_warmup_steps else (lambda step: kl_weight)
         self.prior_mean_weight = LinearAnneal(0.0, prior_mean_weight, 0, delay=prior_mean_start)
         # kept out of the module tree (a compiled wrapper would duplicate the state dict's keys)
@@ -70,9 +73,9 @@ class GQNModule(L.LightningModule):
 
     def configure_optimizers(self):
         opt = hydra.utils.instantiate(self.hparams.optimizer)(params=self.parameters())
-        for group in opt.param_groups:
-            group["lr"] = self.hparams.schedule["lr_init"]  # the LR lives in the schedule config
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, self.lr_factor)
+        if self.hparams.lr_scheduler is None:
+            return opt
+        sched = hydra.utils.instantiate(self.hparams.lr_scheduler)(opt)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step", "frequency": 1}}
 
     # ------------------------------------------------------------------ steps

@@ -1,21 +1,27 @@
 """gqn-train: compose the config, instantiate data, model, callbacks, loggers and trainer; fit.
 
-    gqn-train                                  # the embedded default (procedural rooms)
-    gqn-train model=paper data=rooms_ring_camera trainer=gpu
+    gqn-train                                  # the embedded default (experiment=default: procedural rooms)
+    gqn-train experiment=rooms_ring_camera trainer=gpu   # the paper's model, schedule and run length
     gqn-train model/encoder=pool model.num_steps=8 -m seed=1,2,3
     gqn-train ckpt_path=auto                   # resume the latest run
 """
 
 from __future__ import annotations
 
+import sys
+
 import hydra
 import lightning as L
 from hydra.core.hydra_config import HydraConfig
 from lightning.pytorch.callbacks import LearningRateMonitor
+from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
 from gqn import CONF_DIR
-from gqn.cli import finish_wandb, mark_latest, one_line_errors, resolve_ckpt
+from gqn.cli import UserError, finish_wandb, mark_latest, one_line_errors, resolve_ckpt
+
+#: schedule=fast was tuned on short CPU runs of model=small (<= 28k steps); past this many steps say so.
+FAST_SCHEDULE_MAX_STEPS = 100_000
 
 
 def instantiate_dict(cfg: DictConfig | None) -> list:
@@ -23,11 +29,29 @@ def instantiate_dict(cfg: DictConfig | None) -> list:
     return [hydra.utils.instantiate(v) for v in (cfg or {}).values() if v is not None and "_target_" in v]
 
 
+def check_run(cfg: DictConfig) -> None:
+    """Refuse a run without a length; warn (one line) about the fast CPU schedule on paper-scale runs."""
+    if OmegaConf.is_missing(cfg.trainer, "max_steps"):
+        raise UserError("trainer.max_steps is not set: an experiment sets the run length (experiment=default: "
+                        "7000 steps), or give trainer.max_steps=N")
+    choices = HydraConfig.get().runtime.choices if HydraConfig.initialized() else {}
+    steps, model = int(cfg.trainer.max_steps), choices.get("model")
+    if choices.get("schedule") == "fast" and (steps > FAST_SCHEDULE_MAX_STEPS or model in ("paper", "tf_gqn")):
+        _warn(f"schedule=fast (tuned for short CPU runs of model=small) with model={model} for {steps} steps; "
+              "the paper's setup is experiment=<dataset>, e.g. gqn-train experiment=rooms_ring_camera trainer=gpu")
+
+
+@rank_zero_only
+def _warn(message: str) -> None:
+    print(f"gqn-train: warning: {message}", file=sys.stderr, flush=True)
+
+
 def train(cfg: DictConfig, extra_callbacks: list | None = None) -> float | None:
     """Fit (and optionally test) the model described by ``cfg``; returns ``cfg.optimized_metric``.
 
     ``extra_callbacks`` are added to the configured ones (programmatic use, tests).
     """
+    check_run(cfg)
     L.seed_everything(cfg.seed, workers=True)
     datamodule = hydra.utils.instantiate(cfg.data)
     module = hydra.utils.instantiate(cfg.module, _recursive_=False)
