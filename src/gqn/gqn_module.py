@@ -67,6 +67,10 @@ class GQNModule(L.LightningModule):
         # kept out of the module tree (a compiled wrapper would duplicate the state dict's keys)
         self.__dict__["_forward"] = torch.compile(self.model) if compile else self.model
 
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Lightning's hook (also on ``load_from_checkpoint``): remember the step the checkpoint was written at."""
+        self.global_step_loaded = int(checkpoint.get("global_step", 0))
+
     # ------------------------------------------------------------------ schedules
     def sigma(self, step: int | None = None) -> float:
         return self.sigma_schedule(self.global_step if step is None else step)
