@@ -66,6 +66,8 @@ class GQNModule(L.LightningModule):
         self.prior_mean_weight = LinearAnneal(0.0, prior_mean_weight, 0, delay=prior_mean_start)
         # kept out of the module tree (a compiled wrapper would duplicate the state dict's keys)
         self.__dict__["_forward"] = torch.compile(self.model) if compile else self.model
+        self._step_kind: tuple | None = None  # (train?, B, M, auxiliary loss on?) of the last step
+        self._flops: dict[tuple, int] = {}
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Lightning's hook (also on ``load_from_checkpoint``): remember the step the checkpoint was written at."""
@@ -81,6 +83,38 @@ class GQNModule(L.LightningModule):
             return opt
         sched = hydra.utils.instantiate(self.hparams.lr_scheduler)(opt)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step", "frequency": 1}}
+
+    # ------------------------------------------------------------------ throughput
+    @property
+    def flops_per_batch(self) -> int | None:
+        """FLOPs of the last step, read by Lightning's ``ThroughputMonitor`` after every batch (train: forward,
+        auxiliary render and backward; validation: forward and the prior-mean render). Counted once per batch
+        shape with ``measure_flops`` on a meta-device copy of the model (nothing is computed)."""
+        if self._step_kind is None:
+            return None
+        if self._step_kind not in self._flops:
+            self._flops[self._step_kind] = self._count_flops(*self._step_kind)
+        return self._flops[self._step_kind]
+
+    def _count_flops(self, train: bool, B: int, M: int, aux: bool) -> int:
+        from lightning.fabric.utilities.throughput import measure_flops
+
+        size = self.model.image_size
+        with torch.inference_mode(False), torch.device("meta"):
+            model = hydra.utils.instantiate(self.hparams.model)
+            ci, cp = torch.empty(B, M, 3, size, size), torch.empty(B, M, model.pose_dim)
+            qi, qp = torch.empty(B, 3, size, size), torch.empty(B, model.pose_dim)
+
+        def step():
+            out = model(ci, cp, qi, qp, sigma=1.0)
+            if not train:
+                model.render(out["representation"], qp, mean=True)
+            elif aux:
+                return out["elbo"].sum() + model.generator(qp, out["representation"], sample_prior=False)["mean"].sum()
+            return out["elbo"].sum()
+
+        with torch.inference_mode(False), torch.enable_grad():  # ThroughputMonitor asks in inference mode
+            return measure_flops(model, step, loss_fn=torch.Tensor.sum if train else None)
 
     # ------------------------------------------------------------------ steps
     def forward(self, batch: dict[str, torch.Tensor], sigma: float | None = None):
@@ -101,6 +135,7 @@ class GQNModule(L.LightningModule):
             prior_nll = gaussian_nll(batch["query_images"], prior_mean, self.sigma())
             loss = loss + weight * prior_nll.mean()
             self.log("train/prior_mean_nll", prior_nll.mean(), batch_size=B)
+        self._step_kind = (True, B, batch["context_images"].shape[1], bool(weight))
         self.log("train/loss", loss, prog_bar=True, batch_size=B)
         self._log_terms("train", out, B)
         self.log("train/sigma", self.sigma(), batch_size=B)
@@ -113,6 +148,7 @@ class GQNModule(L.LightningModule):
         self._log_terms(prefix, out, B, sync_dist=True)
         ctx, ctx_poses, target = batch["context_images"], batch["context_poses"], batch["query_images"]
         render = self.model.render(out["representation"], batch["query_poses"], mean=True)  # context encoded once
+        self._step_kind = (False, B, ctx.shape[1], False)
         nearest = metrics.nearest_context_view(ctx, ctx_poses, batch["query_poses"])
         mean_view = metrics.mean_context_view(ctx)
         for name, img in (("model", render), ("nearest_view", nearest), ("mean_view", mean_view)):
