@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from pathlib import Path
 
 import lightning as L
 
@@ -60,10 +59,6 @@ class GQNDataModule(L.LightningDataModule):
     # ------------------------------------------------------------------ files and streams
     def files(self, split: str) -> list[str]:
         return split_files(self.data_dir, self.dataset, split, how_to_get(self.data_dir, self.dataset))
-
-    @property
-    def root(self) -> Path:
-        return Path(self.data_dir) / self.dataset
 
     def _dist(self) -> tuple[int, int]:
         trainer = getattr(self, "trainer", None)

@@ -27,7 +27,7 @@ def masked_crc(data) -> int:
     return (((crc >> 15) | (crc << 17)) + _MASK_DELTA) & 0xFFFFFFFF
 
 
-def iter_records(path: str | Path, verify: bool = True, on_bad_data=None) -> Iterator[tuple[int, bytes]]:
+def iter_records(path: str | Path, on_bad_data=None) -> Iterator[tuple[int, bytes]]:
     """Yield ``(byte offset, record bytes)`` for every record of an uncompressed TFRecord file.
 
     A record whose data fails its CRC still has sound framing (its length passed its own CRC): if
@@ -43,7 +43,7 @@ def iter_records(path: str | Path, verify: bool = True, on_bad_data=None) -> Ite
             if len(header) < 12:
                 raise CorruptRecordError(path, offset, f"truncated record header ({len(header)} of 12 bytes)")
             length, length_crc = struct.unpack("<QI", header)
-            if verify and masked_crc(header[:8]) != length_crc:
+            if masked_crc(header[:8]) != length_crc:
                 raise CorruptRecordError(path, offset, "length CRC mismatch (not a TFRecord file, or damaged)")
             data = fh.read(length)
             footer = fh.read(4)
@@ -51,7 +51,7 @@ def iter_records(path: str | Path, verify: bool = True, on_bad_data=None) -> Ite
                 raise CorruptRecordError(
                     path, offset, f"truncated record: expected {length} bytes of data, file ends early"
                 )
-            if verify and masked_crc(data) != struct.unpack("<I", footer)[0]:
+            if masked_crc(data) != struct.unpack("<I", footer)[0]:
                 err = CorruptRecordError(path, offset, "data CRC mismatch (the record is damaged)")
                 if on_bad_data is None:
                     raise err

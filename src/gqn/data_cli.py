@@ -11,11 +11,12 @@ import numpy as np
 
 
 def _synth(args) -> int:
+    from data_modules.datasets import CARD, read_card
     from gqn.synthetic import synthesize
 
     out = Path(args.out)
-    if args.skip_existing and (out / "dataset.json").is_file():
-        print(f"{out} exists (dataset.json found); keeping it")
+    if args.skip_existing and read_card(out) is not None:
+        print(f"{out} exists ({CARD} found); keeping it")
         return 0
     synthesize(out, family=args.family, train_scenes=args.train_scenes, test_scenes=args.test_scenes,
                seed=args.seed, image_size=args.image_size, views=args.views,

@@ -7,7 +7,6 @@ Each record is a ``tf.train.Example`` with ``frames`` (a bytes list of JPEG imag
 
 from __future__ import annotations
 
-import json
 import math
 import time
 from concurrent.futures import ProcessPoolExecutor
@@ -18,9 +17,9 @@ import simplejpeg
 from tfrecord import example_pb2
 from tfrecord.writer import TFRecordWriter
 
+from data_modules.datasets import write_card
 from gqn.synthetic.scenes import make_scene
 
-CARD = "dataset.json"
 JPEG_QUALITY = 95
 SPLITS = {"train": 0, "test": 1}
 
@@ -111,6 +110,6 @@ def synthesize(
     }
     if family == "shepard_metzler":
         card["parts"] = parts
-    (out / CARD).write_text(json.dumps(card, indent=2) + "\n")
+    write_card(out, card)
     log(f"wrote {written} scenes to {out} in {seconds:.1f} s ({written / max(seconds, 1e-9):.0f} scenes/s)")
     return card
