@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from unittest.mock import PropertyMock, patch
 
@@ -220,20 +221,37 @@ def test_every_encoder_and_core_sharing_trains(train_cfg, encoder, core):
     assert state["hyper_parameters"]["model"]["encoder"]["_target_"].lower().endswith(encoder)
 
 
-def test_kl_and_sigma_warmups(train_cfg):
+def _training_loss(module, batch, step: int) -> torch.Tensor:
+    module.log = lambda *a, **k: None  # no trainer attached
+    with patch.object(type(module), "global_step", new_callable=PropertyMock, return_value=step):
+        torch.manual_seed(0)  # the same posterior noise at every step
+        return module.training_step(batch, 0)
+
+
+def test_kl_and_sigma_warmups_shape_the_training_loss(train_cfg):
+    """The loss at step s is NLL(sigma(s)) + w(s) * KL, with w and sigma written out by hand."""
     from hydra.utils import instantiate
 
     cfg = train_cfg("schedule=paper", "module.kl_warmup_steps=10", "module.sigma_warmup_steps=5",
-                    "schedule.sigma_steps=10")
+                    "schedule.sigma_steps=10", "module.kl_weight=0.5")
     module = instantiate(cfg.module, _recursive_=False)
-    assert [module.kl_weight(s) for s in (0, 5, 10, 20)] == [0.0, 0.5, 1.0, 1.0]
-    assert module.sigma(0) == module.sigma(5) == 2.0  # held during the warm-up
-    assert module.sigma(10) == pytest.approx(2.0 + (0.7 - 2.0) * 5 / 10)
-    assert module.sigma(100) == pytest.approx(0.7)
-    beta = instantiate(train_cfg("module.kl_warmup_steps=10", "module.kl_weight=0.5").module, _recursive_=False)
-    assert [beta.kl_weight(s) for s in (0, 5, 10, 20)] == [0.0, 0.25, 0.5, 0.5]  # warm-up ends at beta
-    beta = instantiate(train_cfg("module.kl_weight=3").module, _recursive_=False)
-    assert [beta.kl_weight(s) for s in (0, 1000)] == [3.0, 3.0]
+    dm = instantiate(cfg.data)
+    dm.setup("fit")
+    batch = next(iter(dm.val_dataloader()))
+    expected = {0: (2.0, 0.0), 5: (2.0, 0.25), 10: (2.0 + (0.7 - 2.0) * 5 / 10, 0.5), 100: (0.7, 0.5)}
+    for step, (sigma, kl_weight) in expected.items():
+        loss = _training_loss(module, batch, step)
+        torch.manual_seed(0)
+        out = module.model(batch["context_images"], batch["context_poses"], batch["query_images"],
+                           batch["query_poses"], sigma=sigma)
+        assert out["kl"].mean() > 0
+        assert loss.item() == pytest.approx((out["nll"] + kl_weight * out["kl"]).mean().item(), rel=1e-5), step
+    constant = instantiate(train_cfg("module.kl_weight=3", "schedule=constant").module, _recursive_=False)
+    loss = _training_loss(constant, batch, 1000)
+    torch.manual_seed(0)
+    out = constant.model(batch["context_images"], batch["context_poses"], batch["query_images"],
+                         batch["query_poses"], sigma=0.7)
+    assert loss.item() == pytest.approx((out["nll"] + 3 * out["kl"]).mean().item(), rel=1e-5)
 
 
 def test_resume_auto_picks_the_latest_run(train_cfg, tmp_path):
@@ -320,3 +338,46 @@ def test_flop_count_equals_a_count_of_a_real_training_step(train_cfg):
                 loss = loss + module.model.generator(qp, out["representation"], sample_prior=False)["mean"].mean()
             loss.backward()
         assert module._count_flops(True, 2, 3, aux) == counter.get_total_flops() > 0
+
+
+def test_after_fit_runs_the_test_split(train_cfg):
+    import csv
+
+    cfg = train_cfg("logger=csv", "test_after_fit=true")
+    train(cfg)
+    (metrics,) = Path(cfg.hydra.runtime.output_dir).rglob("metrics.csv")
+    rows = [r for r in csv.DictReader(metrics.open()) if r.get("test/psnr_model")]
+    assert len(rows) == 1  # one row of test metrics, after the fit
+    for key in ("test/elbo", "test/psnr_model", "test/psnr_nearest_view", "test/ssim_model"):
+        assert math.isfinite(float(rows[0][key])), key
+    without = train_cfg("logger=csv")
+    train(without)
+    (metrics,) = Path(without.hydra.runtime.output_dir).rglob("metrics.csv")
+    assert not any(r.get("test/psnr_model") for r in csv.DictReader(metrics.open()))
+
+
+@pytest.mark.slow
+def test_compile_trains_and_matches_eager(train_cfg):
+    import torch._inductor.config as inductor_config
+    from hydra.utils import instantiate
+
+    cfg = train_cfg("module.compile=true", "logger=none", "callbacks=none")
+    train(cfg)
+    assert torch.load(Path(cfg.hydra.runtime.output_dir) / "checkpoints" / "last.ckpt",
+                      weights_only=False)["global_step"] == 2
+    module = instantiate(cfg.module, _recursive_=False)
+    assert module._forward is not module.model  # the compiled wrapper
+    dm = instantiate(cfg.data)
+    dm.setup("fit")
+    batch = next(iter(dm.val_dataloader()))
+    inductor_config.fallback_random = True  # the compiled graph draws the same noise as eager mode
+    try:
+        torch.manual_seed(0)
+        compiled = module(batch, sigma=0.7)
+        torch.manual_seed(0)
+        eager = module.model(batch["context_images"], batch["context_poses"], batch["query_images"],
+                             batch["query_poses"], sigma=0.7)
+    finally:
+        inductor_config.fallback_random = False
+    for key in ("elbo", "nll", "kl", "mean"):
+        assert torch.allclose(compiled[key], eager[key], rtol=1e-4, atol=1e-4), key
