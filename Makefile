@@ -1,7 +1,10 @@
 # Every target creates .venv on demand, so any of them works as the first command on a fresh clone.
 PYTHON ?= python3
 VENV ?= .venv
+# torch is installed first, on its own: TORCH_SPEC from pip's configured index, or from TORCH_INDEX_URL if set
+# (e.g. https://download.pytorch.org/whl/cpu for a CPU-only build, .../whl/cu128 for a CUDA 12.8 build)
 TORCH_SPEC ?= torch==2.13.0
+TORCH_INDEX_URL ?=
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 DATA_DIR ?= data
@@ -15,7 +18,7 @@ install: $(STAMP)
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet "$(TORCH_SPEC)"
+	$(BIN)/python -m pip install --quiet "$(TORCH_SPEC)" $(if $(TORCH_INDEX_URL),--index-url $(TORCH_INDEX_URL))
 	$(BIN)/python -m pip install --quiet -e ".[dev,sweep]"
 	touch $(STAMP)
 

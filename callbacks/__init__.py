@@ -1,11 +1,15 @@
-"""Lightning callbacks: reconstruction grid, DRAW-sequence strip, fly-through video, throughput, progress,
-the non-finite loss guard and the graceful stop on SIGINT/SIGTERM."""
+"""Lightning callbacks: reconstruction grid, DRAW-sequence strip, fly-through video, progress lines, the
+non-finite loss guard and the graceful stop on SIGINT/SIGTERM.
+
+Throughput is Lightning's own ``ThroughputMonitor`` (``conf/callbacks/default.yaml``), counting scenes with
+:func:`callbacks.throughput.scenes_in_batch`.
+"""
 
 from callbacks.images import DrawSequence, ReconstructionGrid
 from callbacks.progress import LineProgress, StepProgressBar
-from callbacks.throughput import Throughput
+from callbacks.throughput import scenes_in_batch
 
-__all__ = ["DrawSequence", "LineProgress", "ReconstructionGrid", "StepProgressBar", "Throughput"]
+__all__ = ["DrawSequence", "LineProgress", "ReconstructionGrid", "StepProgressBar", "scenes_in_batch"]
 
 from callbacks.flythrough import FlyThrough  # noqa: E402
 from callbacks.guards import GracefulStop, NonFiniteGuard  # noqa: E402

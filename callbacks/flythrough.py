@@ -7,6 +7,7 @@ import torch
 
 from callbacks.images import _FixedBatch
 from callbacks.media import log_video, to_uint8
+from gqn.metrics import nearest_context_view
 from gqn.trajectory import orbit
 
 
@@ -30,7 +31,7 @@ class FlyThrough(_FixedBatch):
         poses = orbit(b["context_poses"][0].cpu(), frames=self.frames)
         views = pl_module.render_views(b["context_images"][0], b["context_poses"][0], poses)
         ctx, ctx_poses = b["context_images"][0].cpu(), b["context_poses"][0].cpu()
-        nearest = (ctx_poses[None] - poses[:, None]).pow(2).sum(-1).argmin(dim=1)  # closest context view
-        frames = np.stack([np.concatenate([to_uint8(v), to_uint8(ctx[i])], axis=1)
-                           for v, i in zip(views, nearest.tolist())])
+        n = len(poses)  # per frame, the context view closest in pose (the same baseline the metrics use)
+        nearest = nearest_context_view(ctx.expand(n, *ctx.shape), ctx_poses.expand(n, *ctx_poses.shape), poses)
+        frames = np.stack([np.concatenate([to_uint8(v), to_uint8(c)], axis=1) for v, c in zip(views, nearest)])
         log_video(trainer, "video/flythrough", frames, fps=self.fps)

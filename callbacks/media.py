@@ -1,11 +1,13 @@
-"""Logger-agnostic image/video logging: W&B, TensorBoard, or files in the run directory."""
+"""Logger-agnostic image/video logging: W&B, TensorBoard, and always files in the run directory."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
+import imageio.v3 as iio
 import numpy as np
 import torch
+from lightning.pytorch.loggers import TensorBoardLogger, WandbLogger
 from PIL import Image
 
 
@@ -33,33 +35,45 @@ def media_dir(trainer) -> Path:
 
 
 def log_image(trainer, key: str, image: np.ndarray, caption: str = "") -> Path:
-    """Send an image to every logger that takes images; always also save it as a PNG under media/."""
+    """Send an image to every logger that takes images; always also save it as a PNG under media/.
+
+    W&B: its logger's ``log_image``. TensorBoard: ``add_image`` (its logger has no ``log_image``). Other
+    loggers (CSV) take no images: the PNG is their copy.
+    """
     step = trainer.global_step
     path = media_dir(trainer) / f"{key.replace('/', '_')}_{step:07d}.png"
     Image.fromarray(image).save(path)
     for logger in trainer.loggers:
-        name = type(logger).__name__
-        if name == "WandbLogger":
-            logger.log_image(key=key, images=[image], caption=[caption] if caption else None, step=step)
-        elif name == "TensorBoardLogger":
+        if isinstance(logger, WandbLogger):
+            logger.log_image(key=key, images=[image], step=step, **({"caption": [caption]} if caption else {}))
+        elif isinstance(logger, TensorBoardLogger):
             logger.experiment.add_image(key, image, step, dataformats="HWC")
     return path
 
 
 def log_video(trainer, key: str, frames: np.ndarray, fps: int = 10) -> Path:
-    """Frames ``[T, H, W, 3]`` uint8 -> GIF under media/ and a W&B/TensorBoard video where available."""
-    import imageio.v3 as iio
+    """Frames ``[T, H, W, 3]`` uint8 -> an animated GIF under media/, sent to every logger that takes it.
 
+    W&B: its logger's ``log_video`` (the GIF). TensorBoard: the same GIF as an animated image, the summary
+    its ``add_video`` writes, encoded here with imageio (``add_video`` needs moviepy < 2, which this project
+    does not install). Other loggers (CSV): the GIF file only.
+    """
     step = trainer.global_step
     path = media_dir(trainer) / f"{key.replace('/', '_')}_{step:07d}.gif"
     iio.imwrite(path, frames, duration=1000 / fps, loop=0)
     for logger in trainer.loggers:
-        name = type(logger).__name__
-        if name == "WandbLogger":
-            import wandb
-
-            logger.experiment.log({key: wandb.Video(str(path), format="gif"), "trainer/global_step": step})
-        elif name == "TensorBoardLogger":
-            video = torch.from_numpy(frames).permute(0, 3, 1, 2)[None]
-            logger.experiment.add_video(key, video, step, fps=fps)
+        if isinstance(logger, WandbLogger):
+            logger.log_video(key=key, videos=[str(path)], step=step, format=["gif"])
+        elif isinstance(logger, TensorBoardLogger):
+            writer = logger.experiment
+            writer._get_file_writer().add_summary(gif_summary(key, path.read_bytes(), frames.shape), step)
     return path
+
+
+def gif_summary(tag: str, gif: bytes, shape: tuple[int, ...]):
+    """A TensorBoard image summary holding an animated GIF (shown animated in the Images tab)."""
+    from tensorboard.compat.proto.summary_pb2 import Summary
+
+    _, height, width, channels = shape
+    image = Summary.Image(height=height, width=width, colorspace=channels, encoded_image_string=gif)
+    return Summary(value=[Summary.Value(tag=tag, image=image)])

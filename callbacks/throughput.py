@@ -1,25 +1,8 @@
-"""Training throughput in scenes per second (logged as ``perf/scenes_per_s``)."""
+"""What Lightning's ``ThroughputMonitor`` counts as a sample: a scene (one query view and its context)."""
 
 from __future__ import annotations
 
-import time
 
-import lightning as L
-
-
-class Throughput(L.Callback):
-    def __init__(self, window: int = 20):
-        self.window = window
-        self._start = None
-        self._scenes = 0
-
-    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-        if self._start is None:
-            self._start, self._scenes = time.perf_counter(), 0
-
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        self._scenes += batch["query_images"].shape[0] * trainer.world_size
-        if batch_idx % self.window == self.window - 1:
-            rate = self._scenes / max(time.perf_counter() - self._start, 1e-9)
-            pl_module.log("perf/scenes_per_s", rate, batch_size=1)
-            self._start = None
+def scenes_in_batch(batch: dict) -> int:
+    """The number of scenes in a batch of the batch contract (``query_images`` ``[B, 3, H, W]``)."""
+    return int(batch["query_images"].shape[0])

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from pathlib import Path
 
 import lightning as L
 
@@ -88,10 +87,6 @@ class GQNDataModule(L.LightningDataModule):
         if self._split is None:
             self._split = carve_validation(self.files("train"), self.val_fraction, self.val_files, self.split_seed)
         return self._split
-
-    @property
-    def root(self) -> Path:
-        return Path(self.data_dir) / self.dataset
 
     def _dist(self) -> tuple[int, int]:
         trainer = getattr(self, "trainer", None)

@@ -20,26 +20,37 @@ class DatasetInfo:
     frames_per_scene: int
     train_files: int | None = None
     test_files: int | None = None
-    max_context: int = 5  # the paper's maximum number of context views for this dataset
-    synthetic: bool = False
 
 
 DATASETS: dict[str, DatasetInfo] = {
     d.name: d
     for d in [
-        DatasetInfo("jaco", 64, 11, 3600, 400, 7),
-        DatasetInfo("mazes", 84, 300, 1080, 120, 20),
-        DatasetInfo("rooms_free_camera_with_object_rotations", 128, 10, 2034, 226, 5),
-        DatasetInfo("rooms_ring_camera", 64, 10, 2160, 240, 5),
-        DatasetInfo("rooms_free_camera_no_object_rotations", 64, 10, 2160, 240, 5),
-        DatasetInfo("shepard_metzler_5_parts", 64, 15, 900, 100, 15),
-        DatasetInfo("shepard_metzler_7_parts", 64, 15, 900, 100, 15),
+        DatasetInfo("jaco", 64, 11, 3600, 400),
+        DatasetInfo("mazes", 84, 300, 1080, 120),
+        DatasetInfo("rooms_free_camera_with_object_rotations", 128, 10, 2034, 226),
+        DatasetInfo("rooms_ring_camera", 64, 10, 2160, 240),
+        DatasetInfo("rooms_free_camera_no_object_rotations", 64, 10, 2160, 240),
+        DatasetInfo("shepard_metzler_5_parts", 64, 15, 900, 100),
+        DatasetInfo("shepard_metzler_7_parts", 64, 15, 900, 100),
     ]
 }
 
 
 #: Generated datasets that have a config in conf/data/ (name -> ``gqn-data synth --family``).
 SYNTHETIC = {"synthetic_rooms": "rooms", "synthetic_shepard_metzler": "shepard_metzler"}
+
+
+def read_card(directory: str | Path) -> dict | None:
+    """The dataset card (``dataset.json``) of a generated dataset directory, or None if it has none."""
+    card = Path(directory) / CARD
+    return json.loads(card.read_text()) if card.is_file() else None
+
+
+def write_card(directory: str | Path, card: dict) -> Path:
+    """Write ``card`` as ``{directory}/dataset.json`` (what :func:`dataset_info` reads back)."""
+    path = Path(directory) / CARD
+    path.write_text(json.dumps(card, indent=2) + "\n")
+    return path
 
 
 def how_to_get(data_dir: str | Path, name: str) -> str:
@@ -87,13 +98,7 @@ def dataset_info(data_dir: str | Path, name: str) -> DatasetInfo:
         return DATASETS[name]
     meta = _card(data_dir, name)
     if meta is not None:
-        return DatasetInfo(
-            name,
-            int(meta["image_size"]),
-            int(meta["frames_per_scene"]),
-            max_context=min(5, int(meta["frames_per_scene"]) - 1),
-            synthetic=True,
-        )
+        return DatasetInfo(name, int(meta["image_size"]), int(meta["frames_per_scene"]))
     if is_url(data_dir):
         raise GQNDataError(
             f"unknown dataset {name!r} and no {join(str(data_dir), name, CARD)}; valid names: {', '.join(DATASETS)} "

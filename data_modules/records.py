@@ -36,7 +36,7 @@ def _open(source):
     return open_url(str(source)) if is_url(source) else open(local_path(source), "rb")
 
 
-def iter_records(path, verify: bool = True, on_bad_data=None) -> Iterator[tuple[int, bytes]]:
+def iter_records(path, on_bad_data=None) -> Iterator[tuple[int, bytes]]:
     """Yield ``(byte offset, record bytes)`` for every record of an uncompressed TFRecord file.
 
     ``path``: a local path, a remote URL (``gs://...``, any fsspec URL) or an open binary file object
@@ -56,7 +56,7 @@ def iter_records(path, verify: bool = True, on_bad_data=None) -> Iterator[tuple[
             if len(header) < 12:
                 raise CorruptRecordError(path, offset, f"truncated record header ({len(header)} of 12 bytes)")
             length, length_crc = struct.unpack("<QI", header)
-            if verify and masked_crc(header[:8]) != length_crc:
+            if masked_crc(header[:8]) != length_crc:
                 raise CorruptRecordError(path, offset, "length CRC mismatch (not a TFRecord file, or damaged)")
             data = fh.read(length)
             footer = fh.read(4)
@@ -64,7 +64,7 @@ def iter_records(path, verify: bool = True, on_bad_data=None) -> Iterator[tuple[
                 raise CorruptRecordError(
                     path, offset, f"truncated record: expected {length} bytes of data, file ends early"
                 )
-            if verify and masked_crc(data) != struct.unpack("<I", footer)[0]:
+            if masked_crc(data) != struct.unpack("<I", footer)[0]:
                 err = CorruptRecordError(path, offset, "data CRC mismatch (the record is damaged)")
                 if on_bad_data is None:
                     raise err

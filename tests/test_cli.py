@@ -61,6 +61,27 @@ def test_eval_writes_metrics_json(trained, data_root, tmp_path):
         assert np.isfinite(m[key]), key
     assert m["elbo"] == pytest.approx(m["nll"] + m["kl"], rel=1e-4)
     assert report["global_step"] == 5 and report["context_size"] == 5
+    # the PSNRs again, by hand in numpy over every test scene (same fixed views: seed 0, 5 context views)
+    from data_modules import GQNDataModule
+    from gqn.eval import load_module
+
+    module = load_module(str(trained / "checkpoints" / "last.ckpt"))
+    dm = GQNDataModule(data_root, "synthetic_rooms", batch_size=3, context_size=5, image_size=32, num_workers=0,
+                       seed=0)
+    psnrs = {"model": [], "nearest_view": [], "mean_view": []}
+    for batch in dm.test_dataloader():
+        ctx, poses = batch["context_images"].numpy().astype(np.float64), batch["context_poses"].numpy()
+        target, query = batch["query_images"].numpy().astype(np.float64), batch["query_poses"].numpy()
+        render = module.sample(batch, mean=True).numpy().astype(np.float64)
+        for i in range(len(target)):
+            nearest = int(np.argmin([((p - query[i]) ** 2).sum() for p in poses[i]]))
+            for name, img in (("model", render[i]), ("nearest_view", ctx[i, nearest]), ("mean_view", ctx[i].mean(0))):
+                psnrs[name].append(-10 * np.log10(max(((img - target[i]) ** 2).mean(), 1e-4)))
+    assert len(psnrs["model"]) == 8  # every test scene
+    for name, values in psnrs.items():
+        assert m[f"psnr_{name}"] == pytest.approx(np.mean(values), abs=2e-3), name
+    gain = np.mean(psnrs["model"]) - np.mean(psnrs["nearest_view"])
+    assert m["psnr_gain_over_nearest_view_db"] == pytest.approx(gain, abs=4e-3)
 
 
 def test_render_writes_gif_mp4_and_sheet(trained, data_root, tmp_path):

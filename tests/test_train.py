@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-import json
+import math
 from pathlib import Path
 from unittest.mock import PropertyMock, patch
 
+import imageio.v3 as iio
 import pytest
 import torch
 from conftest import TINY, Probe, compose_train
@@ -13,7 +14,8 @@ from omegaconf import OmegaConf, open_dict
 
 from data_modules import DATASETS
 from gqn import CONF_DIR
-from gqn.train import train
+from gqn.cli import UserError, one_line_errors
+from gqn.train import check_run, train
 
 
 def options(group: str) -> list[str]:
@@ -40,12 +42,12 @@ def test_every_data_option_composes_to_its_dataset(data_root, tmp_path):
     + [f"model/encoder={e}" for e in options("model/encoder")]
     + [f"model/core={c}" for c in options("model/core")]
     + [f"schedule={s}" for s in options("schedule")]
-    + [f"logger={lg}" for lg in options("logger")]
     + [f"callbacks={c}" for c in options("callbacks")]
     + [f"experiment={e}" for e in options("experiment")]
     + [f"debug={d}" for d in options("debug")],
 )
 def test_every_option_runs_fast_dev_run(train_cfg, override):
+    """(Lightning's fast_dev_run replaces the loggers by a dummy: each logger has its own real run below.)"""
     extra = [] if override.startswith("debug=") else ["trainer.fast_dev_run=true"]
     if override.startswith("experiment="):  # the DeepMind sets are not here: their experiment on local data
         extra.append("data=synthetic_rooms")
@@ -60,6 +62,66 @@ def test_trainer_options_compose(tmp_path):
     assert gpu.trainer.accelerator == "gpu"
     ddp = compose_train(["trainer=ddp"], tmp_path / "b")
     assert ddp.trainer.strategy == "ddp" and ddp.trainer.devices == 2
+
+
+def test_run_length_belongs_to_the_experiment_not_the_hardware(tmp_path):
+    default = compose_train([], tmp_path / "a")
+    gpu = compose_train(["trainer=gpu"], tmp_path / "b")
+    for cfg in (default, gpu):  # a hardware preset does not change how long the run is
+        assert cfg.name == "default" and cfg.trainer.max_steps == 4500 and cfg.schedule.lr_steps == 4500
+    longer = compose_train(["trainer.max_steps=28000"], tmp_path / "c")
+    assert longer.schedule.lr_steps == 28000  # schedule=fast anneals the LR over the whole run
+    paper = compose_train(["experiment=rooms_ring_camera", "trainer=gpu"], tmp_path / "d")
+    assert paper.name == "rooms_ring_camera" and paper.trainer.accelerator == "gpu"
+    assert paper.trainer.max_steps == 2_000_000 and paper.trainer.val_check_interval == 5000
+    assert paper.model.hidden_channels == 128 and paper.model.num_steps == 12
+    assert (paper.schedule.lr_steps, paper.schedule.sigma_init, paper.schedule.sigma_steps) == (1.6e6, 2.0, 2e5)
+    assert paper.module.prior_mean_weight == 0.0
+    with pytest.raises(UserError, match="trainer.max_steps is not set"):
+        check_run(compose_train(["~experiment"], tmp_path / "e"))
+
+
+def test_fast_schedule_on_a_paper_scale_run_warns_in_one_line(tmp_path, capsys):
+    for overrides, warned in ((["model=paper"], True), (["trainer.max_steps=200000"], True), ([], False),
+                              (["experiment=rooms_ring_camera"], False), (["trainer.max_steps=28000"], False)):
+        check_run(compose_train(overrides, tmp_path / "run"))
+        err = capsys.readouterr().err.strip().splitlines()
+        if warned:
+            assert len(err) == 1 and err[0].startswith("gqn-train: warning: schedule=fast"), (overrides, err)
+            assert "experiment=rooms_ring_camera" in err[0]
+        else:
+            assert err == [], (overrides, err)
+
+
+def test_the_lr_lives_in_the_schedule_and_another_optimizer_lr_is_refused(train_cfg, capsys):
+    probe = Probe()
+    train(train_cfg("schedule=constant", "schedule.lr_init=1e-3"), extra_callbacks=[probe])
+    assert [lr for _, lr, _ in probe.rows] == [1e-3, 1e-3]
+    cfg = train_cfg("schedule=constant", "module.optimizer.lr=1e-3")
+    with pytest.raises(SystemExit) as exit_info:
+        one_line_errors("gqn-train")(train)(cfg)
+    assert exit_info.value.code == 2
+    (line,) = _prog_lines(capsys.readouterr().err)
+    assert line == ("gqn-train: error: module.optimizer.lr=0.001 but the LR schedule starts at "
+                    "schedule.lr_init=0.0005: the LR lives in the schedule group, set schedule.lr_init (and "
+                    "schedule.lr_final) instead")
+
+
+def test_bad_model_config_values_are_one_line_errors(train_cfg, capsys):
+    for override, message in (("model.checkpoint_steps=true", "model.checkpoint_steps=true needs model.fast=true"),
+                              ("model.num_steps=0", "num_steps (L) must be >= 1, got 0")):
+        cfg = train_cfg("model.fast=false", override)
+        with pytest.raises(SystemExit) as exit_info:
+            one_line_errors("gqn-train")(train)(cfg)
+        assert exit_info.value.code == 2
+        (line,) = _prog_lines(capsys.readouterr().err)
+        assert line.startswith("gqn-train: error: ") and message in line, line
+
+
+def _prog_lines(stderr: str) -> list[str]:
+    """gqn-train's own lines on stderr (in-process, Lightning's log lines share it); never a traceback."""
+    assert "Traceback" not in stderr
+    return [ln for ln in stderr.splitlines() if ln.startswith("gqn-train:")]
 
 
 def test_lr_and_sigma_follow_the_formula(train_cfg, tmp_path):
@@ -111,17 +173,41 @@ def test_wandb_offline_run_holds_the_logged_images(train_cfg, tmp_path):
     pngs = list((offline / "files" / "media" / "images").rglob("*.png"))
     assert len(pngs) >= 2
     assert (run_dir / "checkpoints" / "last.ckpt").is_file()
-    config = json.dumps(OmegaConf.to_container(cfg.model, resolve=True))
-    assert "num_steps" in config
+    # the resolved config reached the run (W&B stores config values as JSON text in its log): the tiny
+    # model's values, not the preset's (num_steps 4, hidden_channels 64)
+    (log,) = offline.glob("run-*.wandb")
+    data = log.read_bytes()
+    assert cfg.model.num_steps == 2 and cfg.model.hidden_channels == 8
+    assert b'"num_steps":2,' in data and b'"hidden_channels":8,' in data
 
 
-def test_csv_logger_writes_images_to_disk(train_cfg):
-    cfg = train_cfg("logger=csv")
+@pytest.mark.parametrize("logger", ["csv", "none"])
+def test_csv_and_no_logger_write_images_to_disk(train_cfg, logger):
+    cfg = train_cfg(f"logger={logger}")
     train(cfg)
     media = Path(cfg.hydra.runtime.output_dir) / "media"
     names = sorted(p.name for p in media.iterdir())
-    assert any(n.startswith("images_reconstructions") for n in names)
-    assert any(n.startswith("video_flythrough") and n.endswith(".gif") for n in names)
+    assert "images_reconstructions_0000002.png" in names and "images_draw_sequence_0000002.png" in names
+    gif = iio.imread(media / "video_flythrough_0000002.gif")
+    assert gif.shape == (4, 32, 64, 3)  # 4 frames: the render beside the nearest context view
+
+
+def test_tensorboard_gets_the_images_and_the_flythrough_as_an_animated_gif(train_cfg):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    cfg = train_cfg("logger=tensorboard")
+    train(cfg)
+    (events,) = Path(cfg.hydra.runtime.output_dir).rglob("events.out.tfevents.*")
+    acc = EventAccumulator(str(events), size_guidance={"images": 0})
+    acc.Reload()
+    assert set(acc.Tags()["images"]) == {"images/reconstructions", "images/draw_sequence", "video/flythrough"}
+    (grid,) = acc.Images("images/reconstructions")
+    assert grid.step == 2 and iio.imread(grid.encoded_image_string).shape[2] == 3
+    (video,) = acc.Images("video/flythrough")
+    frames = iio.imread(video.encoded_image_string, index=None)
+    assert video.encoded_image_string[:4] == b"GIF8" and frames.shape[:3] == (4, 32, 64)
+    media = Path(cfg.hydra.runtime.output_dir) / "media" / "video_flythrough_0000002.gif"
+    assert video.encoded_image_string == media.read_bytes()  # the very GIF written to media/
 
 
 def test_same_seed_same_loss(train_cfg):
@@ -147,20 +233,37 @@ def test_every_encoder_and_core_sharing_trains(train_cfg, encoder, core):
     assert state["hyper_parameters"]["model"]["encoder"]["_target_"] == f"gqn.model.{classes[encoder]}"
 
 
-def test_kl_and_sigma_warmups(train_cfg):
+def _training_loss(module, batch, step: int) -> torch.Tensor:
+    module.log = lambda *a, **k: None  # no trainer attached
+    with patch.object(type(module), "global_step", new_callable=PropertyMock, return_value=step):
+        torch.manual_seed(0)  # the same posterior noise at every step
+        return module.training_step(batch, 0)
+
+
+def test_kl_and_sigma_warmups_shape_the_training_loss(train_cfg):
+    """The loss at step s is NLL(sigma(s)) + w(s) * KL, with w and sigma written out by hand."""
     from hydra.utils import instantiate
 
     cfg = train_cfg("schedule=paper", "module.kl_warmup_steps=10", "module.sigma_warmup_steps=5",
-                    "schedule.sigma_steps=10")
+                    "schedule.sigma_steps=10", "module.kl_weight=0.5")
     module = instantiate(cfg.module, _recursive_=False)
-    assert [module.kl_weight(s) for s in (0, 5, 10, 20)] == [0.0, 0.5, 1.0, 1.0]
-    assert module.sigma(0) == module.sigma(5) == 2.0  # held during the warm-up
-    assert module.sigma(10) == pytest.approx(2.0 + (0.7 - 2.0) * 5 / 10)
-    assert module.sigma(100) == pytest.approx(0.7)
-    beta = instantiate(train_cfg("module.kl_warmup_steps=10", "module.kl_weight=0.5").module, _recursive_=False)
-    assert [beta.kl_weight(s) for s in (0, 5, 10, 20)] == [0.0, 0.25, 0.5, 0.5]  # warm-up ends at beta
-    beta = instantiate(train_cfg("module.kl_weight=3").module, _recursive_=False)
-    assert [beta.kl_weight(s) for s in (0, 1000)] == [3.0, 3.0]
+    dm = instantiate(cfg.data)
+    dm.setup("fit")
+    batch = next(iter(dm.val_dataloader()))
+    expected = {0: (2.0, 0.0), 5: (2.0, 0.25), 10: (2.0 + (0.7 - 2.0) * 5 / 10, 0.5), 100: (0.7, 0.5)}
+    for step, (sigma, kl_weight) in expected.items():
+        loss = _training_loss(module, batch, step)
+        torch.manual_seed(0)
+        out = module.model(batch["context_images"], batch["context_poses"], batch["query_images"],
+                           batch["query_poses"], sigma=sigma)
+        assert out["kl"].mean() > 0
+        assert loss.item() == pytest.approx((out["nll"] + kl_weight * out["kl"]).mean().item(), rel=1e-5), step
+    constant = instantiate(train_cfg("module.kl_weight=3", "schedule=constant").module, _recursive_=False)
+    loss = _training_loss(constant, batch, 1000)
+    torch.manual_seed(0)
+    out = constant.model(batch["context_images"], batch["context_poses"], batch["query_images"],
+                         batch["query_poses"], sigma=0.7)
+    assert loss.item() == pytest.approx((out["nll"] + 3 * out["kl"]).mean().item(), rel=1e-5)
 
 
 def test_resume_auto_picks_the_latest_run(train_cfg, tmp_path):
@@ -211,3 +314,83 @@ def test_prior_mean_loss_adds_the_nll_of_the_prior_mean_render_from_its_start_st
     render = module.sample(batch, mean=True)
     expected = 0.5 * gaussian_nll(batch["query_images"], render, module.sigma()).mean()
     assert torch.allclose(losses[3] - losses[0], expected, rtol=1e-4)
+
+
+def test_throughput_monitor_logs_scenes_and_flops_per_step(train_cfg):
+    import csv
+
+    cfg = train_cfg("logger=csv", "trainer.max_steps=4", "trainer.log_every_n_steps=1", "data.context_size=3",
+                    "callbacks.throughput.window_size=2", "trainer.val_check_interval=4")
+    train(cfg)
+    (metrics,) = Path(cfg.hydra.runtime.output_dir).rglob("metrics.csv")
+    rows = [r for r in csv.DictReader(metrics.open()) if r.get("train/device/samples_per_sec")]
+    assert [int(r["step"]) for r in rows] == [1, 2, 3]  # every step once the window of 2 batches is full
+    from hydra.utils import instantiate
+
+    flops = instantiate(cfg.module, _recursive_=False)._count_flops(True, 4, 3, False)
+    for r in rows:
+        assert int(float(r["train/samples"])) == 4 * int(float(r["train/batches"]))  # a sample is a scene
+        scenes_per_s, batches_per_s = float(r["train/device/samples_per_sec"]), float(r["train/device/batches_per_sec"])
+        assert scenes_per_s == pytest.approx(4 * batches_per_s)
+        assert float(r["train/device/flops_per_sec"]) / batches_per_s == pytest.approx(flops, rel=1e-6)
+
+
+def test_flop_count_equals_a_count_of_a_real_training_step(train_cfg):
+    from hydra.utils import instantiate
+    from torch.utils.flop_counter import FlopCounterMode
+
+    module = instantiate(train_cfg().module, _recursive_=False)
+    ci, cp, qi, qp = torch.rand(2, 3, 3, 32, 32), torch.randn(2, 3, 7), torch.rand(2, 3, 32, 32), torch.randn(2, 7)
+    for aux in (False, True):
+        counter = FlopCounterMode(display=False)
+        with counter:
+            out = module.model(ci, cp, qi, qp, sigma=0.7)
+            loss = out["elbo"].mean()
+            if aux:
+                loss = loss + module.model.generator(qp, out["representation"], sample_prior=False)["mean"].mean()
+            loss.backward()
+        assert module._count_flops(True, 2, 3, aux) == counter.get_total_flops() > 0
+
+
+def test_after_fit_runs_the_test_split(train_cfg):
+    import csv
+
+    cfg = train_cfg("logger=csv", "test_after_fit=true")
+    train(cfg)
+    (metrics,) = Path(cfg.hydra.runtime.output_dir).rglob("metrics.csv")
+    rows = [r for r in csv.DictReader(metrics.open()) if r.get("test/psnr_model")]
+    assert len(rows) == 1  # one row of test metrics, after the fit
+    for key in ("test/elbo", "test/psnr_model", "test/psnr_nearest_view", "test/ssim_model"):
+        assert math.isfinite(float(rows[0][key])), key
+    without = train_cfg("logger=csv")  # the same run directory: its CSV logger writes the next version
+    train(without)
+    (newer,) = set(Path(without.hydra.runtime.output_dir).rglob("metrics.csv")) - {metrics}
+    rows = list(csv.DictReader(newer.open()))
+    assert rows and not any(r.get("test/psnr_model") for r in rows)
+
+
+@pytest.mark.slow
+def test_compile_trains_and_matches_eager(train_cfg):
+    import torch._inductor.config as inductor_config
+    from hydra.utils import instantiate
+
+    cfg = train_cfg("module.compile=true", "logger=none", "callbacks=none")
+    train(cfg)
+    assert torch.load(Path(cfg.hydra.runtime.output_dir) / "checkpoints" / "last.ckpt",
+                      weights_only=False)["global_step"] == 2
+    module = instantiate(cfg.module, _recursive_=False)
+    assert module._forward is not module.model  # the compiled wrapper
+    dm = instantiate(cfg.data)
+    dm.setup("fit")
+    batch = next(iter(dm.val_dataloader()))
+    inductor_config.fallback_random = True  # the compiled graph draws the same noise as eager mode
+    try:
+        torch.manual_seed(0)
+        compiled = module(batch, sigma=0.7)
+        torch.manual_seed(0)
+        eager = module.model(batch["context_images"], batch["context_poses"], batch["query_images"],
+                             batch["query_poses"], sigma=0.7)
+    finally:
+        inductor_config.fallback_random = False
+    for key in ("elbo", "nll", "kl", "mean"):
+        assert torch.allclose(compiled[key], eager[key], rtol=1e-4, atol=1e-4), key

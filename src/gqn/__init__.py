@@ -4,8 +4,10 @@ from pathlib import Path
 
 __version__ = "0.1.0"
 
-#: The Hydra config tree shipped with the repository (``conf/`` at the project root).
-CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
+_PACKAGE = Path(__file__).resolve().parent
+#: The Hydra config tree: ``gqn/conf`` in an installed wheel (pyproject.toml packages ``conf/`` there), else
+#: ``conf/`` at the root of the source tree (an editable install, or running from a checkout).
+CONF_DIR = _PACKAGE / "conf" if (_PACKAGE / "conf" / "train.yaml").is_file() else _PACKAGE.parents[1] / "conf"
 
 from gqn.precision import register_resolver  # noqa: E402  (configs use ${gqn_precision:})
 

@@ -1,6 +1,8 @@
 """gqn-bench: performance numbers as JSON (never timed tests).
 
     gqn-bench train   # seconds/step, FLOPs, GFLOP/s, peak memory: reference vs optimised DRAW loop
+    gqn-bench train --configs paper-tower --batch 36 --paths fast --checkpoint-steps
+                      # peak memory of the paper's batch with activation checkpointing per DRAW step
     gqn-bench data    # scenes/s into ready batches with 0, 1, 2 DataLoader workers: local disk, then the
                       # same files from a Cloud Storage emulator on 127.0.0.1 (gcsfs)
     gqn-bench synth   # procedural scenes/s written
@@ -203,14 +205,18 @@ def main(argv=None) -> int:
         print(json.dumps(_train_child(name, path == "fast", int(batch), int(context), int(steps), bool(int(ckpt)))))
         return 0
     p = argparse.ArgumentParser(prog="gqn-bench", description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("what", nargs="?", default="all", choices=["all", "train", "data", "synth", "memory"])
+    p.add_argument("what", nargs="?", default="all", choices=["all", "train", "data", "synth"])
     p.add_argument("--configs", nargs="+", default=list(TRAIN_CONFIGS), choices=list(TRAIN_CONFIGS))
     p.add_argument("--steps", type=int, default=5, help="timed steps after one warm-up (FLOP-counted) step")
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--context", type=int, default=5)
     p.add_argument("--paths", nargs="+", default=["reference", "fast"], choices=["reference", "fast"])
+    p.add_argument("--checkpoint-steps", action="store_true",
+                   help="train with activation checkpointing per DRAW step (model.checkpoint_steps; fast path only)")
     p.add_argument("--out", default="bench", help="directory for the JSON results")
     args = p.parse_args(argv)
+    if args.checkpoint_steps and "reference" in args.paths:
+        p.error("--checkpoint-steps needs --paths fast (the reference path has no activation checkpointing)")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     results = {}
@@ -219,9 +225,8 @@ def main(argv=None) -> int:
     if args.what in ("all", "data"):
         results["data"] = bench_data()
     if args.what in ("all", "train"):
-        results["train"] = bench_train(args.configs, args.steps, args.batch, args.context, tuple(args.paths))
-    if args.what == "memory":  # the paper configuration at batch 36 with activation checkpointing
-        results["memory"] = bench_train(["paper-tower"], 1, 36, args.context, ("fast",), checkpoint=True)
+        results["train"] = bench_train(args.configs, args.steps, args.batch, args.context, tuple(args.paths),
+                                       checkpoint=args.checkpoint_steps)
     for key, value in results.items():
         (out / f"{key}.json").write_text(json.dumps(value, indent=2) + "\n")
     print(f"wrote {', '.join(str(out / f'{k}.json') for k in results)}")

@@ -67,10 +67,18 @@ def one_line(err: BaseException) -> str:
 
 
 def _user_cause(exc: BaseException | None) -> BaseException | None:
-    """The user-facing error behind ``exc`` (Hydra's instantiate wraps constructor errors), if any."""
-    seen = 0
+    """The user-facing error behind ``exc``, if any: a data or user error, or a ``ValueError`` that a
+    constructor raised while Hydra instantiated it from the config (a bad config value, e.g.
+    ``model.num_steps=0``; Hydra wraps it in an ``InstantiationException``)."""
+    from hydra.errors import InstantiationException
+
+    seen, instantiating = 0, False
     while exc is not None and seen < 10:
         if isinstance(exc, (GQNDataError, UserError)):
+            return exc
+        if isinstance(exc, InstantiationException):
+            instantiating = True
+        elif instantiating and isinstance(exc, ValueError) and (exc.__cause__ or exc.__context__) is None:
             return exc
         exc, seen = exc.__cause__ or exc.__context__, seen + 1
     return None

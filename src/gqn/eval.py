@@ -32,9 +32,12 @@ from gqn.gqn_module import GQNModule
 
 
 def load_module(ckpt_path: str, output_dir: str = "outputs") -> GQNModule:
-    """The GQNModule of a checkpoint (rebuilt from its own hyperparameters), in eval mode, on the CPU.
+    """The GQNModule of a checkpoint, in eval mode, on the CPU, through Lightning's own
+    ``GQNModule.load_from_checkpoint`` (rebuilt from the checkpoint's hyperparameters; a checkpoint
+    written on a GPU loads on a CPU-only machine).
 
-    ``module.global_step_loaded`` holds the training step the checkpoint was written at.
+    ``ckpt_path`` is a path or ``"auto"`` (the latest run's ``last.ckpt``); a missing or unreadable file is
+    a one-line :class:`UserError`. ``module.global_step_loaded`` holds the step the checkpoint was written at.
     """
     path = resolve_ckpt(ckpt_path, output_dir)
     if path is None:
@@ -46,11 +49,9 @@ def load_module(ckpt_path: str, output_dir: str = "outputs") -> GQNModule:
         raise UserError(f"checkpoint {path} holds non-finite weights ({bad[0]}{more}): it comes from a diverged "
                         f"run; use an earlier checkpoint")
     try:
-        module = GQNModule(**ckpt["hyper_parameters"])
-        module.load_state_dict(ckpt["state_dict"])
+        module = GQNModule.load_from_checkpoint(path, map_location="cpu")
     except Exception as err:  # a file that is not a Lightning checkpoint of this model
         raise UserError(f"cannot load checkpoint {path}: {type(err).__name__}: {err}".splitlines()[0]) from None
-    module.global_step_loaded = int(ckpt.get("global_step", 0))
     return module.eval()
 
 

@@ -25,8 +25,10 @@ class GQNModule(L.LightningModule):
     Args:
         model: a Hydra config of the GQN (``_target_: gqn.model.GQN`` with a nested encoder).
         optimizer: a partial optimizer config (``_partial_: true``); the module binds the parameters.
-        schedule: ``lr_init, lr_final, lr_steps`` and ``sigma_init, sigma_final, sigma_steps``; LR and
-            pixel sigma are functions of the global step (LR through ``torch.optim.lr_scheduler``).
+        schedule: ``sigma_init, sigma_final, sigma_steps``: pixel sigma as a function of the global step
+            (the group's ``lr_*`` keys feed ``optimizer`` and ``lr_scheduler`` in the config, not the module).
+        lr_scheduler: a partial LR scheduler config (``_partial_: true``), called with the optimizer and
+            stepped after every optimizer step; ``None``: a constant LR.
         sigma_warmup_steps: hold sigma at ``sigma_init`` this long before annealing starts.
         kl_warmup_steps: scale the KL term of the loss from 0 to ``kl_weight`` over this many steps.
         kl_weight: the weight (beta) of the KL term in the training loss; 1 is the ELBO. Metrics always
@@ -42,6 +44,7 @@ class GQNModule(L.LightningModule):
         model: Any,
         optimizer: Any,
         schedule: Any,
+        lr_scheduler: Any = None,
         sigma_warmup_steps: int = 0,
         kl_warmup_steps: int = 0,
         kl_weight: float = 1.0,
@@ -51,18 +54,24 @@ class GQNModule(L.LightningModule):
     ):
         super().__init__()
         self.save_hyperparameters({"model": _plain(model), "optimizer": _plain(optimizer),
-                                   "schedule": _plain(schedule), "sigma_warmup_steps": sigma_warmup_steps,
+                                   "schedule": _plain(schedule), "lr_scheduler": _plain(lr_scheduler),
+                                   "sigma_warmup_steps": sigma_warmup_steps,
                                    "kl_warmup_steps": kl_warmup_steps, "kl_weight": kl_weight,
                                    "prior_mean_weight": prior_mean_weight, "prior_mean_start": prior_mean_start,
                                    "compile": compile})
         self.model: GQN = hydra.utils.instantiate(self.hparams.model)
         s = self.hparams.schedule
         self.sigma_schedule = LinearAnneal(s["sigma_init"], s["sigma_final"], s["sigma_steps"], sigma_warmup_steps)
-        self.lr_factor = LinearAnneal(1.0, s["lr_final"] / s["lr_init"], s["lr_steps"])
         self.kl_weight = LinearAnneal(0.0, kl_weight, kl_warmup_steps) if kl_warmup_steps else (lambda step: kl_weight)
         self.prior_mean_weight = LinearAnneal(0.0, prior_mean_weight, 0, delay=prior_mean_start)
         # kept out of the module tree (a compiled wrapper would duplicate the state dict's keys)
         self.__dict__["_forward"] = torch.compile(self.model) if compile else self.model
+        self._step_kind: tuple | None = None  # (train?, B, M, auxiliary loss on?) of the last step
+        self._flops: dict[tuple, int] = {}
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Lightning's hook (also on ``load_from_checkpoint``): remember the step the checkpoint was written at."""
+        self.global_step_loaded = int(checkpoint.get("global_step", 0))
 
     # ------------------------------------------------------------------ schedules
     def sigma(self, step: int | None = None) -> float:
@@ -70,10 +79,43 @@ class GQNModule(L.LightningModule):
 
     def configure_optimizers(self):
         opt = hydra.utils.instantiate(self.hparams.optimizer)(params=self.parameters())
-        for group in opt.param_groups:
-            group["lr"] = self.hparams.schedule["lr_init"]  # the LR lives in the schedule config
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, self.lr_factor)
+        if self.hparams.lr_scheduler is None:
+            return opt
+        sched = hydra.utils.instantiate(self.hparams.lr_scheduler)(opt)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step", "frequency": 1}}
+
+    # ------------------------------------------------------------------ throughput
+    @property
+    def flops_per_batch(self) -> int | None:
+        """FLOPs of the last step, read by Lightning's ``ThroughputMonitor`` after every batch (train: forward,
+        auxiliary render and backward; validation: forward and the prior-mean render). Counted once per batch
+        shape with ``measure_flops`` on a meta-device copy of the model (nothing is computed)."""
+        if self._step_kind is None:
+            return None
+        if self._step_kind not in self._flops:
+            self._flops[self._step_kind] = self._count_flops(*self._step_kind)
+        return self._flops[self._step_kind]
+
+    def _count_flops(self, train: bool, B: int, M: int, aux: bool) -> int:
+        from lightning.fabric.utilities.throughput import measure_flops
+
+        size = self.model.image_size
+        with torch.inference_mode(False), torch.device("meta"):
+            model = hydra.utils.instantiate(self.hparams.model)
+            ci, cp = torch.empty(B, M, 3, size, size), torch.empty(B, M, model.pose_dim)
+            qi, qp = torch.empty(B, 3, size, size), torch.empty(B, model.pose_dim)
+
+        def step():
+            out = model(ci, cp, qi, qp, sigma=1.0)
+            if not train:
+                model.render(out["representation"], qp, mean=True, views=out["views"])
+            elif aux:
+                return out["elbo"].sum() + model.generator(qp, out["representation"], sample_prior=False,
+                                                           views=out["views"])["mean"].sum()
+            return out["elbo"].sum()
+
+        with torch.inference_mode(False), torch.enable_grad():  # ThroughputMonitor asks in inference mode
+            return measure_flops(model, step, loss_fn=torch.Tensor.sum if train else None)
 
     # ------------------------------------------------------------------ steps
     def forward(self, batch: dict[str, torch.Tensor], sigma: float | None = None):
@@ -98,6 +140,7 @@ class GQNModule(L.LightningModule):
             prior_nll = gaussian_nll(images, prior_mean, self.sigma())
             loss = loss + weight * prior_nll.mean()
             self.log("train/prior_mean_nll", prior_nll.mean(), batch_size=B)
+        self._step_kind = (True, B, batch["context_images"].shape[1], bool(weight))
         self.log("train/loss", loss, prog_bar=True, batch_size=B)
         self._log_terms("train", out, B)
         self.log("train/sigma", self.sigma(), batch_size=B)
@@ -132,6 +175,7 @@ class GQNModule(L.LightningModule):
 
     def _eval_step(self, prefix: str, batch):
         out = self(batch)
+        self._step_kind = (False, batch["query_images"].shape[0], batch["context_images"].shape[1], False)
         for key, value in self.evaluation_metrics(batch, out).items():
             finite = ~value.isnan()  # object metrics: only the scenes whose query view shows an object
             if finite.any():

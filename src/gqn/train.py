@@ -1,7 +1,7 @@
 """gqn-train: compose the config, instantiate data, model, callbacks, loggers and trainer; fit.
 
-    gqn-train                                  # the embedded default (procedural rooms)
-    gqn-train model=paper data=rooms_ring_camera trainer=gpu
+    gqn-train                                  # the embedded default (experiment=default: procedural rooms)
+    gqn-train experiment=rooms_ring_camera trainer=gpu   # the paper's model, schedule and run length
     gqn-train model/encoder=pool model.num_steps=8 -m seed=1,2,3
     gqn-train ckpt_path=auto                   # resume the latest run
 """
@@ -14,11 +14,13 @@ import hydra
 import lightning as L
 from hydra.core.hydra_config import HydraConfig
 from lightning.pytorch.callbacks import LearningRateMonitor
+from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
 from callbacks.guards import GracefulStop
 from gqn import CONF_DIR
 from gqn.cli import (
+    UserError,
     check_config_types,
     check_resume,
     checkpoint_roots,
@@ -29,12 +31,31 @@ from gqn.cli import (
     resolve_ckpt,
 )
 
-CHECKED = ("data", "model", "module", "trainer", "callbacks", "logger")  # config sections with typed targets
+CHECKED = ("trainer", "data", "model", "module", "callbacks", "logger")  # config sections with typed targets
+#: schedule=fast was tuned on short CPU runs of model=small (<= 28k steps); past this many steps say so.
+FAST_SCHEDULE_MAX_STEPS = 100_000
 
 
 def instantiate_dict(cfg: DictConfig | None) -> list:
     """Instantiate every ``_target_`` entry of a dict config (callbacks, loggers)."""
     return [hydra.utils.instantiate(v) for v in (cfg or {}).values() if v is not None and "_target_" in v]
+
+
+def check_run(cfg: DictConfig) -> None:
+    """Refuse a run without a length; warn (one line) about the fast CPU schedule on paper-scale runs."""
+    if OmegaConf.is_missing(cfg.trainer, "max_steps"):
+        raise UserError("trainer.max_steps is not set: an experiment sets the run length (experiment=default: "
+                        "4500 steps), or give trainer.max_steps=N")
+    choices = HydraConfig.get().runtime.choices if HydraConfig.initialized() else {}
+    steps, model = int(cfg.trainer.max_steps), choices.get("model")
+    if choices.get("schedule") == "fast" and (steps > FAST_SCHEDULE_MAX_STEPS or model in ("paper", "tf_gqn")):
+        _warn(f"schedule=fast (tuned for short CPU runs of model=small) with model={model} for {steps} steps; "
+              "the paper's setup is experiment=<dataset>, e.g. gqn-train experiment=rooms_ring_camera trainer=gpu")
+
+
+@rank_zero_only
+def _warn(message: str) -> None:
+    print(f"gqn-train: warning: {message}", file=sys.stderr, flush=True)
 
 
 def train(cfg: DictConfig, extra_callbacks: list | None = None) -> float | None:
@@ -44,6 +65,7 @@ def train(cfg: DictConfig, extra_callbacks: list | None = None) -> float | None:
     SIGINT/SIGTERM saves ``last.ckpt`` and raises ``SystemExit(130 / 143)``.
     """
     check_config_types(cfg, CHECKED)
+    check_run(cfg)
     ckpt = resolve_ckpt(cfg.get("ckpt_path"), checkpoint_roots(cfg), announce="gqn-train")
     if ckpt is not None:  # a different architecture would fail in load_state_dict with a raw size dump
         check_resume(load_checkpoint(ckpt), OmegaConf.to_container(cfg.model, resolve=True), ckpt)

@@ -26,7 +26,6 @@ def orbit(
     height: float | None = None,
     pitch: float | None = None,
     center: tuple[float, float] = (0.0, 0.0),
-    look_at_center: bool = True,
 ) -> torch.Tensor:
     """Poses ``[frames, 7]`` on a horizontal ring around ``center``, looking inwards.
 
@@ -48,6 +47,5 @@ def orbit(
     for k in range(frames):
         theta = start + 2 * math.pi * k / frames
         x, y = cx + radius * math.cos(theta), cy + radius * math.sin(theta)
-        yaw = theta + math.pi if look_at_center else theta + math.pi / 2
-        poses.append(pose_from_camera(x, y, height, yaw, pitch))
+        poses.append(pose_from_camera(x, y, height, theta + math.pi, pitch))  # facing the centre
     return torch.tensor(poses, dtype=context_poses.dtype)

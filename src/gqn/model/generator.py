@@ -23,7 +23,7 @@ from torch.utils.checkpoint import checkpoint
 
 from gqn.model.convlstm import ConvLSTMCell, broadcast_conv
 from gqn.model.distributions import kl_gaussian, split_gaussian
-from gqn.model.representation import GRID_SCALE
+from gqn.model.representation import GRID_SCALE, _check_image_size
 
 CORE_SHARING = ("unshared", "shared", "shared_inference_generation")
 
@@ -105,8 +105,7 @@ class DRAWGenerator(nn.Module):
             raise ValueError(f"num_steps (L) must be >= 1, got {num_steps}")
         if core_sharing not in CORE_SHARING:
             raise ValueError(f"core_sharing must be one of {CORE_SHARING}, got {core_sharing!r}")
-        if image_size % GRID_SCALE:
-            raise ValueError(f"image_size must be divisible by {GRID_SCALE}, got {image_size}")
+        _check_image_size(image_size)
         self.image_size, self.grid = image_size, image_size // GRID_SCALE
         self.num_steps, self.core_sharing = num_steps, core_sharing
         self.hidden_channels, self.latent_channels = hidden_channels, latent_channels

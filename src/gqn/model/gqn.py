@@ -46,6 +46,9 @@ class GQN(nn.Module):
         super().__init__()
         if getattr(encoder, "image_size", image_size) != image_size:
             raise ValueError(f"encoder built for {encoder.image_size}px images but model.image_size={image_size}")
+        if checkpoint_steps and not fast:  # the reference path has no per-step checkpointing
+            raise ValueError("model.checkpoint_steps=true needs model.fast=true (activation checkpointing is "
+                             "implemented on the fast DRAW path only)")
         self.image_size, self.pose_dim, self.image_channels = image_size, pose_dim, image_channels
         self.encoder = encoder
         self.generator = DRAWGenerator(

@@ -12,7 +12,6 @@ uses them for the object-pixel metric.
 
 from __future__ import annotations
 
-import json
 import math
 import time
 from concurrent.futures import ProcessPoolExecutor
@@ -23,10 +22,10 @@ import simplejpeg
 from tfrecord import example_pb2
 from tfrecord.writer import TFRecordWriter
 
+from data_modules.datasets import write_card
 from data_modules.objects import SIDECAR_DIR, SIDECAR_SUFFIX, sidecar_path, write_sidecar
 from gqn.synthetic.scenes import make_scene
 
-CARD = "dataset.json"
 JPEG_QUALITY = 95
 SPLITS = {"train": 0, "test": 1}
 
@@ -141,6 +140,6 @@ def synthesize(
     card["settings"] = dict(family=family, train_scenes=train_scenes, test_scenes=test_scenes, seed=seed,
                             image_size=image_size, views=views, scenes_per_file=scenes_per_file, parts=parts,
                             samples=samples, objects=objects)
-    (out / CARD).write_text(json.dumps(card, indent=2) + "\n")
+    write_card(out, card)
     log(f"wrote {written} scenes to {out} in {seconds:.1f} s ({written / max(seconds, 1e-9):.0f} scenes/s)")
     return card
