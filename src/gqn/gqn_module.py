@@ -106,12 +106,15 @@ class GQNModule(L.LightningModule):
         self._log_terms(prefix, out, B, sync_dist=True)
         ctx, ctx_poses, target = batch["context_images"], batch["context_poses"], batch["query_images"]
         render = self.model.render(out["representation"], batch["query_poses"], mean=True)  # context encoded once
-        nearest = metrics.nearest_context_view(ctx, ctx_poses, batch["query_poses"])
-        mean_view = metrics.mean_context_view(ctx)
-        for name, img in (("model", render), ("nearest_view", nearest), ("mean_view", mean_view)):
-            self.log(f"{prefix}/psnr_{name}", metrics.psnr(img, target).mean(), batch_size=B, sync_dist=True,
-                     prog_bar=(name == "model" and prefix == "val"))
-            self.log(f"{prefix}/ssim_{name}", metrics.ssim(img, target).mean(), batch_size=B, sync_dist=True)
+        # image metrics in fp32 whatever trainer.precision is (SSIM's convolutions under bf16 autocast are garbage)
+        with torch.autocast(self.device.type, enabled=False):
+            render = render.float()
+            nearest = metrics.nearest_context_view(ctx, ctx_poses, batch["query_poses"])
+            mean_view = metrics.mean_context_view(ctx)
+            for name, img in (("model", render), ("nearest_view", nearest), ("mean_view", mean_view)):
+                self.log(f"{prefix}/psnr_{name}", metrics.psnr(img, target).mean(), batch_size=B, sync_dist=True,
+                         prog_bar=(name == "model" and prefix == "val"))
+                self.log(f"{prefix}/ssim_{name}", metrics.ssim(img, target).mean(), batch_size=B, sync_dist=True)
         return out
 
     def validation_step(self, batch, batch_idx):

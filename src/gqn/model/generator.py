@@ -96,8 +96,9 @@ class DRAWGenerator(nn.Module):
 
     def _noise(self, batch: int, like: torch.Tensor, generator: torch.Generator | None) -> list[torch.Tensor]:
         shape = (batch, self.latent_channels, self.grid, self.grid)
+        dtype = torch.promote_types(like.dtype, torch.float32)  # fp32 noise under bf16 autocast: same draws
         return [
-            torch.randn(shape, generator=generator, device=like.device, dtype=like.dtype)
+            torch.randn(shape, generator=generator, device=like.device, dtype=dtype)
             for _ in range(self.num_steps)
         ]
 

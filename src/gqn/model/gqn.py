@@ -7,7 +7,7 @@ import math
 import torch
 from torch import nn
 
-from gqn.model.distributions import gaussian_nll
+from gqn.model.distributions import fp32, gaussian_nll
 from gqn.model.generator import DRAWGenerator
 
 
@@ -110,7 +110,7 @@ class GQN(nn.Module):
             "kl": kl,
             "kl_steps": out["kl"],
             "bits_per_pixel": neg_elbo / (pixels * math.log(2)),
-            "mse": (out["mean"] - query_images).pow(2).flatten(1).mean(dim=1),
+            "mse": (fp32(out["mean"]) - query_images).pow(2).flatten(1).mean(dim=1),
             "mean": out["mean"],
             "representation": r,
         }
