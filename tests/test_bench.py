@@ -1,13 +1,79 @@
-"""gqn-bench smoke tests (never timed): the documented modes run and write their JSON."""
+"""gqn-bench smoke tests (never timed): the documented modes run and write their JSON, every precision x
+compile combination of gqn-bench train."""
 
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
+import torch
 from conftest import run_cli
 
 from gqn.bench import main
+
+#: keys every row of train.json's results had before precision/compile were added (scripts rely on them)
+ROW_KEYS = {"config", "path", "batch", "context", "checkpoint_steps", "params", "gflop_per_step", "seconds_per_step",
+            "step_times", "gflops_per_s", "peak_rss_gb", "percent_of_conv_peak"}
+
+
+def _cpu_flags() -> set[str]:
+    info = Path("/proc/cpuinfo")
+    lines = info.read_text().splitlines() if info.is_file() else []
+    return next((set(ln.split(":", 1)[1].split()) for ln in lines if ln.startswith("flags")), set())
+
+
+def _bench(tmp_path, *extra, backend="aot_eager", timeout=900):
+    run_cli("gqn-bench", "train", "--configs", "tiny", "--paths", "fast", "--precision", "32", "bf16-mixed",
+            "--compile", "both", "--compile-backend", backend, "--steps", "1", "--batch", "2", "--context", "2",
+            "--out", str(tmp_path), *extra, cwd=tmp_path, timeout=timeout)
+    return json.loads((tmp_path / "train.json").read_text())
+
+
+def _check(report, backend):
+    rows = report["results"]
+    assert {(r["precision"], r["compiled"]) for r in rows} == {
+        ("32-true", False), ("32-true", True), ("bf16-mixed", False), ("bf16-mixed", True)}
+    for r in rows:
+        assert ROW_KEYS <= set(r), ROW_KEYS - set(r)
+        assert r["config"] == "tiny" and r["path"] == "fast" and r["device"] == "cpu"
+        assert r["seconds_per_step"] > 0 and r["gflop_per_step"] > 0 and r["percent_of_conv_peak"] > 0
+        assert (r["compile_seconds"] is not None) == r["compiled"]
+        assert r["compile_backend"] == (backend if r["compiled"] else None)
+    flops = {r["gflop_per_step"] for r in rows}
+    assert max(flops) == pytest.approx(min(flops), rel=1e-6)  # same model, same FLOPs in every mode
+    peaks = report["conv_peak_gflops_by_precision"]
+    assert set(peaks) == {"32-true", "bf16-mixed"} and report["conv_peak_gflops"] == peaks["32-true"]
+    machine = report["machine"]
+    assert machine["cpu"] and machine["device"] == "cpu" and machine["torch_threads"] >= 1
+    assert set(machine["cpu_bf16_flags"]) == {f for f in _cpu_flags() if "bf16" in f}
+    assert machine["cpu_has_bf16_units"] == bool({"avx512_bf16", "amx_bf16"} & _cpu_flags()) or not _cpu_flags()
+
+
+def test_bench_train_every_precision_and_compile_mode(tmp_path):
+    """fp32 / bf16-mixed x eager / compiled (aot_eager: tracing without code generation, to stay fast)."""
+    _check(_bench(tmp_path), "aot_eager")
+
+
+@pytest.mark.slow
+def test_bench_train_with_inductor(tmp_path):
+    _check(_bench(tmp_path, backend="inductor", timeout=1800), "inductor")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_bench_cuda_without_a_gpu_is_one_clear_line(tmp_path):
+    proc = run_cli("gqn-bench", "train", "--device", "cuda", "--configs", "tiny", "--out", str(tmp_path),
+                   cwd=tmp_path, check=False, timeout=120)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == [proc.stderr.strip()] and "--device cuda" in proc.stderr
+    assert not (tmp_path / "train.json").exists()
+
+
+def test_bench_unknown_compile_backend_is_one_clear_line(tmp_path):
+    proc = run_cli("gqn-bench", "train", "--compile", "on", "--compile-backend", "turbo", "--configs", "tiny",
+                   "--out", str(tmp_path), cwd=tmp_path, check=False, timeout=120)
+    assert proc.returncode == 2 and "'turbo' is not a torch.compile backend" in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1
 
 
 def test_train_benchmark_with_activation_checkpointing_writes_json(tmp_path):

@@ -1,6 +1,9 @@
 """gqn-bench: performance numbers as JSON (never timed tests).
 
     gqn-bench train   # seconds/step, FLOPs, GFLOP/s, peak memory: reference vs optimised DRAW loop
+    gqn-bench train --configs small paper-tower --paths fast --precision 32 bf16-mixed --compile both
+                      # fp32 / bf16-mixed / compiled / both in one run, with compile time and %-of-peak
+    gqn-bench train --device cuda   # on a GPU (records its name; peak memory is the GPU's)
     gqn-bench train --configs paper-tower --batch 36 --paths fast --checkpoint-steps
                       # peak memory of the paper's batch with activation checkpointing per DRAW step
     gqn-bench data    # scenes/s into ready batches with 0, 1, 2 DataLoader workers: local disk, then the
@@ -8,7 +11,10 @@
     gqn-bench synth   # procedural scenes/s written
     gqn-bench         # all of them (what `make bench` runs)
 
-Each training configuration runs in its own subprocess, so peak memory (max RSS) is its own.
+Each training configuration runs in its own subprocess, so peak memory (max RSS) is its own. train.json
+records the machine (CPU model, whether it has bf16 units: the avx512_bf16 / amx_bf16 flags, threads, GPU
+name): never compare numbers across machines. %-of-peak is against a conv of the model's size measured in
+the row's own precision. Compiled rows start from an empty inductor cache (compile_seconds: a first run).
 """
 
 from __future__ import annotations
@@ -24,13 +30,16 @@ import tempfile
 import time
 from pathlib import Path
 
-#: name -> (model preset, overrides of the GQN constructor)
+#: name -> (model preset, overrides of the GQN constructor); 64 px images unless "image_size" is given
 TRAIN_CONFIGS = {
     "paper-tower": ("paper", {}),
     "paper-pool": ("paper", {"encoder": "pool"}),
     "paper-tower-shared": ("paper", {"core_sharing": "shared"}),
     "tf_gqn": ("tf_gqn", {}),
     "small": ("small", {}),
+    "small-32": ("small", {"image_size": 32}),  # the default experiment's model on its 32 px data
+    # a few-second model for smoke tests of the bench itself (not a meaningful speed)
+    "tiny": ("small", {"hidden_channels": 8, "canvas_channels": 8, "num_steps": 2, "encoder.channels": 8}),
 }
 
 
@@ -43,6 +52,7 @@ def build_model(preset: str, image_size: int = 64, **overrides):
     from gqn import CONF_DIR
 
     GlobalHydra.instance().clear()
+    image_size = overrides.pop("image_size", image_size)
     args = [f"model={preset}", f"data.image_size={image_size}"]
     if "encoder" in overrides:
         args.append(f"model/encoder={overrides.pop('encoder')}")
@@ -51,83 +61,186 @@ def build_model(preset: str, image_size: int = 64, **overrides):
     return hydra.utils.instantiate(cfg.model)
 
 
-def conv_peak_gflops(repeats: int = 5) -> float:
-    """This machine's fp32 throughput on a GQN-core-sized convolution (batch 8, 16x16, 5x5, 391 -> 512)."""
+#: --precision names (Lightning's) -> autocast dtype (None: plain fp32)
+PRECISIONS = {"32-true": None, "bf16-mixed": "bfloat16"}
+PRECISION_ALIASES = {"32": "32-true", "bf16": "bf16-mixed"}
+COMPILE = {"off": (False,), "on": (True,), "both": (False, True)}
+
+
+def _autocast(device: str, precision: str):
+    import contextlib
+
+    import torch
+
+    dtype = PRECISIONS[precision]
+    return torch.autocast(device, dtype=getattr(torch, dtype)) if dtype else contextlib.nullcontext()
+
+
+def _sync(device: str) -> None:
+    import torch
+
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def conv_peak_gflops(repeats: int = 5, precision: str = "32-true", device: str = "cpu") -> float:
+    """This machine's throughput on a GQN-core-sized convolution (batch 8, 16x16, 5x5, 391 -> 512, the paper's
+    inference core) in ``precision`` (bf16-mixed: under autocast, as training runs it)."""
     import torch
     import torch.nn.functional as F
 
-    x, w = torch.randn(8, 391, 16, 16), torch.randn(512, 391, 5, 5)
+    x, w = torch.randn(8, 391, 16, 16, device=device), torch.randn(512, 391, 5, 5, device=device)
     flops = 2 * 8 * 512 * 391 * 25 * 16 * 16
-    F.conv2d(x, w, padding=2)
     times = []
-    for _ in range(repeats):
-        t = time.perf_counter()
+    with _autocast(device, precision):
         F.conv2d(x, w, padding=2)
-        times.append(time.perf_counter() - t)
+        for _ in range(repeats):
+            _sync(device)
+            t = time.perf_counter()
+            F.conv2d(x, w, padding=2)
+            _sync(device)
+            times.append(time.perf_counter() - t)
     return flops / min(times) / 1e9
 
 
-def _train_child(name: str, fast: bool, batch: int, context: int, steps: int, checkpoint: bool) -> dict:
+def machine_info(device: str = "cpu") -> dict:
+    """What the numbers were measured on (never compare them across machines): CPU model, its bf16 units
+    (the avx512_bf16 / amx_bf16 flags of /proc/cpuinfo), cores, torch threads, and the GPU if one is used."""
+    import platform
+
+    import torch
+
+    cpu, flags = platform.processor() or platform.machine(), set()
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.is_file():
+        for line in cpuinfo.read_text().splitlines():
+            key, _, value = line.partition(":")
+            if key.strip() == "model name":
+                cpu = value.strip()
+            elif key.strip() == "flags":
+                flags = set(value.split())
+    bf16_flags = sorted(f for f in flags if "bf16" in f)  # avx512_bf16, amx_bf16, ...
+    info = {
+        "cpu": cpu, "cpu_bf16_flags": bf16_flags, "cpu_has_bf16_units": bool(bf16_flags),
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(), "cores": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(), "torch": torch.__version__, "device": device, "device_name": cpu,
+    }
+    if device == "cuda":
+        props = torch.cuda.get_device_properties(0)
+        info.update(device_name=torch.cuda.get_device_name(0), gpu_memory_gb=props.total_memory / 2**30,
+                    cuda=torch.version.cuda, gpu_bf16_supported=torch.cuda.is_bf16_supported())
+    return info
+
+
+def _train_child(name: str, fast: bool, batch: int, context: int, steps: int, checkpoint: bool,
+                 precision: str = "32-true", compiled: bool = False, device: str = "cpu",
+                 backend: str = "inductor") -> dict:
+    """One configuration in its own process: a FLOP-counted eager step (also the warm-up), then (compiled
+    rows) the first compiled step, which pays the compile time, then ``steps`` timed steps.
+
+    A step is what ``gqn-train`` does per batch: the forward under ``precision`` (bf16-mixed: autocast, as
+    Lightning's bf16-mixed), backward and an Adam step."""
     import torch
     from torch.utils.flop_counter import FlopCounterMode
 
+    from gqn.gqn_module import compile_model
+
     preset, overrides = TRAIN_CONFIGS[name]
     torch.manual_seed(0)
-    model = build_model(preset, fast=fast, checkpoint_steps=checkpoint, **overrides)
+    model = build_model(preset, fast=fast, checkpoint_steps=checkpoint, **dict(overrides)).to(device)
     opt = torch.optim.Adam(model.parameters(), lr=1e-4)
     size = model.image_size
-    data = (torch.rand(batch, context, 3, size, size), torch.randn(batch, context, 7), torch.rand(batch, 3, size, size),
-            torch.randn(batch, 7))
+    data = [t.to(device) for t in (torch.rand(batch, context, 3, size, size), torch.randn(batch, context, 7),
+                                   torch.rand(batch, 3, size, size), torch.randn(batch, 7))]
 
     def step():
-        loss = model(*data, sigma=0.7)["elbo"].mean()
+        with _autocast(device, precision):
+            loss = model(*data, sigma=0.7)["elbo"].mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
 
-    counter = FlopCounterMode(display=False)
-    with counter:  # the counted step doubles as warm-up
-        step()
-    times = []
-    for _ in range(steps):
+    def timed():
+        _sync(device)
         t = time.perf_counter()
         step()
-        times.append(time.perf_counter() - t)
+        _sync(device)
+        return time.perf_counter() - t
+
+    counter = FlopCounterMode(display=False)
+    with counter:  # eager: the counted step doubles as warm-up (compiling does not change the FLOPs)
+        step()
+    compile_seconds = None
+    if compiled:
+        compile_model(model, backend)
+        compile_seconds = timed()  # the first compiled step: tracing and code generation (cold cache)
+    times = [timed() for _ in range(steps)]
     flops = counter.get_total_flops()
     median = statistics.median(times)
+    if compile_seconds is not None:
+        compile_seconds = max(compile_seconds - median, 0.0)
     return {
-        "config": name, "path": "fast" if fast else "reference", "batch": batch, "context": context,
+        "config": name, "path": "fast" if fast else "reference", "precision": precision, "compiled": compiled,
+        "device": device, "batch": batch, "context": context,
         "checkpoint_steps": checkpoint, "params": sum(p.numel() for p in model.parameters()),
         "gflop_per_step": flops / 1e9, "seconds_per_step": median, "step_times": times,
         "gflops_per_s": flops / median / 1e9, "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
+        "peak_gpu_memory_gb": torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else None,
+        "compile_seconds": compile_seconds, "compile_backend": backend if compiled else None,
     }
 
 
 def bench_train(configs, steps: int, batch: int, context: int, paths=("reference", "fast"),
-                checkpoint: bool = False) -> dict:
+                checkpoint: bool = False, precisions=("32-true",), compile_modes=(False,), device: str = "cpu",
+                backend: str = "inductor") -> dict:
+    """Every config x path x precision x compiled in its own subprocess (own peak memory; compiled rows get
+    an empty inductor cache, so ``compile_seconds`` is what a first run pays)."""
     rows = []
-    peak = conv_peak_gflops()
-    print(f"conv peak on this machine: {peak:.0f} GFLOP/s (fp32, {os.cpu_count()} cores)")
-    print(f"{'config':20s} {'path':9s} {'params':>8s} {'GFLOP':>8s} {'s/step':>7s} {'GFLOP/s':>8s} {'%peak':>6s} "
-          f"{'RSS GB':>7s}")
+    machine = machine_info(device)
+    peaks = {p: conv_peak_gflops(precision=p, device=device) for p in precisions}
+    print(f"{machine['device_name']} ({device}; CPU {machine['cpu']}, {machine['cores']} cores, "
+          f"{machine['torch_threads']} threads; bf16 units: {', '.join(machine['cpu_bf16_flags']) or 'none'})")
+    print("conv peak: " + ", ".join(f"{p} {v:.0f} GFLOP/s" for p, v in peaks.items()))
+    print(f"{'config':20s} {'path':9s} {'precision':10s} {'comp':4s} {'params':>8s} {'GFLOP':>8s} {'s/step':>7s} "
+          f"{'GFLOP/s':>8s} {'%peak':>6s} {'mem GB':>7s} {'compile s':>9s}")
     for name in configs:
         for path in paths:
-            cmd = [sys.executable, "-m", "gqn.bench", "_train_child", name, path, str(batch), str(context), str(steps),
-                   str(int(checkpoint))]
-            out = subprocess.run(cmd, capture_output=True, text=True)
-            if out.returncode:
-                raise RuntimeError(f"benchmark of {name}/{path} failed:\n{out.stderr[-2000:]}")
-            row = json.loads(out.stdout.strip().splitlines()[-1])
-            row["percent_of_conv_peak"] = 100 * row["gflops_per_s"] / peak
-            rows.append(row)
-            print(f"{name:20s} {path:9s} {row['params'] / 1e6:7.1f}M {row['gflop_per_step']:8.0f} "
-                  f"{row['seconds_per_step']:7.2f} {row['gflops_per_s']:8.0f} {row['percent_of_conv_peak']:5.0f}% "
-                  f"{row['peak_rss_gb']:7.2f}", flush=True)
-        by = {r["path"]: r for r in rows if r["config"] == name}
-        if len(by) == 2:
-            print(f"{'':20s} speed-up {by['reference']['seconds_per_step'] / by['fast']['seconds_per_step']:.2f}x, "
-                  f"FLOPs {by['reference']['gflop_per_step'] / by['fast']['gflop_per_step']:.2f}x fewer")
-    return {"conv_peak_gflops": peak, "batch": batch, "context": context, "steps": steps, "results": rows}
+            for precision in precisions:
+                for compiled in compile_modes:
+                    cmd = [sys.executable, "-m", "gqn.bench", "_train_child", name, path, str(batch), str(context),
+                           str(steps), str(int(checkpoint)), precision, str(int(compiled)), device, backend]
+                    with tempfile.TemporaryDirectory(prefix="gqn-bench-inductor-") as cache:
+                        env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": cache}
+                        out = subprocess.run(cmd, capture_output=True, text=True, env=env)
+                    what = f"{name}/{path}/{precision}/{'compiled' if compiled else 'eager'}"
+                    if out.returncode:
+                        raise RuntimeError(f"benchmark of {what} failed:\n{out.stderr[-2000:]}")
+                    row = json.loads(out.stdout.strip().splitlines()[-1])
+                    row["percent_of_conv_peak"] = 100 * row["gflops_per_s"] / peaks[precision]
+                    rows.append(row)
+                    mem = row["peak_gpu_memory_gb"] if device == "cuda" else row["peak_rss_gb"]
+                    comp = f"{row['compile_seconds']:9.1f}" if compiled else f"{'-':>9s}"
+                    print(f"{name:20s} {path:9s} {precision:10s} {'on' if compiled else 'off':4s} "
+                          f"{row['params'] / 1e6:7.1f}M {row['gflop_per_step']:8.0f} {row['seconds_per_step']:7.2f} "
+                          f"{row['gflops_per_s']:8.0f} {row['percent_of_conv_peak']:5.0f}% {mem:7.2f} {comp}",
+                          flush=True)
+        _print_speedups([r for r in rows if r["config"] == name])
+    return {"conv_peak_gflops": peaks.get("32-true"), "conv_peak_gflops_by_precision": peaks, "machine": machine,
+            "batch": batch, "context": context, "steps": steps, "results": rows}
+
+
+def _print_speedups(rows: list[dict]) -> None:
+    """Per config: each row against the fp32 eager row of its path, and the fast path against the reference."""
+    base = {r["path"]: r for r in rows if r["precision"] == "32-true" and not r["compiled"]}
+    for r in rows:
+        b = base.get(r["path"])
+        if b is not None and r is not b:
+            print(f"{'':20s} {r['path']} {r['precision']} {'compiled' if r['compiled'] else 'eager'}: "
+                  f"{b['seconds_per_step'] / r['seconds_per_step']:.2f}x the steps/s of fp32 eager")
+    if {"reference", "fast"} <= set(base):
+        ref, fast = base["reference"], base["fast"]
+        print(f"{'':20s} fast path: speed-up {ref['seconds_per_step'] / fast['seconds_per_step']:.2f}x, "
+              f"FLOPs {ref['gflop_per_step'] / fast['gflop_per_step']:.2f}x fewer (fp32 eager)")
 
 
 def bench_data(scenes: int = 2000, batch: int = 36, context: int = 5, workers=(0, 1, 2),
@@ -201,22 +314,46 @@ def bench_synth(scenes: int = 400, workers: int = 2, image_size: int = 64) -> di
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["_train_child"]:
-        name, path, batch, context, steps, ckpt = argv[1:7]
-        print(json.dumps(_train_child(name, path == "fast", int(batch), int(context), int(steps), bool(int(ckpt)))))
+        name, path, batch, context, steps, ckpt, precision, compiled, device, backend = argv[1:11]
+        print(json.dumps(_train_child(name, path == "fast", int(batch), int(context), int(steps), bool(int(ckpt)),
+                                      precision, bool(int(compiled)), device, backend)))
         return 0
     p = argparse.ArgumentParser(prog="gqn-bench", description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("what", nargs="?", default="all", choices=["all", "train", "data", "synth"])
-    p.add_argument("--configs", nargs="+", default=list(TRAIN_CONFIGS), choices=list(TRAIN_CONFIGS))
+    p.add_argument("--configs", nargs="+", default=[c for c in TRAIN_CONFIGS if c != "tiny"],
+                   choices=list(TRAIN_CONFIGS), help="train: model configurations (tiny: for smoke tests)")
     p.add_argument("--steps", type=int, default=5, help="timed steps after one warm-up (FLOP-counted) step")
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--context", type=int, default=5)
     p.add_argument("--paths", nargs="+", default=["reference", "fast"], choices=["reference", "fast"])
     p.add_argument("--checkpoint-steps", action="store_true",
                    help="train with activation checkpointing per DRAW step (model.checkpoint_steps; fast path only)")
+    p.add_argument("--precision", nargs="+", default=["32-true"], metavar="P",
+                   choices=[*PRECISIONS, *PRECISION_ALIASES],
+                   help="train: 32 (32-true) and/or bf16-mixed (autocast, as trainer.precision=bf16-mixed)")
+    p.add_argument("--compile", default="off", choices=list(COMPILE),
+                   help="train: eager (off), torch.compile'd as module.compile=true (on), or both")
+    p.add_argument("--compile-backend", default="inductor",
+                   help="train: the torch.compile backend of compiled rows (aot_eager: tracing without codegen)")
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="train: where the model runs")
     p.add_argument("--out", default="bench", help="directory for the JSON results")
     args = p.parse_args(argv)
     if args.checkpoint_steps and "reference" in args.paths:
         p.error("--checkpoint-steps needs --paths fast (the reference path has no activation checkpointing)")
+    precisions = list(dict.fromkeys(PRECISION_ALIASES.get(x, x) for x in args.precision))
+    if args.steps < 1 or args.batch < 1 or args.context < 1:
+        p.error("--steps, --batch and --context must be at least 1")
+    if args.device == "cuda" or args.what in ("all", "train"):
+        import torch
+
+        if args.device == "cuda" and not torch.cuda.is_available():
+            print("gqn-bench: error: --device cuda but torch sees no CUDA GPU (a CPU-only torch build, or no "
+                  "driver); run on a GPU machine or use --device cpu", file=sys.stderr)
+            return 2
+        if args.compile_backend not in torch._dynamo.list_backends(exclude_tags=()):
+            print(f"gqn-bench: error: --compile-backend {args.compile_backend!r} is not a torch.compile backend "
+                  "(e.g. inductor, aot_eager)", file=sys.stderr)
+            return 2
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     results = {}
@@ -226,7 +363,9 @@ def main(argv=None) -> int:
         results["data"] = bench_data()
     if args.what in ("all", "train"):
         results["train"] = bench_train(args.configs, args.steps, args.batch, args.context, tuple(args.paths),
-                                       checkpoint=args.checkpoint_steps)
+                                       checkpoint=args.checkpoint_steps, precisions=precisions,
+                                       compile_modes=COMPILE[args.compile], device=args.device,
+                                       backend=args.compile_backend)
     for key, value in results.items():
         (out / f"{key}.json").write_text(json.dumps(value, indent=2) + "\n")
     print(f"wrote {', '.join(str(out / f'{k}.json') for k in results)}")

@@ -10,6 +10,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from gqn import metrics
+from gqn.cli import UserError
 from gqn.model import GQN
 from gqn.model.distributions import gaussian_nll
 from gqn.schedules import LinearAnneal
@@ -17,6 +18,20 @@ from gqn.schedules import LinearAnneal
 
 def _plain(cfg):
     return OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else cfg
+
+
+def compile_model(model: GQN, backend: str = "inductor") -> GQN:
+    """``torch.compile`` the encoder and the generator of ``model`` in place (``nn.Module.compile``).
+
+    Everything that runs them -- the training forward, validation, sampling, rendering, the prior-mean
+    loss -- then runs compiled, and the state dict keeps the keys of the eager model (no ``_orig_mod``).
+    """
+    if backend not in torch._dynamo.list_backends(exclude_tags=()):
+        raise UserError(f"module.compile={backend!r} is neither true/false nor a torch.compile backend "
+                        "(e.g. inductor, aot_eager)")
+    model.encoder.compile(backend=backend)
+    model.generator.compile(backend=backend)
+    return model
 
 
 class GQNModule(L.LightningModule):
@@ -37,6 +52,9 @@ class GQNModule(L.LightningModule):
             from the prior-mean latents, i.e. of the deterministic render that evaluation scores. 0 trains
             on the ELBO alone (the paper); above 0 each step also runs the generator once from the prior.
         prior_mean_start: the step from which that auxiliary loss applies (before it costs nothing).
+        compile: ``torch.compile`` the encoder and the generator in place (``True``: the inductor backend; a
+            string names another backend, e.g. ``aot_eager`` traces without generating code). The first
+            step of each new input shape pays the compile time; the checkpoint's keys are those of eager.
     """
 
     def __init__(
@@ -50,7 +68,7 @@ class GQNModule(L.LightningModule):
         kl_weight: float = 1.0,
         prior_mean_weight: float = 0.0,
         prior_mean_start: int = 0,
-        compile: bool = False,
+        compile: bool | str = False,
     ):
         super().__init__()
         self.save_hyperparameters({"model": _plain(model), "optimizer": _plain(optimizer),
@@ -64,8 +82,9 @@ class GQNModule(L.LightningModule):
         self.sigma_schedule = LinearAnneal(s["sigma_init"], s["sigma_final"], s["sigma_steps"], sigma_warmup_steps)
         self.kl_weight = LinearAnneal(0.0, kl_weight, kl_warmup_steps) if kl_warmup_steps else (lambda step: kl_weight)
         self.prior_mean_weight = LinearAnneal(0.0, prior_mean_weight, 0, delay=prior_mean_start)
-        # kept out of the module tree (a compiled wrapper would duplicate the state dict's keys)
-        self.__dict__["_forward"] = torch.compile(self.model) if compile else self.model
+        self.__dict__["_forward"] = self.model  # kept out of the module tree
+        if compile:
+            compile_model(self.model, "inductor" if compile is True else str(compile))
         self._step_kind: tuple | None = None  # (train?, B, M, auxiliary loss on?) of the last step
         self._flops: dict[tuple, int] = {}
 
@@ -119,7 +138,7 @@ class GQNModule(L.LightningModule):
 
     # ------------------------------------------------------------------ steps
     def forward(self, batch: dict[str, torch.Tensor], sigma: float | None = None):
-        return self._forward(batch["context_images"], batch["context_poses"], batch["query_images"],
+        return self.model(batch["context_images"], batch["context_poses"], batch["query_images"],
                              batch["query_poses"], sigma=self.sigma() if sigma is None else sigma)
 
     def _log_terms(self, prefix: str, out: dict, batch_size: int, **kw) -> None:
@@ -163,14 +182,16 @@ class GQNModule(L.LightningModule):
         }
         values = {key: out[key].float() for key in ("elbo", "nll", "kl", "bits_per_pixel", "mse")}
         renders = {name: img.float() for name, img in renders.items()}  # bf16 under autocast: score in fp32
-        for name, img in renders.items():
-            values[f"psnr_{name}"] = metrics.psnr(img, target)
-            values[f"ssim_{name}"] = metrics.ssim(img, target)
-        if "query_object_mask" in batch:
-            mask = metrics.object_pixels(batch["query_object_mask"])
-            values["object_fraction"] = mask.float().flatten(1).mean(dim=1)
-            for name, img in {**renders, "empty_room": batch["query_empty_room"]}.items():
-                values[f"object_psnr_{name}"] = metrics.masked_psnr(img, target, mask)
+        # image metrics in fp32 whatever trainer.precision is (SSIM's convolutions under bf16 autocast are garbage)
+        with torch.autocast(target.device.type, enabled=False):
+            for name, img in renders.items():
+                values[f"psnr_{name}"] = metrics.psnr(img, target)
+                values[f"ssim_{name}"] = metrics.ssim(img, target)
+            if "query_object_mask" in batch:
+                mask = metrics.object_pixels(batch["query_object_mask"])
+                values["object_fraction"] = mask.float().flatten(1).mean(dim=1)
+                for name, img in {**renders, "empty_room": batch["query_empty_room"]}.items():
+                    values[f"object_psnr_{name}"] = metrics.masked_psnr(img, target, mask)
         return values
 
     def _eval_step(self, prefix: str, batch):

@@ -17,16 +17,21 @@ def split_gaussian(params: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return mean, F.softplus(raw) + MIN_STD
 
 
+def fp32(t: torch.Tensor) -> torch.Tensor:
+    """``t`` in at least float32: loss terms stay fp32 under bf16/fp16 autocast (float64 is kept)."""
+    return t.to(torch.promote_types(t.dtype, torch.float32))
+
+
 def kl_gaussian(mq: torch.Tensor, sq: torch.Tensor, mp: torch.Tensor, sp: torch.Tensor) -> torch.Tensor:
-    """KL(N(mq, sq^2) || N(mp, sp^2)) elementwise, in float32 (also under bf16 autocast)."""
-    mq, sq, mp, sp = (t.float() for t in (mq, sq, mp, sp))
+    """KL(N(mq, sq^2) || N(mp, sp^2)) elementwise, in at least float32."""
+    mq, sq, mp, sp = fp32(mq), fp32(sq), fp32(mp), fp32(sp)
     ratio = (sq / sp) ** 2
     return 0.5 * (ratio + ((mq - mp) / sp) ** 2 - 1.0 - torch.log(ratio))
 
 
 def gaussian_nll(x: torch.Tensor, mean: torch.Tensor, sigma: float | torch.Tensor) -> torch.Tensor:
-    """-log N(x | mean, sigma^2) summed over all but the batch dimension -> ``[B]`` (nats), in float32."""
-    x, mean = x.float(), mean.float()
+    """-log N(x | mean, sigma^2) summed over all but the batch dimension -> ``[B]`` (nats), in at least float32."""
+    x, mean = fp32(x), fp32(mean)
     sigma = torch.as_tensor(sigma, dtype=x.dtype, device=x.device)
     nll = 0.5 * ((x - mean) / sigma) ** 2 + torch.log(sigma) + 0.5 * math.log(2 * math.pi)
     return nll.flatten(1).sum(dim=1)

@@ -153,10 +153,10 @@ class DRAWGenerator(nn.Module):
 
     def _noise(self, batch: int, like: torch.Tensor, generator: torch.Generator | None) -> list[torch.Tensor]:
         shape = (batch, self.latent_channels, self.grid, self.grid)
-        return [
-            torch.randn(shape, generator=generator, device=like.device, dtype=like.dtype)
-            for _ in range(self.num_steps)
-        ]
+        dtype = torch.promote_types(like.dtype, torch.float32)  # fp32 noise under bf16 autocast: same draws
+        # generator=None passed explicitly breaks torch.compile with a dynamic batch size: pass it only if given
+        seeded = {"generator": generator} if generator is not None else {}
+        return [torch.randn(shape, device=like.device, dtype=dtype, **seeded) for _ in range(self.num_steps)]
 
     def _check(self, query_images, query_poses, representation) -> None:
         B = query_poses.shape[0]

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from gqn.model.distributions import gaussian_nll
+from gqn.model.distributions import fp32, gaussian_nll
 from gqn.model.generator import DRAWGenerator
 from gqn.model.representation import GRID_SCALE
 
@@ -150,7 +150,7 @@ class GQN(nn.Module):
             "kl": kl,
             "kl_steps": out["kl"],
             "bits_per_pixel": neg_elbo / (pixels * math.log(2)),
-            "mse": (out["mean"].float() - query_images).pow(2).flatten(1).mean(dim=1),
+            "mse": (fp32(out["mean"]) - query_images).pow(2).flatten(1).mean(dim=1),
             "mean": out["mean"],
             "representation": r,
             "views": views,
