@@ -463,10 +463,12 @@ class GQNDataLoader(DataLoader):
             if isinstance(dataset, SceneStream):
                 dataset.ring = dataset.closing = None  # the workers hold their copies; the stream stays picklable
         skipped, base = {}, getattr(dataset, "skipped", 0)  # each worker counts on from the value it was given
+        error = None
         try:
             for batch in iterator:
                 if "error" in batch:  # a worker's data error, raised here as itself (see SceneStream.__iter__)
-                    raise batch["error"]
+                    error = batch["error"]
+                    break
                 if "ring_slot" in batch:  # a batch in a ring slot, or a worker's final count of skipped scenes
                     worker, slot = batch["ring_slot"] or (batch["worker"], None)
                     skipped[worker] = batch["skipped"] - base
@@ -488,6 +490,12 @@ class GQNDataLoader(DataLoader):
                 atexit.unregister(closing.set)
             if ring is not None:  # wake workers waiting for a slot, so that they see the shutdown and exit
                 ring.release_all()
+        if error is not None:
+            # shut the workers down now: raised from here, the traceback would keep the torch iterator alive
+            # until a garbage collection, whose finalizers tear its queues down in no particular order (the
+            # workers then wait 5 s each for a stop message that never comes, and are killed)
+            del batch, iterator
+            raise error
         if isinstance(dataset, SceneStream):
             if dataset.repeat:  # an endless stream ended: every reader stopped without a batch
                 raise GQNDataError(f"{Path(dataset.files[0]).parent if dataset.files else dataset.info.name} "
