@@ -82,7 +82,6 @@ class GQNModule(L.LightningModule):
         self.sigma_schedule = LinearAnneal(s["sigma_init"], s["sigma_final"], s["sigma_steps"], sigma_warmup_steps)
         self.kl_weight = LinearAnneal(0.0, kl_weight, kl_warmup_steps) if kl_warmup_steps else (lambda step: kl_weight)
         self.prior_mean_weight = LinearAnneal(0.0, prior_mean_weight, 0, delay=prior_mean_start)
-        self.__dict__["_forward"] = self.model  # kept out of the module tree
         if compile:
             compile_model(self.model, "inductor" if compile is True else str(compile))
         self._step_kind: tuple | None = None  # (train?, B, M, auxiliary loss on?) of the last step
