@@ -87,3 +87,19 @@ def test_records_are_deepmind_format_and_read_back(tmp_path):
     batch = next(iter(dm.test_dataloader()))
     assert batch["context_images"].shape == (2, 3, 3, 32, 32)
     assert batch["query_poses"].shape == (2, 7)
+
+
+def test_field_of_view_is_a_setting_of_the_renderer(tmp_path):
+    """--fov renders the same scene through another lens: the centre pixel stays, the rest zooms."""
+    import json
+
+    wide = make_scene("rooms", np.random.default_rng(5), views=2, size=32, fov=np.deg2rad(90))[0]
+    normal = make_scene("rooms", np.random.default_rng(5), views=2, size=32)[0]
+    assert np.median(np.abs(wide[:, 15:17, 15:17].astype(int) - normal[:, 15:17, 15:17])) <= 12
+    assert np.abs(wide.astype(int) - normal).mean() > 5
+    card = synthesize(tmp_path / "r", "rooms", train_scenes=1, test_scenes=1, image_size=16, views=2,
+                      fov_degrees=45, objects=False, log=lambda *_: None)
+    assert card["field_of_view_degrees"] == 45 and card["settings"]["fov_degrees"] == 45
+    assert json.loads((tmp_path / "r" / "dataset.json").read_text())["field_of_view_degrees"] == 45
+    with pytest.raises(ValueError, match="--fov must be in"):
+        synthesize(tmp_path / "bad", "rooms", train_scenes=1, test_scenes=1, image_size=16, fov_degrees=180)

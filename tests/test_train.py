@@ -41,6 +41,7 @@ def test_every_data_option_composes_to_its_dataset(data_root, tmp_path):
     [f"model={m}" for m in options("model")]
     + [f"model/encoder={e}" for e in options("model/encoder")]
     + [f"model/core={c}" for c in options("model/core")]
+    + [f"model/geometry={g}" for g in options("model/geometry")]
     + [f"schedule={s}" for s in options("schedule")]
     + [f"callbacks={c}" for c in options("callbacks")]
     + [f"experiment={e}" for e in options("experiment")]
@@ -67,8 +68,9 @@ def test_trainer_options_compose(tmp_path):
 def test_run_length_belongs_to_the_experiment_not_the_hardware(tmp_path):
     default = compose_train([], tmp_path / "a")
     gpu = compose_train(["trainer=gpu"], tmp_path / "b")
+    steps = OmegaConf.load(CONF_DIR / "experiment" / "default.yaml").trainer.max_steps
     for cfg in (default, gpu):  # a hardware preset does not change how long the run is
-        assert cfg.name == "default" and cfg.trainer.max_steps == 4500 and cfg.schedule.lr_steps == 4500
+        assert cfg.name == "default" and cfg.trainer.max_steps == steps and cfg.schedule.lr_steps == steps
     longer = compose_train(["trainer.max_steps=28000"], tmp_path / "c")
     assert longer.schedule.lr_steps == 28000  # schedule=fast anneals the LR over the whole run
     paper = compose_train(["experiment=rooms_ring_camera", "trainer=gpu"], tmp_path / "d")
@@ -347,7 +349,8 @@ def test_flop_count_equals_a_count_of_a_real_training_step(train_cfg):
             out = module.model(ci, cp, qi, qp, sigma=0.7)
             loss = out["elbo"].mean()
             if aux:
-                loss = loss + module.model.generator(qp, out["representation"], sample_prior=False)["mean"].mean()
+                loss = loss + module.model.generate(qp, out["representation"], out["views"], out["geometry"],
+                                                    sample_prior=False)["mean"].mean()
             loss.backward()
         assert module._count_flops(True, 2, 3, aux) == counter.get_total_flops() > 0
 

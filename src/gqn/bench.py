@@ -37,14 +37,16 @@ TRAIN_CONFIGS = {
     "paper-tower-shared": ("paper", {"core_sharing": "shared"}),
     "tf_gqn": ("tf_gqn", {}),
     "small": ("small", {}),
-    "small-32": ("small", {"image_size": 32}),  # the default experiment's model on its 32 px data
+    "small-32": ("small", {"image_size": 32}),  # the default experiment's GQN on its 32 px data, without the read
+    "default": ("small", {"image_size": 32, "geometry": "plane_sweep"}),  # the default experiment's model
     # a few-second model for smoke tests of the bench itself (not a meaningful speed)
     "tiny": ("small", {"hidden_channels": 8, "canvas_channels": 8, "num_steps": 2, "encoder.channels": 8}),
 }
 
 
 def build_model(preset: str, image_size: int = 64, **overrides):
-    """Build a GQN from a model preset of conf/model (the same YAML users select)."""
+    """Build a GQN from a model preset of conf/model (the same YAML users select); without a geometric read
+    unless ``geometry`` names a conf/model/geometry option (experiment=default adds one)."""
     import hydra
     from hydra import compose, initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
@@ -56,6 +58,8 @@ def build_model(preset: str, image_size: int = 64, **overrides):
     args = [f"model={preset}", f"data.image_size={image_size}"]
     if "encoder" in overrides:
         args.append(f"model/encoder={overrides.pop('encoder')}")
+    geometry = overrides.pop("geometry", None)
+    args.append(f"model/geometry={geometry}" if geometry else "~model/geometry")
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         cfg = compose(config_name="train", overrides=args + [f"model.{k}={v}" for k, v in overrides.items()])
     return hydra.utils.instantiate(cfg.model)

@@ -23,7 +23,7 @@ def _synth(args) -> int:
     opts = dict(family=args.family, train_scenes=args.train_scenes, test_scenes=args.test_scenes,
                 seed=args.seed, image_size=args.image_size, views=args.views,
                 scenes_per_file=args.scenes_per_file, parts=args.parts, samples=args.samples,
-                objects=not args.no_objects)
+                objects=not args.no_objects, fov_degrees=args.fov)
     card = out / "dataset.json"
     if args.skip_existing and card.is_file():
         old = json.loads(card.read_text()).get("settings")
@@ -217,6 +217,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--parts", type=at_least(1), default=7, help="cubes per Shepard-Metzler object (default: 7)")
     s.add_argument("--samples", type=at_least(1), default=2,
                    help="anti-aliasing: N x N rays per pixel, box-filtered (default: 2; 1 = aliased)")
+    s.add_argument("--fov", type=float, default=60.0,
+                   help="the cameras' full field of view in degrees (default: 60); the public datasets do not "
+                        "publish theirs, so models must not assume one")
     s.add_argument("--no-objects", action="store_true",
                    help="do not write the object masks and empty-room renders beside the records "
                         "(objects/{split}/*.npz, used by gqn-eval's object-pixel metrics)")

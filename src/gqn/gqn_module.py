@@ -31,6 +31,8 @@ def compile_model(model: GQN, backend: str = "inductor") -> GQN:
                         "(e.g. inductor, aot_eager)")
     model.encoder.compile(backend=backend)
     model.generator.compile(backend=backend)
+    if model.geometry is not None:
+        model.geometry.compile(backend=backend)
     return model
 
 
@@ -118,18 +120,21 @@ class GQNModule(L.LightningModule):
         from lightning.fabric.utilities.throughput import measure_flops
 
         size = self.model.image_size
-        with torch.inference_mode(False), torch.device("meta"):
+        # on the meta device nothing is computed; a geometric read samples images (grid_sample has no meta
+        # kernel), so that model is counted on a real CPU batch (once per batch shape, well under a second)
+        device = "meta" if self.model.geometry is None else "cpu"
+        with torch.inference_mode(False), torch.device(device):
             model = hydra.utils.instantiate(self.hparams.model)
-            ci, cp = torch.empty(B, M, 3, size, size), torch.empty(B, M, model.pose_dim)
-            qi, qp = torch.empty(B, 3, size, size), torch.empty(B, model.pose_dim)
+            ci, cp = torch.rand(B, M, 3, size, size), torch.rand(B, M, model.pose_dim)
+            qi, qp = torch.rand(B, 3, size, size), torch.rand(B, model.pose_dim)
 
         def step():
             out = model(ci, cp, qi, qp, sigma=1.0)
             if not train:
-                model.render(out["representation"], qp, mean=True, views=out["views"])
+                model.render(out["representation"], qp, mean=True, views=out["views"], geometry=out["geometry"])
             elif aux:
-                return out["elbo"].sum() + model.generator(qp, out["representation"], sample_prior=False,
-                                                           views=out["views"])["mean"].sum()
+                return out["elbo"].sum() + model.generate(qp, out["representation"], out["views"], out["geometry"],
+                                                          sample_prior=False)["mean"].sum()
             return out["elbo"].sum()
 
         with torch.inference_mode(False), torch.enable_grad():  # ThroughputMonitor asks in inference mode
@@ -153,8 +158,8 @@ class GQNModule(L.LightningModule):
             images, poses = batch["query_images"], batch["query_poses"]
             if images.dim() == 5:  # several query views per scene: [B, K, ...] -> [B * K, ...] like the ELBO terms
                 images, poses = images.flatten(0, 1), poses.flatten(0, 1)
-            prior_mean = self.model.generator(poses, out["representation"], sample_prior=False,
-                                              views=out["views"])["mean"]
+            prior_mean = self.model.generate(poses, out["representation"], out["views"], out["geometry"],
+                                             sample_prior=False)["mean"]
             prior_nll = gaussian_nll(images, prior_mean, self.sigma())
             loss = loss + weight * prior_nll.mean()
             self.log("train/prior_mean_nll", prior_nll.mean(), batch_size=B)
@@ -175,7 +180,7 @@ class GQNModule(L.LightningModule):
         ctx, ctx_poses, target = batch["context_images"], batch["context_poses"], batch["query_images"]
         renders = {
             "model": self.model.render(out["representation"], batch["query_poses"], mean=True,  # encoded once
-                                       views=out["views"]),
+                                       views=out["views"], geometry=out["geometry"]),
             "nearest_view": metrics.nearest_context_view(ctx, ctx_poses, batch["query_poses"]),
             "mean_view": metrics.mean_context_view(ctx),
         }

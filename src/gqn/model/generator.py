@@ -96,10 +96,16 @@ class DRAWGenerator(nn.Module):
         grid_coords: bool = False,
         attention: dict | None = None,
         patch_channels: int | None = None,
+        geometry_channels: int = 0,
+        geometry_core_channels: int = 32,
+        geometry_mix_kernel: int = 1,
     ):
         """``attention``: ``{key_channels, value_channels, heads}`` to read the context views' patches at every
         step through :class:`ViewAttention` (the encoder's per-view outputs, ``patch_channels`` each; default
-        ``r_channels``)."""
+        ``r_channels``). ``geometry_channels``: the channels of a full-resolution map of the query view (a
+        :class:`gqn.model.geometry.PlaneSweep` read) that both cores take as a step-invariant input (each 4x4
+        block of it mapped to ``geometry_core_channels`` channels of the latent grid) and the observation takes
+        beside the canvas, through a small network whose first layer has ``geometry_mix_kernel`` x that kernel."""
         super().__init__()
         if num_steps < 1:
             raise ValueError(f"num_steps (L) must be >= 1, got {num_steps}")
@@ -128,6 +134,11 @@ class DRAWGenerator(nn.Module):
             self.attention = ViewAttention(patch_channels or r_channels, hidden_channels, pose_dim, self.grid,
                                            **attention)
             inf["a"] = gen["a"] = self.attention.value_channels  # the attention read: a per-step input
+        self.geometry_channels = geometry_channels
+        self.geometry_in = None
+        if geometry_channels:  # the read of each 4x4 block of pixels, summarised for the latent grid
+            self.geometry_in = nn.Conv2d(geometry_channels, geometry_core_channels, GRID_SCALE, stride=GRID_SCALE)
+            inf["g"] = gen["g"] = geometry_core_channels
         n_cores = num_steps if core_sharing == "unshared" else 1
         if core_sharing == "shared_inference_generation":
             cell = ConvLSTMCell({**inf, "z": latent_channels}, hidden_channels, kernel_size)
@@ -146,6 +157,12 @@ class DRAWGenerator(nn.Module):
         self.canvas_up = nn.ConvTranspose2d(hidden_channels, canvas_channels, GRID_SCALE, stride=GRID_SCALE)
         self.canvas_down = nn.Conv2d(canvas_channels, hidden_channels, GRID_SCALE, stride=GRID_SCALE)
         self.observation = nn.Conv2d(canvas_channels, image_channels, 1)
+        self.geometry_skip = None
+        if geometry_channels:  # per pixel, canvas and geometric read together decide what to copy from the context
+            width = 32
+            self.geometry_skip = nn.Sequential(nn.Conv2d(canvas_channels + geometry_channels, width, geometry_mix_kernel,
+                                                         padding=geometry_mix_kernel // 2), nn.ReLU(),
+                                               nn.Conv2d(width, 1 + image_channels, 1))
 
     # ------------------------------------------------------------------ helpers
     def _core(self, cores: nn.ModuleList, step: int) -> ConvLSTMCell:
@@ -176,9 +193,21 @@ class DRAWGenerator(nn.Module):
                 f"{self.image_size}x{self.image_size}; set data.image_size / model.image_size to match"
             )
 
-    def observe(self, canvas: torch.Tensor) -> torch.Tensor:
-        """Canvas ``[B, canvas, H, W]`` -> mean image ``[B, 3, H, W]`` in (0, 1)."""
-        return torch.sigmoid(self.observation(canvas))
+    def observe(self, canvas: torch.Tensor, geometry: torch.Tensor | None = None) -> torch.Tensor:
+        """Canvas ``[B, canvas, H, W]`` (and the geometric read ``[B, G, H, W]``) -> mean image ``[B, 3, H, W]``
+        in (0, 1).
+
+        With a geometric read, each pixel blends the context colour it found (its first channels) with the
+        canvas's own: ``a * found + (1 - a) * sigmoid(obs(canvas) + residual)``, where ``a`` and the residual are
+        computed per pixel from the canvas and the read (image-based rendering where the views saw the point,
+        the generator's guess where they did not)."""
+        logits = self.observation(canvas)
+        if self.geometry_skip is None:
+            return torch.sigmoid(logits)
+        c = self.observation.out_channels
+        mix = self.geometry_skip(torch.cat([canvas, geometry.to(canvas.dtype)], dim=1))
+        alpha = torch.sigmoid(mix[:, :1])
+        return alpha * geometry[:, :c].to(canvas.dtype) + (1 - alpha) * torch.sigmoid(logits + mix[:, 1:])
 
     # ------------------------------------------------------------------ API
     def forward(
@@ -190,10 +219,13 @@ class DRAWGenerator(nn.Module):
         generator: torch.Generator | None = None,
         return_sequence: bool = False,
         views: torch.Tensor | None = None,
+        geometry: torch.Tensor | None = None,
     ) -> dict[str, torch.Tensor]:
         """Run the L DRAW steps.
 
         ``views`` ``[B, M, C, G, G]``: the context views' encoder outputs, which an attention generator reads.
+        ``geometry`` ``[B, geometry_channels, H, W]``: the geometric read of the query view, for a generator
+        built with ``geometry_channels``.
 
         With ``query_images`` the latents come from the posterior and ``kl`` ``[B, L]`` is returned;
         without, from the prior (a sample, or its mean when ``sample_prior`` is False). Returns
@@ -204,10 +236,17 @@ class DRAWGenerator(nn.Module):
         if (self.attention is not None) != (views is not None):
             raise ValueError("an attention generator needs the context views (views=[B, M, C, G, G]) and only it "
                              "takes them; encode with GQN.encode")
+        if bool(self.geometry_channels) != (geometry is not None):
+            raise ValueError("a generator built with geometry_channels needs the geometric read (geometry=[B, G, H, "
+                             "W]) and only it takes one; render through GQN")
+        if geometry is not None and (geometry.shape[0] != query_poses.shape[0]
+                                     or tuple(geometry.shape[1:]) != (self.geometry_channels, *(self.image_size,) * 2)):
+            raise ValueError(f"geometry must be [{query_poses.shape[0]}, {self.geometry_channels}, {self.image_size}, "
+                             f"{self.image_size}], got {tuple(geometry.shape)}")
         noise = self._noise(query_poses.shape[0], representation, generator)
         attend = self._attention_reader(query_poses, views)
         run = self._run_fast if self.fast else self._run_reference
-        return run(query_poses, representation, query_images, noise, sample_prior, return_sequence, attend)
+        return run(query_poses, representation, query_images, noise, sample_prior, return_sequence, attend, geometry)
 
     def _attention_reader(self, query_poses, views):
         """``h_g -> [B, dv, G, G]`` (None for the zero initial state), or None without attention."""
@@ -222,12 +261,13 @@ class DRAWGenerator(nn.Module):
         return (mean + std * noise if use_sample else mean), mean, std
 
     # ------------------------------------------------------------------ reference path
-    def _run_reference(self, v, r, x, noise, sample_prior, return_sequence, attend=None):
+    def _run_reference(self, v, r, x, noise, sample_prior, return_sequence, attend=None, geo=None):
         B, G = v.shape[0], self.grid
         v_grid = v[:, :, None, None].expand(-1, -1, G, G)
         r_grid = r.expand(-1, -1, G, G) if r.shape[-1] == 1 else r
         x_s2d = F.pixel_unshuffle(x, GRID_SCALE) if x is not None else None
         coords = self.coords.expand(B, -1, -1, -1)
+        g = {} if geo is None else {"g": self.geometry_in(geo.to(r.dtype))}
         zeros = r.new_zeros(B, self.hidden_channels, G, G)
         h_g, c_g, h_e, c_e = zeros, zeros, zeros, zeros
         u = r.new_zeros(B, self.canvas_up.out_channels, self.image_size, self.image_size)
@@ -244,18 +284,18 @@ class DRAWGenerator(nn.Module):
             if x is not None:
                 cell = self._core(self.inference_cores, step)
                 inputs = {"x": x_s2d, "v": v_grid, "r": r_grid, "h_g": h_g, "u": self.canvas_down(u), "coords": coords,
-                          **a}
+                          **a, **g}
                 h_e, c_e = cell(fill(cell, inputs), (h_e, c_e))
                 z, q_mean, q_std = self._latent(self.posterior_head(h_e), noise[step], True)
                 kls.append(kl_gaussian(q_mean, q_std, p_mean, p_std).flatten(1).sum(1))
             else:
                 z = p_mean + p_std * noise[step] if sample_prior else p_mean
             cell = self._core(self.generation_cores, step)
-            h_g, c_g = cell(fill(cell, {"v": v_grid, "r": r_grid, "z": z, "coords": coords, **a}), (h_g, c_g))
+            h_g, c_g = cell(fill(cell, {"v": v_grid, "r": r_grid, "z": z, "coords": coords, **a, **g}), (h_g, c_g))
             u = u + self.canvas_up(h_g)
             if return_sequence:
-                seq.append(self.observe(u))
-        return self._outputs(self.observe(u), kls, seq)
+                seq.append(self.observe(u, geo))
+        return self._outputs(self.observe(u, geo), kls, seq)
 
     def _outputs(self, mean, kls, seq):
         out = {"mean": mean}
@@ -290,10 +330,12 @@ class DRAWGenerator(nn.Module):
         step_bias = torch.einsum("ocab,c->o", w_down, self.canvas_up.bias)  # added once per step
         return matrix, step_bias
 
-    def _run_fast(self, v, r, x, noise, sample_prior, return_sequence, attend=None):
+    def _run_fast(self, v, r, x, noise, sample_prior, return_sequence, attend=None, geo=None):
         B, G = v.shape[0], self.grid
         r_in = r.flatten(1) if r.shape[-1] == 1 else r  # [B, C] codes take the closed form
         extra = {"coords": self.coords} if self.grid_coords else {}  # batch 1: broadcast in the sum
+        if geo is not None:
+            extra["g"] = self.geometry_in(geo.to(r.dtype))
         gen_static = self._static_gates(self.generation_cores, {"v": v, "r": r_in, **extra})
         zeros = r.new_zeros(B, self.hidden_channels, G, G)
         h_g, c_g, h_e, c_e = zeros, zeros, zeros, zeros
@@ -349,8 +391,8 @@ class DRAWGenerator(nn.Module):
             if kl is not None:
                 kls.append(kl)
             if return_sequence:
-                seq.append(self.observe(self._canvas(h_sum, step + 1)))
-        return self._outputs(self.observe(self._canvas(h_sum, self.num_steps)), kls, seq)
+                seq.append(self.observe(self._canvas(h_sum, step + 1), geo))
+        return self._outputs(self.observe(self._canvas(h_sum, self.num_steps), geo), kls, seq)
 
     def _canvas(self, h_sum: torch.Tensor, steps: int) -> torch.Tensor:
         """The full-resolution canvas after ``steps`` steps, built from the running state sum."""

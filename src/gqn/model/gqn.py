@@ -18,6 +18,15 @@ def repeat_scenes(x: torch.Tensor, k: int) -> torch.Tensor:
     return x.repeat_interleave(k, dim=0)
 
 
+def map_views(views, fn):
+    """Apply ``fn`` to every tensor of ``views`` (None, a tensor, or a dict of tensors and Nones)."""
+    if views is None:
+        return None
+    if isinstance(views, dict):
+        return {key: map_views(value, fn) for key, value in views.items()}
+    return fn(views)
+
+
 class GQN(nn.Module):
     """GQN(encoder, ...): scenes in, -ELBO terms out; ``sample`` renders novel views.
 
@@ -42,7 +51,14 @@ class GQN(nn.Module):
         checkpoint_steps: bool = False,
         inference_kernel_size: int | None = None,
         grid_coords: bool = False,
+        geometry: nn.Module | None = None,
+        geometry_core_channels: int = 32,
+        geometry_mix_kernel: int = 1,
     ):
+        """``geometry``: a geometric read of the context views for each query view (``model/geometry=plane_sweep``,
+        :class:`gqn.model.geometry.PlaneSweep`) that the generator takes beside r; None: the plain GQN.
+        ``geometry_core_channels``: the channels of that read per latent-grid position that the cores take;
+        ``geometry_mix_kernel``: the kernel of the per-pixel network that blends the read into the image."""
         super().__init__()
         if getattr(encoder, "image_size", image_size) != image_size:
             raise ValueError(f"encoder built for {encoder.image_size}px images but model.image_size={image_size}")
@@ -51,6 +67,9 @@ class GQN(nn.Module):
                              "implemented on the fast DRAW path only)")
         self.image_size, self.pose_dim, self.image_channels = image_size, pose_dim, image_channels
         self.encoder = encoder
+        self.geometry = geometry
+        if geometry is not None and getattr(geometry, "image_size", image_size) != image_size:
+            raise ValueError(f"geometry built for {geometry.image_size}px images but model.image_size={image_size}")
         self.generator = DRAWGenerator(
             r_channels=encoder.out_channels,
             image_size=image_size,
@@ -69,6 +88,9 @@ class GQN(nn.Module):
             grid_coords=grid_coords,
             attention=getattr(encoder, "attention", None),
             patch_channels=getattr(encoder, "patch_channels", None),
+            geometry_channels=0 if geometry is None else geometry.out_channels,
+            geometry_core_channels=geometry_core_channels,
+            geometry_mix_kernel=geometry_mix_kernel,
         )
 
     @property
@@ -87,7 +109,8 @@ class GQN(nn.Module):
 
     def encode(self, context_images: torch.Tensor, context_poses: torch.Tensor):
         """``(r, views)``: r ``[B, C, s, s]`` summed over the views and, for an attention GQN, the views' own
-        encodings ``[B, M, C, s, s]`` (else None)."""
+        encodings ``[B, M, C, s, s]`` (else None). With a geometric read, ``views`` is a dict: ``patches`` (those
+        encodings or None), ``features`` ``[B, M, C', H, W]`` (what the plane sweep samples) and ``poses``."""
         if context_images.dim() != 5 or context_poses.dim() != 3:
             raise ValueError(
                 "context_images must be [B, M, C, H, W] and context_poses [B, M, pose_dim]; got "
@@ -105,13 +128,32 @@ class GQN(nn.Module):
                 "(data.image_size) or build the model for this size (model.image_size)"
             )
         per_view = self.encoder(context_images.flatten(0, 1), context_poses.flatten(0, 1)).unflatten(0, (B, M))
-        if not self.keeps_views:
-            return per_view.sum(dim=1), None
-        views = per_view
-        if getattr(self.encoder, "pixel_values", False):  # each patch also carries its own pixels
-            pixels = F.pixel_unshuffle(context_images.flatten(0, 1), GRID_SCALE).unflatten(0, (B, M))
-            views = torch.cat([per_view, pixels.to(per_view.dtype)], dim=2)
+        views = None
+        if self.keeps_views:
+            views = per_view
+            if getattr(self.encoder, "pixel_values", False):  # each patch also carries its own pixels
+                pixels = F.pixel_unshuffle(context_images.flatten(0, 1), GRID_SCALE).unflatten(0, (B, M))
+                views = torch.cat([per_view, pixels.to(per_view.dtype)], dim=2)
+        if self.geometry is not None:
+            views = {"patches": views, "features": self.geometry.view_features(context_images),
+                     "poses": context_poses}
         return per_view.sum(dim=1), views
+
+    def read_geometry(self, query_poses, views) -> torch.Tensor | None:
+        """The geometric read ``[B, G, H, W]`` of ``query_poses`` from ``encode``'s views (None without one)."""
+        if self.geometry is None:
+            return None
+        return self.geometry(views["features"], views["poses"], query_poses)
+
+    def generate(self, query_poses, representation, views=None, geometry=None, **kwargs) -> dict[str, torch.Tensor]:
+        """Run the generator for ``query_poses`` from ``encode``'s ``(representation, views)``; ``geometry``: the
+        geometric read of these query poses if already computed (``forward``'s ``geometry``); ``kwargs`` go to
+        :class:`DRAWGenerator` (``query_images``, ``sample_prior``, ``generator``, ``return_sequence``)."""
+        if self.geometry is not None and geometry is None:
+            geometry = self.read_geometry(query_poses, views)
+        if isinstance(views, dict):
+            views = views["patches"]
+        return self.generator(query_poses, representation, views=views, geometry=geometry, **kwargs)
 
     # ------------------------------------------------------------------ training
     def forward(
@@ -137,9 +179,10 @@ class GQN(nn.Module):
             if query_poses.dim() != 3 or query_poses.shape[1] != k:
                 raise ValueError(f"query_poses must be [B, {k}, pose_dim] for query_images "
                                  f"{tuple(query_images.shape)}, got {tuple(query_poses.shape)}")
-            r, views = repeat_scenes(r, k), (None if views is None else repeat_scenes(views, k))
+            r, views = repeat_scenes(r, k), map_views(views, lambda t: repeat_scenes(t, k))
             query_images, query_poses = query_images.flatten(0, 1), query_poses.flatten(0, 1)
-        out = self.generator(query_poses, r, query_images=query_images, generator=generator, views=views)
+        geometry = self.read_geometry(query_poses, views)
+        out = self.generate(query_poses, r, views, geometry, query_images=query_images, generator=generator)
         nll = gaussian_nll(query_images, out["mean"], sigma)
         kl = out["kl"].sum(dim=1)
         neg_elbo = nll + kl
@@ -154,6 +197,7 @@ class GQN(nn.Module):
             "mean": out["mean"],
             "representation": r,
             "views": views,
+            "geometry": geometry,  # the geometric read of these query poses (None without one)
         }
 
     # ------------------------------------------------------------------ rendering
@@ -161,7 +205,7 @@ class GQN(nn.Module):
     def reconstruct(self, context_images, context_poses, query_images, query_poses, generator=None):
         """Posterior reconstruction of the query view (latents inferred from the target image)."""
         r, views = self.encode(context_images, context_poses)
-        return self.generator(query_poses, r, query_images=query_images, generator=generator, views=views)["mean"]
+        return self.generate(query_poses, r, views, query_images=query_images, generator=generator)["mean"]
 
     @torch.no_grad()
     def sample(
@@ -183,15 +227,14 @@ class GQN(nn.Module):
                            views=views)
 
     @torch.no_grad()
-    def render(self, representation, query_poses, mean=False, generator=None, return_sequence=False, views=None):
-        """Render from a precomputed representation (and, for an attention GQN, ``views``): encode the context
-        once, render many poses. A representation of one scene serves a batch of poses."""
+    def render(self, representation, query_poses, mean=False, generator=None, return_sequence=False, views=None,
+               geometry=None):
+        """Render from a precomputed representation (and, for an attention GQN or a geometric read, ``views``):
+        encode the context once, render many poses. A representation of one scene serves a batch of poses.
+        ``geometry``: the geometric read of exactly these poses, if ``forward`` computed it already."""
         if representation.shape[0] == 1 and query_poses.shape[0] > 1:
             representation = representation.expand(query_poses.shape[0], -1, -1, -1)
-            if views is not None:
-                views = views.expand(query_poses.shape[0], *views.shape[1:])
-        out = self.generator(
-            query_poses, representation, sample_prior=not mean, generator=generator,
-            return_sequence=return_sequence, views=views,
-        )
+            views = map_views(views, lambda t: t.expand(query_poses.shape[0], *t.shape[1:]))
+        out = self.generate(query_poses, representation, views, geometry, sample_prior=not mean,
+                            generator=generator, return_sequence=return_sequence)
         return (out["mean"], out["sequence"]) if return_sequence else out["mean"]

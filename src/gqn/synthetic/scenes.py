@@ -8,7 +8,7 @@ import dataclasses
 
 import numpy as np
 
-from gqn.synthetic.camera import look_at, ray_directions
+from gqn.synthetic.camera import FIELD_OF_VIEW, look_at, ray_directions
 from gqn.synthetic.raycast import Box, Cone, Cylinder, Room, Sphere, World
 
 FAMILIES = ("rooms", "shepard_metzler")
@@ -93,7 +93,8 @@ def _to_uint8(x: np.ndarray) -> np.ndarray:
     return (x * 255 + 0.5).astype(np.uint8)
 
 
-def render_views(world: World, cameras: np.ndarray, size: int, samples: int = 1, return_objects: bool = False):
+def render_views(world: World, cameras: np.ndarray, size: int, samples: int = 1, return_objects: bool = False,
+                 fov: float = FIELD_OF_VIEW):
     """uint8 frames ``[V, size, size, 3]`` of ``world`` seen by ``cameras`` ``[V, 5]``.
 
     ``samples`` anti-aliases: ``samples x samples`` rays on a regular grid inside every pixel, averaged (a box
@@ -103,7 +104,7 @@ def render_views(world: World, cameras: np.ndarray, size: int, samples: int = 1,
     if samples < 1:
         raise ValueError(f"samples (rays per pixel along each axis) must be >= 1, got {samples}")
     fine = size * samples
-    directions = ray_directions(cameras, fine).reshape(len(cameras), fine * fine, 3)
+    directions = ray_directions(cameras, fine, fov).reshape(len(cameras), fine * fine, 3)
     rgb, objects = world.render(cameras[:, :3], directions, return_objects=True)
     frames = _to_uint8(_box_filter(rgb.reshape(len(cameras), fine, fine, 3), size, samples))
     if not return_objects:
@@ -113,10 +114,10 @@ def render_views(world: World, cameras: np.ndarray, size: int, samples: int = 1,
 
 
 def make_scene(family: str, rng: np.random.Generator, views: int, size: int, parts: int = 7, samples: int = 1,
-               objects: bool = False):
+               objects: bool = False, fov: float = FIELD_OF_VIEW):
     """One scene: (frames uint8 ``[V, S, S, 3]``, cameras float32 ``[V, 5]`` = x, y, z, yaw, pitch).
 
-    With ``objects`` a third item: ``{"masks": uint8 [V, S, S] object coverage, "empty": uint8 [V, S, S, 3]}``,
+    ``fov``: the cameras' full field of view, radians. With ``objects`` a third item: ``{"masks": uint8 [V, S, S] object coverage, "empty": uint8 [V, S, S, 3]}``,
     the exact render of each view with the objects (and so their shadows) taken out of the scene.
     """
     if family == "rooms":
@@ -127,7 +128,7 @@ def make_scene(family: str, rng: np.random.Generator, views: int, size: int, par
         raise ValueError(f"unknown scene family {family!r}; choose one of {FAMILIES}")
     cameras = cameras.astype(np.float32)
     if not objects:
-        return render_views(world, cameras, size, samples), cameras
-    frames, masks = render_views(world, cameras, size, samples, return_objects=True)
-    empty = render_views(dataclasses.replace(world, objects=[]), cameras, size, samples)
+        return render_views(world, cameras, size, samples, fov=fov), cameras
+    frames, masks = render_views(world, cameras, size, samples, return_objects=True, fov=fov)
+    empty = render_views(dataclasses.replace(world, objects=[]), cameras, size, samples, fov=fov)
     return frames, cameras, {"masks": masks, "empty": empty}

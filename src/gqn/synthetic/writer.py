@@ -48,12 +48,12 @@ def shard_name(index: int, count: int) -> str:
 
 
 def _write_file(job) -> int:
-    path, family, seed, split, first, count, views, size, parts, samples, objects = job
+    path, family, seed, split, first, count, views, size, parts, samples, objects, fov = job
     masks, empty, offsets, offset = [], [], [], 0
     with open(path, "wb") as fh:
         for scene in range(first, first + count):
             rng = np.random.default_rng([seed, SPLITS[split], scene])
-            frames, cameras, *extra = make_scene(family, rng, views, size, parts, samples, objects)
+            frames, cameras, *extra = make_scene(family, rng, views, size, parts, samples, objects, fov)
             record = _framed(encode_example(frames, cameras))
             fh.write(record)
             if objects:
@@ -85,18 +85,22 @@ def synthesize(
     workers: int | None = None,
     samples: int = 2,
     objects: bool = True,
+    fov_degrees: float = 60.0,
     log=print,
 ) -> dict:
     """Render and write a dataset; returns its card (also written to ``out/dataset.json``).
 
     ``samples``: anti-aliasing, ``samples x samples`` rays per pixel (1 = one ray, aliased edges).
     ``objects``: also write the object masks and empty-room renders beside the records.
+    ``fov_degrees``: the cameras' full field of view (the public datasets do not publish theirs).
     """
     out = Path(out)
     if image_size % 4:
         raise ValueError(f"--image-size must be divisible by 4, got {image_size}")
     if samples < 1:
         raise ValueError(f"--samples must be >= 1 (rays per pixel along each axis), got {samples}")
+    if not 0 < fov_degrees < 180:
+        raise ValueError(f"--fov must be in (0, 180) degrees, got {fov_degrees}")
     if views < 2:
         raise ValueError(f"--views must be >= 2 (context + query), got {views}")
     jobs = []
@@ -110,7 +114,7 @@ def synthesize(
             count = min(scenes_per_file, total - first)
             if count > 0:
                 jobs.append((out / split / shard_name(i, n_files), family, seed, split, first, count, views,
-                             image_size, parts, samples, objects))
+                             image_size, parts, samples, objects, np.deg2rad(fov_degrees)))
     start = time.perf_counter()
     workers = workers or min(2, len(jobs)) or 1
     if workers > 1:
@@ -134,12 +138,13 @@ def synthesize(
         "objects": f"{SIDECAR_DIR}/{{split}}/*{SIDECAR_SUFFIX}: object coverage and empty-room renders per view"
         if objects else None,
         "pose": "x, y, z, yaw, pitch (radians); z up, yaw from +x towards +y",
+        "field_of_view_degrees": fov_degrees,
     }
     if family == "shepard_metzler":
         card["parts"] = parts
     card["settings"] = dict(family=family, train_scenes=train_scenes, test_scenes=test_scenes, seed=seed,
                             image_size=image_size, views=views, scenes_per_file=scenes_per_file, parts=parts,
-                            samples=samples, objects=objects)
+                            samples=samples, objects=objects, fov_degrees=fov_degrees)
     write_card(out, card)
     log(f"wrote {written} scenes to {out} in {seconds:.1f} s ({written / max(seconds, 1e-9):.0f} scenes/s)")
     return card

@@ -1,0 +1,198 @@
+"""A geometric read of the context views: a plane sweep along each query pixel's ray (in the spirit of E-GQN,
+Tobin et al. 2019, "Geometry-aware neural rendering", and of multi-view stereo cost volumes).
+
+For every pixel of the query view, points at ``depths`` depths along its ray are projected into every context
+view with the pinhole camera of the DeepMind poses (``[x, y, z, sin yaw, cos yaw, sin pitch, cos pitch]``;
+z up, yaw from +x towards +y, pitch positive looking up, square images). There the context views' pixels and
+learned features are sampled. Per depth, the views' samples are summarised by their mean, their variance (low
+where the views agree: a surface) and how many views see the point; a small network scores each depth, a
+softmax over depths weighs them, and the weighted summary is a full-resolution map that the DRAW generator
+reads beside r (its cores, and the observation that turns the canvas into pixels).
+
+Camera intrinsics of the public datasets are not published: the field of view is a learned parameter (its
+initial value ``fov_degrees``), and so is a global scale of the depth planes, so that other renderers' lenses
+and units are learned rather than assumed.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def camera_frames(poses: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Position, forward, right and up vectors ``[..., 3]`` of 7-d poses ``[..., 7]``."""
+    p = poses[..., :3]
+    sy, cy, sp, cp = poses[..., 3], poses[..., 4], poses[..., 5], poses[..., 6]
+    forward = torch.stack([cp * cy, cp * sy, sp], dim=-1)
+    right = torch.stack([sy, -cy, torch.zeros_like(sy)], dim=-1)
+    up = torch.stack([-cy * sp, -sy * sp, cp], dim=-1)  # right x forward
+    return p, forward, right, up
+
+
+def pixel_coords(size: int, device=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Normalised image-plane coordinates of the pixel centres, ``u`` (left -1 .. right 1) and ``v`` (top 1 ..
+    bottom -1), each ``[size * size]`` in row-major pixel order."""
+    c = (torch.arange(size, device=device, dtype=torch.float32) + 0.5) / size * 2 - 1
+    rows, cols = torch.meshgrid(c, c, indexing="ij")
+    return cols.reshape(-1), -rows.reshape(-1)
+
+
+class PlaneSweep(nn.Module):
+    """The plane-sweep read. ``view_features`` runs once per context view; ``forward`` once per query view.
+
+    Args:
+        image_size: side of the (square) images.
+        feature_channels: learned per-pixel features of each context view, sampled beside its RGB.
+        depths: number of depth planes along each query ray (log-spaced from ``near`` to ``far``).
+        near, far: depth range of the planes (z-depth along the query's view direction), in the poses' units,
+            before the learned scale.
+        fov_degrees: initial full field of view (horizontal = vertical).
+        learn_fov: learn the field of view (else it stays ``fov_degrees``).
+        hidden: width of the network that scores each depth.
+        sweep_size: the query resolution of the sweep (None: the image size); the depth it finds is upsampled, and
+            the views are sampled once more at that depth for every pixel of the full-resolution map.
+        consensus: in that last sampling, weigh down a view whose colour disagrees with the other views' mean
+            (an occluded view), beside weighing each view by how close its ray is to the query ray.
+    """
+
+    def __init__(self, image_size: int, feature_channels: int = 13, depths: int = 24, near: float = 0.2,
+                 far: float = 20.0, fov_degrees: float = 60.0, learn_fov: bool = True, hidden: int = 32,
+                 sweep_size: int | None = None, consensus: bool = False):
+        super().__init__()
+        if not 0 < near < far:
+            raise ValueError(f"geometry needs 0 < near < far, got near={near}, far={far}")
+        if not 0 < fov_degrees < 180:
+            raise ValueError(f"geometry.fov_degrees must be in (0, 180), got {fov_degrees}")
+        if depths < 2:
+            raise ValueError(f"geometry.depths must be >= 2, got {depths}")
+        self.image_size, self.depths = image_size, depths
+        self.image_channels = 3
+        self.sample_channels = 3 + feature_channels  # what is sampled per view: RGB and the learned features
+        #: the map handed to the generator: at full resolution the views' samples (RGB first, then the features)
+        #: at the depth the sweep chose and how many views see that point; then from the sweep (at ``sweep_size``,
+        #: upsampled) the depth-weighted sample mean, the expected disparity, the confidence (largest depth
+        #: weight) and the fraction of views that see the chosen points
+        self.sweep_size = sweep_size or image_size
+        self.out_channels = 2 * self.sample_channels + 4
+        self.features = nn.Sequential(
+            nn.Conv2d(3, feature_channels, 3, padding=1), nn.ReLU(),
+            nn.Conv2d(feature_channels, feature_channels, 3, padding=1),
+        ) if feature_channels else None
+        half = math.tan(math.radians(fov_degrees) / 2)
+        self.log_half_fov = nn.Parameter(torch.tensor(math.log(half)), requires_grad=learn_fov)
+        self.log_depth_scale = nn.Parameter(torch.zeros(()))
+        self.register_buffer("base_depths", torch.logspace(math.log10(near), math.log10(far), depths),
+                             persistent=False)
+        c = self.sample_channels
+        self.score = nn.Sequential(nn.Linear(2 * c + 2, hidden), nn.ReLU(), nn.Linear(hidden, 1))
+        # a prior the network refines: views that agree in colour mark a surface
+        self.log_agreement = nn.Parameter(torch.tensor(math.log(50.0)))
+        self.log_view_sharpness = nn.Parameter(torch.tensor(math.log(10.0)))
+        self.consensus = consensus
+        self.log_consensus = nn.Parameter(torch.tensor(math.log(20.0)), requires_grad=consensus)
+
+    @property
+    def field_of_view(self) -> float:
+        """The current full field of view in degrees."""
+        return math.degrees(2 * math.atan(self.log_half_fov.exp().item()))
+
+    def view_features(self, images: torch.Tensor) -> torch.Tensor:
+        """Context images ``[B, M, 3, H, W]`` -> what is sampled from them, ``[B, M, 3 + F, H, W]``."""
+        if self.features is None:
+            return images
+        B, M = images.shape[:2]
+        feats = self.features(images.flatten(0, 1)).unflatten(0, (B, M))
+        return torch.cat([images, feats.to(images.dtype)], dim=2)
+
+    def forward(self, features: torch.Tensor, context_poses: torch.Tensor, query_poses: torch.Tensor) -> torch.Tensor:
+        """``features`` ``[B, M, C, H, W]`` (from :meth:`view_features`), poses ``[B, M, 7]`` and ``[B, 7]`` ->
+        the map ``[B, out_channels, H, W]``. Computed in fp32 whatever the autocast: it is coordinates."""
+        with torch.autocast(features.device.type, enabled=False):
+            features, context_poses, query_poses = features.float(), context_poses.float(), query_poses.float()
+            B, M, C, H, W = features.shape
+            frames = camera_frames(context_poses)
+            coarse, disparity = self._sweep(features, frames, query_poses, self.sweep_size)
+            if self.sweep_size != H:
+                coarse = F.interpolate(coarse, size=(H, W), mode="bilinear", align_corners=False)
+                disparity = F.interpolate(disparity, size=(H, W), mode="bilinear", align_corners=False)
+            depth = self.base_depths[0] * self.log_depth_scale.exp() / disparity.clamp(min=1e-3)  # [B, 1, H, W]
+            fine = self._gather(features, frames, query_poses, depth.flatten(1))
+            return torch.cat([fine.view(B, -1, H, W), coarse], dim=1)  # RGB first: what the generator may copy
+
+    def _project(self, frames, query_poses, size):
+        """Rays of the query pixels at ``size`` x ``size`` and the affine map from a depth along them to each context
+        camera's coordinates: ``origin`` ``[B, M, 3]`` + t * ``slope`` ``[B, M, P, 3]`` (z, x, y)."""
+        u, v = pixel_coords(size, query_poses.device)  # [P]
+        half = self.log_half_fov.exp()
+        q_pos, q_f, q_r, q_u = camera_frames(query_poses)  # [B, 3]
+        rays = q_f[:, None] + half * (u[None, :, None] * q_r[:, None] + v[None, :, None] * q_u[:, None])  # [B, P, 3]
+        c_pos, c_f, c_r, c_u = frames  # [B, M, 3]
+        axes = torch.stack([c_f, c_r, c_u], dim=2)  # [B, M, 3 (z, x, y), 3]
+        origin = torch.einsum("bmax,bmx->bma", axes, q_pos[:, None] - c_pos)
+        slope = torch.einsum("bmax,bpx->bmpa", axes, rays)
+        return rays, origin, slope
+
+    def _sample(self, features, cam):
+        """Sample ``features`` ``[B, M, C, H, W]`` where the context-camera coordinates ``cam`` ``[B, M, P, N, 3]``
+        fall: ``[B, M, C + 1, P, N]``, the last channel how much of the sample lies inside its view (0 .. 1)."""
+        B, M = features.shape[:2]
+        half = self.log_half_fov.exp()
+        z = cam[..., 0]
+        in_front = z > 1e-4
+        scale = 1 / (z.clamp(min=1e-4) * half)
+        # behind the camera: far outside the image, where zero padding samples nothing
+        x = torch.where(in_front, cam[..., 1] * scale, 4.0).clamp(-4, 4)
+        y = torch.where(in_front, -cam[..., 2] * scale, 4.0).clamp(-4, 4)  # image rows grow downwards
+        grid = torch.stack([x, y], dim=-1).flatten(0, 1)  # [B*M, P, N, 2]
+        ones = features.new_ones(B, M, 1, *features.shape[-2:])
+        return F.grid_sample(torch.cat([features, ones], dim=2).flatten(0, 1), grid, mode="bilinear",
+                             padding_mode="zeros", align_corners=False).unflatten(0, (B, M))
+
+    def _sweep(self, features, frames, query_poses, size):
+        """The plane sweep at ``size`` x ``size`` query pixels: the depth-weighted summary ``[B, C + 3, s, s]`` and
+        the expected disparity ``[B, 1, s, s]`` (1 at ``near``, ``near/far`` at ``far``)."""
+        B, M, C = features.shape[:3]
+        D, P = self.depths, size * size
+        depth = self.base_depths * self.log_depth_scale.exp()  # [D]
+        _, origin, slope = self._project(frames, query_poses, size)
+        cam = origin[:, :, None, None] + slope[:, :, :, None] * depth[None, None, None, :, None]  # [B, M, P, D, 3]
+        samples = self._sample(features, cam)  # [B, M, C + 1, P, D]
+        count = samples[:, :, C:].sum(dim=1)  # [B, 1, P, D]: how many views see each point
+        samples = samples[:, :, :C]
+        denom = count.clamp(min=1)
+        mean = samples.sum(dim=1) / denom  # [B, C, P, D]
+        var = (samples.pow(2).sum(dim=1) / denom - mean.pow(2)).clamp(min=0)
+        disparity = (self.base_depths[0] / self.base_depths).view(1, 1, 1, D).expand(B, 1, P, D)
+        stats = torch.cat([mean, var, count / M, disparity], dim=1).permute(0, 2, 3, 1)  # [B, P, D, 2C + 2]
+        agreement = var[:, :3].sum(dim=1) * (count[:, 0] > 1.5)  # [B, P, D]: only where two views see the point
+        logits = self.score(stats).squeeze(-1) - self.log_agreement.exp() * agreement
+        weights = torch.softmax(logits, dim=-1)[:, None]  # over depths, [B, 1, P, D]
+        expected = (weights * disparity).sum(-1)  # [B, 1, P]
+        out = torch.cat([(weights * mean).sum(-1), expected, weights.amax(-1), (weights * count).sum(-1) / M], dim=1)
+        return out.view(B, C + 3, size, size), expected.view(B, 1, size, size)
+
+    def _gather(self, features, frames, query_poses, depth):
+        """Every query pixel's point at its ``depth`` ``[B, P]``, seen by the context views: their samples weighted by
+        how close each view's ray is to the query ray (a view from the same side sees the same occlusions), and
+        the fraction of views that see it: ``[B, C + 1, P]``."""
+        B, M, C = features.shape[:3]
+        rays, origin, slope = self._project(frames, query_poses, int(math.isqrt(depth.shape[1])))
+        cam = origin[:, :, None] + slope * depth[:, None, :, None]  # [B, M, P, 3]
+        samples = self._sample(features, cam[:, :, :, None])[..., 0]  # [B, M, C + 1, P]
+        seen = samples[:, :, C:]  # [B, M, 1, P]
+        # cosine between the query ray and the ray from each context camera to the point
+        c_pos = frames[0]
+        points = query_poses[:, None, :3] + rays * depth[..., None]  # [B, P, 3]
+        to_point = F.normalize(points[:, None] - c_pos[:, :, None], dim=-1)  # [B, M, P, 3]
+        cos = (to_point * F.normalize(rays, dim=-1)[:, None]).sum(-1)  # [B, M, P]
+        logits = self.log_view_sharpness.exp() * cos[:, :, None] + torch.log(seen.clamp(min=1e-6))
+        if self.consensus:  # a view whose sample disagrees with the others' mean is likely occluded there
+            plain = (samples[:, :, :C] * seen).sum(dim=1, keepdim=True) / seen.sum(dim=1, keepdim=True).clamp(min=1)
+            logits = logits - self.log_consensus.exp() * (samples[:, :, :3] - plain[:, :, :3]).pow(2).sum(2, True)
+        w = torch.softmax(logits, dim=1)  # over views
+        colour = (w * samples[:, :, :C]).sum(dim=1)  # [B, C, P]
+        return torch.cat([colour, seen.sum(dim=1) / M], dim=1)

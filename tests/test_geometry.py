@@ -1,0 +1,116 @@
+"""The plane-sweep read (model/geometry=plane_sweep): its camera is the datasets' camera, and it finds the pixels."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from gqn.model.geometry import PlaneSweep, camera_frames
+from gqn.synthetic import camera, scenes
+from gqn.synthetic.camera import camera_basis, ray_directions
+
+
+def poses7(cams: np.ndarray) -> torch.Tensor:
+    """Raw ``[V, 5]`` cameras -> the reader's 7-d poses."""
+    c = torch.as_tensor(cams, dtype=torch.float32)
+    return torch.cat([c[:, :3], c[:, 3:4].sin(), c[:, 3:4].cos(), c[:, 4:5].sin(), c[:, 4:5].cos()], dim=1)
+
+
+def test_camera_frames_match_the_synthetic_camera():
+    rng = np.random.default_rng(0)
+    cams = np.concatenate([rng.normal(size=(6, 3)), rng.uniform(-3, 3, (6, 1)), rng.uniform(-1.2, 1.2, (6, 1))], 1)
+    _, f, r, u = camera_frames(poses7(cams))
+    ref = camera_basis(cams[:, 3], cams[:, 4])
+    for mine, theirs in zip((f, r, u), ref):
+        assert np.allclose(mine.numpy(), theirs, atol=1e-5)
+
+
+def _room(seed=3, size=32, views=6):
+    rng = np.random.default_rng(seed)
+    world = scenes._rooms_world(rng)
+    cams = scenes._rooms_cameras(rng, views).astype(np.float32)
+    frames, objects = scenes.render_views(world, cams, size, return_objects=True)
+    # the z-depth of every pixel of the last view (the query): distance along the unit ray x its forward part
+    dirs = ray_directions(cams[-1:], size).reshape(1, -1, 3)
+    t, _, _ = world._trace(tuple(cams[-1:, i, None] for i in range(3)), tuple(dirs[..., i] for i in range(3)))
+    forward = camera_basis(cams[-1, 3], cams[-1, 4])[0]
+    zdepth = torch.as_tensor((t * (dirs @ forward)).reshape(1, -1), dtype=torch.float32)
+    images = torch.as_tensor(frames, dtype=torch.float32).permute(0, 3, 1, 2) / 255
+    objects = torch.as_tensor(objects[-1] == 255).reshape(-1)  # the query view's pixels showing an object
+    return images, poses7(cams), zdepth, objects
+
+
+def test_sweep_projects_like_the_renderer():
+    """A query pixel's point at its true depth (ray-traced) lands, in every context view, on the pixel where the
+    renderer's own camera projects that world point: the pose convention and the lens are the datasets'."""
+    images, poses, depth, _ = _room(seed=3, views=6)
+    rng = np.random.default_rng(3)
+    scenes._rooms_world(rng)
+    cams = scenes._rooms_cameras(rng, 6).astype(np.float32)  # the same cameras as _room drew
+    finite = torch.isfinite(depth[0])
+    sweep = PlaneSweep(32, feature_channels=0, fov_degrees=math.degrees(camera.FIELD_OF_VIEW))
+    rays, origin, slope = sweep._project(camera_frames(poses[None, :-1]), poses[-1:], 32)
+    cam = (origin[:, :, None] + slope * torch.where(finite, depth, 1.0)[:, None, :, None])[0].detach()  # [M, P, 3]
+    points = cams[-1, :3] + (rays[0].detach() * torch.where(finite, depth, 1.0)[0, :, None]).numpy()
+    half = math.tan(camera.FIELD_OF_VIEW / 2)
+    for j in range(5):
+        rc = camera.project(points[finite.numpy()], cams[j], 32)  # row, col of the renderer's camera
+        z, x, y = cam[j, finite].unbind(-1)
+        near_image = (z > 0.05).numpy() & (np.abs(rc - 16) < 32).all(axis=1)  # far off-image: float32 noise
+        assert near_image.mean() > 0.3
+        col = ((x / (z * half) + 1) / 2 * 32).numpy()
+        row = ((1 - y / (z * half)) / 2 * 32).numpy()
+        assert np.abs(col - rc[:, 1])[near_image].max() < 1e-2 and np.abs(row - rc[:, 0])[near_image].max() < 1e-2
+
+
+def test_sweep_is_differentiable_in_the_lens_and_depth_scale():
+    images, poses, _, _ = _room(views=4)
+    sweep = PlaneSweep(32, feature_channels=3, depths=8, sweep_size=8)
+    out = sweep(sweep.view_features(images[None, :-1]), poses[None, :-1], poses[None, -1])
+    assert out.shape == (1, sweep.out_channels, 32, 32) and torch.isfinite(out).all()
+    (out[:, :3] - images[-1]).pow(2).mean().backward()
+    for p in (sweep.log_half_fov, sweep.log_depth_scale, sweep.score[0].weight, sweep.features[0].weight):
+        assert p.grad is not None and p.grad.abs().sum() > 0
+    assert abs(sweep.field_of_view - 60) < 1e-4
+
+
+def test_sweep_handles_views_behind_and_a_single_view():
+    """A context camera looking away sees nothing of the query's points: zero weight, finite output."""
+    images, poses, _, _ = _room(views=3)
+    away = poses[:1].clone()
+    away[:, 3:5] = -away[:, 3:5]  # turned round: yaw + pi
+    sweep = PlaneSweep(32, feature_channels=2, depths=6, sweep_size=16)
+    for ctx_poses in (away[None], poses[None, :1]):
+        out = sweep(sweep.view_features(images[None, :1]), ctx_poses, poses[None, -1])
+        assert torch.isfinite(out).all()
+
+
+def test_bad_settings_fail_clearly():
+    with pytest.raises(ValueError, match="near < far"):
+        PlaneSweep(32, near=2, far=1)
+    with pytest.raises(ValueError, match="fov_degrees"):
+        PlaneSweep(32, fov_degrees=190)
+
+
+def test_the_generator_blends_the_colour_the_sweep_found():
+    """alpha -> 1: the render is the context colour the read found for each pixel; alpha -> 0: the canvas's."""
+    from gqn.model import GQN, Tower
+
+    torch.manual_seed(0)
+    model = GQN(Tower(image_size=32, channels=8), image_size=32, hidden_channels=8, canvas_channels=8, num_steps=2,
+                core_sharing="shared", geometry=PlaneSweep(32, feature_channels=2, depths=4, sweep_size=8))
+    images, poses, _, _ = _room(views=4)
+    ci, cp, qp = images[None, :-1], poses[None, :-1], poses[None, -1]
+    last = model.generator.geometry_skip[-1]
+    with torch.no_grad():
+        last.weight.zero_()
+        last.bias.copy_(torch.tensor([30.0, 0, 0, 0]))
+        r, views = model.encode(ci, cp)
+        found = model.read_geometry(qp, views)[:, :3]
+        assert torch.allclose(model.render(r, qp, mean=True, views=views), found, atol=1e-6)
+        last.bias.copy_(torch.tensor([-30.0, 0, 0, 0]))
+        canvas_only = model.render(r, qp, mean=True, views=views)
+        assert (canvas_only - found).abs().mean() > 0.05
