@@ -160,9 +160,10 @@ class DRAWGenerator(nn.Module):
         self.geometry_skip = None
         if geometry_channels:  # per pixel, canvas and geometric read together decide what to copy from the context
             width = 32
-            self.geometry_skip = nn.Sequential(nn.Conv2d(canvas_channels + geometry_channels, width, geometry_mix_kernel,
-                                                         padding=geometry_mix_kernel // 2), nn.ReLU(),
-                                               nn.Conv2d(width, 1 + image_channels, 1))
+            k = geometry_mix_kernel
+            self.geometry_skip = nn.Sequential(
+                nn.Conv2d(canvas_channels + geometry_channels, width, k, padding=k // 2), nn.ReLU(),
+                nn.Conv2d(width, 1 + image_channels, 1))
 
     # ------------------------------------------------------------------ helpers
     def _core(self, cores: nn.ModuleList, step: int) -> ConvLSTMCell:

@@ -117,7 +117,8 @@ def make_scene(family: str, rng: np.random.Generator, views: int, size: int, par
                objects: bool = False, fov: float = FIELD_OF_VIEW):
     """One scene: (frames uint8 ``[V, S, S, 3]``, cameras float32 ``[V, 5]`` = x, y, z, yaw, pitch).
 
-    ``fov``: the cameras' full field of view, radians. With ``objects`` a third item: ``{"masks": uint8 [V, S, S] object coverage, "empty": uint8 [V, S, S, 3]}``,
+    ``fov``: the cameras' full field of view, radians.
+    With ``objects`` a third item: ``{"masks": uint8 [V, S, S] object coverage, "empty": uint8 [V, S, S, 3]}``,
     the exact render of each view with the objects (and so their shadows) taken out of the scene.
     """
     if family == "rooms":
