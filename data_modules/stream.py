@@ -94,7 +94,9 @@ class SceneStream(IterableDataset):
         self.epoch = 0
         self.skipped = 0
         self._pass = 0
-        self.ring: BatchRing | None = None  # set by GQNDataLoader for its worker processes
+        # set by GQNDataLoader for its (not persistent) worker processes: they send their counts of skipped
+        # corrupt scenes in-band, with every batch and once more at the end of a pass
+        self.report_skipped = False
         self.closing = None  # an Event of GQNDataLoader, set when its workers are to stop
 
     # ------------------------------------------------------------------ reading
@@ -180,18 +182,14 @@ class SceneStream(IterableDataset):
         views = rng.permutation(len(frames))[: m + k]  # a fresh permutation per scene; last k = queries
         return [frames[v] for v in views], views, camera_to_pose(cameras[views])
 
-    def _batch_pixels(self, n: int, m: int) -> tuple[torch.Tensor, tuple[int, int] | None]:
-        """Where a batch of ``n`` scenes x ``m + K`` views is decoded: a slot of the loader's shared ring
-        (inside a worker of a :class:`GQNDataLoader`), else a fresh tensor."""
+    def _batch_pixels(self, n: int, m: int) -> torch.Tensor:
+        """Where a batch of ``n`` scenes x ``m + K`` views is decoded: a fresh tensor, in shared memory inside
+        a loader worker."""
         size = self.image_size
-        worker = get_worker_info()
-        if worker is not None and self.ring is not None:
-            slot = self.ring.acquire(worker.id)
-            return self.ring.view(worker.id, slot, n, m + self.num_queries), (worker.id, slot)
         images = torch.empty((n, m + self.num_queries, size, size, 3), dtype=torch.uint8)  # [B, M+K, H, W, 3]
-        if worker is not None:
+        if get_worker_info() is not None:
             images.share_memory_()  # decoded straight into shared memory: no copy on the way to the trainer
-        return images, None
+        return images
 
     def make_batch(self, recs: list[Record], rng: np.random.Generator) -> dict | None:
         lo, hi = self.context_range
@@ -202,7 +200,7 @@ class SceneStream(IterableDataset):
                 scenes.append((i, rec, *self._views(rec, m, rng)))
             except CorruptRecordError as err:
                 errors[i] = err
-        images, slot = self._batch_pixels(len(recs), m)
+        images = self._batch_pixels(len(recs), m)
         pixels = images.numpy()
         for i, rec, jpegs, views, _ in scenes:
             try:
@@ -212,16 +210,12 @@ class SceneStream(IterableDataset):
                 errors[i] = err
         for i in sorted(errors):
             if not self.skip_corrupt:
-                if slot is not None:
-                    self.ring.release(slot[0])
                 raise errors[i]
             self._skip(errors[i])
         keep = [task[0] for task in scenes if task[0] not in errors]
         if not keep:
-            if slot is not None:
-                self.ring.release(slot[0])
             return None
-        if len(keep) < len(recs):  # move the good scenes to the front (a ring slot stays one flat buffer)
+        if len(keep) < len(recs):  # move the good scenes to the front (the batch stays one flat buffer)
             for dst, src in enumerate(keep):
                 if dst != src:
                     pixels[dst] = pixels[src]
@@ -229,10 +223,6 @@ class SceneStream(IterableDataset):
         poses = np.stack([task[4] for task in scenes if task[0] not in errors])  # [B, M+1, 7]
         poses = poses.astype(np.float32, copy=False)
         extras = self._query_objects([task for task in scenes if task[0] not in errors]) if self.objects else {}
-        if slot is not None:  # only the slot's address and the small arrays travel through the queue
-            return {"ring_slot": slot, "views": m + self.num_queries, "queries": self.num_queries,
-                    "scenes": len(keep), "poses": poses, "skipped": self.skipped,
-                    **extras}
         return {**to_batch(images, torch.from_numpy(poses), m, self.num_queries),
                 **{k: torch.from_numpy(v) for k, v in extras.items()}}
 
@@ -253,12 +243,19 @@ class SceneStream(IterableDataset):
         return {"query_object_mask": np.stack(masks), "query_empty_room": np.stack(empty)}
 
     def __iter__(self):
-        if get_worker_info() is None:
+        worker = get_worker_info()
+        if worker is None:
             yield from self._batches()
             return
         _quiet_worker_signals(self.closing)
         try:
-            yield from self._batches()
+            if not self.report_skipped:
+                yield from self._batches()
+                return
+            for batch in self._batches():  # GQNDataLoader pops the count (see GQNDataLoader.__iter__)
+                yield {**batch, "worker_skipped": (worker.id, self.skipped)}
+            # skips after this worker's last batch (a repeating stream never gets here)
+            yield {"worker_skipped": (worker.id, self.skipped)}
         except GQNDataError as err:
             # hand the error itself to the trainer process (torch would re-raise it there as a RuntimeError
             # holding this worker's traceback); GQNDataLoader raises it
@@ -308,9 +305,6 @@ class SceneStream(IterableDataset):
                 if out is not None:
                     yield out
             if not self.repeat:
-                if self.ring is not None and get_worker_info() is not None:
-                    # skips after this worker's last batch
-                    yield {"ring_slot": None, "worker": get_worker_info().id, "skipped": self.skipped}
                 return
             if not made:  # an endless stream that can never fill a batch would spin without a word
                 raise self._short_pass(read, num_shards)
@@ -385,48 +379,6 @@ def to_float(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return out
 
 
-class BatchRing:
-    """Shared-memory batch slots, allocated once per loader pass, that the workers decode into.
-
-    Sending a fresh shared-memory tensor per batch costs the trainer a new mapping and a page fault for
-    every page it reads (about 6 ms for a 36-scene 64x64 batch, more than decoding it). With a ring the
-    pages stay mapped in both processes; a worker sends only ``(worker, slot)`` and the poses. Each worker
-    fills its slots in order and waits on a semaphore for a free one; the trainer frees a slot once it
-    has converted the batch to float.
-    """
-
-    def __init__(self, workers: int, slots: int, batch_size: int, max_views: int, image_size: int, context=None):
-        ctx = context or torch.multiprocessing
-        self.shape = (batch_size, max_views, image_size, image_size, 3)
-        self.pixels = torch.empty((workers, slots, int(np.prod(self.shape))), dtype=torch.uint8).share_memory_()
-        self.free = [ctx.Semaphore(slots) for _ in range(workers)]
-        self.slots, self._next = slots, [0] * workers
-
-    def acquire(self, worker: int) -> int:
-        """The next slot of ``worker`` (in the worker process), once the trainer has freed it."""
-        self.free[worker].acquire()
-        slot = self._next[worker]
-        self._next[worker] = (slot + 1) % self.slots
-        return slot
-
-    def release(self, worker: int) -> None:
-        """Free the oldest slot ``worker`` filled (slots are consumed in the order they were filled)."""
-        self.free[worker].release()
-
-    def release_all(self) -> None:
-        """Free every slot (the loader is done): a worker blocked in :meth:`acquire` goes on and can exit."""
-        for free in self.free:
-            for _ in range(self.slots):
-                free.release()
-
-    def view(self, worker: int, slot: int, scenes: int, views: int) -> torch.Tensor:
-        """The slot as a contiguous ``[scenes, views, H, W, 3]`` uint8 tensor."""
-        _, _, size, _, channels = self.shape
-        return self.pixels[worker, slot, : scenes * views * size * size * channels].view(
-            scenes, views, size, size, channels
-        )
-
-
 def _keep(item):
     """The loader's collate function: batches are made by the stream (and must not be re-shared)."""
     return item
@@ -435,9 +387,8 @@ def _keep(item):
 class GQNDataLoader(DataLoader):
     """A DataLoader over a :class:`SceneStream` that yields the float batch contract and counts passes.
 
-    With workers (not persistent ones), batches are decoded into a :class:`BatchRing` of shared memory
-    (``prefetch_factor`` + 1 slots per worker) instead of a new shared-memory tensor each, and the workers'
-    counts of skipped corrupt scenes are added to the stream's ``skipped``.
+    With workers (not persistent ones), the workers' counts of skipped corrupt scenes, sent in-band under
+    ``"worker_skipped"``, are added to the stream's ``skipped``.
     """
 
     def __init__(self, dataset, *args, **kwargs):
@@ -446,12 +397,8 @@ class GQNDataLoader(DataLoader):
 
     def __iter__(self):
         dataset = self.dataset
-        ring = None
         if isinstance(dataset, SceneStream) and self.num_workers > 0 and not self.persistent_workers:
-            ring = BatchRing(self.num_workers, (self.prefetch_factor or 2) + 1, dataset.batch_size,
-                             dataset.context_range[1] + dataset.num_queries, dataset.image_size,
-                             self.multiprocessing_context)
-            dataset.ring = ring
+            dataset.report_skipped = True
         closing = None
         if isinstance(dataset, SceneStream) and self.num_workers > 0:
             closing = (self.multiprocessing_context or torch.multiprocessing).Event()
@@ -461,7 +408,8 @@ class GQNDataLoader(DataLoader):
             iterator = super().__iter__()
         finally:
             if isinstance(dataset, SceneStream):
-                dataset.ring = dataset.closing = None  # the workers hold their copies; the stream stays picklable
+                dataset.report_skipped = False  # the workers hold their copies
+                dataset.closing = None  # the stream stays picklable
         skipped, base = {}, getattr(dataset, "skipped", 0)  # each worker counts on from the value it was given
         error = None
         try:
@@ -469,27 +417,17 @@ class GQNDataLoader(DataLoader):
                 if "error" in batch:  # a worker's data error, raised here as itself (see SceneStream.__iter__)
                     error = batch["error"]
                     break
-                if "ring_slot" in batch:  # a batch in a ring slot, or a worker's final count of skipped scenes
-                    worker, slot = batch["ring_slot"] or (batch["worker"], None)
-                    skipped[worker] = batch["skipped"] - base
+                if "worker_skipped" in batch:  # a worker's count of skipped scenes, with a batch or alone (its last)
+                    worker, count = batch.pop("worker_skipped")
+                    skipped[worker] = count - base
                     dataset.skipped = base + sum(skipped.values())
-                    if slot is None:
+                    if not batch:
                         continue
-                    images = ring.view(worker, slot, batch["scenes"], batch["views"])
-                    out = to_batch(images, torch.from_numpy(batch["poses"]), batch["views"] - batch["queries"],
-                                   batch["queries"])
-                    out.update({k: torch.from_numpy(batch[k]) for k in OBJECT_KEYS if k in batch})
-                    out = to_float(out)
-                    ring.release(worker)
-                    yield out
-                else:
-                    yield to_float(batch)
+                yield to_float(batch)
         finally:
             if closing is not None:
                 closing.set()
                 atexit.unregister(closing.set)
-            if ring is not None:  # wake workers waiting for a slot, so that they see the shutdown and exit
-                ring.release_all()
         if error is not None:
             # shut the workers down now: raised from here, the traceback would keep the torch iterator alive
             # until a garbage collection, whose finalizers tear its queues down in no particular order (the
