@@ -72,9 +72,16 @@ def test_sweep_is_differentiable_in_the_lens_and_depth_scale():
     out = sweep(sweep.view_features(images[None, :-1]), poses[None, :-1], poses[None, -1])
     assert out.shape == (1, sweep.out_channels, 32, 32) and torch.isfinite(out).all()
     (out[:, :3] - images[-1]).pow(2).mean().backward()
-    for p in (sweep.log_half_fov, sweep.log_depth_scale, sweep.score[0].weight, sweep.features[0].weight):
+    for p in (sweep.lens, sweep.depth_scale, sweep.score[0].weight, sweep.features[0].weight):
         assert p.grad is not None and p.grad.abs().sum() > 0
     assert abs(sweep.field_of_view - 60) < 1e-4
+    fast = PlaneSweep(32, feature_channels=3, depths=8, sweep_size=8, lens_gain=20)
+    assert abs(fast.field_of_view - 60) < 1e-4 and torch.isclose(fast.log_half_fov, sweep.log_half_fov)
+    fast.load_state_dict(sweep.state_dict() | {"lens": sweep.lens / 20, "depth_scale": sweep.depth_scale / 20})
+    out_fast = fast(fast.view_features(images[None, :-1]), poses[None, :-1], poses[None, -1])
+    assert torch.allclose(out_fast, out.detach(), atol=1e-5)  # the same function, only the step size differs
+    (out_fast[:, :3] - images[-1]).pow(2).mean().backward()
+    assert torch.isclose(fast.lens.grad, sweep.lens.grad * 20, rtol=1e-3)
 
 
 def test_sweep_handles_views_behind_and_a_single_view():

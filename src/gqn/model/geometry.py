@@ -57,11 +57,13 @@ class PlaneSweep(nn.Module):
             the views are sampled once more at that depth for every pixel of the full-resolution map.
         consensus: in that last sampling, weigh down a view whose colour disagrees with the other views' mean
             (an occluded view), beside weighing each view by how close its ray is to the query ray.
+        lens_gain: how fast the lens and the depth scale learn relative to the other weights (their parameters
+            are stored divided by it, so Adam's steps on them are ``lens_gain`` times larger).
     """
 
     def __init__(self, image_size: int, feature_channels: int = 13, depths: int = 24, near: float = 0.2,
                  far: float = 20.0, fov_degrees: float = 60.0, learn_fov: bool = True, hidden: int = 32,
-                 sweep_size: int | None = None, consensus: bool = False):
+                 sweep_size: int | None = None, consensus: bool = False, lens_gain: float = 1.0):
         super().__init__()
         if not 0 < near < far:
             raise ValueError(f"geometry needs 0 < near < far, got near={near}, far={far}")
@@ -82,9 +84,13 @@ class PlaneSweep(nn.Module):
             nn.Conv2d(3, feature_channels, 3, padding=1), nn.ReLU(),
             nn.Conv2d(feature_channels, feature_channels, 3, padding=1),
         ) if feature_channels else None
+        if lens_gain <= 0:
+            raise ValueError(f"geometry.lens_gain must be > 0, got {lens_gain}")
         half = math.tan(math.radians(fov_degrees) / 2)
-        self.log_half_fov = nn.Parameter(torch.tensor(math.log(half)), requires_grad=learn_fov)
-        self.log_depth_scale = nn.Parameter(torch.zeros(()))
+        self.lens_gain = float(lens_gain)
+        # log tan(fov / 2) and log(depth scale), divided by lens_gain
+        self.lens = nn.Parameter(torch.tensor(math.log(half) / lens_gain), requires_grad=learn_fov)
+        self.depth_scale = nn.Parameter(torch.zeros(()))
         self.register_buffer("base_depths", torch.logspace(math.log10(near), math.log10(far), depths),
                              persistent=False)
         c = self.sample_channels
@@ -94,6 +100,15 @@ class PlaneSweep(nn.Module):
         self.log_view_sharpness = nn.Parameter(torch.tensor(math.log(10.0)))
         self.consensus = consensus
         self.log_consensus = nn.Parameter(torch.tensor(math.log(20.0)), requires_grad=consensus)
+
+    @property
+    def log_half_fov(self) -> torch.Tensor:
+        """log tan(fov / 2), the lens."""
+        return self.lens * self.lens_gain
+
+    @property
+    def log_depth_scale(self) -> torch.Tensor:
+        return self.depth_scale * self.lens_gain
 
     @property
     def field_of_view(self) -> float:
