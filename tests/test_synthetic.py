@@ -101,5 +101,10 @@ def test_field_of_view_is_a_setting_of_the_renderer(tmp_path):
                       fov_degrees=45, objects=False, log=lambda *_: None)
     assert card["field_of_view_degrees"] == 45 and card["settings"]["fov_degrees"] == 45
     assert json.loads((tmp_path / "r" / "dataset.json").read_text())["field_of_view_degrees"] == 45
+    from gqn.data_cli import main
+
+    with pytest.raises(SystemExit) as exc:  # the CLI: argparse's one-line usage error, exit 2
+        main(["synth", "--out", str(tmp_path / "cli"), "--fov", "200"])
+    assert exc.value.code == 2
     with pytest.raises(ValueError, match="--fov must be in"):
         synthesize(tmp_path / "bad", "rooms", train_scenes=1, test_scenes=1, image_size=16, fov_degrees=180)

@@ -184,6 +184,17 @@ class OneLineParser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
+def field_of_view(text: str) -> float:
+    """An argparse type: a full field of view in degrees, strictly between 0 and 180."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected degrees, got {text!r}") from None
+    if not 0 < value < 180:
+        raise argparse.ArgumentTypeError(f"must be in (0, 180) degrees, got {value:g}")
+    return value
+
+
 def at_least(low: int, multiple: int = 1):
     """An argparse type: an integer >= ``low`` (and a multiple of ``multiple``)."""
 
@@ -217,7 +228,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--parts", type=at_least(1), default=7, help="cubes per Shepard-Metzler object (default: 7)")
     s.add_argument("--samples", type=at_least(1), default=2,
                    help="anti-aliasing: N x N rays per pixel, box-filtered (default: 2; 1 = aliased)")
-    s.add_argument("--fov", type=float, default=60.0,
+    s.add_argument("--fov", type=field_of_view, default=60.0,
                    help="the cameras' full field of view in degrees (default: 60); the public datasets do not "
                         "publish theirs, so models must not assume one")
     s.add_argument("--no-objects", action="store_true",
