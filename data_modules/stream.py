@@ -343,10 +343,6 @@ def _quiet_worker_signals(closing=None) -> None:
 _WORKER_SIGNALS_SET = False
 
 
-#: Optional batch keys of evaluation streams over data with object sidecars (see data_modules.objects):
-#: the query view's object coverage [B, 1, H, W] in [0, 1] and its empty-room render [B, 3, H, W].
-OBJECT_KEYS = ("query_object_mask", "query_empty_room")
-
 
 def to_batch(images: torch.Tensor, poses: torch.Tensor, m: int, queries: int = 1) -> dict[str, torch.Tensor]:
     """Split ``[B, M+K, H, W, 3]`` images and ``[B, M+K, 7]`` poses into context (first M) and the K queries:

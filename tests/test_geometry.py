@@ -121,3 +121,17 @@ def test_the_generator_blends_the_colour_the_sweep_found():
         last.bias.copy_(torch.tensor([-30.0, 0, 0, 0]))
         canvas_only = model.render(r, qp, mean=True, views=views)
         assert (canvas_only - found).abs().mean() > 0.05
+
+
+def test_consensus_weighs_down_the_view_that_disagrees():
+    """Two views agree on a pixel's colour, a third (say occluded) does not: with consensus the found colour
+    moves towards the two; without, all three count by their rays alone."""
+    images, poses, depth, _ = _room(views=4)
+    depth = torch.where(torch.isfinite(depth), depth, 100.0)
+    ctx, frames = images[None, :-1].clone(), camera_frames(poses[None, :-1])
+    ctx[:, 0] = torch.tensor([1.0, 0.0, 1.0])[:, None, None]  # view 0 is all magenta: it disagrees everywhere
+    plain = PlaneSweep(32, feature_channels=0)
+    voting = PlaneSweep(32, feature_channels=0, consensus=True)
+    far = [(s._gather(ctx, frames, poses[-1:], depth)[0, :3].detach() - torch.tensor([1.0, 0, 1])[:, None])
+           .pow(2).sum(0).mean() for s in (plain, voting)]
+    assert far[1] > far[0] + 0.05  # further from magenta with consensus

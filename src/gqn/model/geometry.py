@@ -72,7 +72,6 @@ class PlaneSweep(nn.Module):
         if depths < 2:
             raise ValueError(f"geometry.depths must be >= 2, got {depths}")
         self.image_size, self.depths = image_size, depths
-        self.image_channels = 3
         self.sample_channels = 3 + feature_channels  # what is sampled per view: RGB and the learned features
         #: the map handed to the generator: at full resolution the views' samples (RGB first, then the features)
         #: at the depth the sweep chose and how many views see that point; then from the sweep (at ``sweep_size``,
