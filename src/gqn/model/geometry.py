@@ -61,9 +61,9 @@ class PlaneSweep(nn.Module):
             are stored divided by it, so Adam's steps on them are ``lens_gain`` times larger).
     """
 
-    def __init__(self, image_size: int, feature_channels: int = 13, depths: int = 24, near: float = 0.2,
+    def __init__(self, image_size: int, feature_channels: int = 5, depths: int = 16, near: float = 0.2,
                  far: float = 20.0, fov_degrees: float = 60.0, learn_fov: bool = True, hidden: int = 32,
-                 sweep_size: int | None = None, consensus: bool = False, lens_gain: float = 1.0):
+                 sweep_size: int | None = 16, consensus: bool = False, lens_gain: float = 1.0):
         super().__init__()
         if not 0 < near < far:
             raise ValueError(f"geometry needs 0 < near < far, got near={near}, far={far}")
