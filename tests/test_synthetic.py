@@ -108,3 +108,25 @@ def test_field_of_view_is_a_setting_of_the_renderer(tmp_path):
     assert exc.value.code == 2
     with pytest.raises(ValueError, match="--fov must be in"):
         synthesize(tmp_path / "bad", "rooms", train_scenes=1, test_scenes=1, image_size=16, fov_degrees=180)
+
+
+def test_object_scale_and_camera_radius_change_the_rooms_and_keep_the_default(tmp_path):
+    """--object-scale / --camera-radius: bigger objects seen from closer (more object pixels); the defaults render
+    exactly what they did before, and the card records the settings only when they are not the defaults."""
+    rng = lambda: np.random.default_rng(7)  # noqa: E731
+    plain, _, plain_obj = make_scene("rooms", rng(), views=4, size=16, objects=True)
+    same, _, same_obj = make_scene("rooms", rng(), views=4, size=16, objects=True, object_scale=1.0,
+                                   camera_radius=1.3)
+    assert np.array_equal(plain, same) and np.array_equal(plain_obj["masks"], same_obj["masks"])
+    big, cams, big_obj = make_scene("rooms", rng(), views=4, size=16, objects=True, object_scale=1.6,
+                                    camera_radius=1.0)
+    assert np.allclose(np.linalg.norm(cams[:, :2], axis=1), 1.0, atol=1e-5)
+    assert big_obj["masks"].mean() > 1.5 * plain_obj["masks"].mean()
+    with pytest.raises(ValueError, match="camera_radius"):
+        make_scene("rooms", rng(), views=2, size=16, camera_radius=1.6)
+    card = synthesize(tmp_path / "r", "rooms", train_scenes=1, test_scenes=1, image_size=16, views=2,
+                      object_scale=1.6, camera_radius=1.0, objects=False, log=lambda *_: None)
+    assert card["settings"]["object_scale"] == 1.6 and card["camera_ring_radius"] == 1.0
+    card = synthesize(tmp_path / "d", "rooms", train_scenes=1, test_scenes=1, image_size=16, views=2,
+                      objects=False, log=lambda *_: None)
+    assert "object_scale" not in card["settings"]

@@ -24,6 +24,8 @@ def _synth(args) -> int:
                 seed=args.seed, image_size=args.image_size, views=args.views,
                 scenes_per_file=args.scenes_per_file, parts=args.parts, samples=args.samples,
                 objects=not args.no_objects, fov_degrees=args.fov)
+    if (args.object_scale, args.camera_radius) != (1.0, 1.3):  # as the card's settings record them
+        opts.update(object_scale=args.object_scale, camera_radius=args.camera_radius)
     card = out / "dataset.json"
     if args.skip_existing and card.is_file():
         old = json.loads(card.read_text()).get("settings")
@@ -195,6 +197,26 @@ def field_of_view(text: str) -> float:
     return value
 
 
+def _float_in(text: str, low: float, high: float, what: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not (low < value < high and np.isfinite(value)):
+        raise argparse.ArgumentTypeError(f"must be {what}, got {value:g}")
+    return value
+
+
+def positive_float(text: str) -> float:
+    """An argparse type: a finite number > 0."""
+    return _float_in(text, 0.0, float("inf"), "> 0")
+
+
+def camera_radius(text: str) -> float:
+    """An argparse type: a camera-ring radius inside the synthetic rooms' walls (at 1.5)."""
+    return _float_in(text, 0.0, 1.5, "in (0, 1.5), inside the walls")
+
+
 def at_least(low: int, multiple: int = 1):
     """An argparse type: an integer >= ``low`` (and a multiple of ``multiple``)."""
 
@@ -231,6 +253,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--fov", type=field_of_view, default=60.0,
                    help="the cameras' full field of view in degrees (default: 60); the public datasets do not "
                         "publish theirs, so models must not assume one")
+    s.add_argument("--object-scale", type=positive_float, default=1.0,
+                   help="rooms: multiply the objects' sizes (default: 1.0; sizes 0.12-0.34 with walls at 1.5)")
+    s.add_argument("--camera-radius", type=camera_radius, default=1.3,
+                   help="rooms: radius of the camera ring, inside the walls at 1.5 (default: 1.3); smaller puts "
+                        "the cameras closer to the objects")
     s.add_argument("--no-objects", action="store_true",
                    help="do not write the object masks and empty-room renders beside the records "
                         "(objects/{split}/*.npz, used by gqn-eval's object-pixel metrics)")

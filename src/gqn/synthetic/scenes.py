@@ -23,15 +23,17 @@ def _colour(rng: np.random.Generator, saturation=(0.5, 0.95), value=(0.55, 1.0))
     return np.array(colorsys.hsv_to_rgb(rng.uniform(), rng.uniform(*saturation), rng.uniform(*value)))
 
 
-def _rooms_world(rng: np.random.Generator) -> World:
+def _rooms_world(rng: np.random.Generator, object_scale: float = 1.0, camera_radius: float = RING_RADIUS) -> World:
     wall = _colour(rng, (0.15, 0.6), (0.5, 0.9))
     walls = np.stack([np.clip(wall * f, 0, 1) for f in (1.0, 0.9, 0.8, 0.7)])  # a shade per wall
     room = Room(ROOM_HALF, WALL_HEIGHT, _colour(rng, (0.1, 0.5), (0.35, 0.75)), walls)
     objects, placed = [], []
     for _ in range(int(rng.integers(1, 4))):
-        size = rng.uniform(0.12, 0.34)
+        size = rng.uniform(0.12, 0.34) * object_scale
+        # objects stay inside the camera ring (with room to spare); 0.6 for the default sizes and ring
+        spread = float(np.clip(camera_radius - size - 0.2, 0.0, 0.6))
         for _attempt in range(20):  # rejection sampling: objects do not overlap
-            xy = rng.uniform(-0.6, 0.6, size=2)
+            xy = rng.uniform(-spread, spread, size=2)
             if all(np.linalg.norm(xy - p) > size + s + 0.05 for p, s in placed):
                 break
         placed.append((xy, size))
@@ -50,11 +52,11 @@ def _rooms_world(rng: np.random.Generator) -> World:
     return World(objects=objects, room=room, light=light, ambient=0.4, sky=True)
 
 
-def _rooms_cameras(rng: np.random.Generator, views: int) -> np.ndarray:
+def _rooms_cameras(rng: np.random.Generator, views: int, radius: float = RING_RADIUS) -> np.ndarray:
     cams = []
     for _ in range(views):
         angle = rng.uniform(0, 2 * np.pi)
-        pos = np.array([RING_RADIUS * np.cos(angle), RING_RADIUS * np.sin(angle), CAMERA_HEIGHT])
+        pos = np.array([radius * np.cos(angle), radius * np.sin(angle), CAMERA_HEIGHT])
         yaw, pitch = look_at(pos, np.array([0.0, 0.0, 0.15]))
         cams.append([*pos, yaw, pitch + rng.uniform(-0.05, 0.05)])
     return np.array(cams)
@@ -114,15 +116,22 @@ def render_views(world: World, cameras: np.ndarray, size: int, samples: int = 1,
 
 
 def make_scene(family: str, rng: np.random.Generator, views: int, size: int, parts: int = 7, samples: int = 1,
-               objects: bool = False, fov: float = FIELD_OF_VIEW):
+               objects: bool = False, fov: float = FIELD_OF_VIEW, object_scale: float = 1.0,
+               camera_radius: float = RING_RADIUS):
     """One scene: (frames uint8 ``[V, S, S, 3]``, cameras float32 ``[V, 5]`` = x, y, z, yaw, pitch).
 
-    ``fov``: the cameras' full field of view, radians.
+    ``fov``: the cameras' full field of view, radians. Rooms only: ``object_scale`` multiplies the objects' sizes,
+    ``camera_radius`` is the radius of the camera ring (the walls are at 1.5; objects stay inside the ring).
     With ``objects`` a third item: ``{"masks": uint8 [V, S, S] object coverage, "empty": uint8 [V, S, S, 3]}``,
     the exact render of each view with the objects (and so their shadows) taken out of the scene.
     """
     if family == "rooms":
-        world, cameras = _rooms_world(rng), _rooms_cameras(rng, views)
+        if not 0 < camera_radius < ROOM_HALF:
+            raise ValueError(f"camera_radius must be in (0, {ROOM_HALF}) (inside the walls), got {camera_radius}")
+        if object_scale <= 0:
+            raise ValueError(f"object_scale must be > 0, got {object_scale}")
+        world = _rooms_world(rng, object_scale, camera_radius)
+        cameras = _rooms_cameras(rng, views, camera_radius)
     elif family == "shepard_metzler":
         world, cameras = _shepard_metzler_world(rng, parts), _sphere_cameras(rng, views)
     else:

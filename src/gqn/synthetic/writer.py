@@ -48,12 +48,12 @@ def shard_name(index: int, count: int) -> str:
 
 
 def _write_file(job) -> int:
-    path, family, seed, split, first, count, views, size, parts, samples, objects, fov = job
+    path, family, seed, split, first, count, views, size, parts, samples, objects, fov, scale, radius = job
     masks, empty, offsets, offset = [], [], [], 0
     with open(path, "wb") as fh:
         for scene in range(first, first + count):
             rng = np.random.default_rng([seed, SPLITS[split], scene])
-            frames, cameras, *extra = make_scene(family, rng, views, size, parts, samples, objects, fov)
+            frames, cameras, *extra = make_scene(family, rng, views, size, parts, samples, objects, fov, scale, radius)
             record = _framed(encode_example(frames, cameras))
             fh.write(record)
             if objects:
@@ -86,6 +86,8 @@ def synthesize(
     samples: int = 2,
     objects: bool = True,
     fov_degrees: float = 60.0,
+    object_scale: float = 1.0,
+    camera_radius: float = 1.3,
     log=print,
 ) -> dict:
     """Render and write a dataset; returns its card (also written to ``out/dataset.json``).
@@ -93,6 +95,7 @@ def synthesize(
     ``samples``: anti-aliasing, ``samples x samples`` rays per pixel (1 = one ray, aliased edges).
     ``objects``: also write the object masks and empty-room renders beside the records.
     ``fov_degrees``: the cameras' full field of view (the public datasets do not publish theirs).
+    ``object_scale``, ``camera_radius`` (rooms): larger objects, a ring of cameras closer to them.
     """
     out = Path(out)
     if image_size % 4:
@@ -114,7 +117,8 @@ def synthesize(
             count = min(scenes_per_file, total - first)
             if count > 0:
                 jobs.append((out / split / shard_name(i, n_files), family, seed, split, first, count, views,
-                             image_size, parts, samples, objects, np.deg2rad(fov_degrees)))
+                             image_size, parts, samples, objects, np.deg2rad(fov_degrees), object_scale,
+                             camera_radius))
     start = time.perf_counter()
     workers = workers or min(2, len(jobs)) or 1
     if workers > 1:
@@ -140,11 +144,15 @@ def synthesize(
         "pose": "x, y, z, yaw, pitch (radians); z up, yaw from +x towards +y",
         "field_of_view_degrees": fov_degrees,
     }
+    if family == "rooms":
+        card.update(object_scale=object_scale, camera_ring_radius=camera_radius)
     if family == "shepard_metzler":
         card["parts"] = parts
     card["settings"] = dict(family=family, train_scenes=train_scenes, test_scenes=test_scenes, seed=seed,
                             image_size=image_size, views=views, scenes_per_file=scenes_per_file, parts=parts,
                             samples=samples, objects=objects, fov_degrees=fov_degrees)
+    if (object_scale, camera_radius) != (1.0, 1.3):  # only when set: cards of default datasets stay as they were
+        card["settings"].update(object_scale=object_scale, camera_radius=camera_radius)
     write_card(out, card)
     log(f"wrote {written} scenes to {out} in {seconds:.1f} s ({written / max(seconds, 1e-9):.0f} scenes/s)")
     return card
