@@ -26,8 +26,11 @@ def tiny(data_root: Path, run_dir: Path, *extra: str) -> list[str]:
 def trained(data_root, tmp_path_factory) -> Path:
     """A tiny checkpoint from the acceptance command `gqn-train trainer.max_steps=5 model.num_steps=4`."""
     run = tmp_path_factory.mktemp("cli") / "run"
-    run_cli("gqn-train", *tiny(data_root, run, "trainer.max_steps=5", "model.num_steps=4",
-                               "trainer.val_check_interval=5"), cwd=run.parent)
+    proc = run_cli("gqn-train", *tiny(data_root, run, "trainer.max_steps=5", "model.num_steps=4",
+                                      "trainer.val_check_interval=5"), cwd=run.parent)
+    # the precision ${gqn_precision:cpu} chose is said in one line (with the bf16 probe's ratio where it ran)
+    assert any(line.startswith("gqn-train: precision 32-true") or line.startswith("gqn-train: precision bf16-mixed")
+               for line in proc.stderr.splitlines()), proc.stderr[-2000:]
     return run
 
 

@@ -54,6 +54,17 @@ def check_run(cfg: DictConfig) -> None:
 
 
 @rank_zero_only
+def _say_precision(name: str) -> None:
+    """One line: the precision training runs in, and on a CPU with bf16 units what the probe measured."""
+    from gqn import precision
+
+    why = ""
+    if precision.cpu_bf16_speedup.cache_info().currsize:  # ${gqn_precision:} measured (or read) it in this run
+        why = f" (bf16 autocast measured {precision.cpu_bf16_speedup():.2f}x the fp32 speed on this CPU)"
+    print(f"gqn-train: precision {name}{why}", file=sys.stderr, flush=True)
+
+
+@rank_zero_only
 def _warn(message: str) -> None:
     print(f"gqn-train: warning: {message}", file=sys.stderr, flush=True)
 
@@ -80,6 +91,7 @@ def train(cfg: DictConfig, extra_callbacks: list | None = None) -> float | None:
     if not loggers:  # logger=none: nothing to send learning rates to
         callbacks = [c for c in callbacks if not isinstance(c, LearningRateMonitor)]
     trainer = hydra.utils.instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
+    _say_precision(trainer.precision)
     resolved = {k: v for k, v in OmegaConf.to_container(cfg, resolve=True).items() if k != "hydra"}
     for logger in loggers:
         logger.log_hyperparams(resolved)
