@@ -14,6 +14,7 @@ import numpy as np
 def _synth(args) -> int:
     from data_modules.errors import GQNDataError
     from gqn.synthetic import synthesize
+    from gqn.synthetic.scenes import RING_RADIUS
 
     out = Path(args.out)
     blocker = next((p for p in [out, *out.parents] if p.exists()), None)
@@ -24,7 +25,7 @@ def _synth(args) -> int:
                 seed=args.seed, image_size=args.image_size, views=args.views,
                 scenes_per_file=args.scenes_per_file, parts=args.parts, samples=args.samples,
                 objects=not args.no_objects, fov_degrees=args.fov)
-    if (args.object_scale, args.camera_radius) != (1.0, 1.3):  # as the card's settings record them
+    if (args.object_scale, args.camera_radius) != (1.0, RING_RADIUS):  # as the card's settings record them
         opts.update(object_scale=args.object_scale, camera_radius=args.camera_radius)
     card = out / "dataset.json"
     if args.skip_existing and card.is_file():

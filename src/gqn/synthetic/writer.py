@@ -24,7 +24,7 @@ from tfrecord.writer import TFRecordWriter
 
 from data_modules.datasets import write_card
 from data_modules.objects import SIDECAR_DIR, SIDECAR_SUFFIX, sidecar_path, write_sidecar
-from gqn.synthetic.scenes import make_scene
+from gqn.synthetic.scenes import RING_RADIUS, make_scene
 
 JPEG_QUALITY = 95
 SPLITS = {"train": 0, "test": 1}
@@ -87,7 +87,7 @@ def synthesize(
     objects: bool = True,
     fov_degrees: float = 60.0,
     object_scale: float = 1.0,
-    camera_radius: float = 1.3,
+    camera_radius: float = RING_RADIUS,
     log=print,
 ) -> dict:
     """Render and write a dataset; returns its card (also written to ``out/dataset.json``).
@@ -151,7 +151,7 @@ def synthesize(
     card["settings"] = dict(family=family, train_scenes=train_scenes, test_scenes=test_scenes, seed=seed,
                             image_size=image_size, views=views, scenes_per_file=scenes_per_file, parts=parts,
                             samples=samples, objects=objects, fov_degrees=fov_degrees)
-    if (object_scale, camera_radius) != (1.0, 1.3):  # only when set: cards of default datasets stay as they were
+    if (object_scale, camera_radius) != (1.0, RING_RADIUS):  # only when set: default datasets' cards stay as they were
         card["settings"].update(object_scale=object_scale, camera_radius=camera_radius)
     write_card(out, card)
     log(f"wrote {written} scenes to {out} in {seconds:.1f} s ({written / max(seconds, 1e-9):.0f} scenes/s)")
