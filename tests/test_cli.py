@@ -30,7 +30,7 @@ def trained(data_root, tmp_path_factory) -> Path:
                                       "trainer.val_check_interval=5"), cwd=run.parent)
     # the precision ${gqn_precision:cpu} chose is said in one line (with the bf16 probe's ratio where it ran)
     assert any(line.startswith("gqn-train: precision 32-true") or line.startswith("gqn-train: precision bf16-mixed")
-               for line in proc.stderr.splitlines()), proc.stderr[-2000:]
+               for line in proc.stdout.splitlines()), proc.stdout[-2000:]
     return run
 
 

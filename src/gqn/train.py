@@ -61,7 +61,7 @@ def _say_precision(name: str) -> None:
     why = ""
     if precision.cpu_bf16_speedup.cache_info().currsize:  # ${gqn_precision:} measured (or read) it in this run
         why = f" (bf16 autocast measured {precision.cpu_bf16_speedup():.2f}x the fp32 speed on this CPU)"
-    print(f"gqn-train: precision {name}{why}", file=sys.stderr, flush=True)
+    print(f"gqn-train: precision {name}{why}", flush=True)  # stdout: stderr is for the one-line errors
 
 
 @rank_zero_only
