@@ -114,15 +114,10 @@ def machine_info(device: str = "cpu") -> dict:
 
     import torch
 
-    cpu, flags = platform.processor() or platform.machine(), set()
-    cpuinfo = Path("/proc/cpuinfo")
-    if cpuinfo.is_file():
-        for line in cpuinfo.read_text().splitlines():
-            key, _, value = line.partition(":")
-            if key.strip() == "model name":
-                cpu = value.strip()
-            elif key.strip() == "flags":
-                flags = set(value.split())
+    from gqn.precision import cpu_fields
+
+    cpu, flags = cpu_fields()
+    cpu = cpu or platform.processor() or platform.machine()
     bf16_flags = sorted(f for f in flags if "bf16" in f)  # avx512_bf16, amx_bf16, ...
     info = {
         "cpu": cpu, "cpu_bf16_flags": bf16_flags, "cpu_has_bf16_units": bool(bf16_flags),

@@ -29,7 +29,7 @@ CPUINFO = Path("/proc/cpuinfo")
 log = logging.getLogger(__name__)
 
 
-def _cpu_fields() -> tuple[str, set[str]]:
+def cpu_fields() -> tuple[str, set[str]]:
     """CPU model name and flags (Linux /proc/cpuinfo; empty elsewhere)."""
     try:
         text = CPUINFO.read_text()
@@ -48,7 +48,7 @@ def _cpu_fields() -> tuple[str, set[str]]:
 @functools.lru_cache(maxsize=1)
 def cpu_has_bf16() -> bool:
     """Whether this CPU has bf16 units (Linux: the flags in /proc/cpuinfo)."""
-    return any(flag in _cpu_fields()[1] for flag in BF16_CPU_FLAGS)
+    return any(flag in cpu_fields()[1] for flag in BF16_CPU_FLAGS)
 
 
 def cache_path() -> Path:
@@ -84,7 +84,7 @@ def cpu_bf16_speedup() -> float:
     were measured before)."""
     import torch
 
-    model, flags = _cpu_fields()
+    model, flags = cpu_fields()
     key = f"{model}|{','.join(sorted(f for f in flags if 'bf16' in f or 'amx' in f))}|torch {torch.__version__}|" \
           f"{torch.get_num_threads()} threads"
     path = cache_path()
