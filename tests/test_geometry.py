@@ -135,3 +135,69 @@ def test_consensus_weighs_down_the_view_that_disagrees():
     far = [(s._gather(ctx, frames, poses[-1:], depth)[0, :3].detach() - torch.tensor([1.0, 0, 1])[:, None])
            .pow(2).sum(0).mean() for s in (plain, voting)]
     assert far[1] > far[0] + 0.05  # further from magenta with consensus
+
+
+def _room_depths(seed, views=6, object_scale=1.6, radius=1.0, fov_degrees=50.0):
+    """A room with big objects near a tight camera ring (occlusion everywhere), its frames ``[V, 3, 32, 32]``, poses
+    ``[V, 7]`` and every view's ray-traced z-depth ``[V, 32 * 32]`` (100 where a ray hits nothing)."""
+    fov = math.radians(fov_degrees)
+    rng = np.random.default_rng(seed)
+    world = scenes._rooms_world(rng, object_scale, radius)
+    cams = scenes._rooms_cameras(rng, views, radius).astype(np.float32)
+    frames = scenes.render_views(world, cams, 32, 2, fov=fov)
+    dirs = ray_directions(cams, 32, fov).reshape(views, -1, 3)
+    t, _, _ = world._trace(tuple(cams[:, i, None] for i in range(3)), tuple(dirs[..., i] for i in range(3)))
+    forward = np.stack([camera_basis(c[3], c[4])[0] for c in cams])
+    z = torch.as_tensor(t * np.einsum("vpk,vk->vp", dirs, forward), dtype=torch.float32)
+    images = torch.as_tensor(frames, dtype=torch.float32).permute(0, 3, 1, 2) / 255
+    return images, poses7(cams), torch.where(torch.isfinite(z), z, 100.0)
+
+
+def test_visibility_leaves_out_the_views_that_do_not_see_the_point():
+    """Every query pixel's true point, gathered from context views whose depth maps are the true ones: with
+    visibility a view whose own surface hides the point gives no colour, so where some view sees the point the
+    found colour is the truth's; without, hidden views mix in the colours of what hides the point."""
+    errors = {False: [], True: []}
+    for seed in range(6):
+        images, poses, z = _room_depths(seed)
+        ctx, ctx_poses, query = images[None, :-1], poses[None, :-1], poses[None, -1]
+        own = torch.stack([z[:-1].log(), torch.ones_like(z[:-1])], dim=1).view(1, 5, 2, 32, 32)
+        truth = images[-1].reshape(3, -1)
+        for visibility in (False, True):
+            sweep = PlaneSweep(32, feature_channels=0, fov_degrees=50, visibility=visibility, visibility_margin=0.05)
+            features = torch.cat([ctx, own], dim=2) if visibility else ctx
+            with torch.no_grad():
+                found = sweep._gather(features, camera_frames(ctx_poses), query, z[-1:])[0]
+                if visibility:  # the pixels some view sees (the same pixels scored for both)
+                    seen = found[3] * 5 > 0.5
+            errors[visibility].append((found[:3] - truth).pow(2).sum(0))
+        errors[False][-1], errors[True][-1] = errors[False][-1][seen], errors[True][-1][seen]
+    mse = {k: torch.cat(v).mean().item() for k, v in errors.items()}
+    assert mse[True] < 0.7 * mse[False], mse  # measured: 0.0133 against 0.0237
+
+
+def test_visibility_needs_two_views_and_learns_its_margin():
+    """One context view has no depth map of its own (reliability 0): the read is the plain one. With several,
+    the views' depth maps come from sweeps against each other, and the margin and sharpness get gradients."""
+    images, poses, _ = _room_depths(1, views=4)
+    torch.manual_seed(0)
+    plain = PlaneSweep(32, feature_channels=2, depths=6, sweep_size=8)
+    seeing = PlaneSweep(32, feature_channels=2, depths=6, sweep_size=8, visibility=True, visibility_size=8)
+    seeing.load_state_dict(plain.state_dict())
+    one = [images[None, :1], poses[None, :1]]
+    a = plain(plain.view_features(*one), poses[None, :1], poses[None, -1])
+    b = seeing(seeing.view_features(*one), poses[None, :1], poses[None, -1])
+    assert seeing.view_features(*one).shape[2] == plain.view_features(*one).shape[2] + 2
+    assert torch.allclose(a, b, atol=1e-6)
+    ctx, ctx_poses = images[None, :-1], poses[None, :-1]
+    features = seeing.view_features(ctx, ctx_poses)
+    assert features.shape == (1, 3, 3 + 2 + 2, 32, 32) and (features[:, :, -1] > 0).any()
+    out = seeing(features, ctx_poses, poses[None, -1])
+    assert torch.isfinite(out).all() and not torch.allclose(out, plain(plain.view_features(ctx), ctx_poses,
+                                                                          poses[None, -1]))
+    (out[:, :3] - images[-1]).pow(2).mean().backward()
+    assert seeing.visibility_margin.grad.abs() > 0 and seeing.log_visibility_sharpness.grad.abs() > 0
+    with pytest.raises(ValueError, match="context poses"):
+        seeing.view_features(ctx)
+    with pytest.raises(ValueError, match="visibility_margin"):
+        PlaneSweep(32, visibility=True, visibility_margin=0)

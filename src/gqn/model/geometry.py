@@ -9,6 +9,11 @@ where the views agree: a surface) and how many views see the point; a small netw
 softmax over depths weighs them, and the weighted summary is a full-resolution map that the DRAW generator
 reads beside r (its cores, and the observation that turns the canvas into pixels).
 
+With ``visibility``, every context view first gets a depth map of its own (the same sweep, that view as the query
+and the other context views as its context), and a view whose own surface lies clearly in front of a point counts
+as not seeing it (occluded): in the depth scores and in the final colour. Where views see different sides of an
+object this keeps the hidden side's colour out of the render.
+
 Camera intrinsics of the public datasets are not published: the field of view is a learned parameter (its
 initial value ``fov_degrees``), and so is a global scale of the depth planes, so that other renderers' lenses
 and units are learned rather than assumed.
@@ -59,11 +64,17 @@ class PlaneSweep(nn.Module):
             (an occluded view), beside weighing each view by how close its ray is to the query ray.
         lens_gain: how fast the lens and the depth scale learn relative to the other weights (their parameters
             are stored divided by it, so Adam's steps on them are ``lens_gain`` times larger).
+        visibility: occlusion reasoning: each context view's depth map (from a sweep against the other context
+            views, at ``sweep_size``) decides whether it sees a point; views that do not are left out.
+        visibility_size: the resolution of the views' depth maps (None: ``sweep_size``); upsampled to the image.
+        visibility_margin: how far (in log depth) a point may lie behind the surface a view sees and still count as
+            seen by it (learned from this initial value).
     """
 
     def __init__(self, image_size: int, feature_channels: int = 5, depths: int = 16, near: float = 0.2,
                  far: float = 20.0, fov_degrees: float = 60.0, learn_fov: bool = True, hidden: int = 32,
-                 sweep_size: int | None = 16, consensus: bool = False, lens_gain: float = 1.0):
+                 sweep_size: int | None = 16, consensus: bool = False, lens_gain: float = 1.0,
+                 visibility: bool = False, visibility_margin: float = 0.2, visibility_size: int | None = 8):
         super().__init__()
         if not 0 < near < far:
             raise ValueError(f"geometry needs 0 < near < far, got near={near}, far={far}")
@@ -99,6 +110,12 @@ class PlaneSweep(nn.Module):
         self.log_view_sharpness = nn.Parameter(torch.tensor(math.log(10.0)))
         self.consensus = consensus
         self.log_consensus = nn.Parameter(torch.tensor(math.log(20.0)), requires_grad=consensus)
+        if visibility_margin <= 0:
+            raise ValueError(f"geometry.visibility_margin must be > 0, got {visibility_margin}")
+        self.visibility = visibility
+        self.visibility_size = visibility_size or self.sweep_size
+        self.visibility_margin = nn.Parameter(torch.tensor(float(visibility_margin)), requires_grad=visibility)
+        self.log_visibility_sharpness = nn.Parameter(torch.tensor(math.log(50.0)), requires_grad=visibility)
 
     @property
     def log_half_fov(self) -> torch.Tensor:
@@ -114,20 +131,48 @@ class PlaneSweep(nn.Module):
         """The current full field of view in degrees."""
         return math.degrees(2 * math.atan(self.log_half_fov.exp().item()))
 
-    def view_features(self, images: torch.Tensor) -> torch.Tensor:
-        """Context images ``[B, M, 3, H, W]`` -> what is sampled from them, ``[B, M, 3 + F, H, W]``."""
-        if self.features is None:
-            return images
+    def view_features(self, images: torch.Tensor, poses: torch.Tensor | None = None) -> torch.Tensor:
+        """Context images ``[B, M, 3, H, W]`` (and their poses ``[B, M, 7]``) -> what is sampled from them,
+        ``[B, M, 3 + F, H, W]``; with ``visibility`` two more channels: each view's own log depth and how
+        reliable it is (0: no other view saw the point, so its depth is a guess), ``[B, M, 3 + F + 2, H, W]``."""
         B, M = images.shape[:2]
-        feats = self.features(images.flatten(0, 1)).unflatten(0, (B, M))
-        return torch.cat([images, feats.to(images.dtype)], dim=2)
+        if self.features is not None:
+            feats = self.features(images.flatten(0, 1)).unflatten(0, (B, M))
+            images = torch.cat([images, feats.to(images.dtype)], dim=2)
+        if not self.visibility:
+            return images
+        if poses is None:
+            raise ValueError("PlaneSweep(visibility=True).view_features needs the context poses")
+        return torch.cat([images, self._view_depths(images, poses).to(images.dtype)], dim=2)
+
+    def _view_depths(self, features: torch.Tensor, poses: torch.Tensor) -> torch.Tensor:
+        """Each context view's log depth map and its reliability ``[B, M, 2, H, W]``: the sweep (at
+        ``visibility_size``) with that view as the query and the other views as its context (one view alone: depth unknown, reliability 0)."""
+        with torch.autocast(features.device.type, enabled=False):
+            features, poses = features.float(), poses.float()
+            B, M, C, H, W = features.shape
+            if M < 2:
+                return features.new_zeros(B, M, 2, H, W)
+            others = torch.tensor([[i for i in range(M) if i != j] for j in range(M)], device=features.device)
+            ctx = features[:, others].flatten(0, 1)  # [B * M, M - 1, C, H, W]
+            ctx_poses = poses[:, others].flatten(0, 1)  # [B * M, M - 1, 7]
+            size = self.visibility_size
+            summary, disparity = self._sweep(ctx, camera_frames(ctx_poses), poses.flatten(0, 1), size)
+            seen_by = summary[:, C + 2:C + 3] * (M - 1)  # how many other views see the chosen points
+            maps = torch.cat([self._log_depth(disparity), seen_by.clamp(max=1)], dim=1)
+            if size != H:
+                maps = F.interpolate(maps, size=(H, W), mode="bilinear", align_corners=False)
+            return maps.unflatten(0, (B, M))
+
+    def _log_depth(self, disparity: torch.Tensor) -> torch.Tensor:
+        return (self.base_depths[0] / disparity.clamp(min=1e-3)).log() + self.log_depth_scale
 
     def forward(self, features: torch.Tensor, context_poses: torch.Tensor, query_poses: torch.Tensor) -> torch.Tensor:
         """``features`` ``[B, M, C, H, W]`` (from :meth:`view_features`), poses ``[B, M, 7]`` and ``[B, 7]`` ->
         the map ``[B, out_channels, H, W]``. Computed in fp32 whatever the autocast: it is coordinates."""
         with torch.autocast(features.device.type, enabled=False):
             features, context_poses, query_poses = features.float(), context_poses.float(), query_poses.float()
-            B, M, C, H, W = features.shape
+            B, M, _, H, W = features.shape
             frames = camera_frames(context_poses)
             coarse, disparity = self._sweep(features, frames, query_poses, self.sweep_size)
             if self.sweep_size != H:
@@ -166,17 +211,34 @@ class PlaneSweep(nn.Module):
         return F.grid_sample(torch.cat([features, ones], dim=2).flatten(0, 1), grid, mode="bilinear",
                              padding_mode="zeros", align_corners=False).unflatten(0, (B, M))
 
+    def _seen(self, samples, cam):
+        """Split sampled ``[B, M, C' + 1, ...]`` (``_sample`` of ``view_features``) into the samples ``[B, M, C, ...]``
+        and how much each view sees each point ``[B, M, 1, ...]``: inside its image and, with ``visibility``, not
+        hidden behind the surface that view's own depth map puts there (``cam`` ``[B, M, ...,  3]``: the points in
+        that view's camera coordinates)."""
+        C = self.sample_channels
+        inside = samples[:, :, -1:]
+        if samples.shape[2] != C + 3:  # no depth maps of the views (no visibility, or while making them)
+            return samples[:, :, :C], inside
+        own = samples[:, :, C:C + 2] / inside.clamp(min=1e-6)  # the view's log depth and its reliability there
+        behind = cam[..., 0].clamp(min=1e-4).log().unsqueeze(2) - own[:, :, :1]  # > 0: the point is behind it
+        hidden = torch.sigmoid(self.log_visibility_sharpness.exp() * (behind - self.visibility_margin))
+        return samples[:, :, :C], inside * (1 - own[:, :, 1:].clamp(0, 1) * hidden)
+
     def _sweep(self, features, frames, query_poses, size):
         """The plane sweep at ``size`` x ``size`` query pixels: the depth-weighted summary ``[B, C + 3, s, s]`` and
         the expected disparity ``[B, 1, s, s]`` (1 at ``near``, ``near/far`` at ``far``)."""
-        B, M, C = features.shape[:3]
+        B, M = features.shape[:2]
+        C = self.sample_channels
         D, P = self.depths, size * size
         depth = self.base_depths * self.log_depth_scale.exp()  # [D]
         _, origin, slope = self._project(frames, query_poses, size)
         cam = origin[:, :, None, None] + slope[:, :, :, None] * depth[None, None, None, :, None]  # [B, M, P, D, 3]
-        samples = self._sample(features, cam)  # [B, M, C + 1, P, D]
-        count = samples[:, :, C:].sum(dim=1)  # [B, 1, P, D]: how many views see each point
-        samples = samples[:, :, :C]
+        raw = self._sample(features, cam)
+        samples, seen = self._seen(raw, cam)  # [B, M, C, P, D], [B, M, 1, P, D]
+        if raw.shape[2] == C + 3:  # with the views' depth maps: the samples carry how much of them is inside the image; weigh them by visibility too
+            samples = samples * (seen / raw[:, :, -1:].clamp(min=1e-6))
+        count = seen.sum(dim=1)  # [B, 1, P, D]: how many views see each point
         denom = count.clamp(min=1)
         mean = samples.sum(dim=1) / denom  # [B, C, P, D]
         var = (samples.pow(2).sum(dim=1) / denom - mean.pow(2)).clamp(min=0)
@@ -193,11 +255,12 @@ class PlaneSweep(nn.Module):
         """Every query pixel's point at its ``depth`` ``[B, P]``, seen by the context views: their samples weighted by
         how close each view's ray is to the query ray (a view from the same side sees the same occlusions), and
         the fraction of views that see it: ``[B, C + 1, P]``."""
-        B, M, C = features.shape[:3]
+        B, M = features.shape[:2]
+        C = self.sample_channels
         rays, origin, slope = self._project(frames, query_poses, int(math.isqrt(depth.shape[1])))
         cam = origin[:, :, None] + slope * depth[:, None, :, None]  # [B, M, P, 3]
-        samples = self._sample(features, cam[:, :, :, None])[..., 0]  # [B, M, C + 1, P]
-        seen = samples[:, :, C:]  # [B, M, 1, P]
+        samples, seen = self._seen(self._sample(features, cam[:, :, :, None]), cam[:, :, :, None])
+        samples, seen = samples[..., 0], seen[..., 0]  # [B, M, C, P], [B, M, 1, P]
         # cosine between the query ray and the ray from each context camera to the point
         c_pos = frames[0]
         points = query_poses[:, None, :3] + rays * depth[..., None]  # [B, P, 3]

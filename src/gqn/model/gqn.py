@@ -135,7 +135,7 @@ class GQN(nn.Module):
                 pixels = F.pixel_unshuffle(context_images.flatten(0, 1), GRID_SCALE).unflatten(0, (B, M))
                 views = torch.cat([per_view, pixels.to(per_view.dtype)], dim=2)
         if self.geometry is not None:
-            views = {"patches": views, "features": self.geometry.view_features(context_images),
+            views = {"patches": views, "features": self.geometry.view_features(context_images, context_poses),
                      "poses": context_poses}
         return per_view.sum(dim=1), views
 
