@@ -67,6 +67,8 @@ class PlaneSweep(nn.Module):
         visibility: occlusion reasoning: each context view's depth map (from a sweep against the other context
             views, at ``sweep_size``) decides whether it sees a point; views that do not are left out.
         visibility_size: the resolution of the views' depth maps (None: ``sweep_size``); upsampled to the image.
+        visibility_grad: back-propagate through the views' depth maps (else they are computed without gradient,
+            about half their cost; the depth scores still learn from the query's sweep).
         visibility_margin: how far (in log depth) a point may lie behind the surface a view sees and still count as
             seen by it (learned from this initial value).
     """
@@ -74,7 +76,8 @@ class PlaneSweep(nn.Module):
     def __init__(self, image_size: int, feature_channels: int = 5, depths: int = 16, near: float = 0.2,
                  far: float = 20.0, fov_degrees: float = 60.0, learn_fov: bool = True, hidden: int = 32,
                  sweep_size: int | None = 16, consensus: bool = False, lens_gain: float = 1.0,
-                 visibility: bool = False, visibility_margin: float = 0.2, visibility_size: int | None = 8):
+                 visibility: bool = False, visibility_margin: float = 0.2, visibility_size: int | None = 8,
+                 visibility_grad: bool = False):
         super().__init__()
         if not 0 < near < far:
             raise ValueError(f"geometry needs 0 < near < far, got near={near}, far={far}")
@@ -114,8 +117,10 @@ class PlaneSweep(nn.Module):
             raise ValueError(f"geometry.visibility_margin must be > 0, got {visibility_margin}")
         self.visibility = visibility
         self.visibility_size = visibility_size or self.sweep_size
-        self.visibility_margin = nn.Parameter(torch.tensor(float(visibility_margin)), requires_grad=visibility)
-        self.log_visibility_sharpness = nn.Parameter(torch.tensor(math.log(50.0)), requires_grad=visibility)
+        self.visibility_grad = visibility_grad
+        if visibility:  # (only then: checkpoints from before the option load as they are)
+            self.visibility_margin = nn.Parameter(torch.tensor(float(visibility_margin)))
+            self.log_visibility_sharpness = nn.Parameter(torch.tensor(math.log(50.0)))
 
     @property
     def log_half_fov(self) -> torch.Tensor:
@@ -157,7 +162,8 @@ class PlaneSweep(nn.Module):
             ctx = features[:, others].flatten(0, 1)  # [B * M, M - 1, C, H, W]
             ctx_poses = poses[:, others].flatten(0, 1)  # [B * M, M - 1, 7]
             size = self.visibility_size
-            summary, disparity = self._sweep(ctx, camera_frames(ctx_poses), poses.flatten(0, 1), size)
+            with torch.set_grad_enabled(torch.is_grad_enabled() and self.visibility_grad):
+                summary, disparity = self._sweep(ctx, camera_frames(ctx_poses), poses.flatten(0, 1), size)
             seen_by = summary[:, C + 2:C + 3] * (M - 1)  # how many other views see the chosen points
             maps = torch.cat([self._log_depth(disparity), seen_by.clamp(max=1)], dim=1)
             if size != H:
