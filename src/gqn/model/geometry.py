@@ -152,7 +152,8 @@ class PlaneSweep(nn.Module):
 
     def _view_depths(self, features: torch.Tensor, poses: torch.Tensor) -> torch.Tensor:
         """Each context view's log depth map and its reliability ``[B, M, 2, H, W]``: the sweep (at
-        ``visibility_size``) with that view as the query and the other views as its context (one view alone: depth unknown, reliability 0)."""
+        ``visibility_size``) with that view as the query and the other views as its context (one view alone:
+        depth unknown, reliability 0)."""
         with torch.autocast(features.device.type, enabled=False):
             features, poses = features.float(), poses.float()
             B, M, C, H, W = features.shape
@@ -242,7 +243,8 @@ class PlaneSweep(nn.Module):
         cam = origin[:, :, None, None] + slope[:, :, :, None] * depth[None, None, None, :, None]  # [B, M, P, D, 3]
         raw = self._sample(features, cam)
         samples, seen = self._seen(raw, cam)  # [B, M, C, P, D], [B, M, 1, P, D]
-        if raw.shape[2] == C + 3:  # with the views' depth maps: the samples carry how much of them is inside the image; weigh them by visibility too
+        if raw.shape[2] == C + 3:  # with the views' depth maps: weigh the samples by visibility too (they already
+            # carry how much of them is inside the image)
             samples = samples * (seen / raw[:, :, -1:].clamp(min=1e-6))
         count = seen.sum(dim=1)  # [B, 1, P, D]: how many views see each point
         denom = count.clamp(min=1)
