@@ -397,3 +397,25 @@ def test_compile_trains_and_matches_eager(train_cfg):
         inductor_config.fallback_random = False
     for key in ("elbo", "nll", "kl", "mean"):
         assert torch.allclose(compiled[key], eager[key], rtol=1e-4, atol=1e-4), key
+
+
+def test_resume_a_checkpoint_from_before_an_option_existed(train_cfg, tmp_path, capsys):
+    """A plane-sweep run written before ``model.geometry.visibility`` existed (its config lacks the option, its
+    weights lack the option's parameters) resumes with the setting it was trained with (the class's default,
+    off), although the YAML now turns it on; loading it into the new default would fail on missing weights."""
+    first = train_cfg("logger=none", "trainer.max_steps=2", "model.geometry.visibility=false")
+    train(first)
+    ckpt_path = Path(first.hydra.runtime.output_dir) / "checkpoints" / "last.ckpt"
+    ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=False)
+    geometry = ckpt["hyper_parameters"]["model"]["geometry"]
+    for key in [k for k in geometry if k.startswith("visibility")]:
+        del geometry[key]  # as written before the option existed
+    assert not any("visibility" in k for k in ckpt["state_dict"])
+    torch.save(ckpt, ckpt_path)
+    second = compose_train([*[o for o in first.hydra.overrides.task if "visibility" not in o],
+                            f"ckpt_path={ckpt_path}", "trainer.max_steps=4"], tmp_path / "run2")
+    assert second.model.geometry.visibility is True  # today's default
+    probe = Probe()
+    train(second, extra_callbacks=[probe])
+    assert probe.rows[0][0] == 2  # continued from step 2
+    assert "resuming with model.geometry.visibility=False, as it was trained" in capsys.readouterr().out

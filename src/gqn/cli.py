@@ -256,6 +256,38 @@ def check_resume(ckpt: dict, model_cfg: dict, path: str) -> None:
         )
 
 
+def resume_defaults(ckpt: dict, model_cfg: dict) -> dict:
+    """Options of this command's model config that a checkpoint lacks (added to the code since it was written)
+    -> the value the run that wrote it had: the default of the class the option configures (the code before the
+    option behaved as that default), where it differs from this command's. E.g. ``model.geometry.visibility``
+    (true in the YAML since session 7, false in ``PlaneSweep``) for a plane-sweep run from before it existed."""
+    import inspect
+
+    from hydra.utils import get_class
+
+    saved = _flatten(ckpt["hyper_parameters"].get("model") or {}, "model")
+    out = {}
+
+    def walk(node: dict, prefix: str) -> None:
+        params = {}
+        if isinstance(node.get("_target_"), str):
+            try:
+                params = inspect.signature(get_class(node["_target_"])).parameters
+            except Exception:  # not a class we can read: leave its options to check_resume / load_state_dict
+                params = {}
+        for key, value in node.items():
+            name = f"{prefix}.{key}"
+            if isinstance(value, dict):
+                walk(value, name)
+            elif key != "_target_" and name not in saved and key in params:
+                default = params[key].default
+                if default is not inspect.Parameter.empty and default != value:
+                    out[name] = default
+
+    walk(model_cfg, "model")
+    return out
+
+
 _SIMPLE = {int: "an int", float: "a number", bool: "true or false", str: "a string"}
 
 

@@ -29,6 +29,7 @@ from gqn.cli import (
     mark_latest,
     one_line_errors,
     resolve_ckpt,
+    resume_defaults,
 )
 
 CHECKED = ("trainer", "data", "model", "module", "callbacks", "logger")  # config sections with typed targets
@@ -79,7 +80,11 @@ def train(cfg: DictConfig, extra_callbacks: list | None = None) -> float | None:
     check_run(cfg)
     ckpt = resolve_ckpt(cfg.get("ckpt_path"), checkpoint_roots(cfg), announce="gqn-train")
     if ckpt is not None:  # a different architecture would fail in load_state_dict with a raw size dump
-        check_resume(load_checkpoint(ckpt), OmegaConf.to_container(cfg.model, resolve=True), ckpt)
+        saved = load_checkpoint(ckpt)
+        check_resume(saved, OmegaConf.to_container(cfg.model, resolve=True), ckpt)
+        for key, value in resume_defaults(saved, OmegaConf.to_container(cfg.model, resolve=True)).items():
+            print(f"gqn-train: {ckpt} is older than {key}: resuming with {key}={value}, as it was trained")
+            OmegaConf.update(cfg, key, value, merge=False)
     L.seed_everything(cfg.seed, workers=True)
     datamodule = hydra.utils.instantiate(cfg.data)
     module = hydra.utils.instantiate(cfg.module, _recursive_=False)

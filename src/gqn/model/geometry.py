@@ -65,7 +65,7 @@ class PlaneSweep(nn.Module):
         lens_gain: how fast the lens and the depth scale learn relative to the other weights (their parameters
             are stored divided by it, so Adam's steps on them are ``lens_gain`` times larger).
         visibility: occlusion reasoning: each context view's depth map (from a sweep against the other context
-            views, at ``sweep_size``) decides whether it sees a point; views that do not are left out.
+            views, at ``visibility_size``) decides whether it sees a point; views that do not are left out.
         visibility_size: the resolution of the views' depth maps (None: ``sweep_size``); upsampled to the image.
         visibility_grad: back-propagate through the views' depth maps (else they are computed without gradient,
             about half their cost; the depth scores still learn from the query's sweep).
