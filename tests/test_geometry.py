@@ -201,3 +201,23 @@ def test_visibility_needs_two_views_and_learns_its_margin():
         seeing.view_features(ctx)
     with pytest.raises(ValueError, match="visibility_margin"):
         PlaneSweep(32, visibility=True, visibility_margin=0)
+
+
+
+def test_view_depth_maps_in_chunks_equal_one_batch(monkeypatch):
+    """Many large views make their depth sweeps a few query views at a time (bounded memory): the same maps."""
+    images, poses, _ = _room_depths(2, views=5)
+    torch.manual_seed(0)
+    sweep = PlaneSweep(32, feature_channels=2, depths=6, sweep_size=8, visibility=True, visibility_size=8)
+    ctx, ctx_poses = images[None, :4].expand(2, -1, -1, -1, -1), poses[None, :4].expand(2, -1, -1)
+    batches = []
+    real = PlaneSweep._sweep
+    monkeypatch.setattr(PlaneSweep, "_sweep", lambda self, f, *a: batches.append(f.shape[0]) or real(self, f, *a))
+    with torch.no_grad():
+        whole = sweep.view_features(ctx, ctx_poses)
+        assert batches == [2 * 4]  # the default's sizes: one batch
+        batches.clear()
+        monkeypatch.setattr(PlaneSweep, "copy_budget", 2 * 3 * (3 + 2) * 32 * 32 * 3)  # three query views a batch
+        chunked = sweep.view_features(ctx, ctx_poses)
+    assert batches == [2 * 3, 2 * 1]
+    assert torch.allclose(chunked, whole, atol=1e-6)

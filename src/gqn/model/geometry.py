@@ -73,6 +73,9 @@ class PlaneSweep(nn.Module):
             seen by it (learned from this initial value).
     """
 
+    #: visibility: at most this many numbers in the copies of the context views for their depth sweeps
+    copy_budget = 2**26
+
     def __init__(self, image_size: int, feature_channels: int = 5, depths: int = 16, near: float = 0.2,
                  far: float = 20.0, fov_degrees: float = 60.0, learn_fov: bool = True, hidden: int = 32,
                  sweep_size: int | None = 16, consensus: bool = False, lens_gain: float = 1.0,
@@ -160,16 +163,24 @@ class PlaneSweep(nn.Module):
             if M < 2:
                 return features.new_zeros(B, M, 2, H, W)
             others = torch.tensor([[i for i in range(M) if i != j] for j in range(M)], device=features.device)
-            ctx = features[:, others].flatten(0, 1)  # [B * M, M - 1, C, H, W]
-            ctx_poses = poses[:, others].flatten(0, 1)  # [B * M, M - 1, 7]
             size = self.visibility_size
-            with torch.set_grad_enabled(torch.is_grad_enabled() and self.visibility_grad):
-                summary, disparity = self._sweep(ctx, camera_frames(ctx_poses), poses.flatten(0, 1), size)
-            seen_by = summary[:, C + 2:C + 3] * (M - 1)  # how many other views see the chosen points
-            maps = torch.cat([self._log_depth(disparity), seen_by.clamp(max=1)], dim=1)
-            if size != H:
-                maps = F.interpolate(maps, size=(H, W), mode="bilinear", align_corners=False)
-            return maps.unflatten(0, (B, M))
+            # each query view's sweep takes a copy of the other views: batch as many as keep the copies under
+            # copy_budget numbers (all of them for the default; one at a time for e.g. 20 views of 84 px, batch 36)
+            step = max(1, self.copy_budget // (B * (M - 1) * C * H * W))
+            maps = []
+            for start in range(0, M, step):
+                js = others[start:start + step]  # [m, M - 1]
+                ctx = features[:, js].flatten(0, 1)  # [B * m, M - 1, C, H, W]
+                ctx_poses = poses[:, js].flatten(0, 1)  # [B * m, M - 1, 7]
+                with torch.set_grad_enabled(torch.is_grad_enabled() and self.visibility_grad):
+                    summary, disparity = self._sweep(ctx, camera_frames(ctx_poses),
+                                                     poses[:, start:start + step].flatten(0, 1), size)
+                seen_by = summary[:, C + 2:C + 3] * (M - 1)  # how many other views see the chosen points
+                part = torch.cat([self._log_depth(disparity), seen_by.clamp(max=1)], dim=1)
+                if size != H:
+                    part = F.interpolate(part, size=(H, W), mode="bilinear", align_corners=False)
+                maps.append(part.unflatten(0, (B, len(js))))
+            return torch.cat(maps, dim=1)
 
     def _log_depth(self, disparity: torch.Tensor) -> torch.Tensor:
         return (self.base_depths[0] / disparity.clamp(min=1e-3)).log() + self.log_depth_scale
