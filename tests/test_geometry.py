@@ -203,6 +203,17 @@ def test_visibility_needs_two_views_and_learns_its_margin():
         PlaneSweep(32, visibility=True, visibility_margin=0)
 
 
+def test_the_views_depth_maps_carry_gradient_only_with_visibility_grad():
+    """The views' depth sweeps run without gradient by default (half their cost; only the global depth scale,
+    applied after them, learns through the maps), with it on request."""
+    images, poses, _ = _room_depths(1, views=4)
+    for grad in (False, True):
+        torch.manual_seed(0)
+        sweep = PlaneSweep(32, feature_channels=2, depths=6, sweep_size=8, visibility=True, visibility_grad=grad)
+        sweep.view_features(images[None, :-1], poses[None, :-1])[:, :, -2].sum().backward()  # the log depth
+        assert sweep.depth_scale.grad.abs() > 0
+        for p in (sweep.score[0].weight, sweep.features[-1].weight):  # (the last conv: no ReLU can silence it)
+            assert bool(p.grad is not None and p.grad.abs().sum() > 0) is grad
 
 def test_view_depth_maps_in_chunks_equal_one_batch(monkeypatch):
     """Many large views make their depth sweeps a few query views at a time (bounded memory): the same maps."""

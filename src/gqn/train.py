@@ -80,9 +80,9 @@ def train(cfg: DictConfig, extra_callbacks: list | None = None) -> float | None:
     check_run(cfg)
     ckpt = resolve_ckpt(cfg.get("ckpt_path"), checkpoint_roots(cfg), announce="gqn-train")
     if ckpt is not None:  # a different architecture would fail in load_state_dict with a raw size dump
-        saved = load_checkpoint(ckpt)
-        check_resume(saved, OmegaConf.to_container(cfg.model, resolve=True), ckpt)
-        for key, value in resume_defaults(saved, OmegaConf.to_container(cfg.model, resolve=True)).items():
+        saved, model_cfg = load_checkpoint(ckpt), OmegaConf.to_container(cfg.model, resolve=True)
+        check_resume(saved, model_cfg, ckpt)
+        for key, value in resume_defaults(saved, model_cfg).items():
             print(f"gqn-train: {ckpt} is older than {key}: resuming with {key}={value}, as it was trained")
             OmegaConf.update(cfg, key, value, merge=False)
     L.seed_everything(cfg.seed, workers=True)

@@ -176,14 +176,16 @@ class PlaneSweep(nn.Module):
                     summary, disparity = self._sweep(ctx, camera_frames(ctx_poses),
                                                      poses[:, start:start + step].flatten(0, 1), size)
                 seen_by = summary[:, C + 2:C + 3] * (M - 1)  # how many other views see the chosen points
-                part = torch.cat([self._log_depth(disparity), seen_by.clamp(max=1)], dim=1)
+                part = torch.cat([self._depth(disparity).log(), seen_by.clamp(max=1)], dim=1)
                 if size != H:
                     part = F.interpolate(part, size=(H, W), mode="bilinear", align_corners=False)
                 maps.append(part.unflatten(0, (B, len(js))))
             return torch.cat(maps, dim=1)
 
-    def _log_depth(self, disparity: torch.Tensor) -> torch.Tensor:
-        return (self.base_depths[0] / disparity.clamp(min=1e-3)).log() + self.log_depth_scale
+    def _depth(self, disparity: torch.Tensor) -> torch.Tensor:
+        """Depth along the view direction of a disparity (1 at ``near``, ``near/far`` at ``far``), with the learned
+        depth scale."""
+        return self.base_depths[0] * self.log_depth_scale.exp() / disparity.clamp(min=1e-3)
 
     def forward(self, features: torch.Tensor, context_poses: torch.Tensor, query_poses: torch.Tensor) -> torch.Tensor:
         """``features`` ``[B, M, C, H, W]`` (from :meth:`view_features`), poses ``[B, M, 7]`` and ``[B, 7]`` ->
@@ -196,7 +198,7 @@ class PlaneSweep(nn.Module):
             if self.sweep_size != H:
                 coarse = F.interpolate(coarse, size=(H, W), mode="bilinear", align_corners=False)
                 disparity = F.interpolate(disparity, size=(H, W), mode="bilinear", align_corners=False)
-            depth = self.base_depths[0] * self.log_depth_scale.exp() / disparity.clamp(min=1e-3)  # [B, 1, H, W]
+            depth = self._depth(disparity)  # [B, 1, H, W]
             fine = self._gather(features, frames, query_poses, depth.flatten(1))
             return torch.cat([fine.view(B, -1, H, W), coarse], dim=1)  # RGB first: what the generator may copy
 
@@ -230,18 +232,20 @@ class PlaneSweep(nn.Module):
                              padding_mode="zeros", align_corners=False).unflatten(0, (B, M))
 
     def _seen(self, samples, cam):
-        """Split sampled ``[B, M, C' + 1, ...]`` (``_sample`` of ``view_features``) into the samples ``[B, M, C, ...]``
-        and how much each view sees each point ``[B, M, 1, ...]``: inside its image and, with ``visibility``, not
-        hidden behind the surface that view's own depth map puts there (``cam`` ``[B, M, ...,  3]``: the points in
-        that view's camera coordinates)."""
+        """Split sampled ``[B, M, C' + 1, ...]`` (``_sample`` of ``view_features``) into the samples ``[B, M, C, ...]``,
+        how much each view sees each point ``[B, M, 1, ...]`` (inside its image, times ``visible``) and ``visible``
+        ``[B, M, 1, ...]``: with the views' depth maps, how little the surface each view's own map puts there hides
+        the point (None without them: no visibility, or while making them). ``cam`` ``[B, M, ..., 3]``: the points
+        in each view's camera coordinates."""
         C = self.sample_channels
         inside = samples[:, :, -1:]
-        if samples.shape[2] != C + 3:  # no depth maps of the views (no visibility, or while making them)
-            return samples[:, :, :C], inside
+        if samples.shape[2] != C + 3:
+            return samples[:, :, :C], inside, None
         own = samples[:, :, C:C + 2] / inside.clamp(min=1e-6)  # the view's log depth and its reliability there
         behind = cam[..., 0].clamp(min=1e-4).log().unsqueeze(2) - own[:, :, :1]  # > 0: the point is behind it
         hidden = torch.sigmoid(self.log_visibility_sharpness.exp() * (behind - self.visibility_margin))
-        return samples[:, :, :C], inside * (1 - own[:, :, 1:].clamp(0, 1) * hidden)
+        visible = 1 - own[:, :, 1:].clamp(0, 1) * hidden
+        return samples[:, :, :C], inside * visible, visible
 
     def _sweep(self, features, frames, query_poses, size):
         """The plane sweep at ``size`` x ``size`` query pixels: the depth-weighted summary ``[B, C + 3, s, s]`` and
@@ -252,11 +256,9 @@ class PlaneSweep(nn.Module):
         depth = self.base_depths * self.log_depth_scale.exp()  # [D]
         _, origin, slope = self._project(frames, query_poses, size)
         cam = origin[:, :, None, None] + slope[:, :, :, None] * depth[None, None, None, :, None]  # [B, M, P, D, 3]
-        raw = self._sample(features, cam)
-        samples, seen = self._seen(raw, cam)  # [B, M, C, P, D], [B, M, 1, P, D]
-        if raw.shape[2] == C + 3:  # with the views' depth maps: weigh the samples by visibility too (they already
-            # carry how much of them is inside the image)
-            samples = samples * (seen / raw[:, :, -1:].clamp(min=1e-6))
+        samples, seen, visible = self._seen(self._sample(features, cam), cam)  # [B, M, C | 1 | 1, P, D]
+        if visible is not None:  # the samples already carry how much of them is inside the image
+            samples = samples * visible
         count = seen.sum(dim=1)  # [B, 1, P, D]: how many views see each point
         denom = count.clamp(min=1)
         mean = samples.sum(dim=1) / denom  # [B, C, P, D]
@@ -278,7 +280,7 @@ class PlaneSweep(nn.Module):
         C = self.sample_channels
         rays, origin, slope = self._project(frames, query_poses, int(math.isqrt(depth.shape[1])))
         cam = origin[:, :, None] + slope * depth[:, None, :, None]  # [B, M, P, 3]
-        samples, seen = self._seen(self._sample(features, cam[:, :, :, None]), cam[:, :, :, None])
+        samples, seen, _ = self._seen(self._sample(features, cam[:, :, :, None]), cam[:, :, :, None])
         samples, seen = samples[..., 0], seen[..., 0]  # [B, M, C, P], [B, M, 1, P]
         # cosine between the query ray and the ray from each context camera to the point
         c_pos = frames[0]
