@@ -212,6 +212,8 @@ CASES = [
      ["argument --fov: must be in (0, 180) degrees, got 200"]),
     ("synth-camera-radius-2", "gqn-data", lambda w: ["synth", "--out", f"{w['tmp']}/s", "--camera-radius", "2"], 2,
      ["argument --camera-radius: must be in (0, 1.5), inside the walls, got 2"]),
+    ("synth-camera-orbit", "gqn-data", lambda w: ["synth", "--out", f"{w['tmp']}/s", "--camera", "orbit"], 2,
+     ["argument --camera: invalid choice: 'orbit' (choose from 'ring', 'free')"]),
     ("geometry-near-above-far", "gqn-train", lambda w: _train(w, "model.geometry.near=5", "model.geometry.far=1"), 2,
      ["geometry needs 0 < near < far, got near=5, far=1"]),
     ("geometry-visibility-margin-0", "gqn-train",

@@ -130,3 +130,33 @@ def test_object_scale_and_camera_radius_change_the_rooms_and_keep_the_default(tm
     card = synthesize(tmp_path / "d", "rooms", train_scenes=1, test_scenes=1, image_size=16, views=2,
                       objects=False, log=lambda *_: None)
     assert "object_scale" not in card["settings"]
+
+
+def test_free_camera_rooms_look_anywhere_from_anywhere(tmp_path):
+    """--camera free: cameras anywhere in the square inside the walls, outside the objects, any heading (not the
+    ring's look at the centre); same scene (objects, palette) as the ring camera draws with the same seed; the
+    CLI and the card carry the choice, and an unknown camera is a clear error."""
+    from gqn.synthetic.scenes import _rooms_world
+
+    cams = np.concatenate([make_scene("rooms", np.random.default_rng(s), views=10, size=8, camera="free")[1]
+                           for s in range(20)])
+    assert np.abs(cams[:, :2]).max() <= 1.3 + 1e-6
+    assert np.linalg.norm(cams[:, :2], axis=1).std() > 0.2  # not a ring
+    to_centre = np.arctan2(-cams[:, 1], -cams[:, 0])
+    off = np.abs(np.angle(np.exp(1j * (cams[:, 3] - to_centre))))
+    assert off.mean() > 1.0  # headings spread around the circle (a ring camera's are all ~0 off the centre)
+    world, placed = _rooms_world(np.random.default_rng(3))
+    free = make_scene("rooms", np.random.default_rng(3), views=10, size=8, camera="free")[1]
+    for xy, size in placed:
+        assert (np.linalg.norm(free[:, :2] - xy, axis=1) > size).all()
+    with pytest.raises(ValueError, match="unknown camera 'orbit'"):
+        make_scene("rooms", np.random.default_rng(0), views=2, size=8, camera="orbit")
+    from gqn.data_cli import main
+
+    assert main(["synth", "--out", str(tmp_path / "f"), "--camera", "free", "--train-scenes", "1", "--test-scenes",
+                 "1", "--image-size", "16", "--views", "3", "--no-objects"]) == 0
+    card = json.loads((tmp_path / "f" / "dataset.json").read_text())
+    assert card["camera"] == "free" and card["settings"]["camera"] == "free"
+    ring = synthesize(tmp_path / "r", "rooms", train_scenes=1, test_scenes=1, image_size=16, views=2,
+                      objects=False, log=lambda *_: None)
+    assert "camera" not in ring and "camera" not in ring["settings"]

@@ -27,6 +27,8 @@ def _synth(args) -> int:
                 objects=not args.no_objects, fov_degrees=args.fov)
     if (args.object_scale, args.camera_radius) != (1.0, RING_RADIUS):  # as the card's settings record them
         opts.update(object_scale=args.object_scale, camera_radius=args.camera_radius)
+    if args.camera != "ring":
+        opts.update(camera=args.camera)
     card = out / "dataset.json"
     if args.skip_existing and card.is_file():
         old = json.loads(card.read_text()).get("settings")
@@ -259,6 +261,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--camera-radius", type=camera_radius, default=1.3,
                    help="rooms: radius of the camera ring, inside the walls at 1.5 (default: 1.3); smaller puts "
                         "the cameras closer to the objects")
+    s.add_argument("--camera", choices=["ring", "free"], default="ring",
+                   help="rooms: cameras on a ring looking at the centre (default), or free: anywhere within "
+                        "--camera-radius of the centre, any heading, tilted a little (views share little)")
     s.add_argument("--no-objects", action="store_true",
                    help="do not write the object masks and empty-room renders beside the records "
                         "(objects/{split}/*.npz, used by gqn-eval's object-pixel metrics)")

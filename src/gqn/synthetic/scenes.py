@@ -1,5 +1,6 @@
-"""Procedural scene families: `rooms` (ring camera, in the spirit of rooms_ring_camera) and
-`shepard_metzler` (N unit cubes joined by a random walk, camera on a sphere)."""
+"""Procedural scene families: `rooms` (ring camera, in the spirit of rooms_ring_camera; or a free camera, in
+the spirit of rooms_free_camera) and `shepard_metzler` (N unit cubes joined by a random walk, camera on a
+sphere)."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from gqn.synthetic.camera import FIELD_OF_VIEW, look_at, ray_directions
 from gqn.synthetic.raycast import Box, Cone, Cylinder, Room, Sphere, World
 
 FAMILIES = ("rooms", "shepard_metzler")
+CAMERAS = ("ring", "free")  # rooms: on a ring looking at the centre, or anywhere looking anywhere
 
 ROOM_HALF = 1.5  # walls at x, y = +-1.5
 WALL_HEIGHT = 1.2
@@ -49,7 +51,7 @@ def _rooms_world(rng: np.random.Generator, object_scale: float = 1.0, camera_rad
             objects.append(Cone(np.array([*xy, 0.0]), size, 2.5 * size, colour))
     azimuth = rng.uniform(0, 2 * np.pi)
     light = np.array([np.cos(azimuth), np.sin(azimuth), rng.uniform(1.2, 2.0)])
-    return World(objects=objects, room=room, light=light, ambient=0.4, sky=True)
+    return World(objects=objects, room=room, light=light, ambient=0.4, sky=True), placed
 
 
 def _rooms_cameras(rng: np.random.Generator, views: int, radius: float = RING_RADIUS) -> np.ndarray:
@@ -59,6 +61,20 @@ def _rooms_cameras(rng: np.random.Generator, views: int, radius: float = RING_RA
         pos = np.array([radius * np.cos(angle), radius * np.sin(angle), CAMERA_HEIGHT])
         yaw, pitch = look_at(pos, np.array([0.0, 0.0, 0.15]))
         cams.append([*pos, yaw, pitch + rng.uniform(-0.05, 0.05)])
+    return np.array(cams)
+
+
+def _free_cameras(rng: np.random.Generator, views: int, placed: list, extent: float = RING_RADIUS) -> np.ndarray:
+    """Cameras anywhere in the square ``|x|, |y| <= extent`` outside the objects, at a varied height, looking
+    in any direction (yaw uniform) and a little up or down: views of one scene often share little."""
+    cams = []
+    for _ in range(views):
+        for _attempt in range(50):  # rejection sampling: not inside (or touching) an object
+            xy = rng.uniform(-extent, extent, size=2)
+            if all(np.linalg.norm(xy - p) > s + 0.15 for p, s in placed):
+                break
+        pos = np.array([*xy, CAMERA_HEIGHT + rng.uniform(-0.2, 0.2)])
+        cams.append([*pos, rng.uniform(-np.pi, np.pi), rng.uniform(-0.45, 0.15)])
     return np.array(cams)
 
 
@@ -117,11 +133,12 @@ def render_views(world: World, cameras: np.ndarray, size: int, samples: int = 1,
 
 def make_scene(family: str, rng: np.random.Generator, views: int, size: int, parts: int = 7, samples: int = 1,
                objects: bool = False, fov: float = FIELD_OF_VIEW, object_scale: float = 1.0,
-               camera_radius: float = RING_RADIUS):
+               camera_radius: float = RING_RADIUS, camera: str = "ring"):
     """One scene: (frames uint8 ``[V, S, S, 3]``, cameras float32 ``[V, 5]`` = x, y, z, yaw, pitch).
 
     ``fov``: the cameras' full field of view, radians. Rooms only: ``object_scale`` multiplies the objects' sizes,
-    ``camera_radius`` is the radius of the camera ring (the walls are at 1.5; objects stay inside the ring).
+    ``camera_radius`` is the radius of the camera ring (the walls are at 1.5; objects stay inside the ring);
+    ``camera="free"`` puts the cameras anywhere in the square of that half-width, looking in any direction.
     With ``objects`` a third item: ``{"masks": uint8 [V, S, S] object coverage, "empty": uint8 [V, S, S, 3]}``,
     the exact render of each view with the objects (and so their shadows) taken out of the scene.
     """
@@ -130,8 +147,11 @@ def make_scene(family: str, rng: np.random.Generator, views: int, size: int, par
             raise ValueError(f"camera_radius must be in (0, {ROOM_HALF}) (inside the walls), got {camera_radius}")
         if object_scale <= 0:
             raise ValueError(f"object_scale must be > 0, got {object_scale}")
-        world = _rooms_world(rng, object_scale, camera_radius)
-        cameras = _rooms_cameras(rng, views, camera_radius)
+        if camera not in CAMERAS:
+            raise ValueError(f"unknown camera {camera!r}; choose one of {CAMERAS}")
+        world, placed = _rooms_world(rng, object_scale, camera_radius)
+        cameras = (_rooms_cameras(rng, views, camera_radius) if camera == "ring"
+                   else _free_cameras(rng, views, placed, camera_radius))
     elif family == "shepard_metzler":
         world, cameras = _shepard_metzler_world(rng, parts), _sphere_cameras(rng, views)
     else:

@@ -48,12 +48,13 @@ def shard_name(index: int, count: int) -> str:
 
 
 def _write_file(job) -> int:
-    path, family, seed, split, first, count, views, size, parts, samples, objects, fov, scale, radius = job
+    path, family, seed, split, first, count, views, size, parts, samples, objects, fov, scale, radius, camera = job
     masks, empty, offsets, offset = [], [], [], 0
     with open(path, "wb") as fh:
         for scene in range(first, first + count):
             rng = np.random.default_rng([seed, SPLITS[split], scene])
-            frames, cameras, *extra = make_scene(family, rng, views, size, parts, samples, objects, fov, scale, radius)
+            frames, cameras, *extra = make_scene(family, rng, views, size, parts, samples, objects, fov, scale, radius,
+                                           camera)
             record = _framed(encode_example(frames, cameras))
             fh.write(record)
             if objects:
@@ -88,6 +89,7 @@ def synthesize(
     fov_degrees: float = 60.0,
     object_scale: float = 1.0,
     camera_radius: float = RING_RADIUS,
+    camera: str = "ring",
     log=print,
 ) -> dict:
     """Render and write a dataset; returns its card (also written to ``out/dataset.json``).
@@ -96,6 +98,8 @@ def synthesize(
     ``objects``: also write the object masks and empty-room renders beside the records.
     ``fov_degrees``: the cameras' full field of view (the public datasets do not publish theirs).
     ``object_scale``, ``camera_radius`` (rooms): larger objects, a ring of cameras closer to them.
+    ``camera`` (rooms): ``"ring"`` (looking at the centre) or ``"free"`` (anywhere within ``camera_radius``,
+    any heading).
     """
     out = Path(out)
     if image_size % 4:
@@ -118,7 +122,7 @@ def synthesize(
             if count > 0:
                 jobs.append((out / split / shard_name(i, n_files), family, seed, split, first, count, views,
                              image_size, parts, samples, objects, np.deg2rad(fov_degrees), object_scale,
-                             camera_radius))
+                             camera_radius, camera))
     start = time.perf_counter()
     workers = workers or min(2, len(jobs)) or 1
     if workers > 1:
@@ -146,6 +150,8 @@ def synthesize(
     }
     if family == "rooms":
         card.update(object_scale=object_scale, camera_ring_radius=camera_radius)
+        if camera != "ring":
+            card.update(camera=camera)
     if family == "shepard_metzler":
         card["parts"] = parts
     card["settings"] = dict(family=family, train_scenes=train_scenes, test_scenes=test_scenes, seed=seed,
@@ -153,6 +159,8 @@ def synthesize(
                             samples=samples, objects=objects, fov_degrees=fov_degrees)
     if (object_scale, camera_radius) != (1.0, RING_RADIUS):  # only when set: default datasets' cards stay as they were
         card["settings"].update(object_scale=object_scale, camera_radius=camera_radius)
+    if camera != "ring":
+        card["settings"].update(camera=camera)
     write_card(out, card)
     log(f"wrote {written} scenes to {out} in {seconds:.1f} s ({written / max(seconds, 1e-9):.0f} scenes/s)")
     return card
