@@ -176,6 +176,33 @@ def test_visibility_leaves_out_the_views_that_do_not_see_the_point():
     assert mse[True] < 0.7 * mse[False], mse  # measured: 0.0133 against 0.0237
 
 
+def test_occluder_colour_is_what_the_views_see_on_the_line_to_the_point():
+    """occluder_colour: three more channels, last, holding the colour every view with the point in its image sees
+    towards it, hidden or not (what the plain read without visibility gathers); everything before them is the
+    read without the option, and the option needs visibility."""
+    images, poses, z = _room_depths(3)
+    ctx, ctx_poses, query = images[None, :-1], poses[None, :-1], poses[None, -1]
+    own = torch.stack([z[:-1].log(), torch.ones_like(z[:-1])], dim=1).view(1, 5, 2, 32, 32)
+    torch.manual_seed(0)
+    plain = PlaneSweep(32, feature_channels=0, fov_degrees=50)
+    seeing = PlaneSweep(32, feature_channels=0, fov_degrees=50, visibility=True, visibility_margin=0.05)
+    both = PlaneSweep(32, feature_channels=0, fov_degrees=50, visibility=True, visibility_margin=0.05,
+                      occluder_colour=True)
+    both.load_state_dict(seeing.state_dict())  # the same parameters: the option adds none
+    assert both.out_channels == seeing.out_channels + 3
+    with torch.no_grad():
+        frames = camera_frames(ctx_poses)
+        line = plain._gather(ctx, frames, query, z[-1:])[0, :3]
+        visible = seeing._gather(torch.cat([ctx, own], dim=2), frames, query, z[-1:])[0]
+        found = both._gather(torch.cat([ctx, own], dim=2), frames, query, z[-1:])[0]
+        assert torch.allclose(found[:-3], visible) and torch.allclose(found[-3:], line, atol=1e-6)
+        assert (found[-3:] - found[:3]).abs().amax() > 0.1  # hidden views change the colour somewhere
+        features = torch.cat([ctx, own], dim=2)
+        assert torch.allclose(both(features, ctx_poses, query)[:, :-3], seeing(features, ctx_poses, query))
+    with pytest.raises(ValueError, match="occluder_colour needs geometry.visibility=true"):
+        PlaneSweep(32, occluder_colour=True)
+
+
 def test_visibility_needs_two_views_and_learns_its_margin():
     """One context view has no depth map of its own (reliability 0): the read is the plain one. With several,
     the views' depth maps come from sweeps against each other, and the margin and sharpness get gradients."""

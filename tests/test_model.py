@@ -21,7 +21,8 @@ def make_model(encoder="tower", sharing="shared", steps=2, size=32, **kw):
     geometry = kw.pop("geometry", False)
     if geometry:  # a small plane-sweep read ("visibility": with the views' own depth maps)
         kw["geometry"] = PlaneSweep(size, feature_channels=2, depths=4, sweep_size=size // 4,
-                                    visibility=geometry == "visibility", visibility_size=size // 8)
+                                    visibility=geometry in ("visibility", "occluder"), visibility_size=size // 8,
+                                    occluder_colour=geometry == "occluder")
     return GQN(enc, image_size=size, hidden_channels=kw.pop("h", 8), canvas_channels=kw.pop("canvas", 8),
                latent_channels=kw.pop("z", 3), num_steps=steps, core_sharing=sharing, **kw)
 
@@ -164,7 +165,7 @@ def _rel(a, b):
     + [(e, s, {"grid_coords": True, "inference_kernel_size": 3}) for e, s in itertools.product(ENCODERS, SHARING[:2])]
     + [("tower", "shared_inference_generation", {"grid_coords": True})]
     + [(e, s, {"geometry": True}) for e, s in itertools.product(["tower", "attention"], SHARING)]
-    + [("tower", "shared", {"geometry": "visibility"})],
+    + [("tower", "shared", {"geometry": "visibility"}), ("tower", "shared", {"geometry": "occluder"})],
 )
 def test_fast_path_equals_reference(encoder, sharing, options):
     """Outputs and gradients of the optimised DRAW loop within 1e-4 relative of the reference (float32)."""

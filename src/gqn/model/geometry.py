@@ -71,6 +71,9 @@ class PlaneSweep(nn.Module):
             about half their cost; the depth scores still learn from the query's sweep).
         visibility_margin: how far (in log depth) a point may lie behind the surface a view sees and still count as
             seen by it (learned from this initial value).
+        occluder_colour: with ``visibility``, also hand the generator what the views that do *not* see a point see
+            on the line to it (three more channels, last): the nearer surface, often the other side of the same
+            object, whose colour a uniformly coloured object shares. The generator learns when to copy it.
     """
 
     #: visibility: at most this many numbers in the copies of the context views for their depth sweeps
@@ -80,7 +83,7 @@ class PlaneSweep(nn.Module):
                  far: float = 20.0, fov_degrees: float = 60.0, learn_fov: bool = True, hidden: int = 32,
                  sweep_size: int | None = 16, consensus: bool = False, lens_gain: float = 1.0,
                  visibility: bool = False, visibility_margin: float = 0.2, visibility_size: int | None = 8,
-                 visibility_grad: bool = False):
+                 visibility_grad: bool = False, occluder_colour: bool = False):
         super().__init__()
         if not 0 < near < far:
             raise ValueError(f"geometry needs 0 < near < far, got near={near}, far={far}")
@@ -96,6 +99,12 @@ class PlaneSweep(nn.Module):
         #: weight) and the fraction of views that see the chosen points
         self.sweep_size = sweep_size or image_size
         self.out_channels = 2 * self.sample_channels + 4
+        if occluder_colour and not visibility:
+            raise ValueError("geometry.occluder_colour needs geometry.visibility=true (without it every view that "
+                             "has the point in its image already counts)")
+        self.occluder_colour = occluder_colour
+        if occluder_colour:  # the colour on the line from each view to the point, whatever hides it: RGB, last
+            self.out_channels += 3
         self.features = nn.Sequential(
             nn.Conv2d(3, feature_channels, 3, padding=1), nn.ReLU(),
             nn.Conv2d(feature_channels, feature_channels, 3, padding=1),
@@ -200,7 +209,10 @@ class PlaneSweep(nn.Module):
                 disparity = F.interpolate(disparity, size=(H, W), mode="bilinear", align_corners=False)
             depth = self._depth(disparity)  # [B, 1, H, W]
             fine = self._gather(features, frames, query_poses, depth.flatten(1))
-            return torch.cat([fine.view(B, -1, H, W), coarse], dim=1)  # RGB first: what the generator may copy
+            fine = fine.view(B, -1, H, W)
+            if self.occluder_colour:  # kept last: the layout before it stays as without the option
+                return torch.cat([fine[:, :-3], coarse, fine[:, -3:]], dim=1)
+            return torch.cat([fine, coarse], dim=1)  # RGB first: what the generator may copy
 
     def _project(self, frames, query_poses, size):
         """Rays of the query pixels at ``size`` x ``size`` and the affine map from a depth along them to each context
@@ -275,12 +287,14 @@ class PlaneSweep(nn.Module):
     def _gather(self, features, frames, query_poses, depth):
         """Every query pixel's point at its ``depth`` ``[B, P]``, seen by the context views: their samples weighted by
         how close each view's ray is to the query ray (a view from the same side sees the same occlusions), and
-        the fraction of views that see it: ``[B, C + 1, P]``."""
+        the fraction of views that see it: ``[B, C + 1, P]``; with ``occluder_colour`` then the colour every view
+        that has the point in its image sees on the line to it, hidden or not, weighted alike: ``[B, C + 4, P]``."""
         B, M = features.shape[:2]
         C = self.sample_channels
         rays, origin, slope = self._project(frames, query_poses, int(math.isqrt(depth.shape[1])))
         cam = origin[:, :, None] + slope * depth[:, None, :, None]  # [B, M, P, 3]
-        samples, seen, _ = self._seen(self._sample(features, cam[:, :, :, None]), cam[:, :, :, None])
+        raw = self._sample(features, cam[:, :, :, None])
+        samples, seen, _ = self._seen(raw, cam[:, :, :, None])
         samples, seen = samples[..., 0], seen[..., 0]  # [B, M, C, P], [B, M, 1, P]
         # cosine between the query ray and the ray from each context camera to the point
         c_pos = frames[0]
@@ -293,4 +307,9 @@ class PlaneSweep(nn.Module):
             logits = logits - self.log_consensus.exp() * (samples[:, :, :3] - plain[:, :, :3]).pow(2).sum(2, True)
         w = torch.softmax(logits, dim=1)  # over views
         colour = (w * samples[:, :, :C]).sum(dim=1)  # [B, C, P]
-        return torch.cat([colour, seen.sum(dim=1) / M], dim=1)
+        out = [colour, seen.sum(dim=1) / M]
+        if self.occluder_colour:
+            inside = raw[:, :, -1:, :, 0]  # [B, M, 1, P]: in the view's image, visible or not
+            near = self.log_view_sharpness.exp() * cos[:, :, None] + torch.log(inside.clamp(min=1e-6))
+            out.append((torch.softmax(near, dim=1) * samples[:, :, :3]).sum(dim=1))
+        return torch.cat(out, dim=1)
