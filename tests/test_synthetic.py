@@ -136,7 +136,7 @@ def test_free_camera_rooms_look_anywhere_from_anywhere(tmp_path):
     """--camera free: cameras anywhere in the square inside the walls, outside the objects, any heading (not the
     ring's look at the centre); same scene (objects, palette) as the ring camera draws with the same seed; the
     CLI and the card carry the choice, and an unknown camera is a clear error."""
-    from gqn.synthetic.scenes import _rooms_world
+    from gqn.synthetic.scenes import _rooms_world, render_views
 
     cams = np.concatenate([make_scene("rooms", np.random.default_rng(s), views=10, size=8, camera="free")[1]
                            for s in range(20)])
@@ -146,7 +146,8 @@ def test_free_camera_rooms_look_anywhere_from_anywhere(tmp_path):
     off = np.abs(np.angle(np.exp(1j * (cams[:, 3] - to_centre))))
     assert off.mean() > 1.0  # headings spread around the circle (a ring camera's are all ~0 off the centre)
     world, placed = _rooms_world(np.random.default_rng(3), return_placed=True)
-    free = make_scene("rooms", np.random.default_rng(3), views=10, size=8, camera="free")[1]
+    frames, free = make_scene("rooms", np.random.default_rng(3), views=10, size=8, camera="free")
+    assert np.array_equal(frames, render_views(world, free, 8))  # the ring camera's scene for this seed
     for xy, size in placed:
         assert (np.linalg.norm(free[:, :2] - xy, axis=1) > size).all()
     with pytest.raises(ValueError, match="unknown camera 'orbit'"):

@@ -262,8 +262,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="rooms: radius of the camera ring, inside the walls at 1.5 (default: 1.3); smaller puts "
                         "the cameras closer to the objects")
     s.add_argument("--camera", choices=["ring", "free"], default="ring",
-                   help="rooms: cameras on a ring looking at the centre (default), or free: anywhere within "
-                        "--camera-radius of the centre, any heading, tilted a little (views share little)")
+                   help="rooms: cameras on a ring looking at the centre (default), or free: anywhere in the square "
+                        "|x|, |y| <= --camera-radius outside the objects, any heading, tilted a little (views "
+                        "share little)")
     s.add_argument("--no-objects", action="store_true",
                    help="do not write the object masks and empty-room renders beside the records "
                         "(objects/{split}/*.npz, used by gqn-eval's object-pixel metrics)")

@@ -98,8 +98,8 @@ def synthesize(
     ``objects``: also write the object masks and empty-room renders beside the records.
     ``fov_degrees``: the cameras' full field of view (the public datasets do not publish theirs).
     ``object_scale``, ``camera_radius`` (rooms): larger objects, a ring of cameras closer to them.
-    ``camera`` (rooms): ``"ring"`` (looking at the centre) or ``"free"`` (anywhere within ``camera_radius``,
-    any heading).
+    ``camera`` (rooms): ``"ring"`` (looking at the centre) or ``"free"`` (anywhere in the square of half-width
+    ``camera_radius``, any heading).
     """
     out = Path(out)
     if image_size % 4:
