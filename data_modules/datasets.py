@@ -40,10 +40,30 @@ DATASETS: dict[str, DatasetInfo] = {
 SYNTHETIC = {"synthetic_rooms": "rooms", "synthetic_shepard_metzler": "shepard_metzler"}
 
 
+def parse_card(text: str | bytes, where) -> dict:
+    """A dataset card's JSON text -> its dict; a damaged card (truncated, not JSON, not an object, no image size
+    or frame count) is a one-line :class:`GQNDataError` naming it and how to remake it."""
+    fix = ("fix: replace that file" if is_url(str(where))
+           else f"fix: remove {Path(where).parent} and write it again with gqn-data synth --out {Path(where).parent}")
+    try:
+        card = json.loads(text)
+    except (ValueError, UnicodeDecodeError) as err:  # JSONDecodeError is a ValueError
+        raise GQNDataError(f"{where} is not valid JSON ({str(err).splitlines()[0]}); {fix}") from None
+    if not isinstance(card, dict):
+        raise GQNDataError(f"{where} holds {type(card).__name__}, not a dataset card (a JSON object); {fix}")
+    for key in ("image_size", "frames_per_scene"):
+        value = card.get(key)
+        whole = (isinstance(value, int) and not isinstance(value, bool)) or (isinstance(value, float)
+                                                                           and value.is_integer())
+        if not whole or value < 1:
+            raise GQNDataError(f"{where} has no valid {key!r} (a whole number >= 1; got {value!r}); {fix}")
+    return card
+
+
 def read_card(directory: str | Path) -> dict | None:
     """The dataset card (``dataset.json``) of a generated dataset directory, or None if it has none."""
     card = Path(directory) / CARD
-    return json.loads(card.read_text()) if card.is_file() else None
+    return parse_card(card.read_bytes(), card) if card.is_file() else None
 
 
 def write_card(directory: str | Path, card: dict) -> Path:
@@ -66,9 +86,8 @@ def how_to_get(data_dir: str | Path, name: str) -> str:
 def _card(data_dir: str | Path, name: str) -> dict | None:
     if is_url(data_dir):
         text = read_bytes(join(str(data_dir), name, CARD))
-        return None if text is None else json.loads(text)
-    card = Path(local_path(data_dir)) / name / CARD
-    return json.loads(card.read_text()) if card.is_file() else None
+        return None if text is None else parse_card(text, join(str(data_dir), name, CARD))
+    return read_card(Path(local_path(data_dir)) / name)
 
 
 def valid_names(data_dir: str | Path) -> str:

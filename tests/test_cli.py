@@ -130,7 +130,7 @@ def test_render_from_own_images_and_bad_inputs(trained, tmp_path):
         "image size": ([ckpt, f"context_file={_ctx(tmp_path, 'small.png', '[[1, 0, 0.5, 0, 0]]')}"],
                        "16x16 but the model takes 32x32"),
         "malformed pose": ([ckpt, f"context_file={_ctx(tmp_path, 'a.png', '[[1, 0, 0.5]]')}"],
-                           "must be 5 numbers"),
+                           "must be 5 finite numbers"),
         "bad yaml": ([ckpt, f"context_file={_raw(tmp_path, 'images: [a.png')}"], "not valid YAML"),
         "bad trajectory": ([ckpt, f"context_file={good}", "trajectory.kind=spiral"], "trajectory.kind"),
     }

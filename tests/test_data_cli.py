@@ -45,6 +45,9 @@ def test_synth_skip_existing_keeps_a_dataset_with_a_card(tmp_path, capsys):
     assert main(args + ["--seed", "7", "--skip-existing"]) == 0  # other settings (the card says): written again
     assert "exists but was written with other settings; writing it again" in capsys.readouterr().out
     assert files[0].stat().st_mtime_ns != 1
-    (out / "dataset.json").unlink()  # without its card the directory is not a dataset: written again
-    assert main(args + ["--skip-existing"]) == 0
-    assert files[0].stat().st_mtime_ns != 1 and (out / "dataset.json").is_file()
+    (out / "dataset.json").unlink()  # records without a card of gqn-data synth (e.g. a download): never replaced
+    os.utime(files[0], ns=(1, 1))
+    capsys.readouterr()
+    assert main(args + ["--skip-existing"]) == 2
+    assert "did not write" in capsys.readouterr().err
+    assert files[0].stat().st_mtime_ns == 1 and not (out / "dataset.json").exists()

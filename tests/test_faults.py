@@ -66,6 +66,13 @@ def world(data_root, tmp_path_factory) -> dict:
     write_dataset(tmp / "empty_train", "rooms_ring_camera", train=[], test=[[100, 101]])
     (tmp / "empty_train" / "rooms_ring_camera" / "train").mkdir(parents=True)
     write_dataset(tmp / "no_test", "rooms_ring_camera", train=[[0, 1]], test=[])
+    # a generated dataset whose card was cut short (a full disk, an interrupted copy)
+    shutil.copytree(data_root / "synthetic_rooms", tmp / "badcard" / "synthetic_rooms")
+    (tmp / "badcard" / "synthetic_rooms" / "dataset.json").write_text('{"image_size": 32,')
+    # gqn-render context files: an image that is not one; a camera that is not finite
+    (tmp / "not_an_image.png").write_text("not a png\n")
+    (tmp / "ctx_bad_image.yaml").write_text("images: [not_an_image.png]\ncameras: [[0, 0, 0.5, 0, 0]]\n")
+    (tmp / "ctx_nan_camera.yaml").write_text("images: [not_an_image.png]\ncameras: [[.nan, 0, 0.5, 0, 0]]\n")
     return {"tmp": tmp, "data": data_root, "file": tmp / "plain_file", "garbage": tmp / "garbage.ckpt",
             "ckpt": good, "nan_ckpt": tmp / "nan.ckpt", "corrupt": corrupt, "corrupt_file": first,
             "corrupt_offset": offset, "wrong": wrong}
@@ -74,7 +81,15 @@ def world(data_root, tmp_path_factory) -> dict:
 def run_main(prog: str, args: list[str], capsys) -> tuple[int, str, str]:
     """Run a console script in-process; returns (exit code, stdout, stderr)."""
     capsys.readouterr()
-    if prog == "gqn-data":
+    if prog == "gqn-bench":
+        from gqn import bench
+
+        with patch.object(sys, "argv", [prog, *args]):
+            try:
+                code = bench.main(args)
+            except SystemExit as exc:
+                code = exc.code
+    elif prog == "gqn-data":
         with patch.object(sys, "argv", [prog, *args]):
             try:
                 code = data_cli.main(args)
@@ -112,6 +127,11 @@ def error_line(prog: str, err: str) -> str:
 def _train(w, *extra):
     return [f"paths.data_dir={w['data']}", *TINY, "logger=none", f"hydra.run.dir={w['tmp']}/run",
             f"paths.output_dir={w['tmp']}/out", *extra]
+
+
+def _render(w, *extra):
+    return [f"ckpt_path={w['ckpt']}", f"paths.data_dir={w['data']}", "data.image_size=32", "trajectory.frames=2",
+            f"hydra.run.dir={w['tmp']}/re", *extra]
 
 
 def _eval(w, *extra):
@@ -202,6 +222,53 @@ CASES = [
     ("render-nan-checkpoint", "gqn-render", lambda w: [f"ckpt_path={w['nan_ckpt']}", f"paths.data_dir={w['data']}",
                                                          "data.image_size=32", f"hydra.run.dir={w['tmp']}/re"], 2,
      ["holds non-finite weights"]),
+    ("render-fps-0", "gqn-render", lambda w: _render(w, "fps=0"), 2, ["fps must be a number >= 0.1, got 0"]),
+    ("render-mean-maybe", "gqn-render", lambda w: _render(w, "mean=maybe"), 2,
+     ["mean must be true or false, got 'maybe'"]),
+    ("render-batch-size-0", "gqn-render", lambda w: _render(w, "batch_size=0"), 2,
+     ["batch_size must be an integer >= 1, got 0"]),
+    ("render-frames-0", "gqn-render", lambda w: _render(w, "trajectory.frames=0"), 2,
+     ["trajectory.frames must be an integer >= 1, got 0"]),
+    ("render-no-ckpt", "gqn-render", lambda w: _render(w)[1:], 2, ["give the checkpoint: ckpt_path="]),
+    ("render-out-dir-under-a-file", "gqn-render", lambda w: _render(w, f"out_dir={w['file']}/fly"), 2,
+     ["cannot write the output directory", "is a file", "set out_dir="]),
+    ("render-context-not-an-image", "gqn-render",
+     lambda w: _render(w, f"context_file={w['tmp']}/ctx_bad_image.yaml"), 2, ["cannot read image"]),
+    ("render-context-camera-nan", "gqn-render",
+     lambda w: _render(w, f"context_file={w['tmp']}/ctx_nan_camera.yaml"), 2,
+     ["camera 0 must be 5 finite numbers"]),
+    ("eval-no-ckpt", "gqn-eval", lambda w: _eval(w), 2, ["give the checkpoint: ckpt_path="]),
+    ("eval-limit-batches-text", "gqn-eval", lambda w: _eval(w, f"ckpt_path={w['ckpt']}", "limit_batches=abc"), 2,
+     ["limit_batches must be an integer >= 1 or null, got 'abc'"]),
+    ("eval-seed-text", "gqn-eval", lambda w: _eval(w, f"ckpt_path={w['ckpt']}", "seed=abc"), 2,
+     ["seed must be an integer, got 'abc'"]),
+    ("hidden-channels-0", "gqn-train", lambda w: _train(w, "model.hidden_channels=0"), 2,
+     ["model.hidden_channels must be an integer >= 1, got 0"]),
+    ("encoder-channels-1", "gqn-train", lambda w: _train(w, "model.encoder.channels=1"), 2,
+     ["model.encoder.channels must be an integer >= 2, got 1"]),
+    ("lr-init-0", "gqn-train", lambda w: _train(w, "schedule.lr_init=0"), 2,
+     ["schedule.lr_init must be a number > 0, got 0"]),
+    ("sigma-final-negative", "gqn-train", lambda w: _train(w, "schedule.sigma_final=-0.1"), 2,
+     ["schedule.sigma_final must be a number > 0, got -0.1"]),
+    ("unknown-data-option", "gqn-train", lambda w: _train(w, "+data.batchsize=4"), 2,
+     ["unexpected keyword argument 'batchsize'", "fix: check the key's spelling"]),
+    ("max-steps-negative", "gqn-train", lambda w: _train(w, "trainer.max_steps=-5"), 2,
+     ["trainer.max_steps must be >= 1 (or -1: no limit", "got -5"]),
+    ("max-steps-0", "gqn-train", lambda w: _train(w, "trainer.max_steps=0"), 2,
+     ["trainer.max_steps must be >= 1", "got 0"]),
+    ("trainer-unknown-option", "gqn-train", lambda w: _train(w, "+trainer.max_step=5"), 2,
+     ["unexpected keyword argument 'max_step'"]),
+    ("card-damaged", "gqn-train", lambda w: _train(w, f"paths.data_dir={w['tmp']}/badcard"), 2,
+     ["dataset.json is not valid JSON", "and write it again with gqn-data synth --out"]),
+    ("synth-out-holds-other-data", "gqn-data",
+     lambda w: ["synth", "--out", f"{w['wrong']}/rooms_ring_camera", "--image-size", "8", "--train-scenes", "2"], 2,
+     ["already holds a dataset that gqn-data synth did not write", "refusing to replace it"]),
+    ("preview-no-such-split", "gqn-data", lambda w: ["preview", f"{w['data']}/synthetic_rooms", "--split", "val"], 2,
+     ["has no val/ split", "give --split train or --split test"]),
+    ("bench-out-is-a-file", "gqn-bench", lambda w: ["synth", "--out", str(w["file"])], 2,
+     ["cannot write the results directory", "is a file", "give --out"]),
+    ("bench-steps-0", "gqn-bench", lambda w: ["train", "--configs", "tiny", "--steps", "0"], 2,
+     ["--steps, --batch and --context must be at least 1"]),
     ("synth-image-size-0", "gqn-data", lambda w: ["synth", "--out", f"{w['tmp']}/s", "--image-size", "0"], 2,
      ["argument --image-size: must be an integer >= 8 and a multiple of 4, got 0"]),
     ("synth-image-size-30", "gqn-data", lambda w: ["synth", "--out", f"{w['tmp']}/s", "--image-size", "30"], 2,
@@ -242,6 +309,7 @@ PROBLEMS = [
     ("verify-empty-train", ["verify", "{tmp}/empty_train/rooms_ring_camera"],
      "holds no *.tfrecord files (empty train split)"),
     ("verify-no-test-split", ["verify", "{tmp}/no_test/rooms_ring_camera"], "has no test/ directory"),
+    ("verify-damaged-card", ["verify", "{tmp}/badcard/synthetic_rooms"], "dataset.json is not valid JSON"),
 ]
 
 
@@ -263,6 +331,45 @@ def test_verify_problems_fail(case, world, capsys):
     assert code == 1 and not err
     problems = [ln for ln in out.splitlines() if ln.startswith("problem:")]
     assert len(problems) == 1 and fragment in problems[0], out
+
+
+def test_synth_never_replaces_records_it_did_not_write(world, capsys):
+    """--out naming a downloaded dataset (no card of gqn-data synth) is refused and its files stay as they were;
+    a dataset gqn-data synth wrote is rewritten as before."""
+    target = world["wrong"] / "rooms_ring_camera"
+    before = {p.name: p.stat().st_size for p in target.rglob("*.tfrecord")}
+    code, _, err = run_main("gqn-data", ["synth", "--out", str(target), "--image-size", "8", "--train-scenes", "2",
+                                         "--test-scenes", "1", "--workers", "1"], capsys)
+    assert code == 2 and "refusing to replace it" in error_line("gqn-data", err)
+    assert {p.name: p.stat().st_size for p in target.rglob("*.tfrecord")} == before and len(before) > 1
+    ours = world["tmp"] / "ours"
+    for _ in range(2):  # the second run replaces the first one's records
+        code, out, err = run_main("gqn-data", ["synth", "--out", str(ours), "--image-size", "8", "--train-scenes", "2",
+                                               "--test-scenes", "1", "--workers", "1"], capsys)
+        assert code == 0, err
+    assert len(list((ours / "train").glob("*.tfrecord"))) == 1
+
+
+def test_a_run_that_fails_before_a_checkpoint_leaves_latest_at_the_last_good_run(data_root, tmp_path):
+    """outputs/latest (what make train, gqn-eval and gqn-render read) moves only to a run with a checkpoint."""
+    import lightning as L
+
+    class Crash(L.Callback):
+        def on_train_batch_start(self, *args):
+            raise RuntimeError("crash at step 0")
+
+    base = [f"paths.data_dir={data_root}", *TINY, "logger=none", "callbacks=none", "trainer.max_steps=1"]
+    latest = tmp_path / "outputs" / "latest"
+    for name, extra in (("good", []), ("bad", [Crash()])):
+        cfg = compose_train(base, tmp_path / name)
+        with open_dict(cfg):
+            cfg.paths.output_dir = str(tmp_path / "outputs")
+        if extra:
+            with pytest.raises(RuntimeError, match="crash at step 0"):
+                train(cfg, extra_callbacks=extra)
+        else:
+            train(cfg)
+        assert latest.resolve() == (tmp_path / "good").resolve(), name
 
 
 def test_the_docs_table_is_the_contract():

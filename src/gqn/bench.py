@@ -317,7 +317,10 @@ def main(argv=None) -> int:
         print(json.dumps(_train_child(name, path == "fast", int(batch), int(context), int(steps), bool(int(ckpt)),
                                       precision, bool(int(compiled)), device, backend)))
         return 0
-    p = argparse.ArgumentParser(prog="gqn-bench", description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    from gqn.cli import check_writable
+    from gqn.data_cli import OneLineParser
+
+    p = OneLineParser(prog="gqn-bench", description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("what", nargs="?", default="all", choices=["all", "train", "data", "synth"])
     p.add_argument("--configs", nargs="+", default=[c for c in TRAIN_CONFIGS if c != "tiny"],
                    choices=list(TRAIN_CONFIGS), help="train: model configurations (tiny: for smoke tests)")
@@ -354,7 +357,7 @@ def main(argv=None) -> int:
                   "(e.g. inductor, aot_eager)", file=sys.stderr)
             return 2
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    check_writable(out, "--out", "the results directory", "give --out <a writable directory>")  # before the timing
     results = {}
     if args.what in ("all", "synth"):
         results["synth"] = bench_synth()

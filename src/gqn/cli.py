@@ -6,6 +6,7 @@ from __future__ import annotations
 import functools
 import math
 import os
+import re
 import sys
 import tempfile
 import types
@@ -69,7 +70,9 @@ def one_line(err: BaseException) -> str:
 def _user_cause(exc: BaseException | None) -> BaseException | None:
     """The user-facing error behind ``exc``, if any: a data or user error, or a ``ValueError`` that a
     constructor raised while Hydra instantiated it from the config (a bad config value, e.g.
-    ``model.num_steps=0``; Hydra wraps it in an ``InstantiationException``)."""
+    ``model.num_steps=0``; Hydra wraps it in an ``InstantiationException``), Lightning's
+    ``MisconfigurationException`` from the Trainer (``trainer.max_steps=-5``) or a ``TypeError`` for a key the
+    constructor does not take (``+data.batchsize=4``)."""
     from hydra.errors import InstantiationException
 
     seen, instantiating = 0, False
@@ -78,10 +81,23 @@ def _user_cause(exc: BaseException | None) -> BaseException | None:
             return exc
         if isinstance(exc, InstantiationException):
             instantiating = True
-        elif instantiating and isinstance(exc, ValueError) and (exc.__cause__ or exc.__context__) is None:
+        elif instantiating and (exc.__cause__ or exc.__context__) is None and (
+                isinstance(exc, ValueError) or _is_misconfiguration(exc) or _is_bad_keyword(exc)):
+            if _is_bad_keyword(exc):
+                exc.fix = f"check the key's spelling ({prog_name()} --cfg job prints every option)"
             return exc
         exc, seen = exc.__cause__ or exc.__context__, seen + 1
     return None
+
+
+def _is_bad_keyword(exc: BaseException) -> bool:
+    """A constructor called with a key it does not take (``+data.batchsize=4``) or without one it needs."""
+    return isinstance(exc, TypeError) and bool(re.search(r"unexpected keyword argument|missing \d+ required", str(exc)))
+
+
+def _is_misconfiguration(exc: BaseException) -> bool:
+    """Lightning's own "bad Trainer argument" error (e.g. ``trainer.max_steps=-5``, ``trainer=gpu`` without one)."""
+    return type(exc).__name__ == "MisconfigurationException"
 
 
 def finish_wandb() -> None:
@@ -105,8 +121,11 @@ class RunDirCheck(HydraCallback):
         check_writable(config.hydra.sweep.dir, "hydra.sweep.dir")
 
 
-def check_writable(directory: str | Path, key: str) -> None:
+def check_writable(directory: str | Path, key: str, what: str = "the run directory", hint: str | None = None) -> None:
+    """Create ``directory`` and write a file in it, or one line naming it and ``hint`` (default: set ``key`` or
+    paths.output_dir) and exit 2."""
     directory = Path(directory)
+    hint = hint or f"set {key}=<a writable directory> or paths.output_dir=<a writable directory>"
     try:
         directory.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryFile(dir=directory):
@@ -114,8 +133,7 @@ def check_writable(directory: str | Path, key: str) -> None:
     except OSError as err:
         blocker = next((p for p in [directory, *directory.parents] if p.exists()), None)
         why = f"{blocker} is a file" if blocker is not None and not blocker.is_dir() else (err.strerror or str(err))
-        print(f"{prog_name()}: error: cannot write the run directory {directory} ({why}); set {key}=<a writable "
-              f"directory> or paths.output_dir=<a writable directory>", file=sys.stderr)
+        print(f"{prog_name()}: error: cannot write {what} {directory} ({why}); {hint}", file=sys.stderr)
         sys.exit(2)
 
 
@@ -361,6 +379,34 @@ def check_config_types(cfg, sections: Iterable[str]) -> None:
     for section in sections:
         node = cfg.get(section)
         walk(node, section)
+
+
+def check_options(cfg, options: dict) -> None:
+    """The top-level options of a command (gqn-eval, gqn-render) against ``{key: (kind, least)}``: kind ``int``,
+    ``float`` (any finite number) or ``bool``; ``least`` the smallest value allowed (None: any); a key listed
+    with kind ``(int, None)`` may also be null. ``ckpt_path`` must be given. One line naming the key, else."""
+    from omegaconf import OmegaConf
+
+    if "ckpt_path" in cfg.keys() and OmegaConf.is_missing(cfg, "ckpt_path"):  # (`in cfg` is False for ???)
+        raise UserError("give the checkpoint: ckpt_path=<run>/checkpoints/last.ckpt (or ckpt_path=auto for the "
+                        "latest run's)")
+    for key, (kind, least) in options.items():
+        value = OmegaConf.select(cfg, key, throw_on_missing=False)
+        nullable = isinstance(kind, tuple)
+        kind = kind[0] if nullable else kind
+        if value is None and nullable:
+            continue
+        if kind is bool:
+            if not isinstance(value, bool):
+                raise UserError(f"{key} must be true or false, got {value!r}")
+            continue
+        is_int = isinstance(value, int) and not isinstance(value, bool)
+        ok = is_int if kind is int else (is_int or isinstance(value, float) and math.isfinite(value))
+        what = ("an integer" if kind is int else "a number") + (f" >= {least}" if least is not None else "")
+        if nullable:
+            what += " or null"
+        if not ok or (least is not None and value < least):
+            raise UserError(f"{key} must be {what}, got {value!r}")
 
 
 # ---------------------------------------------------------------------------------------- strict JSON

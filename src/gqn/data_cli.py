@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from collections import Counter
 from pathlib import Path
@@ -12,6 +11,7 @@ import numpy as np
 
 
 def _synth(args) -> int:
+    from data_modules.datasets import read_card
     from data_modules.errors import GQNDataError
     from gqn.synthetic import synthesize
     from gqn.synthetic.scenes import RING_RADIUS
@@ -29,9 +29,15 @@ def _synth(args) -> int:
         opts.update(object_scale=args.object_scale, camera_radius=args.camera_radius)
     if args.camera != "ring":
         opts.update(camera=args.camera)
-    card = out / "dataset.json"
-    if args.skip_existing and card.is_file():
-        old = json.loads(card.read_text()).get("settings")
+    card = read_card(out) if out.is_dir() else None  # a damaged card: one line, and nothing is touched
+    held = [p for split in ("train", "test") for p in (out / split).glob("*.tfrecord")] if out.is_dir() else []
+    if held and not str((card or {}).get("generator", "")).startswith("gqn.synthetic"):
+        # writing replaces the split directories' records: never those of a dataset this tool did not write
+        raise GQNDataError(f"--out {out} already holds a dataset that gqn-data synth did not write ({len(held)} "
+                           f"*.tfrecord files in train/ and test/, no dataset.json of gqn-data synth); refusing "
+                           f"to replace it; fix: give another --out (or delete {out} first if you want it replaced)")
+    if args.skip_existing and card is not None:
+        old = card.get("settings")
         if old == opts:
             print(f"{out} exists with these settings (dataset.json); keeping it")
             return 0
@@ -70,10 +76,15 @@ def _expected(root: Path):
 
 def _scan(root: Path, decode: bool):
     """Read every record of every split; returns ({split: stats}, [problems])."""
-    from data_modules.errors import CorruptRecordError
+    from data_modules.datasets import read_card
+    from data_modules.errors import CorruptRecordError, GQNDataError
     from data_modules.records import frame_size, iter_records, parse_scene
 
     stats, problems = {}, []
+    try:
+        read_card(root)
+    except GQNDataError as err:  # a damaged dataset.json: said, and the records are still checked
+        problems.append(str(err))
     expected = _expected(root)
     for split in _splits(root):
         files = sorted((root / split).glob("*.tfrecord"))
@@ -146,10 +157,19 @@ def _verify(args) -> int:
 def _preview(args) -> int:
     from PIL import Image
 
+    from data_modules.errors import GQNDataError
     from data_modules.records import decode_frame, iter_records, parse_scene
 
     root = Path(args.dir)
-    split = _splits(root)[-1] if args.split is None else args.split
+    splits = _splits(root)
+    split = splits[-1] if args.split is None else args.split
+    if split not in splits:
+        raise GQNDataError(f"{root} has no {split}/ split (it has {', '.join(splits)}); give --split "
+                           f"{' or --split '.join(splits)}")
+    out = Path(args.out or root / "preview.png")
+    if out.is_dir() or not out.parent.is_dir():
+        raise GQNDataError(f"--out {out}: " + ("is a directory" if out.is_dir() else f"no directory {out.parent}")
+                           + "; give a PNG path in an existing directory, e.g. --out preview.png")
     rows = []
     for path in sorted((root / split).glob("*.tfrecord")):
         for offset, data in iter_records(path):
@@ -161,10 +181,14 @@ def _preview(args) -> int:
                 break
         if len(rows) == args.scenes:
             break
+    if not rows:
+        raise GQNDataError(f"{root / split} holds no scenes (no records in its *.tfrecord files)")
     width = max(r.shape[1] for r in rows)
     rows = [np.pad(r, ((0, 0), (0, width - r.shape[1]), (0, 0))) for r in rows]
-    out = Path(args.out or root / "preview.png")
-    Image.fromarray(np.concatenate(rows, axis=0)).save(out)
+    try:
+        Image.fromarray(np.concatenate(rows, axis=0)).save(out)
+    except (OSError, ValueError) as err:  # an unwritable path, or a name without an image extension
+        raise GQNDataError(f"cannot write --out {out}: {str(err).splitlines()[0]}") from None
     print(f"wrote {out} ({len(rows)} scenes x up to {args.views} views)")
     return 0
 

@@ -22,6 +22,7 @@ from gqn import CONF_DIR
 from gqn.cli import (
     UserError,
     check_config_types,
+    check_options,
     finite_or_none,
     load_checkpoint,
     non_finite_tensors,
@@ -96,16 +97,17 @@ def per_scene_metrics(module: GQNModule, loader, limit_batches: int | None, devi
             for key, value in module.evaluation_metrics(batch).items():
                 values.setdefault(key, []).append(value.float().cpu())
     if not values:
-        raise UserError("the test split gave no scenes to evaluate (all skipped as corrupt, or limit_batches=0)")
+        raise UserError("the test split gave no scenes to evaluate (all of its scenes skipped as corrupt)")
     return {k: torch.cat(v) for k, v in values.items()}
 
 
 def evaluate(cfg: DictConfig) -> dict:
     """Test-split metrics of a checkpoint: the mean over scenes of each metric (per scene first averaged over
     ``draws`` draws of the context views), with its standard error and 95% interval over scenes."""
-    L.seed_everything(cfg.seed)
     if isinstance(cfg.draws, bool) or not isinstance(cfg.draws, int) or cfg.draws < 1:
         raise UserError(f"draws must be an integer >= 1 (context draws per scene), got {cfg.draws!r}")
+    check_options(cfg, {"seed": (int, None), "limit_batches": ((int,), 1), "num_workers": (int, 0)})
+    L.seed_everything(cfg.seed)
     check_config_types(cfg, ("data",))
     module = load_module(cfg.ckpt_path, cfg.paths.output_dir)
     frames = dataset_info(cfg.data.data_dir, cfg.data.dataset).frames_per_scene

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import hydra
@@ -34,6 +35,18 @@ def compile_model(model: GQN, backend: str = "inductor") -> GQN:
     if model.geometry is not None:
         model.geometry.compile(backend=backend)
     return model
+
+
+def check_schedule(schedule) -> None:
+    """A ValueError (one line from the CLI) for an LR or pixel sigma that cannot train: LR and sigma must be
+    positive numbers (0 would divide by zero in the LR line or the likelihood; a negative LR ascends)."""
+    for key, least in (("lr_init", "> 0"), ("lr_final", ">= 0"), ("sigma_init", "> 0"), ("sigma_final", "> 0")):
+        value = schedule.get(key)
+        if value is None:
+            continue
+        if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value) or (
+                value <= 0 if least == "> 0" else value < 0):
+            raise ValueError(f"schedule.{key} must be a number {least}, got {value!r}")
 
 
 class GQNModule(L.LightningModule):
@@ -81,6 +94,7 @@ class GQNModule(L.LightningModule):
                                    "compile": compile})
         self.model: GQN = hydra.utils.instantiate(self.hparams.model)
         s = self.hparams.schedule
+        check_schedule(s)
         self.sigma_schedule = LinearAnneal(s["sigma_init"], s["sigma_final"], s["sigma_steps"], sigma_warmup_steps)
         self.kl_weight = LinearAnneal(0.0, kl_weight, kl_warmup_steps) if kl_warmup_steps else (lambda step: kl_weight)
         self.prior_mean_weight = LinearAnneal(0.0, prior_mean_weight, 0, delay=prior_mean_start)

@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import hydra
@@ -19,7 +20,7 @@ from PIL import Image
 
 from callbacks.media import to_uint8
 from gqn import CONF_DIR
-from gqn.cli import UserError, one_line_errors
+from gqn.cli import UserError, check_options, check_writable, one_line_errors
 from gqn.eval import load_module
 from gqn.trajectory import orbit, pose_from_camera
 
@@ -28,6 +29,10 @@ def _uint8(img: torch.Tensor, scale: int = 1) -> np.ndarray:
     """``[3, H, W]`` in [0, 1] -> uint8 ``[H*scale, W*scale, 3]`` (nearest-neighbour upscaling)."""
     a = to_uint8(img)
     return a.repeat(scale, 0).repeat(scale, 1) if scale > 1 else a
+
+
+def _finite(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def context_from_file(path: str, image_size: int):
@@ -42,16 +47,25 @@ def context_from_file(path: str, image_size: int):
     if not isinstance(spec, dict) or "images" not in spec or "cameras" not in spec:
         raise UserError(f"context_file {path} must be a mapping with 'images' and 'cameras' lists")
     images, cameras = spec["images"], spec["cameras"]
+    if not isinstance(images, list) or not isinstance(cameras, list):
+        raise UserError(f"context_file {path}: 'images' and 'cameras' must be lists, got {type(images).__name__} "
+                        f"and {type(cameras).__name__}")
     if not images or len(images) != len(cameras):
         raise UserError(f"context_file {path}: {len(images)} images but {len(cameras)} cameras (need equal, >= 1)")
     imgs, poses = [], []
     for i, (img_path, cam) in enumerate(zip(images, cameras)):
-        if not (isinstance(cam, list) and len(cam) == 5 and all(isinstance(c, (int, float)) for c in cam)):
-            raise UserError(f"context_file {path}: camera {i} must be 5 numbers [x, y, z, yaw, pitch], got {cam!r}")
+        if not (isinstance(cam, list) and len(cam) == 5 and all(_finite(c) for c in cam)):
+            raise UserError(f"context_file {path}: camera {i} must be 5 finite numbers [x, y, z, yaw, pitch], "
+                            f"got {cam!r}")
+        if not isinstance(img_path, str):
+            raise UserError(f"context_file {path}: image {i} must be a file name, got {img_path!r}")
         full = (p.parent / img_path) if not Path(img_path).is_absolute() else Path(img_path)
         if not full.is_file():
             raise UserError(f"context_file {path}: image {full} does not exist")
-        img = np.array(Image.open(full).convert("RGB"))
+        try:
+            img = np.array(Image.open(full).convert("RGB"))
+        except (OSError, ValueError) as err:  # PIL's UnidentifiedImageError is an OSError
+            raise UserError(f"context_file {path}: cannot read image {full}: {str(err).splitlines()[0]}") from None
         if img.shape[0] != image_size or img.shape[1] != image_size:
             raise UserError(
                 f"image {full} is {img.shape[1]}x{img.shape[0]} but the model takes {image_size}x{image_size}"
@@ -93,13 +107,27 @@ def trajectory_poses(cfg: DictConfig, context_poses: torch.Tensor) -> torch.Tens
                      center=tuple(t.center))
     if t.kind == "poses":
         poses = OmegaConf.to_container(t.poses) if t.poses is not None else None
-        if not poses or not all(isinstance(p, list) and len(p) == 5 for p in poses):
-            raise UserError("trajectory.kind=poses needs trajectory.poses: a list of [x, y, z, yaw, pitch]")
+        if not poses or not all(isinstance(p, list) and len(p) == 5 and all(_finite(c) for c in p) for p in poses):
+            raise UserError("trajectory.kind=poses needs trajectory.poses: a list of [x, y, z, yaw, pitch] (finite "
+                            f"numbers), got {poses!r}")
         return torch.tensor([pose_from_camera(*map(float, p)) for p in poses], dtype=torch.float32)
     raise UserError(f"trajectory.kind must be 'orbit' or 'poses', got {t.kind!r}")
 
 
+#: gqn-render's own options: (kind, least); a tuple kind may also be null (see gqn.cli.check_options)
+OPTIONS = {"scene_index": (int, 0), "num_context": (int, 1), "mean": (bool, None), "seed": (int, None),
+           "batch_size": (int, 1), "fps": (float, 0.1), "scale": (int, 1), "ground_truth": (bool, None),
+           "trajectory.frames": (int, 1), "trajectory.radius": ((float,), 0.0), "trajectory.height": ((float,), None),
+           "trajectory.pitch": ((float,), None)}
+
+
 def render(cfg: DictConfig) -> dict:
+    check_options(cfg, OPTIONS)
+    center = OmegaConf.to_container(cfg.trajectory.center) if OmegaConf.is_list(cfg.trajectory.center) else None
+    if not (center and len(center) == 2 and all(_finite(c) for c in center)):
+        raise UserError(f"trajectory.center must be two numbers [x, y], got {cfg.trajectory.center!r}")
+    check_writable(cfg.out_dir, "out_dir", "the output directory",
+                   "set out_dir=<a writable directory>")  # before the render, not after it
     module = load_module(cfg.ckpt_path, cfg.paths.output_dir)
     size = module.model.image_size
     if cfg.context_file:

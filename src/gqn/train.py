@@ -24,6 +24,7 @@ from gqn.cli import (
     check_config_types,
     check_resume,
     checkpoint_roots,
+    find_last_checkpoints,
     finish_wandb,
     load_checkpoint,
     mark_latest,
@@ -45,10 +46,13 @@ def instantiate_dict(cfg: DictConfig | None) -> list:
 def check_run(cfg: DictConfig) -> None:
     """Refuse a run without a length; warn (one line) about the fast CPU schedule on paper-scale runs."""
     if OmegaConf.is_missing(cfg.trainer, "max_steps"):
-        raise UserError("trainer.max_steps is not set: an experiment sets the run length (experiment=default: "
-                        "4500 steps), or give trainer.max_steps=N")
+        raise UserError("trainer.max_steps is not set: an experiment sets the run length (e.g. experiment=default), "
+                        "or give trainer.max_steps=N")
     choices = HydraConfig.get().runtime.choices if HydraConfig.initialized() else {}
     steps, model = int(cfg.trainer.max_steps), choices.get("model")
+    if steps == 0 or steps < -1:  # 0 would exit 0 with no checkpoint, and make train would evaluate an older run
+        raise UserError(f"trainer.max_steps must be >= 1 (or -1: no limit, then trainer.max_epochs or "
+                        f"trainer.max_time ends the run), got {steps}")
     if choices.get("schedule") == "fast" and (steps > FAST_SCHEDULE_MAX_STEPS or model in ("paper", "tf_gqn")):
         _warn(f"schedule=fast (tuned for short CPU runs of model=small) with model={model} for {steps} steps; "
               "the paper's setup is experiment=<dataset>, e.g. gqn-train experiment=rooms_ring_camera trainer=gpu")
@@ -112,8 +116,11 @@ def train(cfg: DictConfig, extra_callbacks: list | None = None) -> float | None:
             print(f"gqn-train: {stop.summary()}", file=sys.stderr)
         raise SystemExit(code) from None
     finally:
-        if trainer.is_global_zero and not trainer.fast_dev_run:
-            mark_latest(HydraConfig.get().runtime.output_dir, cfg.paths.output_dir)
+        run_dir = HydraConfig.get().runtime.output_dir
+        # outputs/latest names the newest run that has a checkpoint: a run that failed before saving one
+        # (a bad override, a crash at step 0) leaves it at the last run that gqn-eval/gqn-render can read
+        if trainer.is_global_zero and not trainer.fast_dev_run and find_last_checkpoints([(run_dir, 0)]):
+            mark_latest(run_dir, cfg.paths.output_dir)
         finish_wandb()
     metric = trainer.callback_metrics.get(cfg.get("optimized_metric") or "")
     return None if metric is None else float(metric)

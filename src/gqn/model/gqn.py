@@ -10,7 +10,7 @@ from torch import nn
 
 from gqn.model.distributions import fp32, gaussian_nll
 from gqn.model.generator import DRAWGenerator
-from gqn.model.representation import GRID_SCALE
+from gqn.model.representation import GRID_SCALE, check_widths
 
 
 def repeat_scenes(x: torch.Tensor, k: int) -> torch.Tensor:
@@ -60,6 +60,10 @@ class GQN(nn.Module):
         ``geometry_core_channels``: the channels of that read per latent-grid position that the cores take;
         ``geometry_mix_kernel``: the kernel of the per-pixel network that blends the read into the image."""
         super().__init__()
+        check_widths("model", image_channels=image_channels, pose_dim=pose_dim, hidden_channels=hidden_channels,
+                     latent_channels=latent_channels, canvas_channels=canvas_channels, kernel_size=kernel_size,
+                     head_kernel_size=head_kernel_size, inference_kernel_size=inference_kernel_size,
+                     geometry_core_channels=geometry_core_channels, geometry_mix_kernel=geometry_mix_kernel)
         if getattr(encoder, "image_size", image_size) != image_size:
             raise ValueError(f"encoder built for {encoder.image_size}px images but model.image_size={image_size}")
         if checkpoint_steps and not fast:  # the reference path has no per-step checkpointing

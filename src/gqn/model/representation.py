@@ -19,6 +19,14 @@ def _check_image_size(image_size: int) -> None:
         raise ValueError(f"image_size must be divisible by {GRID_SCALE}, got {image_size}")
 
 
+def check_widths(prefix: str, least: int = 1, **widths: int) -> None:
+    """A ValueError naming the config key (``{prefix}.{name}``) of the first width below ``least``: a layer of
+    zero channels would only fail later, in a convolution, with a traceback."""
+    for name, value in widths.items():
+        if value is not None and value < least:
+            raise ValueError(f"{prefix}.{name} must be an integer >= {least}, got {value}")
+
+
 def tile_pose(pose: torch.Tensor, size: int) -> torch.Tensor:
     """Broadcast a pose ``[N, P]`` over a ``size x size`` grid -> ``[N, P, size, size]``."""
     return pose[:, :, None, None].expand(-1, -1, size, size)
@@ -30,6 +38,7 @@ class Tower(nn.Module):
     def __init__(self, image_size: int = 64, pose_dim: int = 7, channels: int = 256, image_channels: int = 3):
         super().__init__()
         _check_image_size(image_size)
+        check_widths("model.encoder", 2, channels=channels)  # (the tower's middle layers have half of them)
         half = channels // 2
         self.image_size, self.pose_dim, self.out_channels = image_size, pose_dim, channels
         self.out_size = image_size // GRID_SCALE
@@ -70,6 +79,7 @@ class AttentionTower(Tower):
     def __init__(self, image_size: int = 64, pose_dim: int = 7, channels: int = 256, image_channels: int = 3,
                  key_channels: int = 32, value_channels: int = 32, heads: int = 4, pixel_values: bool = False):
         super().__init__(image_size, pose_dim, channels, image_channels)
+        check_widths("model.encoder", key_channels=key_channels, value_channels=value_channels, heads=heads)
         if key_channels % heads or value_channels % heads:
             raise ValueError(f"key_channels ({key_channels}) and value_channels ({value_channels}) must be "
                              f"divisible by heads ({heads})")
@@ -96,6 +106,7 @@ class Pyramid(nn.Module):
     def __init__(self, image_size: int = 64, pose_dim: int = 7, channels: int = 256, image_channels: int = 3):
         super().__init__()
         _check_image_size(image_size)
+        check_widths("model.encoder", channels=channels)
         self.image_size, self.pose_dim, self.out_channels, self.out_size = image_size, pose_dim, channels, 1
         widths = [32, 64, 128]
         layers, cin, size = [], image_channels + pose_dim, image_size
