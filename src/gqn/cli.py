@@ -58,6 +58,83 @@ def one_line_errors(prog: str):
     return wrap
 
 
+def checked_overrides(config_dir: str | Path, config_name: str, prog: str):
+    """Outermost decorator of a ``@hydra.main`` entry point: before Hydra runs, compose this command line's
+    config as Hydra will and report a bad override (a typo'd key, an unknown option of a config group, a sweep
+    without ``--multirun``, unparsable syntax) on one line with exit 2, instead of Hydra's multi-line report and
+    exit 1. Command lines with flags (``-m``/``--multirun``, ``--cfg``, ``--help``, ...) are left to Hydra."""
+
+    def wrap(fn):
+        @functools.wraps(fn)
+        def inner(*args, **kwargs):
+            if not args and not kwargs:
+                _check_overrides(config_dir, config_name, prog, sys.argv[1:])
+            return fn(*args, **kwargs)
+
+        return inner
+
+    return wrap
+
+
+def _check_overrides(config_dir, config_name: str, prog: str, overrides: list[str]) -> None:
+    if any(a.startswith("-") for a in overrides):
+        return
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.errors import ConfigCompositionException, MissingConfigException, OverrideParseException
+
+    if GlobalHydra.instance().is_initialized():  # inside another Hydra app: nothing to pre-check
+        return
+    try:
+        with initialize_config_dir(config_dir=str(config_dir), version_base="1.3"):
+            compose(config_name, overrides=overrides, return_hydra_config=True)
+    except (ConfigCompositionException, MissingConfigException, OverrideParseException) as err:
+        message = hydra_message(err)
+        if isinstance(err, OverrideParseException):  # its message does not say which override
+            message = f"{_unparsable(overrides) or 'an override'}: {message}"
+        print(f"{prog}: error: {message}", file=sys.stderr)
+        sys.exit(2)
+    except Exception:  # anything else: Hydra composes again and reports it itself
+        pass
+    finally:
+        GlobalHydra.instance().clear()
+
+
+def _unparsable(overrides: list[str]) -> str | None:
+    """The first override Hydra's grammar rejects, quoted (None if each parses on its own)."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    parser = OverridesParser.create()
+    for override in overrides:
+        try:
+            parser.parse_overrides([override])
+        except Exception:
+            return repr(override)
+    return None
+
+
+def hydra_message(err: BaseException) -> str:
+    """Hydra's multi-line composition error as one line: its sentences joined by '; ', a list of available
+    options joined by ', ', the config search path and links to the docs left out."""
+    parts, options = [], []
+    for line in str(err).split("Config search path:")[0].splitlines():
+        if not line.strip() or line.startswith("See https://"):
+            continue
+        if line.startswith(("\t", "    ")) and parts:
+            options.append(line.strip())
+            continue
+        if options:
+            parts[-1] += " " + ", ".join(options)
+            options = []
+        parts.append(line.strip().rstrip("."))
+    if options:
+        parts[-1] += " " + ", ".join(options)
+    cause = str(err.__cause__ or "").strip()
+    if cause:
+        parts.insert(1, cause.splitlines()[0])
+    return "; ".join(parts) or type(err).__name__
+
+
 def one_line(err: BaseException) -> str:
     lines = [ln for ln in str(err).splitlines() if ln.strip()]
     message = lines[-1] if lines else type(err).__name__

@@ -23,6 +23,7 @@ from gqn.cli import (
     UserError,
     check_config_types,
     check_options,
+    checked_overrides,
     finite_or_none,
     load_checkpoint,
     non_finite_tensors,
@@ -176,6 +177,7 @@ def summary_lines(stats: dict, report: dict) -> list[str]:
     return lines
 
 
+@checked_overrides(CONF_DIR, "eval", "gqn-eval")
 @hydra.main(config_path=str(CONF_DIR), config_name="eval", version_base="1.3")
 @one_line_errors("gqn-eval")
 def main(cfg: DictConfig) -> None:

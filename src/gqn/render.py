@@ -20,7 +20,7 @@ from PIL import Image
 
 from callbacks.media import to_uint8
 from gqn import CONF_DIR
-from gqn.cli import UserError, check_options, check_writable, one_line_errors
+from gqn.cli import UserError, check_options, check_writable, checked_overrides, one_line_errors
 from gqn.eval import load_module
 from gqn.trajectory import orbit, pose_from_camera
 
@@ -164,6 +164,7 @@ def render(cfg: DictConfig) -> dict:
     return info
 
 
+@checked_overrides(CONF_DIR, "render", "gqn-render")
 @hydra.main(config_path=str(CONF_DIR), config_name="render", version_base="1.3")
 @one_line_errors("gqn-render")
 def main(cfg: DictConfig) -> None:

@@ -23,6 +23,7 @@ from gqn.cli import (
     UserError,
     check_config_types,
     check_resume,
+    checked_overrides,
     checkpoint_roots,
     find_last_checkpoints,
     finish_wandb,
@@ -126,6 +127,7 @@ def train(cfg: DictConfig, extra_callbacks: list | None = None) -> float | None:
     return None if metric is None else float(metric)
 
 
+@checked_overrides(CONF_DIR, "train", "gqn-train")
 @hydra.main(config_path=str(CONF_DIR), config_name="train", version_base="1.3")
 @one_line_errors("gqn-train")
 def main(cfg: DictConfig) -> float | None:
