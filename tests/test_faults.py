@@ -81,18 +81,12 @@ def world(data_root, tmp_path_factory) -> dict:
 def run_main(prog: str, args: list[str], capsys) -> tuple[int, str, str]:
     """Run a console script in-process; returns (exit code, stdout, stderr)."""
     capsys.readouterr()
-    if prog == "gqn-bench":
+    if prog in ("gqn-bench", "gqn-data"):  # argparse programs: main(argv) returns the code or exits
         from gqn import bench
 
         with patch.object(sys, "argv", [prog, *args]):
             try:
-                code = bench.main(args)
-            except SystemExit as exc:
-                code = exc.code
-    elif prog == "gqn-data":
-        with patch.object(sys, "argv", [prog, *args]):
-            try:
-                code = data_cli.main(args)
+                code = (bench.main if prog == "gqn-bench" else data_cli.main)(args)
             except SystemExit as exc:
                 code = exc.code
     else:
