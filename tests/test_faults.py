@@ -258,6 +258,8 @@ CASES = [
      ["trainer.max_steps must be >= 1 (or -1: no limit", "got -5"]),
     ("max-steps-0", "gqn-train", lambda w: _train(w, "trainer.max_steps=0"), 2,
      ["trainer.max_steps must be >= 1", "got 0"]),
+    ("trainer-gpu-without-one", "gqn-train", lambda w: _train(w, "trainer=gpu"), 2,
+     ["fix: torch sees no usable GPU here", "use trainer=cpu"]),
     ("trainer-unknown-option", "gqn-train", lambda w: _train(w, "+trainer.max_step=5"), 2,
      ["unexpected keyword argument 'max_step'"]),
     ("card-damaged", "gqn-train", lambda w: _train(w, f"paths.data_dir={w['tmp']}/badcard"), 2,
@@ -317,7 +319,9 @@ PROBLEMS = [
 
 @pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
 def test_bad_input_is_one_line(case, world, capsys):
-    _, prog, build, code, fragments = case
+    case_id, prog, build, code, fragments = case
+    if case_id == "trainer-gpu-without-one" and torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
     got, out, err = run_main(prog, build(world), capsys)
     assert got == code, (got, out, err)
     line = error_line(prog, err)

@@ -162,6 +162,9 @@ def _user_cause(exc: BaseException | None) -> BaseException | None:
                 isinstance(exc, ValueError) or _is_misconfiguration(exc) or _is_bad_keyword(exc)):
             if _is_bad_keyword(exc):
                 exc.fix = f"check the key's spelling ({prog_name()} --cfg job prints every option)"
+            elif _is_misconfiguration(exc) and re.search(r"\b(gpu|cuda)\b", str(exc), re.I):
+                exc.fix = ("torch sees no usable GPU here (a CPU-only torch build, or no driver): use trainer=cpu, "
+                           "or install a CUDA build of torch (README, Installing)")
             return exc
         exc, seen = exc.__cause__ or exc.__context__, seen + 1
     return None
