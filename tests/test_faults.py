@@ -223,6 +223,8 @@ CASES = [
      ["batch_size must be an integer >= 1, got 0"]),
     ("render-frames-0", "gqn-render", lambda w: _render(w, "trajectory.frames=0"), 2,
      ["trajectory.frames must be an integer >= 1, got 0"]),
+    ("render-split-val", "gqn-render", lambda w: _render(w, "split=val"), 2,
+     ["split must be train or test", "got 'val'"]),
     ("render-no-ckpt", "gqn-render", lambda w: _render(w)[1:], 2, ["give the checkpoint: ckpt_path="]),
     ("render-out-dir-under-a-file", "gqn-render", lambda w: _render(w, f"out_dir={w['file']}/fly"), 2,
      ["cannot write the output directory", "is a file", "set out_dir="]),

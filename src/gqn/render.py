@@ -123,6 +123,9 @@ OPTIONS = {"scene_index": (int, 0), "num_context": (int, 1), "mean": (bool, None
 
 def render(cfg: DictConfig) -> dict:
     check_options(cfg, OPTIONS)
+    if not cfg.context_file and cfg.split not in ("train", "test"):
+        raise UserError(f"split must be train or test (the dataset's own splits; validation scenes are train "
+                        f"scenes), got {cfg.split!r}")
     center = OmegaConf.to_container(cfg.trajectory.center) if OmegaConf.is_list(cfg.trajectory.center) else None
     if not (center and len(center) == 2 and all(_finite(c) for c in center)):
         raise UserError(f"trajectory.center must be two numbers [x, y], got {cfg.trajectory.center!r}")
