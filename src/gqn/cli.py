@@ -158,14 +158,17 @@ def _user_cause(exc: BaseException | None) -> BaseException | None:
             return exc
         if isinstance(exc, InstantiationException):
             instantiating = True
-        elif instantiating and (exc.__cause__ or exc.__context__) is None and (
-                isinstance(exc, ValueError) or _is_misconfiguration(exc) or _is_bad_keyword(exc)):
+        elif instantiating and (exc.__cause__ or exc.__context__) is None:
             if _is_bad_keyword(exc):
                 exc.fix = f"check the key's spelling ({prog_name()} --cfg job prints every option)"
-            elif _is_misconfiguration(exc) and re.search(r"\b(gpu|cuda)\b", str(exc), re.I):
-                exc.fix = ("torch sees no usable GPU here (a CPU-only torch build, or no driver): use trainer=cpu, "
-                           "or install a CUDA build of torch (README, Installing)")
-            return exc
+                return exc
+            if type(exc).__name__ == "MisconfigurationException":  # Lightning's "bad Trainer argument"
+                if re.search(r"\b(gpu|cuda)\b", str(exc), re.I):
+                    exc.fix = ("torch sees no usable GPU here (a CPU-only torch build, or no driver): use "
+                               "trainer=cpu, or install a CUDA build of torch (README, Installing)")
+                return exc
+            if isinstance(exc, ValueError):
+                return exc
         exc, seen = exc.__cause__ or exc.__context__, seen + 1
     return None
 
@@ -173,11 +176,6 @@ def _user_cause(exc: BaseException | None) -> BaseException | None:
 def _is_bad_keyword(exc: BaseException) -> bool:
     """A constructor called with a key it does not take (``+data.batchsize=4``) or without one it needs."""
     return isinstance(exc, TypeError) and bool(re.search(r"unexpected keyword argument|missing \d+ required", str(exc)))
-
-
-def _is_misconfiguration(exc: BaseException) -> bool:
-    """Lightning's own "bad Trainer argument" error (e.g. ``trainer.max_steps=-5``, ``trainer=gpu`` without one)."""
-    return type(exc).__name__ == "MisconfigurationException"
 
 
 def finish_wandb() -> None:
@@ -461,15 +459,26 @@ def check_config_types(cfg, sections: Iterable[str]) -> None:
         walk(node, section)
 
 
+def finite_number(value) -> bool:
+    """An int or float of a config (not a bool), and not NaN or inf."""
+    return bool(_accepts(float, value)) and math.isfinite(value)
+
+
+def require_ckpt_path(cfg) -> None:
+    """gqn-eval / gqn-render without ``ckpt_path`` (``???`` in their configs): one line saying what to give."""
+    from omegaconf import OmegaConf
+
+    if OmegaConf.is_missing(cfg, "ckpt_path"):
+        raise UserError("give the checkpoint: ckpt_path=<run>/checkpoints/last.ckpt (or ckpt_path=auto for the "
+                        "latest run's)")
+
+
 def check_options(cfg, options: dict) -> None:
     """The top-level options of a command (gqn-eval, gqn-render) against ``{key: (kind, least)}``: kind ``int``,
     ``float`` (any finite number) or ``bool``; ``least`` the smallest value allowed (None: any); a key listed
-    with kind ``(int, None)`` may also be null. ``ckpt_path`` must be given. One line naming the key, else."""
+    with kind ``(int, None)`` may also be null. One line naming the key, else."""
     from omegaconf import OmegaConf
 
-    if "ckpt_path" in cfg.keys() and OmegaConf.is_missing(cfg, "ckpt_path"):  # (`in cfg` is False for ???)
-        raise UserError("give the checkpoint: ckpt_path=<run>/checkpoints/last.ckpt (or ckpt_path=auto for the "
-                        "latest run's)")
     for key, (kind, least) in options.items():
         value = OmegaConf.select(cfg, key, throw_on_missing=False)
         nullable = isinstance(kind, tuple)
@@ -477,11 +486,10 @@ def check_options(cfg, options: dict) -> None:
         if value is None and nullable:
             continue
         if kind is bool:
-            if not isinstance(value, bool):
+            if not _accepts(bool, value):
                 raise UserError(f"{key} must be true or false, got {value!r}")
             continue
-        is_int = isinstance(value, int) and not isinstance(value, bool)
-        ok = is_int if kind is int else (is_int or isinstance(value, float) and math.isfinite(value))
+        ok = _accepts(int, value) if kind is int else finite_number(value)
         what = ("an integer" if kind is int else "a number") + (f" >= {least}" if least is not None else "")
         if nullable:
             what += " or null"

@@ -63,29 +63,25 @@ def _splits(root: Path):
 
 
 def _expected(root: Path):
-    """(frame size, frames per scene) that the dataset must have (DeepMind table or card), or None."""
-    from data_modules.datasets import dataset_info
+    """((frame size, frames per scene) that the dataset must have (DeepMind table or card), or None; what is wrong
+    with its dataset.json, or None)."""
+    from data_modules.datasets import CARD, dataset_info
     from data_modules.errors import GQNDataError
 
     try:
         info = dataset_info(root.parent, root.name)
-    except GQNDataError:
-        return None
-    return info.image_size, info.frames_per_scene
+    except GQNDataError as err:  # not a known dataset; with a card there, the card is damaged
+        return None, (str(err) if (root / CARD).is_file() else None)
+    return (info.image_size, info.frames_per_scene), None
 
 
 def _scan(root: Path, decode: bool):
     """Read every record of every split; returns ({split: stats}, [problems])."""
-    from data_modules.datasets import read_card
-    from data_modules.errors import CorruptRecordError, GQNDataError
+    from data_modules.errors import CorruptRecordError
     from data_modules.records import frame_size, iter_records, parse_scene
 
-    stats, problems = {}, []
-    try:
-        read_card(root)
-    except GQNDataError as err:  # a damaged dataset.json: said, and the records are still checked
-        problems.append(str(err))
-    expected = _expected(root)
+    expected, card_problem = _expected(root)
+    stats, problems = {}, [card_problem] if card_problem else []  # a damaged card: said, the records still checked
     for split in _splits(root):
         files = sorted((root / split).glob("*.tfrecord"))
         frames_per_scene, sizes, scenes = Counter(), Counter(), 0

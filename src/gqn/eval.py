@@ -28,6 +28,7 @@ from gqn.cli import (
     load_checkpoint,
     non_finite_tensors,
     one_line_errors,
+    require_ckpt_path,
     resolve_ckpt,
 )
 from gqn.gqn_module import GQNModule
@@ -105,9 +106,8 @@ def per_scene_metrics(module: GQNModule, loader, limit_batches: int | None, devi
 def evaluate(cfg: DictConfig) -> dict:
     """Test-split metrics of a checkpoint: the mean over scenes of each metric (per scene first averaged over
     ``draws`` draws of the context views), with its standard error and 95% interval over scenes."""
-    if isinstance(cfg.draws, bool) or not isinstance(cfg.draws, int) or cfg.draws < 1:
-        raise UserError(f"draws must be an integer >= 1 (context draws per scene), got {cfg.draws!r}")
-    check_options(cfg, {"seed": (int, None), "limit_batches": ((int,), 1), "num_workers": (int, 0)})
+    require_ckpt_path(cfg)
+    check_options(cfg, {"draws": (int, 1), "seed": (int, None), "limit_batches": ((int,), 1), "num_workers": (int, 0)})
     L.seed_everything(cfg.seed)
     check_config_types(cfg, ("data",))
     module = load_module(cfg.ckpt_path, cfg.paths.output_dir)

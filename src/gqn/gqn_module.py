@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import hydra
@@ -11,7 +10,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from gqn import metrics
-from gqn.cli import UserError
+from gqn.cli import UserError, finite_number
 from gqn.model import GQN
 from gqn.model.distributions import gaussian_nll
 from gqn.schedules import LinearAnneal
@@ -44,8 +43,7 @@ def check_schedule(schedule) -> None:
         value = schedule.get(key)
         if value is None:
             continue
-        if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value) or (
-                value <= 0 if least == "> 0" else value < 0):
+        if not finite_number(value) or (value <= 0 if least == "> 0" else value < 0):
             raise ValueError(f"schedule.{key} must be a number {least}, got {value!r}")
 
 

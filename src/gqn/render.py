@@ -7,7 +7,6 @@
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 
 import hydra
@@ -20,7 +19,15 @@ from PIL import Image
 
 from callbacks.media import to_uint8
 from gqn import CONF_DIR
-from gqn.cli import UserError, check_options, check_writable, checked_overrides, one_line_errors
+from gqn.cli import (
+    UserError,
+    check_options,
+    check_writable,
+    checked_overrides,
+    finite_number,
+    one_line_errors,
+    require_ckpt_path,
+)
 from gqn.eval import load_module
 from gqn.trajectory import orbit, pose_from_camera
 
@@ -31,8 +38,9 @@ def _uint8(img: torch.Tensor, scale: int = 1) -> np.ndarray:
     return a.repeat(scale, 0).repeat(scale, 1) if scale > 1 else a
 
 
-def _finite(value) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+def _is_camera(value) -> bool:
+    """``[x, y, z, yaw, pitch]``: five finite numbers."""
+    return isinstance(value, list) and len(value) == 5 and all(finite_number(c) for c in value)
 
 
 def context_from_file(path: str, image_size: int):
@@ -54,7 +62,7 @@ def context_from_file(path: str, image_size: int):
         raise UserError(f"context_file {path}: {len(images)} images but {len(cameras)} cameras (need equal, >= 1)")
     imgs, poses = [], []
     for i, (img_path, cam) in enumerate(zip(images, cameras)):
-        if not (isinstance(cam, list) and len(cam) == 5 and all(_finite(c) for c in cam)):
+        if not _is_camera(cam):
             raise UserError(f"context_file {path}: camera {i} must be 5 finite numbers [x, y, z, yaw, pitch], "
                             f"got {cam!r}")
         if not isinstance(img_path, str):
@@ -107,7 +115,7 @@ def trajectory_poses(cfg: DictConfig, context_poses: torch.Tensor) -> torch.Tens
                      center=tuple(t.center))
     if t.kind == "poses":
         poses = OmegaConf.to_container(t.poses) if t.poses is not None else None
-        if not poses or not all(isinstance(p, list) and len(p) == 5 and all(_finite(c) for c in p) for p in poses):
+        if not poses or not all(_is_camera(p) for p in poses):
             raise UserError("trajectory.kind=poses needs trajectory.poses: a list of [x, y, z, yaw, pitch] (finite "
                             f"numbers), got {poses!r}")
         return torch.tensor([pose_from_camera(*map(float, p)) for p in poses], dtype=torch.float32)
@@ -122,12 +130,13 @@ OPTIONS = {"scene_index": (int, 0), "num_context": (int, 1), "mean": (bool, None
 
 
 def render(cfg: DictConfig) -> dict:
+    require_ckpt_path(cfg)
     check_options(cfg, OPTIONS)
     if not cfg.context_file and cfg.split not in ("train", "test"):
         raise UserError(f"split must be train or test (the dataset's own splits; validation scenes are train "
                         f"scenes), got {cfg.split!r}")
     center = OmegaConf.to_container(cfg.trajectory.center) if OmegaConf.is_list(cfg.trajectory.center) else None
-    if not (center and len(center) == 2 and all(_finite(c) for c in center)):
+    if not (center and len(center) == 2 and all(finite_number(c) for c in center)):
         raise UserError(f"trajectory.center must be two numbers [x, y], got {cfg.trajectory.center!r}")
     check_writable(cfg.out_dir, "out_dir", "the output directory",
                    "set out_dir=<a writable directory>")  # before the render, not after it
