@@ -30,7 +30,7 @@ def test_camera_frames_match_the_synthetic_camera():
 
 def _room(seed=3, size=32, views=6):
     rng = np.random.default_rng(seed)
-    world = scenes._rooms_world(rng)
+    world, _ = scenes._rooms_world(rng)
     cams = scenes._rooms_cameras(rng, views).astype(np.float32)
     frames, objects = scenes.render_views(world, cams, size, return_objects=True)
     # the z-depth of every pixel of the last view (the query): distance along the unit ray x its forward part
@@ -142,7 +142,7 @@ def _room_depths(seed, views=6, object_scale=1.6, radius=1.0, fov_degrees=50.0):
     ``[V, 7]`` and every view's ray-traced z-depth ``[V, 32 * 32]`` (100 where a ray hits nothing)."""
     fov = math.radians(fov_degrees)
     rng = np.random.default_rng(seed)
-    world = scenes._rooms_world(rng, object_scale, radius)
+    world, _ = scenes._rooms_world(rng, object_scale, radius)
     cams = scenes._rooms_cameras(rng, views, radius).astype(np.float32)
     frames = scenes.render_views(world, cams, 32, 2, fov=fov)
     dirs = ray_directions(cams, 32, fov).reshape(views, -1, 3)

@@ -145,7 +145,7 @@ def test_free_camera_rooms_look_anywhere_from_anywhere(tmp_path):
     to_centre = np.arctan2(-cams[:, 1], -cams[:, 0])
     off = np.abs(np.angle(np.exp(1j * (cams[:, 3] - to_centre))))
     assert off.mean() > 1.0  # headings spread around the circle (a ring camera's are all ~0 off the centre)
-    world, placed = _rooms_world(np.random.default_rng(3), return_placed=True)
+    world, placed = _rooms_world(np.random.default_rng(3))
     frames, free = make_scene("rooms", np.random.default_rng(3), views=10, size=8, camera="free")
     assert np.array_equal(frames, render_views(world, free, 8))  # the ring camera's scene for this seed
     for xy, size in placed:

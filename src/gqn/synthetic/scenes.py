@@ -25,9 +25,9 @@ def _colour(rng: np.random.Generator, saturation=(0.5, 0.95), value=(0.55, 1.0))
     return np.array(colorsys.hsv_to_rgb(rng.uniform(), rng.uniform(*saturation), rng.uniform(*value)))
 
 
-def _rooms_world(rng: np.random.Generator, object_scale: float = 1.0, camera_radius: float = RING_RADIUS,
-                 return_placed: bool = False):
-    """The room and its objects; with ``return_placed`` also the objects' ``(xy, size)`` footprints."""
+def _rooms_world(rng: np.random.Generator, object_scale: float = 1.0,
+                 camera_radius: float = RING_RADIUS) -> tuple[World, list]:
+    """The room and its objects, and the objects' ``(xy, size)`` footprints (where free cameras must not stand)."""
     wall = _colour(rng, (0.15, 0.6), (0.5, 0.9))
     walls = np.stack([np.clip(wall * f, 0, 1) for f in (1.0, 0.9, 0.8, 0.7)])  # a shade per wall
     room = Room(ROOM_HALF, WALL_HEIGHT, _colour(rng, (0.1, 0.5), (0.35, 0.75)), walls)
@@ -53,8 +53,7 @@ def _rooms_world(rng: np.random.Generator, object_scale: float = 1.0, camera_rad
             objects.append(Cone(np.array([*xy, 0.0]), size, 2.5 * size, colour))
     azimuth = rng.uniform(0, 2 * np.pi)
     light = np.array([np.cos(azimuth), np.sin(azimuth), rng.uniform(1.2, 2.0)])
-    world = World(objects=objects, room=room, light=light, ambient=0.4, sky=True)
-    return (world, placed) if return_placed else world
+    return World(objects=objects, room=room, light=light, ambient=0.4, sky=True), placed
 
 
 def _rooms_cameras(rng: np.random.Generator, views: int, radius: float = RING_RADIUS) -> np.ndarray:
@@ -152,7 +151,7 @@ def make_scene(family: str, rng: np.random.Generator, views: int, size: int, par
             raise ValueError(f"object_scale must be > 0, got {object_scale}")
         if camera not in CAMERAS:
             raise ValueError(f"unknown camera {camera!r}; choose one of {CAMERAS}")
-        world, placed = _rooms_world(rng, object_scale, camera_radius, return_placed=True)
+        world, placed = _rooms_world(rng, object_scale, camera_radius)
         cameras = (_rooms_cameras(rng, views, camera_radius) if camera == "ring"
                    else _free_cameras(rng, views, placed, camera_radius))
     elif family == "shepard_metzler":
