@@ -246,6 +246,11 @@ CASES = [
      ["Could not find 'model/encoder/towr'", "Available options in 'model/encoder': attention, pool, pyramid, tower"]),
     ("sweep-without-multirun", "gqn-train", lambda w: _train(w, "model.num_steps=4,8"), 2,
      ["Ambiguous value for argument 'model.num_steps=4,8'", "add --multirun"]),
+    ("multirun-sweep-option-unknown", "gqn-train",
+     lambda w: ["-m", *_train(w, "model/encoder=tower,towr", f"hydra.sweep.dir={w['tmp']}/sweep")], 2,
+     ["Could not find 'model/encoder/towr'", "Available options in 'model/encoder': attention, pool, pyramid, tower"]),
+    ("multirun-key-typo", "gqn-train", lambda w: ["--multirun", *_train(w, "seed=1,2", "data.batchsize=4")], 2,
+     ["Could not override 'data.batchsize'"]),
     ("override-unparsable", "gqn-eval", lambda w: _eval(w, f"ckpt_path={w['ckpt']}", "limit_batches=[1"), 2,
      ["'limit_batches=[1': no viable alternative"]),
     ("hidden-channels-0", "gqn-train", lambda w: _train(w, "model.hidden_channels=0"), 2,
@@ -380,6 +385,18 @@ def test_a_run_that_fails_before_a_checkpoint_leaves_latest_at_the_last_good_run
         else:
             train(cfg)
         assert latest.resolve() == (tmp_path / "good").resolve(), name
+
+
+def test_a_multirun_is_checked_before_its_first_job(world, tmp_path, capsys):
+    """A typo in a sweep's second option stops the sweep before any job (it failed after job 0 trained); a
+    sweep whose options all exist passes the check and runs."""
+    sweep = tmp_path / "sweep"
+    args = ["-m", *_train(world, f"hydra.sweep.dir={sweep}", "callbacks=none", "trainer.max_steps=1")]
+    code, out, err = run_main("gqn-train", [*args, "model/encoder=pool,tower,towr"], capsys)
+    assert code == 2 and "Could not find 'model/encoder/towr'" in err and not sweep.exists()
+    code, out, err = run_main("gqn-train", [*args, "model/encoder=pool,tower"], capsys)
+    assert code == 0, err
+    assert sorted(p.name for p in sweep.iterdir() if p.is_dir()) == ["0", "1"]
 
 
 def test_the_docs_table_is_the_contract():

@@ -62,7 +62,9 @@ def checked_overrides(config_dir: str | Path, config_name: str, prog: str):
     """Outermost decorator of a ``@hydra.main`` entry point: before Hydra runs, compose this command line's
     config as Hydra will and report a bad override (a typo'd key, an unknown option of a config group, a sweep
     without ``--multirun``, unparsable syntax) on one line with exit 2, instead of Hydra's multi-line report and
-    exit 1. Command lines with flags (``-m``/``--multirun``, ``--cfg``, ``--help``, ...) are left to Hydra."""
+    exit 1. With ``-m``/``--multirun`` every job's config is checked before the first job starts (a typo in a
+    sweep's last option would otherwise fail after the other jobs ran). Command lines with Hydra's other flags
+    (``--cfg``, ``--help``, ``-cn``, ...) are left to Hydra."""
 
     def wrap(fn):
         @functools.wraps(fn)
@@ -76,9 +78,14 @@ def checked_overrides(config_dir: str | Path, config_name: str, prog: str):
     return wrap
 
 
-def _check_overrides(config_dir, config_name: str, prog: str, overrides: list[str]) -> None:
-    if any(a.startswith("-") for a in overrides):
+_MULTIRUN_FLAGS = ("-m", "--multirun")
+
+
+def _check_overrides(config_dir, config_name: str, prog: str, args: list[str]) -> None:
+    flags = [a for a in args if a.startswith("-")]
+    if any(f not in _MULTIRUN_FLAGS for f in flags):
         return
+    overrides = [a for a in args if not a.startswith("-")]
     from hydra import compose, initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
     from hydra.errors import ConfigCompositionException, MissingConfigException, OverrideParseException
@@ -87,17 +94,40 @@ def _check_overrides(config_dir, config_name: str, prog: str, overrides: list[st
         return
     try:
         with initialize_config_dir(config_dir=str(config_dir), version_base="1.3"):
-            compose(config_name, overrides=overrides, return_hydra_config=True)
+            jobs = _sweep_jobs(overrides, config_name) if flags else [overrides]
+            for job in jobs:
+                compose(config_name, overrides=job, return_hydra_config=True)
     except (ConfigCompositionException, MissingConfigException, OverrideParseException) as err:
         message = hydra_message(err)
         if isinstance(err, OverrideParseException):  # its message does not say which override
             message = f"{_unparsable(overrides) or 'an override'}: {message}"
         print(f"{prog}: error: {message}", file=sys.stderr)
         sys.exit(2)
-    except Exception:  # anything else: Hydra composes again and reports it itself
+    except Exception:  # anything else (e.g. a sweeper's own syntax): Hydra composes again and reports it itself
         pass
     finally:
         GlobalHydra.instance().clear()
+
+
+def _sweep_jobs(overrides: list[str], config_name: str) -> list[list[str]]:
+    """The override lists that cover every option of a multirun's sweeps: the first job (each sweep at its first
+    value), then for a swept config group each other option in turn (a group's options are files that may be
+    missing; the values of a plain key all compose alike, so its first value stands for them). Sweeps the basic
+    sweeper cannot list (an optuna ``interval(...)``) raise, and Hydra is left to report on them."""
+    from hydra import compose
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    parsed = OverridesParser.create().parse_overrides(overrides)
+    values = [list(o.sweep_string_iterator()) if o.is_sweep_override() else [o.input_line] for o in parsed]
+    if any(not v for v in values):
+        raise ValueError("an empty sweep")
+    first = [f"{o.get_key_element()}={v[0]}" if o.is_sweep_override() else v[0] for o, v in zip(parsed, values)]
+    jobs = [first]
+    groups = compose(config_name, overrides=first, return_hydra_config=True).hydra.runtime.choices
+    for i, (o, v) in enumerate(zip(parsed, values)):
+        if o.is_sweep_override() and o.key_or_group in groups:
+            jobs += [first[:i] + [f"{o.get_key_element()}={option}"] + first[i + 1:] for option in v[1:]]
+    return jobs
 
 
 def _unparsable(overrides: list[str]) -> str | None:
