@@ -251,6 +251,8 @@ CASES = [
      ["Could not find 'model/encoder/towr'", "Available options in 'model/encoder': attention, pool, pyramid, tower"]),
     ("multirun-key-typo", "gqn-train", lambda w: ["--multirun", *_train(w, "seed=1,2", "data.batchsize=4")], 2,
      ["Could not override 'data.batchsize'"]),
+    ("multirun-interval-without-search", "gqn-train", lambda w: ["-m", *_train(w, "schedule.lr_init=interval(1e-4,1e-3)")],
+     2, ["'schedule.lr_init=interval(1e-4,1e-3)': the basic sweeper runs listed values", "add hparams_search=optuna"]),
     ("override-unparsable", "gqn-eval", lambda w: _eval(w, f"ckpt_path={w['ckpt']}", "limit_batches=[1"), 2,
      ["'limit_batches=[1': no viable alternative"]),
     ("hidden-channels-0", "gqn-train", lambda w: _train(w, "model.hidden_channels=0"), 2,

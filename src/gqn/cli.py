@@ -97,6 +97,9 @@ def _check_overrides(config_dir, config_name: str, prog: str, args: list[str]) -
             jobs = _sweep_jobs(overrides, config_name) if flags else [overrides]
             for job in jobs:
                 compose(config_name, overrides=job, return_hydra_config=True)
+    except UserError as err:
+        print(f"{prog}: error: {err}", file=sys.stderr)
+        sys.exit(2)
     except (ConfigCompositionException, MissingConfigException, OverrideParseException) as err:
         message = hydra_message(err)
         if isinstance(err, OverrideParseException):  # its message does not say which override
@@ -112,12 +115,20 @@ def _check_overrides(config_dir, config_name: str, prog: str, args: list[str]) -
 def _sweep_jobs(overrides: list[str], config_name: str) -> list[list[str]]:
     """The override lists that cover every option of a multirun's sweeps: the first job (each sweep at its first
     value), then for a swept config group each other option in turn (a group's options are files that may be
-    missing; the values of a plain key all compose alike, so its first value stands for them). Sweeps the basic
-    sweeper cannot list (an optuna ``interval(...)``) raise, and Hydra is left to report on them."""
+    missing; the values of a plain key all compose alike, so its first value stands for them). An ``interval(...)``
+    for the basic sweeper (it lists values; sampling one needs e.g. ``hparams_search=optuna``) is a ``UserError``;
+    other sweeps it cannot list (``glob(...)``, an interval for optuna) raise, and Hydra is left to check them."""
     from hydra import compose
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
     parsed = OverridesParser.create().parse_overrides(overrides)
+    intervals = [o for o in parsed if o.is_interval_sweep()]
+    if intervals:
+        rest = [o.input_line for o in parsed if not o.is_interval_sweep()]
+        sweeper = compose(config_name, overrides=rest, return_hydra_config=True).hydra.sweeper._target_
+        if sweeper.endswith(".BasicSweeper"):
+            raise UserError(f"{intervals[0].input_line!r}: the basic sweeper runs listed values (key=a,b,c or "
+                            "range(start,stop,step)); an interval is sampled by a search: add hparams_search=optuna")
     values = [list(o.sweep_string_iterator()) if o.is_sweep_override() else [o.input_line] for o in parsed]
     if any(not v for v in values):
         raise ValueError("an empty sweep")
