@@ -94,9 +94,10 @@ def _check_overrides(config_dir, config_name: str, prog: str, args: list[str]) -
         return
     try:
         with initialize_config_dir(config_dir=str(config_dir), version_base="1.3"):
-            jobs = _sweep_jobs(overrides, config_name) if flags else [overrides]
-            for job in jobs:
-                compose(config_name, overrides=job, return_hydra_config=True)
+            if flags:
+                _check_sweep(overrides, config_name)
+            else:
+                compose(config_name, overrides=overrides, return_hydra_config=True)
     except UserError as err:
         print(f"{prog}: error: {err}", file=sys.stderr)
         sys.exit(2)
@@ -112,10 +113,11 @@ def _check_overrides(config_dir, config_name: str, prog: str, args: list[str]) -
         GlobalHydra.instance().clear()
 
 
-def _sweep_jobs(overrides: list[str], config_name: str) -> list[list[str]]:
-    """The override lists that cover every option of a multirun's sweeps: the first job (each sweep at its first
-    value), then for a swept config group each other option in turn (a group's options are files that may be
-    missing; the values of a plain key all compose alike, so its first value stands for them). An ``interval(...)``
+def _check_sweep(overrides: list[str], config_name: str) -> None:
+    """Compose the jobs that cover every option of a multirun's sweeps (Hydra's composition errors propagate): the
+    first job (each sweep at its first value), then for a swept config group each other option in turn (a group's
+    options are files that may be missing; the values of a plain key all compose alike, so its first value stands
+    for them). An ``interval(...)``
     for the basic sweeper (it lists values; sampling one needs e.g. ``hparams_search=optuna``) is a ``UserError``;
     other sweeps it cannot list (``glob(...)``, an interval for optuna) raise, and Hydra is left to check them."""
     from hydra import compose
@@ -133,12 +135,12 @@ def _sweep_jobs(overrides: list[str], config_name: str) -> list[list[str]]:
     if any(not v for v in values):
         raise ValueError("an empty sweep")
     first = [f"{o.get_key_element()}={v[0]}" if o.is_sweep_override() else v[0] for o, v in zip(parsed, values)]
-    jobs = [first]
     groups = compose(config_name, overrides=first, return_hydra_config=True).hydra.runtime.choices
     for i, (o, v) in enumerate(zip(parsed, values)):
         if o.is_sweep_override() and o.key_or_group in groups:
-            jobs += [first[:i] + [f"{o.get_key_element()}={option}"] + first[i + 1:] for option in v[1:]]
-    return jobs
+            for option in v[1:]:
+                compose(config_name, overrides=first[:i] + [f"{o.get_key_element()}={option}"] + first[i + 1:],
+                        return_hydra_config=True)
 
 
 def _unparsable(overrides: list[str]) -> str | None:
