@@ -6,6 +6,7 @@ import itertools
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from gqn.model import GQN, AttentionTower, Pool, Pyramid, Tower
 from gqn.model.convlstm import broadcast_conv
@@ -165,7 +166,9 @@ def _rel(a, b):
     + [(e, s, {"grid_coords": True, "inference_kernel_size": 3}) for e, s in itertools.product(ENCODERS, SHARING[:2])]
     + [("tower", "shared_inference_generation", {"grid_coords": True})]
     + [(e, s, {"geometry": True}) for e, s in itertools.product(["tower", "attention"], SHARING)]
-    + [("tower", "shared", {"geometry": "visibility"}), ("tower", "shared", {"geometry": "occluder"})],
+    + [("tower", "shared", {"geometry": "visibility"}), ("tower", "shared", {"geometry": "occluder"})]
+    + [("tower", s, {"canvas_kernel": 8}) for s in SHARING]
+    + [("tower", "shared", {"canvas_kernel": 8, "geometry": True})],
 )
 def test_fast_path_equals_reference(encoder, sharing, options):
     """Outputs and gradients of the optimised DRAW loop within 1e-4 relative of the reference (float32)."""
@@ -190,6 +193,29 @@ def test_fast_path_equals_reference(encoder, sharing, options):
         assert _rel(sample[0], ref_sample[0]) < 1e-4 and _rel(sample[1], ref_sample[1]) < 1e-4
         for g, rg in zip(grads, ref_grads):  # (or both ~0: the plane sweep's lens and depth scale at initialisation)
             assert _rel(g, rg) < tol or (g - rg).abs().max() < 1e-6, key
+
+
+@pytest.mark.parametrize("fast", [True, False])
+def test_overlapping_canvas_blocks_reach_the_neighbouring_blocks(fast):
+    """canvas_kernel=4: a latent-grid position writes exactly its own 4x4 block of the canvas; 8: also the
+    two pixels beyond each edge (no block edges), and the inference core's view of the canvas follows."""
+    torch.manual_seed(0)
+    for k, reach in ((4, (8, 12)), (8, (6, 14))):
+        gen = make_model(canvas_kernel=k).generator
+        gen.fast = fast
+        assert gen.canvas_up.weight.shape[-1] == k
+        h = torch.zeros(1, gen.hidden_channels, gen.grid, gen.grid)
+        h[0, :, 2, 2] = torch.randn(gen.hidden_channels)  # one grid position: its block is pixels 8..11
+        canvas = gen._canvas(h, 1) - gen._canvas(torch.zeros_like(h), 1)
+        rows = canvas.abs().sum((0, 1, 3)).nonzero().flatten()
+        assert (rows.min().item(), rows.max().item() + 1) == reach, k
+        if k == 8:  # the fast path's composed down(up(.)) equals applying the two layers
+            matrix, _ = gen._canvas_maps()
+            direct = F.conv2d(F.conv_transpose2d(h, gen.canvas_up.weight, stride=4, padding=2),
+                              gen.canvas_down.weight, stride=4)
+            assert torch.allclose(F.conv2d(h, matrix, padding=1), direct, atol=1e-6)
+    with pytest.raises(ValueError, match="canvas_kernel must be one of"):
+        make_model(canvas_kernel=6)
 
 
 def test_bad_shapes_raise_clear_errors():

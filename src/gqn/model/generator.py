@@ -26,6 +26,7 @@ from gqn.model.distributions import kl_gaussian, split_gaussian
 from gqn.model.representation import GRID_SCALE, _check_image_size
 
 CORE_SHARING = ("unshared", "shared", "shared_inference_generation")
+CANVAS_KERNELS = (GRID_SCALE, 2 * GRID_SCALE)  # the canvas write: 4x4 blocks side by side, or 8x8 overlapping
 
 
 class ViewAttention(nn.Module):
@@ -99,8 +100,12 @@ class DRAWGenerator(nn.Module):
         geometry_channels: int = 0,
         geometry_core_channels: int = 32,
         geometry_mix_kernel: int = 1,
+        canvas_kernel: int = GRID_SCALE,
     ):
-        """``attention``: ``{key_channels, value_channels, heads}`` to read the context views' patches at every
+        """``canvas_kernel``: the kernel of the transposed convolution that writes each step's state onto the
+        full-resolution canvas (stride 4): 4 (the paper) gives every latent-grid position its own 4x4 block, 8
+        overlapping 8x8 blocks (each pixel mixes its 2x2 nearest positions, no block edges).
+        ``attention``: ``{key_channels, value_channels, heads}`` to read the context views' patches at every
         step through :class:`ViewAttention` (the encoder's per-view outputs, ``patch_channels`` each; default
         ``r_channels``). ``geometry_channels``: the channels of a full-resolution map of the query view (a
         :class:`gqn.model.geometry.PlaneSweep` read) that both cores take as a step-invariant input (each 4x4
@@ -112,6 +117,8 @@ class DRAWGenerator(nn.Module):
         if core_sharing not in CORE_SHARING:
             raise ValueError(f"core_sharing must be one of {CORE_SHARING}, got {core_sharing!r}")
         _check_image_size(image_size)
+        if canvas_kernel not in CANVAS_KERNELS:
+            raise ValueError(f"canvas_kernel must be one of {CANVAS_KERNELS}, got {canvas_kernel}")
         self.image_size, self.grid = image_size, image_size // GRID_SCALE
         self.num_steps, self.core_sharing = num_steps, core_sharing
         self.hidden_channels, self.latent_channels = hidden_channels, latent_channels
@@ -154,7 +161,8 @@ class DRAWGenerator(nn.Module):
         pad = head_kernel_size // 2
         self.prior_head = nn.Conv2d(hidden_channels, 2 * latent_channels, head_kernel_size, padding=pad)
         self.posterior_head = nn.Conv2d(hidden_channels, 2 * latent_channels, head_kernel_size, padding=pad)
-        self.canvas_up = nn.ConvTranspose2d(hidden_channels, canvas_channels, GRID_SCALE, stride=GRID_SCALE)
+        self.canvas_up = nn.ConvTranspose2d(hidden_channels, canvas_channels, canvas_kernel, stride=GRID_SCALE,
+                                            padding=(canvas_kernel - GRID_SCALE) // 2)
         self.canvas_down = nn.Conv2d(canvas_channels, hidden_channels, GRID_SCALE, stride=GRID_SCALE)
         self.observation = nn.Conv2d(canvas_channels, image_channels, 1)
         self.geometry_skip = None
@@ -325,11 +333,20 @@ class DRAWGenerator(nn.Module):
         return per_core
 
     def _canvas_maps(self):
-        """down(up(h)) is a per-position linear map: return its matrix and the per-step bias."""
-        w_down, w_up = self.canvas_down.weight, self.canvas_up.weight  # [h, c, 4, 4], [h, c, 4, 4]
-        matrix = torch.einsum("ocab,kcab->ok", w_down, w_up)[:, :, None, None]  # [h_out, h_in, 1, 1]
+        """down(up(h)) is a linear map of the grid: return its kernel (1x1 for the paper's non-overlapping 4x4
+        blocks, 3x3 for overlapping 8x8 ones; applied with zero padding) and the per-step bias."""
+        w_down, w_up = self.canvas_down.weight, self.canvas_up.weight  # [h, c, 4, 4], [h, c, k, k]
         step_bias = torch.einsum("ocab,c->o", w_down, self.canvas_up.bias)  # added once per step
-        return matrix, step_bias
+        if w_up.shape[-1] == GRID_SCALE:
+            return torch.einsum("ocab,kcab->ok", w_down, w_up)[:, :, None, None], step_bias  # [h_out, h_in, 1, 1]
+        # Overlapping blocks: push a unit impulse per input channel, at the centre of a 3x3 grid, through up()
+        # and down() without biases; the response at grid offset e is the kernel at 2 - e (a correlation).
+        n = w_up.shape[0]
+        impulse = w_up.new_zeros(n, n, 3, 3)
+        impulse[torch.arange(n), torch.arange(n), 1, 1] = 1
+        up = F.conv_transpose2d(impulse, w_up, stride=GRID_SCALE, padding=self.canvas_up.padding)
+        response = F.conv2d(up, w_down, stride=GRID_SCALE)  # [h_in, h_out, 3, 3]
+        return response.transpose(0, 1).flip(-1, -2), step_bias
 
     def _run_fast(self, v, r, x, noise, sample_prior, return_sequence, attend=None, geo=None):
         B, G = v.shape[0], self.grid
@@ -363,7 +380,7 @@ class DRAWGenerator(nn.Module):
                     if a:
                         gates = gates + cell.conv(a[0], a_name)
                 else:
-                    u_down = F.conv2d(h_sum, canvas_matrix) + (
+                    u_down = F.conv2d(h_sum, canvas_matrix, padding=canvas_matrix.shape[-1] // 2) + (
                         step * canvas_step_bias + self.canvas_down.bias
                     )[None, :, None, None]
                     gates = static + cell.conv(torch.cat([h_g, u_down, h_e, *a], dim=1), ["h_g", "u", "h", *a_name])
@@ -397,4 +414,5 @@ class DRAWGenerator(nn.Module):
 
     def _canvas(self, h_sum: torch.Tensor, steps: int) -> torch.Tensor:
         """The full-resolution canvas after ``steps`` steps, built from the running state sum."""
-        return F.conv_transpose2d(h_sum, self.canvas_up.weight, steps * self.canvas_up.bias, stride=GRID_SCALE)
+        return F.conv_transpose2d(h_sum, self.canvas_up.weight, steps * self.canvas_up.bias, stride=GRID_SCALE,
+                                  padding=self.canvas_up.padding)

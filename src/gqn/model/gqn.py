@@ -54,11 +54,14 @@ class GQN(nn.Module):
         geometry: nn.Module | None = None,
         geometry_core_channels: int = 32,
         geometry_mix_kernel: int = 1,
+        canvas_kernel: int = 4,
     ):
         """``geometry``: a geometric read of the context views for each query view (``model/geometry=plane_sweep``,
         :class:`gqn.model.geometry.PlaneSweep`) that the generator takes beside r; None: the plain GQN.
         ``geometry_core_channels``: the channels of that read per latent-grid position that the cores take;
-        ``geometry_mix_kernel``: the kernel of the per-pixel network that blends the read into the image."""
+        ``geometry_mix_kernel``: the kernel of the per-pixel network that blends the read into the image.
+        ``canvas_kernel``: 4 (the paper: each latent-grid position writes its own 4x4 block of the canvas) or 8
+        (overlapping 8x8 blocks, no block edges in the render)."""
         super().__init__()
         check_widths("model", image_channels=image_channels, pose_dim=pose_dim, hidden_channels=hidden_channels,
                      latent_channels=latent_channels, canvas_channels=canvas_channels, kernel_size=kernel_size,
@@ -95,6 +98,7 @@ class GQN(nn.Module):
             geometry_channels=0 if geometry is None else geometry.out_channels,
             geometry_core_channels=geometry_core_channels,
             geometry_mix_kernel=geometry_mix_kernel,
+            canvas_kernel=canvas_kernel,
         )
 
     @property
