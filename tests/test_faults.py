@@ -236,6 +236,8 @@ CASES = [
     ("eval-no-ckpt", "gqn-eval", lambda w: _eval(w), 2, ["give the checkpoint: ckpt_path="]),
     ("eval-limit-batches-text", "gqn-eval", lambda w: _eval(w, f"ckpt_path={w['ckpt']}", "limit_batches=abc"), 2,
      ["limit_batches must be an integer >= 1 or null, got 'abc'"]),
+    ("eval-split-unknown", "gqn-eval", lambda w: _eval(w, f"ckpt_path={w['ckpt']}", "split=train"), 2,
+     ["split must be one of test, val (val: the validation split carved from the training files), got 'train'"]),
     ("eval-draws-0", "gqn-eval", lambda w: _eval(w, f"ckpt_path={w['ckpt']}", "draws=0"), 2,
      ["draws must be an integer >= 1, got 0"]),
     ("eval-seed-text", "gqn-eval", lambda w: _eval(w, f"ckpt_path={w['ckpt']}", "seed=abc"), 2,

@@ -217,3 +217,28 @@ def test_eval_reports_object_metrics_with_spreads_and_draws(tmp_path, data_root)
     assert m["object_psnr_gain_over_mean_view_db"] == pytest.approx(
         m["object_psnr_model"] - m["object_psnr_mean_view"], abs=1e-6)
     assert "object-pixel PSNR" in proc.stdout
+
+
+def test_eval_on_the_validation_split_reproduces_training_validation(tmp_path, data_root):
+    """gqn-eval split=val seed=<the run's seed> scores the scenes training validated on, with the same fixed
+    views: its PSNRs are the ones the training run logged (fp32 both); the test split's differ."""
+    import csv
+
+    from test_cli import tiny
+
+    run = tmp_path / "run"
+    run_cli("gqn-train", *tiny(data_root, run, "callbacks=none", "trainer.precision=32-true"), cwd=tmp_path)
+    rows = list(csv.DictReader((run / "csv" / "version_0" / "metrics.csv").open()))
+    logged = next(r for r in rows if r.get("val/psnr_model"))
+    reports = {}
+    for split in ("val", "test"):
+        out = tmp_path / f"eval_{split}"
+        proc = run_cli("gqn-eval", f"ckpt_path={run / 'checkpoints' / 'last.ckpt'}", f"paths.data_dir={data_root}",
+                       f"hydra.run.dir={out}", "num_workers=0", "data.val_scenes=4", f"split={split}", "seed=42", cwd=tmp_path)
+        reports[split] = json.loads((out / "metrics.json").read_text())
+        assert proc.stdout.startswith(f"{reports[split]['scenes']} {split} scenes x 1 context draw(s)"), proc.stdout
+    val, test = reports["val"], reports["test"]
+    assert val["split"] == "val" and val["scenes"] == 4 and test["scenes"] == 8
+    for key in ("psnr_model", "psnr_nearest_view", "psnr_mean_view", "object_psnr_model"):
+        assert val["metrics"][key] == pytest.approx(float(logged[f"val/{key}"]), abs=1e-3), key
+    assert val["metrics"]["psnr_nearest_view"] != pytest.approx(test["metrics"]["psnr_nearest_view"], abs=1e-3)

@@ -1,6 +1,8 @@
-"""gqn-eval: evaluate a checkpoint on the test split; writes metrics.json in the run directory.
+"""gqn-eval: evaluate a checkpoint on the test split (or the validation split); writes metrics.json in the run
+directory.
 
     gqn-eval ckpt_path=outputs/latest/checkpoints/last.ckpt
+    gqn-eval ckpt_path=... split=val          # the validation split carved from the training files (for tuning)
     gqn-eval ckpt_path=... data=rooms_ring_camera context_size=3
     gqn-eval ckpt_path=... draws=5            # average every scene over 5 draws of its context views
 """
@@ -67,6 +69,7 @@ def check_sizes(module: GQNModule, datamodule) -> None:
 
 
 #: Gains reported per scene (the difference of two PSNRs on the same scene and views), name -> (a, b).
+SPLITS = ("test", "val")
 GAINS = {
     "psnr_gain_over_nearest_view_db": ("psnr_model", "psnr_nearest_view"),
     "psnr_gain_over_mean_view_db": ("psnr_model", "psnr_mean_view"),
@@ -99,14 +102,18 @@ def per_scene_metrics(module: GQNModule, loader, limit_batches: int | None, devi
             for key, value in module.evaluation_metrics(batch).items():
                 values.setdefault(key, []).append(value.float().cpu())
     if not values:
-        raise UserError("the test split gave no scenes to evaluate (all of its scenes skipped as corrupt)")
+        raise UserError("the split gave no scenes to evaluate (all of its scenes skipped as corrupt)")
     return {k: torch.cat(v) for k, v in values.items()}
 
 
 def evaluate(cfg: DictConfig) -> dict:
-    """Test-split metrics of a checkpoint: the mean over scenes of each metric (per scene first averaged over
-    ``draws`` draws of the context views), with its standard error and 95% interval over scenes."""
+    """Metrics of a checkpoint on the test split (``split=val``: the validation split carved from the training
+    files, as training validates): the mean over scenes of each metric (per scene first averaged over ``draws``
+    draws of the context views), with its standard error and 95% interval over scenes."""
     require_ckpt_path(cfg)
+    if cfg.get("split") not in SPLITS:
+        raise UserError(f"split must be one of {', '.join(SPLITS)} (val: the validation split carved from the "
+                        f"training files), got {cfg.get('split')!r}")
     check_options(cfg, {"draws": (int, 1), "seed": (int, None), "limit_batches": ((int,), 1), "num_workers": (int, 0)})
     L.seed_everything(cfg.seed)
     check_config_types(cfg, ("data",))
@@ -124,7 +131,8 @@ def evaluate(cfg: DictConfig) -> dict:
             cfg.data, eval_context_size=cfg.context_size, num_workers=cfg.num_workers, seed=cfg.seed + draw
         )
         check_sizes(module, datamodule)
-        draws.append(per_scene_metrics(module, datamodule.test_dataloader(), cfg.limit_batches, device))
+        loader = datamodule.test_dataloader() if cfg.split == "test" else datamodule.val_dataloader()
+        draws.append(per_scene_metrics(module, loader, cfg.limit_batches, device))
     # the stream's scene order does not depend on the seed (only the views do): average each scene over draws
     if len({len(d["elbo"]) for d in draws}) != 1:
         raise UserError("the draws saw different numbers of scenes; evaluate with draws=1")
@@ -134,7 +142,7 @@ def evaluate(cfg: DictConfig) -> dict:
             scenes[gain] = scenes[a] - scenes[b]
     stats = {k: spread(v) for k, v in scenes.items()}
     report = {
-        "checkpoint": str(Path(cfg.ckpt_path)), "dataset": datamodule.dataset, "split": "test",
+        "checkpoint": str(Path(cfg.ckpt_path)), "dataset": datamodule.dataset, "split": cfg.split,
         "context_size": cfg.context_size, "seed": cfg.seed, "draws": int(cfg.draws),
         "scenes": len(draws[0]["elbo"]), "global_step": module.global_step_loaded,
         "metrics": {k: s["mean"] for k, s in stats.items()},
@@ -159,8 +167,8 @@ def summary_lines(stats: dict, report: dict) -> list[str]:
         sign = "+" if "gain" in key else ""
         return f"{s['mean']:{sign}.{digits}f}" + (f" ±{s['se']:.{digits}f}" if s["se"] is not None else "")
 
-    lines = [f"{report['scenes']} test scenes x {report['draws']} context draw(s), {report['context_size']} context "
-             "views; mean ± standard error over scenes",
+    lines = [f"{report['scenes']} {report['split']} scenes x {report['draws']} context draw(s), "
+             f"{report['context_size']} context views; mean ± standard error over scenes",
              f"PSNR  model {f('psnr_model')} dB | nearest view {f('psnr_nearest_view')} | mean view "
              f"{f('psnr_mean_view')}  (gain over nearest {f('psnr_gain_over_nearest_view_db')}, over mean view "
              f"{f('psnr_gain_over_mean_view_db')})",
