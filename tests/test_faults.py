@@ -151,6 +151,8 @@ CASES = [
      ["data.val_scenes must be an integer >= 1, got 0"]),
     ("num-steps-abc", "gqn-train", lambda w: _train(w, "model.num_steps=abc"), 2,
      ["model.num_steps must be an int, got 'abc' (str)"]),
+    ("canvas-kernel-6", "gqn-train", lambda w: _train(w, "model.canvas_kernel=6"), 2,
+     ["canvas_kernel must be 4 (the paper's 4x4 blocks) or 8 (overlapping 8x8 blocks), got 6"]),
     ("encoder-channels-abc", "gqn-train", lambda w: _train(w, "model.encoder.channels=wide"), 2,
      ["model.encoder.channels must be an int, got 'wide' (str)"]),
     ("max-steps-text", "gqn-train", lambda w: _train(w, "trainer.max_steps=ten"), 2,

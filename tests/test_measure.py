@@ -234,7 +234,8 @@ def test_eval_on_the_validation_split_reproduces_training_validation(tmp_path, d
     for split in ("val", "test"):
         out = tmp_path / f"eval_{split}"
         proc = run_cli("gqn-eval", f"ckpt_path={run / 'checkpoints' / 'last.ckpt'}", f"paths.data_dir={data_root}",
-                       f"hydra.run.dir={out}", "num_workers=0", "data.val_scenes=4", f"split={split}", "seed=42", cwd=tmp_path)
+                       f"hydra.run.dir={out}", "num_workers=0", "data.val_scenes=4", f"split={split}", "seed=42",
+                       cwd=tmp_path)
         reports[split] = json.loads((out / "metrics.json").read_text())
         assert proc.stdout.startswith(f"{reports[split]['scenes']} {split} scenes x 1 context draw(s)"), proc.stdout
     val, test = reports["val"], reports["test"]

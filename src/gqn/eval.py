@@ -68,8 +68,9 @@ def check_sizes(module: GQNModule, datamodule) -> None:
         )
 
 
+SPLITS = ("test", "val")  # gqn-eval split=...: the test split, or the validation split carved from train
+
 #: Gains reported per scene (the difference of two PSNRs on the same scene and views), name -> (a, b).
-SPLITS = ("test", "val")
 GAINS = {
     "psnr_gain_over_nearest_view_db": ("psnr_model", "psnr_nearest_view"),
     "psnr_gain_over_mean_view_db": ("psnr_model", "psnr_mean_view"),

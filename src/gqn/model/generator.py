@@ -118,7 +118,8 @@ class DRAWGenerator(nn.Module):
             raise ValueError(f"core_sharing must be one of {CORE_SHARING}, got {core_sharing!r}")
         _check_image_size(image_size)
         if canvas_kernel not in CANVAS_KERNELS:
-            raise ValueError(f"canvas_kernel must be one of {CANVAS_KERNELS}, got {canvas_kernel}")
+            raise ValueError(f"canvas_kernel must be 4 (the paper's 4x4 blocks) or 8 (overlapping 8x8 blocks), "
+                             f"got {canvas_kernel}")
         self.image_size, self.grid = image_size, image_size // GRID_SCALE
         self.num_steps, self.core_sharing = num_steps, core_sharing
         self.hidden_channels, self.latent_channels = hidden_channels, latent_channels
