@@ -195,14 +195,12 @@ def test_fast_path_equals_reference(encoder, sharing, options):
             assert _rel(g, rg) < tol or (g - rg).abs().max() < 1e-6, key
 
 
-@pytest.mark.parametrize("fast", [True, False])
-def test_overlapping_canvas_blocks_reach_the_neighbouring_blocks(fast):
+def test_overlapping_canvas_blocks_reach_the_neighbouring_blocks():
     """canvas_kernel=4: a latent-grid position writes exactly its own 4x4 block of the canvas; 8: also the
     two pixels beyond each edge (no block edges), and the inference core's view of the canvas follows."""
     torch.manual_seed(0)
     for k, reach in ((4, (8, 12)), (8, (6, 14))):
         gen = make_model(canvas_kernel=k).generator
-        gen.fast = fast
         assert gen.canvas_up.weight.shape[-1] == k
         h = torch.zeros(1, gen.hidden_channels, gen.grid, gen.grid)
         h[0, :, 2, 2] = torch.randn(gen.hidden_channels)  # one grid position: its block is pixels 8..11

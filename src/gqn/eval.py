@@ -92,7 +92,8 @@ def spread(values: torch.Tensor) -> dict:
     return {"mean": mean, "se": se, "ci95": ci, "n": n}
 
 
-def per_scene_metrics(module: GQNModule, loader, limit_batches: int | None, device: torch.device) -> dict:
+def per_scene_metrics(module: GQNModule, loader, limit_batches: int | None, device: torch.device,
+                      split: str = "test") -> dict:
     """``{metric: [S]}`` over the scenes of one pass of ``loader`` (see GQNModule.evaluation_metrics)."""
     values: dict[str, list[torch.Tensor]] = {}
     with torch.inference_mode():
@@ -103,7 +104,7 @@ def per_scene_metrics(module: GQNModule, loader, limit_batches: int | None, devi
             for key, value in module.evaluation_metrics(batch).items():
                 values.setdefault(key, []).append(value.float().cpu())
     if not values:
-        raise UserError("the split gave no scenes to evaluate (all of its scenes skipped as corrupt)")
+        raise UserError(f"the {split} split gave no scenes to evaluate (all of its scenes skipped as corrupt)")
     return {k: torch.cat(v) for k, v in values.items()}
 
 
@@ -133,7 +134,7 @@ def evaluate(cfg: DictConfig) -> dict:
         )
         check_sizes(module, datamodule)
         loader = datamodule.test_dataloader() if cfg.split == "test" else datamodule.val_dataloader()
-        draws.append(per_scene_metrics(module, loader, cfg.limit_batches, device))
+        draws.append(per_scene_metrics(module, loader, cfg.limit_batches, device, cfg.split))
     # the stream's scene order does not depend on the seed (only the views do): average each scene over draws
     if len({len(d["elbo"]) for d in draws}) != 1:
         raise UserError("the draws saw different numbers of scenes; evaluate with draws=1")
