@@ -77,6 +77,17 @@ class GQNDataModule(L.LightningDataModule):
         # remote data_dir only: keep files read once on local disk (data_modules.remote.RemoteCache)
         self.cache = RemoteCache(cache_dir, cache_max_gb) if cache_dir else None
 
+    # ------------------------------------------------------------------ checkpoints
+    def state_dict(self) -> dict:
+        """Lightning saves this in every checkpoint (under ``GQNDataModule``): what defines the run's validation
+        split and the views it draws, so that ``gqn-eval split=val`` scores exactly what training validated on."""
+        return {"dataset": self.dataset, "seed": self.seed, "val_files": self.val_files,
+                "val_fraction": self.val_fraction, "split_seed": self.split_seed, "val_scenes": self.val_scenes,
+                "eval_context_size": self.eval_context_size}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        """On resume the run's own config decides; the saved settings are read by ``gqn-eval``."""
+
     # ------------------------------------------------------------------ files and streams
     def files(self, split: str) -> list[str]:
         return split_files(self.data_dir, self.dataset, split, how_to_get(self.data_dir, self.dataset))

@@ -243,7 +243,7 @@ CASES = [
     ("eval-draws-0", "gqn-eval", lambda w: _eval(w, f"ckpt_path={w['ckpt']}", "draws=0"), 2,
      ["draws must be an integer >= 1, got 0"]),
     ("eval-seed-text", "gqn-eval", lambda w: _eval(w, f"ckpt_path={w['ckpt']}", "seed=abc"), 2,
-     ["seed must be an integer, got 'abc'"]),
+     ["seed must be an integer or null, got 'abc'"]),
     ("override-typo", "gqn-train", lambda w: _train(w, "data.batchsize=4"), 2,
      ["Could not override 'data.batchsize'", "To append to your config use +data.batchsize=4"]),
     ("group-option-unknown", "gqn-train", lambda w: _train(w, "model/encoder=towr"), 2,

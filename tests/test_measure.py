@@ -220,26 +220,37 @@ def test_eval_reports_object_metrics_with_spreads_and_draws(tmp_path, data_root)
 
 
 def test_eval_on_the_validation_split_reproduces_training_validation(tmp_path, data_root):
-    """gqn-eval split=val seed=<the run's seed> scores the scenes training validated on, with the same fixed
-    views: its PSNRs are the ones the training run logged (fp32 both); the test split's differ."""
+    """gqn-eval split=val scores the scenes training validated on, with the same fixed views: its PSNRs are the
+    ones the training run logged (fp32 both), with no option repeated: the checkpoint carries the run's seed and
+    validation carve-out. The test split's scores differ, and its views are drawn with seed 0."""
     import csv
 
     from test_cli import tiny
 
     run = tmp_path / "run"
-    run_cli("gqn-train", *tiny(data_root, run, "callbacks=none", "trainer.precision=32-true"), cwd=tmp_path)
+    run_cli("gqn-train", *tiny(data_root, run, "callbacks=none", "trainer.precision=32-true", "seed=7",
+                               "data.val_scenes=3"), cwd=tmp_path)
     rows = list(csv.DictReader((run / "csv" / "version_0" / "metrics.csv").open()))
     logged = next(r for r in rows if r.get("val/psnr_model"))
-    reports = {}
+    reports, stdout = {}, {}
     for split in ("val", "test"):
         out = tmp_path / f"eval_{split}"
         proc = run_cli("gqn-eval", f"ckpt_path={run / 'checkpoints' / 'last.ckpt'}", f"paths.data_dir={data_root}",
-                       f"hydra.run.dir={out}", "num_workers=0", "data.val_scenes=4", f"split={split}", "seed=42",
-                       cwd=tmp_path)
-        reports[split] = json.loads((out / "metrics.json").read_text())
-        assert proc.stdout.startswith(f"{reports[split]['scenes']} {split} scenes x 1 context draw(s)"), proc.stdout
+                       f"hydra.run.dir={out}", "num_workers=0", f"split={split}", cwd=tmp_path)
+        reports[split], stdout[split] = json.loads((out / "metrics.json").read_text()), proc.stdout
     val, test = reports["val"], reports["test"]
-    assert val["split"] == "val" and val["scenes"] == 4 and test["scenes"] == 8
+    assert stdout["val"].startswith("the training run's validation split (val_files=2, val_fraction=0.02, "
+                                    "split_seed=0, val_scenes=3), views drawn with seed 7\n3 val scenes x 1 context "
+                                    "draw(s)"), stdout["val"]
+    assert stdout["test"].startswith("8 test scenes x 1 context draw(s)"), stdout["test"]
+    assert (val["split"], val["scenes"], val["seed"]) == ("val", 3, 7) and (test["scenes"], test["seed"]) == (8, 0)
     for key in ("psnr_model", "psnr_nearest_view", "psnr_mean_view", "object_psnr_model"):
         assert val["metrics"][key] == pytest.approx(float(logged[f"val/{key}"]), abs=1e-3), key
     assert val["metrics"]["psnr_nearest_view"] != pytest.approx(test["metrics"]["psnr_nearest_view"], abs=1e-3)
+    # another seed draws other views of the same three scenes; an option on the command line wins
+    out = tmp_path / "eval_val_seed"
+    run_cli("gqn-eval", f"ckpt_path={run / 'checkpoints' / 'last.ckpt'}", f"paths.data_dir={data_root}",
+            f"hydra.run.dir={out}", "num_workers=0", "split=val", "seed=8", "data.val_scenes=2", cwd=tmp_path)
+    other = json.loads((out / "metrics.json").read_text())
+    assert (other["seed"], other["scenes"]) == (8, 2)
+    assert "val_scenes" not in other["split_settings"] and "seed 8" in other["split_settings"]

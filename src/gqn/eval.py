@@ -2,7 +2,7 @@
 directory.
 
     gqn-eval ckpt_path=outputs/latest/checkpoints/last.ckpt
-    gqn-eval ckpt_path=... split=val          # the validation split carved from the training files (for tuning)
+    gqn-eval ckpt_path=... split=val          # the run's validation split (carved from the training files), its views
     gqn-eval ckpt_path=... data=rooms_ring_camera context_size=3
     gqn-eval ckpt_path=... draws=5            # average every scene over 5 draws of its context views
 """
@@ -70,6 +70,30 @@ def check_sizes(module: GQNModule, datamodule) -> None:
 
 SPLITS = ("test", "val")  # gqn-eval split=...: the test split, or the validation split carved from train
 
+#: what defines a run's validation split (the data module saves them in every checkpoint)
+VALIDATION_KEYS = ("val_files", "val_fraction", "split_seed", "val_scenes")
+
+
+def split_settings(cfg: DictConfig, saved: dict | None, overridden: set[str]) -> tuple[dict, int, str | None]:
+    """The data settings, the seed and a line saying where they came from, for ``cfg.split``. The test split:
+    ``seed`` (null: 0). The validation split: the training run's, as its checkpoint saved them (``saved``, the
+    data module's state), so that its scores are the run's logged ``val/*``: the carve-out (``VALIDATION_KEYS``)
+    and, with ``seed`` null, the seed that drew its views; a ``data.<key>=...`` on the command line (in
+    ``overridden``) wins. A checkpoint without them (written before they were saved), or of another dataset:
+    the configured ``data`` and seed 0, said in the line."""
+    seed = None if cfg.seed is None else int(cfg.seed)
+    if cfg.split != "val":
+        return {}, 0 if seed is None else seed, None
+    if saved is None or saved.get("dataset") != cfg.data.dataset:
+        why = ("the checkpoint does not record its run's validation settings" if saved is None
+               else f"the checkpoint was trained on {saved.get('dataset')}")
+        return {}, 0 if seed is None else seed, f"validation split as data.* configures it ({why})"
+    data = {k: saved[k] for k in VALIDATION_KEYS if k in saved and f"data.{k}" not in overridden}
+    if seed is None:
+        seed = int(saved["seed"])
+    used = ", ".join(f"{k}={v}" for k, v in data.items())
+    return data, seed, f"the training run's validation split ({used}), views drawn with seed {seed}"
+
 #: Gains reported per scene (the difference of two PSNRs on the same scene and views), name -> (a, b).
 GAINS = {
     "psnr_gain_over_nearest_view_db": ("psnr_model", "psnr_nearest_view"),
@@ -116,10 +140,14 @@ def evaluate(cfg: DictConfig) -> dict:
     if cfg.get("split") not in SPLITS:
         raise UserError(f"split must be one of {', '.join(SPLITS)} (val: the validation split carved from the "
                         f"training files), got {cfg.get('split')!r}")
-    check_options(cfg, {"draws": (int, 1), "seed": (int, None), "limit_batches": ((int,), 1), "num_workers": (int, 0)})
-    L.seed_everything(cfg.seed)
-    check_config_types(cfg, ("data",))
+    check_options(cfg, {"draws": (int, 1), "seed": ((int,), None), "limit_batches": ((int,), 1),
+                        "num_workers": (int, 0)})
     module = load_module(cfg.ckpt_path, cfg.paths.output_dir)
+    overridden = {o.split("=", 1)[0].lstrip("+~") for o in HydraConfig.get().overrides.task}
+    data_settings, seed, origin = split_settings(cfg, getattr(module, "data_state_loaded", None), overridden)
+    cfg.seed = seed  # the data group's seed interpolates it (null until resolved here)
+    check_config_types(cfg, ("data",))
+    L.seed_everything(seed)
     frames = dataset_info(cfg.data.data_dir, cfg.data.dataset).frames_per_scene
     n = cfg.context_size  # checked here, under the name the user set (the data module calls it eval_context_size)
     if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n < frames:
@@ -130,7 +158,8 @@ def evaluate(cfg: DictConfig) -> dict:
     draws = []
     for draw in range(int(cfg.draws)):  # draw d: the views of every scene drawn with seed + d
         datamodule = hydra.utils.instantiate(
-            cfg.data, eval_context_size=cfg.context_size, num_workers=cfg.num_workers, seed=cfg.seed + draw
+            cfg.data, eval_context_size=cfg.context_size, num_workers=cfg.num_workers, seed=seed + draw,
+            **data_settings,
         )
         check_sizes(module, datamodule)
         loader = datamodule.test_dataloader() if cfg.split == "test" else datamodule.val_dataloader()
@@ -145,7 +174,7 @@ def evaluate(cfg: DictConfig) -> dict:
     stats = {k: spread(v) for k, v in scenes.items()}
     report = {
         "checkpoint": str(Path(cfg.ckpt_path)), "dataset": datamodule.dataset, "split": cfg.split,
-        "context_size": cfg.context_size, "seed": cfg.seed, "draws": int(cfg.draws),
+        "context_size": cfg.context_size, "seed": seed, "draws": int(cfg.draws), "split_settings": origin,
         "scenes": len(draws[0]["elbo"]), "global_step": module.global_step_loaded,
         "metrics": {k: s["mean"] for k, s in stats.items()},
         "spread": {k: {"se": s["se"], "ci95": s["ci95"], "n": s["n"]} for k, s in stats.items()},
@@ -155,6 +184,8 @@ def evaluate(cfg: DictConfig) -> dict:
     report = finite_or_none(report, bad=non_finite)  # strict JSON: NaN/inf become null, and are listed
     report["non_finite"] = non_finite
     out.write_text(json.dumps(report, indent=2, allow_nan=False) + "\n")
+    if origin:
+        print(origin)
     for line in summary_lines(stats, report):
         print(line)
     print(f"wrote {out}")

@@ -102,8 +102,10 @@ class GQNModule(L.LightningModule):
         self._flops: dict[tuple, int] = {}
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Lightning's hook (also on ``load_from_checkpoint``): remember the step the checkpoint was written at."""
+        """Lightning's hook (also on ``load_from_checkpoint``): remember the step the checkpoint was written at, and
+        the data module's validation settings of the run that wrote it (None for checkpoints from before them)."""
         self.global_step_loaded = int(checkpoint.get("global_step", 0))
+        self.data_state_loaded = checkpoint.get("GQNDataModule")
 
     # ------------------------------------------------------------------ schedules
     def sigma(self, step: int | None = None) -> float:
