@@ -203,6 +203,48 @@ def test_occluder_colour_is_what_the_views_see_on_the_line_to_the_point():
         PlaneSweep(32, occluder_colour=True)
 
 
+def test_ray_profile_is_the_sweep_along_each_ray():
+    """ray_profile: after the read without the option (the same parameters), every depth plane of each query ray:
+    the mean colour of the context views whose image holds that point and their fraction. Checked against the
+    renderer's own camera projecting the same world points (nearest pixel; points within a pixel of an image
+    border left out, where bilinear sampling is partly outside)."""
+    images, poses, _ = _room_depths(2)
+    ctx, ctx_poses, query = images[None, :-1], poses[None, :-1], poses[None, -1]
+    torch.manual_seed(0)
+    D, fov = 6, math.radians(50)
+    plain = PlaneSweep(32, feature_channels=0, fov_degrees=50, depths=D, sweep_size=32)
+    profiled = PlaneSweep(32, feature_channels=0, fov_degrees=50, depths=D, sweep_size=32, ray_profile=True)
+    profiled.load_state_dict(plain.state_dict())  # the option adds no parameters
+    assert profiled.out_channels == plain.out_channels + 4 * D
+    with torch.no_grad():
+        out = profiled(ctx, ctx_poses, query)
+        assert torch.allclose(out[:, :plain.out_channels], plain(ctx, ctx_poses, query))
+        profile = out[0, plain.out_channels:].view(4, D, 32 * 32)  # RGB planes, then the fraction of views
+        rays, _, _ = plain._project(camera_frames(ctx_poses), query, 32)
+    cams = np.concatenate([poses[:, :3].numpy(), np.arctan2(poses[:, 3:4], poses[:, 4:5]).numpy(),
+                           np.arctan2(poses[:, 5:6], poses[:, 6:7]).numpy()], axis=1)
+    pixels = images.permute(0, 2, 3, 1).numpy()
+    checked = 0
+    for d, depth in enumerate(plain.base_depths.tolist()):
+        points = cams[-1, :3] + rays[0].numpy() * depth  # [P, 3]: the rays have unit forward component
+        colours, inside, clear = np.zeros((32 * 32, 3)), np.zeros(32 * 32), np.ones(32 * 32, bool)
+        for j in range(5):
+            rc = camera.project(points, cams[j], 32, fov)
+            in_front = (points - cams[j, :3]) @ camera_basis(cams[j, 3], cams[j, 4])[0] > 1e-3
+            within = in_front & (rc >= 0).all(1) & (rc < 32).all(1)
+            clear &= ~in_front | (np.abs(rc - 16).max(1) < 15) | (np.abs(rc - 16).max(1) > 17)
+            idx = np.clip(rc[within].astype(int), 0, 31)
+            colours[within] += pixels[j, idx[:, 0], idx[:, 1]]
+            inside += within
+        assert np.abs(profile[3, d].numpy() - inside / 5)[clear].max() < 1e-4
+        seen = clear & (inside > 0)
+        mean = colours[seen] / inside[seen, None]
+        # bilinear against the nearest pixel: equal in flat regions, apart on the few edges
+        assert np.median(np.abs(profile[:3, d].numpy().T[seen] - mean)) < 0.02
+        checked += int(seen.sum())
+    assert checked > 2000  # most of the 6 x 1024 points lie in some context view
+
+
 def test_visibility_needs_two_views_and_learns_its_margin():
     """One context view has no depth map of its own (reliability 0): the read is the plain one. With several,
     the views' depth maps come from sweeps against each other, and the margin and sharpness get gradients."""

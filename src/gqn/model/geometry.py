@@ -74,6 +74,12 @@ class PlaneSweep(nn.Module):
         occluder_colour: with ``visibility``, also hand the generator what the views that do *not* see a point see
             on the line to it (three more channels, last): the nearer surface, often the other side of the same
             object, whose colour a uniformly coloured object shares. The generator learns when to copy it.
+        ray_profile: also hand the generator the whole sweep along each query ray, not only its depth-weighted
+            summary: per depth plane the mean colour of the views that see that point and how many do
+            (``4 * depths`` more channels at ``sweep_size``, upsampled; after the summary, before
+            ``occluder_colour``). Where one view alone sees an object, no depth is photo-consistent and the
+            summary takes the wall behind it; the profile still shows the object's colour at the depths where
+            the ray passes it in that view.
     """
 
     #: visibility: at most this many numbers in the copies of the context views for their depth sweeps
@@ -83,7 +89,7 @@ class PlaneSweep(nn.Module):
                  far: float = 20.0, fov_degrees: float = 60.0, learn_fov: bool = True, hidden: int = 32,
                  sweep_size: int | None = 16, consensus: bool = False, lens_gain: float = 1.0,
                  visibility: bool = False, visibility_margin: float = 0.2, visibility_size: int | None = 8,
-                 visibility_grad: bool = False, occluder_colour: bool = False):
+                 visibility_grad: bool = False, occluder_colour: bool = False, ray_profile: bool = False):
         super().__init__()
         if not 0 < near < far:
             raise ValueError(f"geometry needs 0 < near < far, got near={near}, far={far}")
@@ -103,6 +109,9 @@ class PlaneSweep(nn.Module):
             raise ValueError("geometry.occluder_colour needs geometry.visibility=true (without it every view that "
                              "has the point in its image already counts)")
         self.occluder_colour = occluder_colour
+        self.ray_profile = ray_profile
+        if ray_profile:  # per depth plane: the seeing views' mean RGB and their count
+            self.out_channels += 4 * depths
         if occluder_colour:  # the colour on the line from each view to the point, whatever hides it: RGB, last
             self.out_channels += 3
         self.features = nn.Sequential(
@@ -203,7 +212,8 @@ class PlaneSweep(nn.Module):
             features, context_poses, query_poses = features.float(), context_poses.float(), query_poses.float()
             B, M, _, H, W = features.shape
             frames = camera_frames(context_poses)
-            coarse, disparity = self._sweep(features, frames, query_poses, self.sweep_size)
+            coarse, disparity = self._sweep(features, frames, query_poses, self.sweep_size,
+                                            profile=self.ray_profile)
             if self.sweep_size != H:
                 coarse = F.interpolate(coarse, size=(H, W), mode="bilinear", align_corners=False)
                 disparity = F.interpolate(disparity, size=(H, W), mode="bilinear", align_corners=False)
@@ -259,9 +269,10 @@ class PlaneSweep(nn.Module):
         visible = 1 - own[:, :, 1:].clamp(0, 1) * hidden
         return samples[:, :, :C], inside * visible, visible
 
-    def _sweep(self, features, frames, query_poses, size):
+    def _sweep(self, features, frames, query_poses, size, profile: bool = False):
         """The plane sweep at ``size`` x ``size`` query pixels: the depth-weighted summary ``[B, C + 3, s, s]`` and
-        the expected disparity ``[B, 1, s, s]`` (1 at ``near``, ``near/far`` at ``far``)."""
+        the expected disparity ``[B, 1, s, s]`` (1 at ``near``, ``near/far`` at ``far``). ``profile``: the summary
+        is followed by every depth's mean RGB and count of seeing views, ``[B, C + 3 + 4 * depths, s, s]``."""
         B, M = features.shape[:2]
         C = self.sample_channels
         D, P = self.depths, size * size
@@ -281,8 +292,11 @@ class PlaneSweep(nn.Module):
         logits = self.score(stats).squeeze(-1) - self.log_agreement.exp() * agreement
         weights = torch.softmax(logits, dim=-1)[:, None]  # over depths, [B, 1, P, D]
         expected = (weights * disparity).sum(-1)  # [B, 1, P]
-        out = torch.cat([(weights * mean).sum(-1), expected, weights.amax(-1), (weights * count).sum(-1) / M], dim=1)
-        return out.view(B, C + 3, size, size), expected.view(B, 1, size, size)
+        parts = [(weights * mean).sum(-1), expected, weights.amax(-1), (weights * count).sum(-1) / M]
+        if profile:  # [B, 4, P, D] -> [B, 4 * D, P]: depth planes of RGB, then of the count
+            parts.append(torch.cat([mean[:, :3], count / M], dim=1).transpose(2, 3).flatten(1, 2))
+        out = torch.cat(parts, dim=1)
+        return out.view(B, out.shape[1], size, size), expected.view(B, 1, size, size)
 
     def _gather(self, features, frames, query_poses, depth):
         """Every query pixel's point at its ``depth`` ``[B, P]``, seen by the context views: their samples weighted by
