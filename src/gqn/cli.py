@@ -321,10 +321,12 @@ def checkpoint_roots(cfg) -> list[tuple[Path, int]]:
     return roots
 
 
-def resolve_ckpt(ckpt_path: str | None, roots: str | Path | Iterable[str | Path], announce: str | None = None):
+def resolve_ckpt(ckpt_path: str | None, roots: str | Path | Iterable[str | Path], announce: str | None = None,
+                 key: str = "ckpt_path"):
     """``None`` | a path | ``"auto"`` (the newest ``checkpoints/last.ckpt`` under ``roots``, if any).
 
     With ``announce`` (the program's name), ``auto`` says on one line what it resumes or that it found nothing.
+    ``key``: the option's name in the errors.
     """
     if ckpt_path in (None, "", "null"):
         return None
@@ -341,10 +343,9 @@ def resolve_ckpt(ckpt_path: str | None, roots: str | Path | Iterable[str | Path]
         return str(found[0]) if found else None
     path = Path(ckpt_path)
     if path.is_dir():
-        raise UserError(f"ckpt_path={ckpt_path} is a directory; give the checkpoint file, e.g. "
-                        f"ckpt_path={path / LAST}")
+        raise UserError(f"{key}={ckpt_path} is a directory; give the checkpoint file, e.g. {key}={path / LAST}")
     if not path.is_file():
-        raise UserError(f"checkpoint not found: {ckpt_path} (give ckpt_path=<run>/checkpoints/last.ckpt)")
+        raise UserError(f"checkpoint not found: {ckpt_path} (give {key}=<run>/checkpoints/last.ckpt)")
     return str(ckpt_path)
 
 

@@ -5,6 +5,7 @@ directory.
     gqn-eval ckpt_path=... split=val          # the run's validation split (carved from the training files), its views
     gqn-eval ckpt_path=... data=rooms_ring_camera context_size=3
     gqn-eval ckpt_path=... draws=5            # average every scene over 5 draws of its context views
+    gqn-eval ckpt_path=A baseline_ckpt_path=B split=val   # A - B on the same scenes and views, paired
 """
 
 from __future__ import annotations
@@ -36,17 +37,18 @@ from gqn.cli import (
 from gqn.gqn_module import GQNModule
 
 
-def load_module(ckpt_path: str, output_dir: str = "outputs") -> GQNModule:
+def load_module(ckpt_path: str, output_dir: str = "outputs", key: str = "ckpt_path") -> GQNModule:
     """The GQNModule of a checkpoint, in eval mode, on the CPU, through Lightning's own
     ``GQNModule.load_from_checkpoint`` (rebuilt from the checkpoint's hyperparameters; a checkpoint
     written on a GPU loads on a CPU-only machine).
 
     ``ckpt_path`` is a path or ``"auto"`` (the latest run's ``last.ckpt``); a missing or unreadable file is
-    a one-line :class:`UserError`. ``module.global_step_loaded`` holds the step the checkpoint was written at.
+    a one-line :class:`UserError` naming the option ``key``. ``module.global_step_loaded`` holds the step the
+    checkpoint was written at.
     """
-    path = resolve_ckpt(ckpt_path, output_dir)
+    path = resolve_ckpt(ckpt_path, output_dir, key=key)
     if path is None:
-        raise UserError(f"no checkpoint at {ckpt_path!r}; train first (make train) or give ckpt_path=...")
+        raise UserError(f"no checkpoint at {ckpt_path!r}; train first (make train) or give {key}=...")
     ckpt = load_checkpoint(path)
     bad = non_finite_tensors(ckpt["state_dict"])
     if bad:  # a diverged run: its renders and metrics would be garbage
@@ -116,17 +118,24 @@ def spread(values: torch.Tensor) -> dict:
     return {"mean": mean, "se": se, "ci95": ci, "n": n}
 
 
+#: metrics compared scene by scene against a baseline checkpoint (``baseline_ckpt_path``): this minus the baseline
+PAIRED = ("psnr_model", "object_psnr_model", "ssim_model", "elbo")
+
+
 def per_scene_metrics(module: GQNModule, loader, limit_batches: int | None, device: torch.device,
-                      split: str = "test") -> dict:
-    """``{metric: [S]}`` over the scenes of one pass of ``loader`` (see GQNModule.evaluation_metrics)."""
+                      split: str = "test", baseline: GQNModule | None = None) -> dict:
+    """``{metric: [S]}`` over the scenes of one pass of ``loader`` (see GQNModule.evaluation_metrics); with a
+    ``baseline`` module, also its metrics on the same batches, as ``baseline/<metric>``."""
     values: dict[str, list[torch.Tensor]] = {}
+    scored = {"": module} if baseline is None else {"": module, "baseline/": baseline}
     with torch.inference_mode():
         for i, batch in enumerate(loader):
             if limit_batches is not None and i >= limit_batches:
                 break
             batch = {k: v.to(device) for k, v in batch.items()}
-            for key, value in module.evaluation_metrics(batch).items():
-                values.setdefault(key, []).append(value.float().cpu())
+            for prefix, m in scored.items():
+                for key, value in m.evaluation_metrics(batch).items():
+                    values.setdefault(prefix + key, []).append(value.float().cpu())
     if not values:
         raise UserError(f"the {split} split gave no scenes to evaluate (all of its scenes skipped as corrupt)")
     return {k: torch.cat(v) for k, v in values.items()}
@@ -155,15 +164,19 @@ def evaluate(cfg: DictConfig) -> dict:
                         f"per scene, one is the query), got {n!r}")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     module.to(device)
+    baseline = None
+    if cfg.get("baseline_ckpt_path") is not None:  # scored on the same batches: differences paired by scene
+        baseline = load_module(cfg.baseline_ckpt_path, cfg.paths.output_dir, "baseline_ckpt_path").to(device)
     draws = []
     for draw in range(int(cfg.draws)):  # draw d: the views of every scene drawn with seed + d
         datamodule = hydra.utils.instantiate(
             cfg.data, eval_context_size=cfg.context_size, num_workers=cfg.num_workers, seed=seed + draw,
             **data_settings,
         )
-        check_sizes(module, datamodule)
+        for m in (module, baseline) if baseline is not None else (module,):
+            check_sizes(m, datamodule)
         loader = datamodule.test_dataloader() if cfg.split == "test" else datamodule.val_dataloader()
-        draws.append(per_scene_metrics(module, loader, cfg.limit_batches, device, cfg.split))
+        draws.append(per_scene_metrics(module, loader, cfg.limit_batches, device, cfg.split, baseline))
     # the stream's scene order does not depend on the seed (only the views do): average each scene over draws
     if len({len(d["elbo"]) for d in draws}) != 1:
         raise UserError("the draws saw different numbers of scenes; evaluate with draws=1")
@@ -171,11 +184,16 @@ def evaluate(cfg: DictConfig) -> dict:
     for gain, (a, b) in GAINS.items():
         if a in scenes:
             scenes[gain] = scenes[a] - scenes[b]
+    for key in PAIRED:
+        if f"baseline/{key}" in scenes:
+            scenes[f"paired/{key}"] = scenes[key] - scenes[f"baseline/{key}"]
     stats = {k: spread(v) for k, v in scenes.items()}
     report = {
         "checkpoint": str(Path(cfg.ckpt_path)), "dataset": datamodule.dataset, "split": cfg.split,
         "context_size": cfg.context_size, "seed": seed, "draws": int(cfg.draws), "split_settings": origin,
         "scenes": len(draws[0]["elbo"]), "global_step": module.global_step_loaded,
+        "baseline": None if baseline is None else {"checkpoint": str(Path(cfg.baseline_ckpt_path)),
+                                                   "global_step": baseline.global_step_loaded},
         "metrics": {k: s["mean"] for k, s in stats.items()},
         "spread": {k: {"se": s["se"], "ci95": s["ci95"], "n": s["n"]} for k, s in stats.items()},
     }
@@ -215,6 +233,20 @@ def summary_lines(stats: dict, report: dict) -> list[str]:
             f"{f('object_psnr_gain_over_mean_view_db')})")
     lines.append(f"-ELBO {f('elbo', 1)} nats = NLL {f('nll', 1)} + KL {f('kl', 1)}; "
                  f"{f('bits_per_pixel', 3)} bits/pixel")
+    if report.get("baseline"):
+        def d(key, digits=2):
+            s = stats[f"paired/{key}"] if f"paired/{key}" in stats else {"mean": None}
+            if s["mean"] is None:
+                return "n/a"
+            return f"{s['mean']:+.{digits}f}" + (f" ±{s['se']:.{digits}f}" if s["se"] is not None else "")
+
+        base = report["baseline"]
+        lines.append(f"baseline {base['checkpoint']} (step {base['global_step']}): PSNR "
+                     f"{f('baseline/psnr_model')} dB | object pixels "
+                     f"{f('baseline/object_psnr_model') if 'baseline/object_psnr_model' in stats else 'n/a'} | "
+                     f"SSIM {f('baseline/ssim_model', 3)} | -ELBO {f('baseline/elbo', 1)}")
+        lines.append(f"this - baseline, paired by scene: PSNR {d('psnr_model')} dB | object pixels "
+                     f"{d('object_psnr_model')} | SSIM {d('ssim_model', 3)} | -ELBO {d('elbo', 1)} nats")
     return lines
 
 

@@ -274,7 +274,6 @@ class PlaneSweep(nn.Module):
         the expected disparity ``[B, 1, s, s]`` (1 at ``near``, ``near/far`` at ``far``). ``profile``: the summary
         is followed by every depth's mean RGB and count of seeing views, ``[B, C + 3 + 4 * depths, s, s]``."""
         B, M = features.shape[:2]
-        C = self.sample_channels
         D, P = self.depths, size * size
         depth = self.base_depths * self.log_depth_scale.exp()  # [D]
         _, origin, slope = self._project(frames, query_poses, size)
