@@ -222,7 +222,8 @@ def test_eval_reports_object_metrics_with_spreads_and_draws(tmp_path, data_root)
 def test_eval_on_the_validation_split_reproduces_training_validation(tmp_path, data_root):
     """gqn-eval split=val scores the scenes training validated on, with the same fixed views: its PSNRs are the
     ones the training run logged (fp32 both), with no option repeated: the checkpoint carries the run's seed and
-    validation carve-out. The test split's scores differ, and its views are drawn with seed 0."""
+    validation carve-out. The test split's scores differ, and its views are drawn with seed 0. Then a baseline
+    checkpoint scored on the same scenes and views, paired by scene."""
     import csv
 
     from test_cli import tiny
@@ -255,34 +256,30 @@ def test_eval_on_the_validation_split_reproduces_training_validation(tmp_path, d
     assert (other["seed"], other["scenes"]) == (8, 2)
     assert "val_scenes" not in other["split_settings"] and "seed 8" in other["split_settings"]
 
-
-def test_eval_against_a_baseline_pairs_the_scenes(tmp_path, data_root):
-    """baseline_ckpt_path: both checkpoints scored on the same batches. The baseline's numbers are its own (as
-    gqn-eval of it alone gives them), the paired differences are this minus the baseline scene by scene (their
-    mean the difference of the means), and a checkpoint against itself differs by exactly nothing."""
-    from test_cli import tiny
-
-    ckpts = []
-    for seed in (1, 2):
-        run = tmp_path / f"run{seed}"
-        run_cli("gqn-train", *tiny(data_root, run, "callbacks=none", "trainer.precision=32-true", f"seed={seed}"),
-                cwd=tmp_path)
-        ckpts.append(run / "checkpoints" / "last.ckpt")
+    # baseline_ckpt_path: both checkpoints scored on the same batches (this run's split and seed). The baseline's
+    # numbers are its own (as gqn-eval of it alone on those views gives them), the paired differences are this
+    # minus the baseline scene by scene, and a checkpoint against itself differs by exactly nothing
+    base = tmp_path / "base"
+    run_cli("gqn-train", *tiny(data_root, base, "callbacks=none", "trainer.precision=32-true", "seed=2",
+                               "data.val_scenes=3"), cwd=tmp_path)
+    ckpt, base_ckpt = run / "checkpoints" / "last.ckpt", base / "checkpoints" / "last.ckpt"
 
     def evaluate(name, *args):
         out = tmp_path / name
-        proc = run_cli("gqn-eval", f"ckpt_path={ckpts[0]}", f"paths.data_dir={data_root}", f"hydra.run.dir={out}",
-                       "num_workers=0", "split=val", *args, cwd=tmp_path)
+        proc = run_cli("gqn-eval", f"paths.data_dir={data_root}", f"hydra.run.dir={out}", "num_workers=0",
+                       "split=val", *args, cwd=tmp_path)
         return json.loads((out / "metrics.json").read_text()), proc.stdout
 
-    alone, _ = evaluate("alone", f"ckpt_path={ckpts[1]}", "seed=1")  # the views the first run's seed draws
-    paired, stdout = evaluate("paired", f"baseline_ckpt_path={ckpts[1]}")
-    same, _ = evaluate("same", f"baseline_ckpt_path={ckpts[0]}")
+    alone, _ = evaluate("alone", f"ckpt_path={base_ckpt}", "seed=7")  # the views this run's seed draws
+    paired, stdout = evaluate("paired", f"ckpt_path={ckpt}", f"baseline_ckpt_path={base_ckpt}")
+    same, _ = evaluate("same", f"ckpt_path={ckpt}", f"baseline_ckpt_path={ckpt}")
     m = paired["metrics"]
-    assert paired["baseline"]["checkpoint"] == str(ckpts[1])
+    assert paired["baseline"]["checkpoint"] == str(base_ckpt) and paired["scenes"] == 3
     for key in ("psnr_model", "object_psnr_model", "ssim_model"):
+        assert m[key] == pytest.approx(val["metrics"][key], abs=1e-5), key
         assert m[f"baseline/{key}"] == pytest.approx(alone["metrics"][key], abs=1e-5), key
         assert m[f"paired/{key}"] == pytest.approx(m[key] - m[f"baseline/{key}"], abs=1e-5), key
         assert same["metrics"][f"paired/{key}"] == 0 and same["spread"][f"paired/{key}"]["se"] == 0, key
     assert m["paired/psnr_model"] != 0
     assert "this - baseline, paired by scene: PSNR " in stdout
+
