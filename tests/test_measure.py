@@ -222,7 +222,7 @@ def test_eval_reports_object_metrics_with_spreads_and_draws(tmp_path, data_root)
 def test_eval_on_the_validation_split_reproduces_training_validation(tmp_path, data_root):
     """gqn-eval split=val scores the scenes training validated on, with the same fixed views: its PSNRs are the
     ones the training run logged (fp32 both), with no option repeated: the checkpoint carries the run's seed and
-    validation carve-out. The test split's scores differ, and its views are drawn with seed 0. Then a baseline
+    validation carve-out and context size. The test split's scores differ (5 views drawn with seed 0). Then a baseline
     checkpoint scored on the same scenes and views, paired by scene."""
     import csv
 
@@ -230,7 +230,7 @@ def test_eval_on_the_validation_split_reproduces_training_validation(tmp_path, d
 
     run = tmp_path / "run"
     run_cli("gqn-train", *tiny(data_root, run, "callbacks=none", "trainer.precision=32-true", "seed=7",
-                               "data.val_scenes=3"), cwd=tmp_path)
+                               "data.val_scenes=3", "data.eval_context_size=3"), cwd=tmp_path)
     rows = list(csv.DictReader((run / "csv" / "version_0" / "metrics.csv").open()))
     logged = next(r for r in rows if r.get("val/psnr_model"))
     reports, stdout = {}, {}
@@ -241,9 +241,9 @@ def test_eval_on_the_validation_split_reproduces_training_validation(tmp_path, d
         reports[split], stdout[split] = json.loads((out / "metrics.json").read_text()), proc.stdout
     val, test = reports["val"], reports["test"]
     assert stdout["val"].startswith("the training run's validation split (val_files=2, val_fraction=0.02, "
-                                    "split_seed=0, val_scenes=3), views drawn with seed 7\n3 val scenes x 1 context "
-                                    "draw(s)"), stdout["val"]
-    assert stdout["test"].startswith("8 test scenes x 1 context draw(s)"), stdout["test"]
+                                    "split_seed=0, val_scenes=3), 3 context views drawn with seed 7\n"
+                                    "3 val scenes x 1 context draw(s), 3 context views"), stdout["val"]
+    assert stdout["test"].startswith("8 test scenes x 1 context draw(s), 5 context views"), stdout["test"]
     assert (val["split"], val["scenes"], val["seed"]) == ("val", 3, 7) and (test["scenes"], test["seed"]) == (8, 0)
     for key in ("psnr_model", "psnr_nearest_view", "psnr_mean_view", "object_psnr_model"):
         assert val["metrics"][key] == pytest.approx(float(logged[f"val/{key}"]), abs=1e-3), key
@@ -270,7 +270,7 @@ def test_eval_on_the_validation_split_reproduces_training_validation(tmp_path, d
                        "split=val", *args, cwd=tmp_path)
         return json.loads((out / "metrics.json").read_text()), proc.stdout
 
-    alone, _ = evaluate("alone", f"ckpt_path={base_ckpt}", "seed=7")  # the views this run's seed draws
+    alone, _ = evaluate("alone", f"ckpt_path={base_ckpt}", "seed=7", "context_size=3")  # this run's views
     paired, stdout = evaluate("paired", f"ckpt_path={ckpt}", f"baseline_ckpt_path={base_ckpt}")
     same, _ = evaluate("same", f"ckpt_path={ckpt}", f"baseline_ckpt_path={ckpt}")
     m = paired["metrics"]

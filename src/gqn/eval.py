@@ -82,7 +82,8 @@ def split_settings(cfg: DictConfig, saved: dict | None, overridden: set[str]) ->
     data module's state), so that its scores are the run's logged ``val/*``: the carve-out (``VALIDATION_KEYS``)
     and, with ``seed`` null, the seed that drew its views; a ``data.<key>=...`` on the command line (in
     ``overridden``) wins. A checkpoint without them (written before they were saved), or of another dataset:
-    the configured ``data`` and seed 0, said in the line."""
+    the configured ``data`` and seed 0, said in the line. With them, ``context_size`` is also the run's
+    (``eval_context_size``) unless given on the command line: ``cfg.context_size`` is set here."""
     seed = None if cfg.seed is None else int(cfg.seed)
     if cfg.split != "val":
         return {}, 0 if seed is None else seed, None
@@ -93,8 +94,12 @@ def split_settings(cfg: DictConfig, saved: dict | None, overridden: set[str]) ->
     data = {k: saved[k] for k in VALIDATION_KEYS if k in saved and f"data.{k}" not in overridden}
     if seed is None:
         seed = int(saved["seed"])
+    if "context_size" not in overridden and "eval_context_size" in saved:
+        cfg.context_size = saved["eval_context_size"]
     used = ", ".join(f"{k}={v}" for k, v in data.items())
-    return data, seed, f"the training run's validation split ({used}), views drawn with seed {seed}"
+    return data, seed, (f"the training run's validation split ({used}), {cfg.context_size} context views drawn "
+                        f"with seed {seed}")
+
 
 #: Gains reported per scene (the difference of two PSNRs on the same scene and views), name -> (a, b).
 GAINS = {
