@@ -76,29 +76,31 @@ SPLITS = ("test", "val")  # gqn-eval split=...: the test split, or the validatio
 VALIDATION_KEYS = ("val_files", "val_fraction", "split_seed", "val_scenes")
 
 
-def split_settings(cfg: DictConfig, saved: dict | None, overridden: set[str]) -> tuple[dict, int, str | None]:
-    """The data settings, the seed and a line saying where they came from, for ``cfg.split``. The test split:
-    ``seed`` (null: 0). The validation split: the training run's, as its checkpoint saved them (``saved``, the
-    data module's state), so that its scores are the run's logged ``val/*``: the carve-out (``VALIDATION_KEYS``)
-    and, with ``seed`` null, the seed that drew its views; a ``data.<key>=...`` on the command line (in
-    ``overridden``) wins. A checkpoint without them (written before they were saved), or of another dataset:
-    the configured ``data`` and seed 0, said in the line. With them, ``context_size`` is also the run's
-    (``eval_context_size``) unless given on the command line: ``cfg.context_size`` is set here."""
+def split_settings(cfg: DictConfig, saved: dict | None,
+                   overridden: set[str]) -> tuple[dict, int, int, str | None]:
+    """The data settings, the seed, the context size and a line saying where they came from, for ``cfg.split``.
+    The test split: ``seed`` (null: 0). The validation split: the training run's, as its checkpoint saved them
+    (``saved``, the data module's state), so that its scores are the run's logged ``val/*``: the carve-out
+    (``VALIDATION_KEYS``) and, with ``seed`` null, the seed that drew its views; a ``data.<key>=...`` on the
+    command line (in ``overridden``) wins. A checkpoint without them (written before they were saved), or of another dataset:
+    the configured ``data`` and seed 0, said in the line. With them, the context size is also the run's
+    (``eval_context_size``) unless ``context_size`` is given on the command line."""
     seed = None if cfg.seed is None else int(cfg.seed)
+    context = cfg.context_size
     if cfg.split != "val":
-        return {}, 0 if seed is None else seed, None
+        return {}, 0 if seed is None else seed, context, None
     if saved is None or saved.get("dataset") != cfg.data.dataset:
         why = ("the checkpoint does not record its run's validation settings" if saved is None
                else f"the checkpoint was trained on {saved.get('dataset')}")
-        return {}, 0 if seed is None else seed, f"validation split as data.* configures it ({why})"
+        return {}, 0 if seed is None else seed, context, f"validation split as data.* configures it ({why})"
     data = {k: saved[k] for k in VALIDATION_KEYS if k in saved and f"data.{k}" not in overridden}
     if seed is None:
         seed = int(saved["seed"])
     if "context_size" not in overridden and "eval_context_size" in saved:
-        cfg.context_size = saved["eval_context_size"]
+        context = saved["eval_context_size"]
     used = ", ".join(f"{k}={v}" for k, v in data.items())
-    return data, seed, (f"the training run's validation split ({used}), {cfg.context_size} context views drawn "
-                        f"with seed {seed}")
+    return data, seed, context, (f"the training run's validation split ({used}), {context} context views drawn "
+                                 f"with seed {seed}")
 
 
 #: Gains reported per scene (the difference of two PSNRs on the same scene and views), name -> (a, b).
@@ -158,12 +160,12 @@ def evaluate(cfg: DictConfig) -> dict:
                         "num_workers": (int, 0)})
     module = load_module(cfg.ckpt_path, cfg.paths.output_dir)
     overridden = {o.split("=", 1)[0].lstrip("+~") for o in HydraConfig.get().overrides.task}
-    data_settings, seed, origin = split_settings(cfg, getattr(module, "data_state_loaded", None), overridden)
+    data_settings, seed, n, origin = split_settings(cfg, getattr(module, "data_state_loaded", None), overridden)
     cfg.seed = seed  # the data group's seed interpolates it (null until resolved here)
     check_config_types(cfg, ("data",))
     L.seed_everything(seed)
     frames = dataset_info(cfg.data.data_dir, cfg.data.dataset).frames_per_scene
-    n = cfg.context_size  # checked here, under the name the user set (the data module calls it eval_context_size)
+    # n: checked here, under the name the user sets (the data module calls it eval_context_size)
     if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n < frames:
         raise UserError(f"context_size must be an int in [1, {frames - 1}] ({cfg.data.dataset} has {frames} views "
                         f"per scene, one is the query), got {n!r}")
@@ -175,7 +177,7 @@ def evaluate(cfg: DictConfig) -> dict:
     draws = []
     for draw in range(int(cfg.draws)):  # draw d: the views of every scene drawn with seed + d
         datamodule = hydra.utils.instantiate(
-            cfg.data, eval_context_size=cfg.context_size, num_workers=cfg.num_workers, seed=seed + draw,
+            cfg.data, eval_context_size=n, num_workers=cfg.num_workers, seed=seed + draw,
             **data_settings,
         )
         for m in (module, baseline) if baseline is not None else (module,):
@@ -195,7 +197,7 @@ def evaluate(cfg: DictConfig) -> dict:
     stats = {k: spread(v) for k, v in scenes.items()}
     report = {
         "checkpoint": str(Path(cfg.ckpt_path)), "dataset": datamodule.dataset, "split": cfg.split,
-        "context_size": cfg.context_size, "seed": seed, "draws": int(cfg.draws), "split_settings": origin,
+        "context_size": n, "seed": seed, "draws": int(cfg.draws), "split_settings": origin,
         "scenes": len(draws[0]["elbo"]), "global_step": module.global_step_loaded,
         "baseline": None if baseline is None else {"checkpoint": str(Path(cfg.baseline_ckpt_path)),
                                                    "global_step": baseline.global_step_loaded},
@@ -217,10 +219,10 @@ def evaluate(cfg: DictConfig) -> dict:
 
 def summary_lines(stats: dict, report: dict) -> list[str]:
     def f(key, digits=2):
-        s = stats[key]
+        s = stats.get(key, {"mean": None})
         if s["mean"] is None:
             return "n/a"
-        sign = "+" if "gain" in key else ""
+        sign = "+" if "gain" in key or key.startswith("paired/") else ""
         return f"{s['mean']:{sign}.{digits}f}" + (f" ±{s['se']:.{digits}f}" if s["se"] is not None else "")
 
     lines = [f"{report['scenes']} {report['split']} scenes x {report['draws']} context draw(s), "
@@ -239,19 +241,13 @@ def summary_lines(stats: dict, report: dict) -> list[str]:
     lines.append(f"-ELBO {f('elbo', 1)} nats = NLL {f('nll', 1)} + KL {f('kl', 1)}; "
                  f"{f('bits_per_pixel', 3)} bits/pixel")
     if report.get("baseline"):
-        def d(key, digits=2):
-            s = stats[f"paired/{key}"] if f"paired/{key}" in stats else {"mean": None}
-            if s["mean"] is None:
-                return "n/a"
-            return f"{s['mean']:+.{digits}f}" + (f" ±{s['se']:.{digits}f}" if s["se"] is not None else "")
-
         base = report["baseline"]
         lines.append(f"baseline {base['checkpoint']} (step {base['global_step']}): PSNR "
-                     f"{f('baseline/psnr_model')} dB | object pixels "
-                     f"{f('baseline/object_psnr_model') if 'baseline/object_psnr_model' in stats else 'n/a'} | "
+                     f"{f('baseline/psnr_model')} dB | object pixels {f('baseline/object_psnr_model')} | "
                      f"SSIM {f('baseline/ssim_model', 3)} | -ELBO {f('baseline/elbo', 1)}")
-        lines.append(f"this - baseline, paired by scene: PSNR {d('psnr_model')} dB | object pixels "
-                     f"{d('object_psnr_model')} | SSIM {d('ssim_model', 3)} | -ELBO {d('elbo', 1)} nats")
+        lines.append(f"this - baseline, paired by scene: PSNR {f('paired/psnr_model')} dB | object pixels "
+                     f"{f('paired/object_psnr_model')} | SSIM {f('paired/ssim_model', 3)} | -ELBO "
+                     f"{f('paired/elbo', 1)} nats")
     return lines
 
 
