@@ -82,9 +82,9 @@ def split_settings(cfg: DictConfig, saved: dict | None,
     The test split: ``seed`` (null: 0). The validation split: the training run's, as its checkpoint saved them
     (``saved``, the data module's state), so that its scores are the run's logged ``val/*``: the carve-out
     (``VALIDATION_KEYS``) and, with ``seed`` null, the seed that drew its views; a ``data.<key>=...`` on the
-    command line (in ``overridden``) wins. A checkpoint without them (written before they were saved), or of another dataset:
-    the configured ``data`` and seed 0, said in the line. With them, the context size is also the run's
-    (``eval_context_size``) unless ``context_size`` is given on the command line."""
+    command line (in ``overridden``) wins. A checkpoint without them (written before they were saved), or of
+    another dataset: the configured ``data`` and seed 0, said in the line. With them, the context size is also
+    the run's (``eval_context_size``) unless ``context_size`` is given on the command line."""
     seed = None if cfg.seed is None else int(cfg.seed)
     context = cfg.context_size
     if cfg.split != "val":
