@@ -6,13 +6,14 @@ import sys
 import time
 
 import lightning as L
-from lightning.pytorch.callbacks import RichProgressBar
+from lightning.pytorch.callbacks import RichProgressBar, Timer
 from lightning.pytorch.utilities import rank_zero_only
 
 
 class LineProgress(L.Callback):
     """Every ``every_n_steps`` training steps print ``step N/MAX``, the latest logged metrics, it/s, the
-    training time so far and the time left, as one line on stdout. With ``only_if_not_terminal`` it stays
+    training time so far and the time left (to ``max_steps`` at this pace, or on ``trainer.max_time`` when
+    that cap comes first), as one line on stdout. With ``only_if_not_terminal`` it stays
     silent when stdout is a terminal (the Rich bar is shown there)."""
 
     def __init__(self, every_n_steps: int = 100, only_if_not_terminal: bool = True,
@@ -38,9 +39,13 @@ class LineProgress(L.Callback):
         parts.append(f"{rate:.2f} it/s")
         elapsed = now - start
         parts.append(f"elapsed {int(elapsed // 60)}m{int(elapsed % 60):02d}s")
-        if trainer.max_steps > 0 and rate > 0:
-            left = (trainer.max_steps - step) / rate
-            parts.append(f"left {int(left // 60)}m{int(left % 60):02d}s")
+        left, why = ((trainer.max_steps - step) / rate, "") if trainer.max_steps > 0 and rate > 0 else (None, "")
+        timer = next((c for c in trainer.callbacks if isinstance(c, Timer)), None)
+        if timer is not None and timer.time_remaining("train") is not None:
+            if left is None or timer.time_remaining("train") < left:  # trainer.max_time stops the run first
+                left, why = timer.time_remaining("train"), " (trainer.max_time)"
+        if left is not None:
+            parts.append(f"left {int(left // 60)}m{int(left % 60):02d}s{why}")
         print("  ".join(parts), flush=True)
 
 

@@ -217,11 +217,18 @@ def test_resume_after_sigkill(data_root, tmp_path):
 
 def test_ddp_two_cpu_processes(data_root, tmp_path):
     run = tmp_path / "ddp"
-    proc = run_cli("gqn-train", *tiny(data_root, run, "trainer=ddp", "trainer.max_steps=2",
-                                      "trainer.val_check_interval=2"), cwd=tmp_path, timeout=400)
+    # 125 steps: from the pace of steps 0-100 the LR line's horizon is broadcast from rank 0 at step 100
+    # (schedule.lr_fit_max_time under the default experiment's time cap; 16 minutes do not bend the line); a
+    # collective that one rank skipped would hang
+    proc = run_cli("gqn-train", *tiny(data_root, run, "trainer=ddp", "trainer.max_steps=125",
+                                      "trainer.val_check_interval=125",
+                                      "callbacks.last_checkpoint.every_n_train_steps=25"), cwd=tmp_path, timeout=400)
     assert "MEMBER: 2/2" in proc.stdout + proc.stderr  # two processes joined the gloo group
     state = torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
-    assert state["global_step"] == 2
+    assert state["global_step"] == 125
+    metrics = (run / "csv" / "version_0" / "metrics.csv").read_text()
+    assert "train/lr_steps" in metrics.splitlines()[0]  # rank 0 logged the horizon after the broadcast
+    assert state["lr_schedulers"][0]["lr_lambdas"][0]["horizon"] == 125  # the cap is far: the line kept
 
 
 def test_optuna_sweep_runs_two_trials(data_root, tmp_path):

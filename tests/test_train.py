@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 from pathlib import Path
 from unittest.mock import PropertyMock, patch
 
@@ -15,6 +16,8 @@ from omegaconf import OmegaConf, open_dict
 from data_modules import DATASETS
 from gqn import CONF_DIR
 from gqn.cli import UserError, one_line_errors
+from gqn.gqn_module import GQNModule
+from gqn.schedules import linear_lr
 from gqn.train import check_run, train
 
 
@@ -143,6 +146,44 @@ def test_lr_and_sigma_follow_the_formula(train_cfg, tmp_path):
     for step in (0, 2, 4, 5):
         assert rows[step][0] == pytest.approx(lr(step), rel=1e-9), step
         assert rows[step][1] == pytest.approx(sigma(step), rel=1e-12), step
+
+
+def test_lr_line_bends_continuously_and_a_resume_continues_the_bent_line():
+    """LinearToHorizon: a retarget keeps the factor at its step and reaches the final factor at the new
+    horizon (never beyond the configured length); LambdaLR's state dict carries the bent line."""
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1e-3)
+    sched = linear_lr(opt, 1e-3, 1e-4, 1000)
+    line = sched.lr_lambdas[0]
+    assert line(500) == pytest.approx(0.55)
+    assert line.retarget(500, 600) == 600 and line(500) == pytest.approx(0.55)
+    assert line(550) == pytest.approx(0.325) and line(600) == line(10**6) == pytest.approx(0.1)
+    assert line.retarget(550, 10**6) == 1000 and line(550) == pytest.approx(0.325)  # capped at lr_steps
+    saved = sched.state_dict()
+    fresh = linear_lr(torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1e-3), 1e-3, 1e-4, 1000)
+    fresh.load_state_dict(saved)
+    assert [fresh.lr_lambdas[0](s) for s in (550, 775, 1000)] == pytest.approx([0.325, 0.2125, 0.1])
+
+
+def test_the_lr_line_ends_where_the_time_cap_stops_training(train_cfg, capsys):
+    """schedule=fast with trainer.max_time: the LR follows the configured line (to max_steps) until the pace
+    is known, then bends to reach lr_final when the cap stops the run, far before max_steps; continuous. The
+    progress lines count the time left on the cap, not to max_steps."""
+    cfg = train_cfg("trainer.max_steps=100000", "trainer.max_time=00:00:00:07", "trainer.val_check_interval=200",
+                    "logger=none", "callbacks=none", "+callbacks.lines._target_=callbacks.LineProgress",
+                    "+callbacks.lines.every_n_steps=50")
+    probe = Probe()
+    with patch.object(GQNModule, "LR_FIT_EVERY", 5):  # the pace from step 25 (in a run of the default: 125)
+        train(cfg, extra_callbacks=[probe])
+    lines = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("step ")]
+    assert lines and all(ln.endswith("(trainer.max_time)") for ln in lines), lines
+    left = [re.search(r"left (\d+)m(\d\d)s", ln).groups() for ln in lines]
+    assert all(int(m) * 60 + int(s) <= 7 for m, s in left), lines
+    lrs = [lr for _, lr, _ in probe.rows]
+    assert 40 < len(lrs) < 100000  # the cap stopped it
+    assert lrs[20] == pytest.approx(1e-3 + (1e-4 - 1e-3) * 20 / 100000)  # the configured line until the pace is known
+    assert lrs[-1] < 1e-4 + 0.15 * (1e-3 - 1e-4), lrs[-1]  # annealed by the stop (the configured line: 0.998e-3)
+    drops = [a - b for a, b in zip(lrs, lrs[1:])]
+    assert min(drops) >= 0 and max(drops) < 0.05 * (1e-3 - 1e-4)  # never up, no jump
 
 
 def _wandb_history_keys(run_dir: Path, candidates: set[str], wait: float = 30.0) -> set[str]:

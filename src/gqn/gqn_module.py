@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 import hydra
@@ -99,6 +100,7 @@ class GQNModule(L.LightningModule):
         if compile:
             compile_model(self.model, "inductor" if compile is True else str(compile))
         self._step_kind: tuple | None = None  # (train?, B, M, auxiliary loss on?) of the last step
+        self._clock: list[tuple[int, float]] = []  # (step, time) every LR_FIT_EVERY steps: the pace of training
         self._flops: dict[tuple, int] = {}
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
@@ -117,6 +119,39 @@ class GQNModule(L.LightningModule):
             return opt
         sched = hydra.utils.instantiate(self.hparams.lr_scheduler)(opt)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step", "frequency": 1}}
+
+    #: with ``schedule.lr_fit_max_time``: bend the LR line every this many steps, to end where the cap stops the run
+    LR_FIT_EVERY = 25
+    #: ... from the pace over about this many steps (a validation every 500 steps is part of the pace)
+    LR_FIT_WINDOW = 500
+
+    def on_train_batch_start(self, batch, batch_idx) -> None:
+        # before the step, not after: the checkpoint a callback writes at this step's end holds the bent line
+        if self.hparams.schedule.get("lr_fit_max_time") and self.global_step % self.LR_FIT_EVERY == 0:
+            self._fit_lr_to_max_time()
+
+    def _fit_lr_to_max_time(self) -> None:
+        """``schedule.lr_fit_max_time``: when ``trainer.max_time`` will stop training before the LR line ends
+        (a slower CPU, a slower variant at an equal wall-clock budget), end the line where the cap will stop
+        it: the steps left are the pace of the last ~``LR_FIT_WINDOW`` steps times the time left on Lightning's
+        ``Timer``. Rank 0's horizon is broadcast, so DDP ranks keep one LR."""
+        from lightning.pytorch.callbacks import Timer
+
+        timer = next((c for c in self.trainer.callbacks if isinstance(c, Timer)), None)
+        sched = self.lr_schedulers()
+        line = getattr(sched, "lr_lambdas", [None])[0]
+        if timer is None or not hasattr(line, "retarget"):
+            return
+        step, now = self.global_step, time.monotonic()
+        self._clock = [(s, t) for s, t in self._clock if s >= step - self.LR_FIT_WINDOW] + [(step, now)]
+        first, then = self._clock[0]
+        if step - first < 4 * self.LR_FIT_EVERY or now <= then:  # no pace of 100 steps yet (a start, a resume)
+            return
+        horizon = sched.last_epoch + (step - first) / (now - then) * timer.time_remaining("train")
+        horizon = min(self.trainer.strategy.broadcast(horizon, src=0), line.steps)
+        if horizon < line.steps or line.horizon < line.steps:  # a run the cap does not stop keeps its line exactly
+            line.retarget(sched.last_epoch, horizon)
+        self.log("train/lr_steps", line.horizon, rank_zero_only=True)
 
     # ------------------------------------------------------------------ throughput
     @property

@@ -24,11 +24,42 @@ class LinearAnneal:
         return float(self.start + (self.end - self.start) * frac)
 
 
+class LinearToHorizon:
+    """An LR factor for ``LambdaLR``: 1 linearly to ``final`` at step ``horizon`` (at most ``steps``), then held.
+
+    ``retarget(step, horizon)`` bends the line at ``step`` (the factor there kept, so the LR is continuous) to
+    reach ``final`` at the new horizon instead; a run that the wall-clock cap will stop early still ends its
+    anneal. A callable object, not a function: ``LambdaLR.state_dict`` saves its attributes, so a resumed run
+    continues the bent line.
+    """
+
+    def __init__(self, final: float, steps: float):
+        self.final = float(final)
+        self.steps = float(steps)  # the configured length of the anneal: a retarget never goes beyond it
+        self.horizon = float(steps)
+        self.anchor_step, self.anchor = 0.0, 1.0
+
+    def __call__(self, step: int) -> float:
+        if step >= self.horizon:
+            return self.final
+        if step <= self.anchor_step:
+            return self.anchor
+        frac = (step - self.anchor_step) / (self.horizon - self.anchor_step)
+        return self.anchor + (self.final - self.anchor) * frac
+
+    def retarget(self, step: int, horizon: float) -> float:
+        """Reach ``final`` at ``min(horizon, steps)`` from ``step`` on; returns the horizon taken."""
+        horizon = max(min(float(horizon), self.steps), float(step))
+        self.anchor, self.anchor_step, self.horizon = self(step), float(step), horizon
+        return horizon
+
+
 def linear_lr(optimizer: torch.optim.Optimizer, lr_init: float, lr_final: float,
               steps: float) -> torch.optim.lr_scheduler.LambdaLR:
     """The LR from ``lr_init`` linearly to ``lr_final`` over ``steps`` optimizer steps, then held.
 
-    A ``LambdaLR`` (its step count is saved in checkpoints, so a resumed run continues the line). The
+    A ``LambdaLR`` over a :class:`LinearToHorizon` (its step count and line are saved in checkpoints, so a
+    resumed run continues the line; ``schedule.lr_fit_max_time`` may end the line earlier). The
     optimizer must start at ``lr_init``: the LR lives in one place, the schedule group (``schedule.lr_init``),
     and ``module.optimizer.lr`` only refers to it; an optimizer set to another LR is refused, not overwritten.
     """
@@ -40,4 +71,4 @@ def linear_lr(optimizer: torch.optim.Optimizer, lr_init: float, lr_final: float,
                 f"module.optimizer.lr={group['lr']:g} but the LR schedule starts at schedule.lr_init={lr_init:g}: "
                 f"the LR lives in the schedule group, set schedule.lr_init (and schedule.lr_final) instead"
             )
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, LinearAnneal(1.0, lr_final / lr_init, steps))
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, LinearToHorizon(lr_final / lr_init, steps))
