@@ -6,8 +6,10 @@ import sys
 import time
 
 import lightning as L
-from lightning.pytorch.callbacks import RichProgressBar, Timer
+from lightning.pytorch.callbacks import RichProgressBar
 from lightning.pytorch.utilities import rank_zero_only
+
+from gqn.schedules import max_time_left
 
 
 class LineProgress(L.Callback):
@@ -40,10 +42,9 @@ class LineProgress(L.Callback):
         elapsed = now - start
         parts.append(f"elapsed {int(elapsed // 60)}m{int(elapsed % 60):02d}s")
         left, why = ((trainer.max_steps - step) / rate, "") if trainer.max_steps > 0 and rate > 0 else (None, "")
-        timer = next((c for c in trainer.callbacks if isinstance(c, Timer)), None)
-        if timer is not None and timer.time_remaining("train") is not None:
-            if left is None or timer.time_remaining("train") < left:  # trainer.max_time stops the run first
-                left, why = timer.time_remaining("train"), " (trainer.max_time)"
+        capped = max_time_left(trainer)
+        if capped is not None and (left is None or capped < left):  # trainer.max_time stops the run first
+            left, why = capped, " (trainer.max_time)"
         if left is not None:
             parts.append(f"left {int(left // 60)}m{int(left % 60):02d}s{why}")
         print("  ".join(parts), flush=True)

@@ -14,7 +14,7 @@ from gqn import metrics
 from gqn.cli import UserError, finite_number
 from gqn.model import GQN
 from gqn.model.distributions import gaussian_nll
-from gqn.schedules import LinearAnneal
+from gqn.schedules import LinearAnneal, max_time_left
 
 
 def _plain(cfg):
@@ -135,19 +135,17 @@ class GQNModule(L.LightningModule):
         (a slower CPU, a slower variant at an equal wall-clock budget), end the line where the cap will stop
         it: the steps left are the pace of the last ~``LR_FIT_WINDOW`` steps times the time left on Lightning's
         ``Timer``. Rank 0's horizon is broadcast, so DDP ranks keep one LR."""
-        from lightning.pytorch.callbacks import Timer
-
-        timer = next((c for c in self.trainer.callbacks if isinstance(c, Timer)), None)
+        left = max_time_left(self.trainer)
         sched = self.lr_schedulers()
         line = getattr(sched, "lr_lambdas", [None])[0]
-        if timer is None or not hasattr(line, "retarget"):
+        if left is None or not hasattr(line, "retarget"):
             return
         step, now = self.global_step, time.monotonic()
         self._clock = [(s, t) for s, t in self._clock if s >= step - self.LR_FIT_WINDOW] + [(step, now)]
         first, then = self._clock[0]
         if step - first < 4 * self.LR_FIT_EVERY or now <= then:  # no pace of 100 steps yet (a start, a resume)
             return
-        horizon = sched.last_epoch + (step - first) / (now - then) * timer.time_remaining("train")
+        horizon = sched.last_epoch + (step - first) / (now - then) * left
         horizon = min(self.trainer.strategy.broadcast(horizon, src=0), line.steps)
         if horizon < line.steps or line.horizon < line.steps:  # a run the cap does not stop keeps its line exactly
             line.retarget(sched.last_epoch, horizon)

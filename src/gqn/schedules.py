@@ -54,6 +54,14 @@ class LinearToHorizon:
         return horizon
 
 
+def max_time_left(trainer) -> float | None:
+    """Seconds left on ``trainer.max_time`` (Lightning's ``Timer`` callback), or None when there is no cap."""
+    from lightning.pytorch.callbacks import Timer
+
+    timer = next((c for c in trainer.callbacks if isinstance(c, Timer)), None)
+    return None if timer is None else timer.time_remaining("train")
+
+
 def linear_lr(optimizer: torch.optim.Optimizer, lr_init: float, lr_final: float,
               steps: float) -> torch.optim.lr_scheduler.LambdaLR:
     """The LR from ``lr_init`` linearly to ``lr_final`` over ``steps`` optimizer steps, then held.
