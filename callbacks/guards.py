@@ -30,6 +30,21 @@ def last_checkpoint_path(trainer: L.Trainer) -> Path:
     return Path(trainer.default_root_dir) / "checkpoints" / "last.ckpt"
 
 
+class LastCheckpoint(ModelCheckpoint):
+    """Lightning's ``ModelCheckpoint``, and ``last.ckpt`` also at the step where training stops.
+
+    With ``every_n_train_steps=N`` Lightning writes ``last.ckpt`` only at multiples of N (and at the end only if
+    it wrote none before), so a run that ``trainer.max_time`` or a ``max_steps`` off the grid stopped between two
+    saves left ``last.ckpt`` up to N - 1 steps behind its trained weights, and ``make train`` evaluated and
+    rendered the older ones (session 14: step 2900 of 2938). This one also saves at the end of training.
+    """
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        super().on_train_end(trainer, pl_module)
+        if self.save_last and not self._should_skip_saving_checkpoint(trainer):  # skips a step already saved
+            self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
+
+
 class NonFiniteGuard(L.Callback):
     """Stop at the first non-finite training loss, before its update reaches the weights.
 

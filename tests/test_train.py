@@ -184,6 +184,8 @@ def test_the_lr_line_ends_where_the_time_cap_stops_training(train_cfg, capsys):
     assert lrs[-1] < 1e-4 + 0.15 * (1e-3 - 1e-4), lrs[-1]  # annealed by the stop (the configured line: 0.998e-3)
     drops = [a - b for a, b in zip(lrs, lrs[1:])]
     assert min(drops) >= 0 and max(drops) < 0.05 * (1e-3 - 1e-4)  # never up, no jump
+    last = Path(cfg.hydra.runtime.output_dir) / "checkpoints" / "last.ckpt"  # saved where the cap stopped it
+    assert torch.load(last, map_location="cpu", weights_only=False)["global_step"] == probe.rows[-1][0] + 1
 
 
 def _wandb_history_keys(run_dir: Path, candidates: set[str], wait: float = 30.0) -> set[str]:
@@ -321,6 +323,23 @@ def test_resume_auto_picks_the_latest_run(train_cfg, tmp_path):
     probe = Probe()
     train(second, extra_callbacks=[probe])
     assert probe.rows[0][0] == 2  # continued from step 2 of the first run
+
+
+def test_last_checkpoint_holds_the_step_training_stopped_at(train_cfg, tmp_path):
+    """last.ckpt every 5 steps and where training stops (step 7, off the grid; Lightning alone left it at 5), and
+    a resume from it continues at step 7."""
+    first = train_cfg("logger=none", "callbacks=none", "trainer.max_steps=7",
+                      "callbacks.last_checkpoint.every_n_train_steps=5")
+    train(first)
+    last = Path(first.hydra.runtime.output_dir) / "checkpoints" / "last.ckpt"
+    assert torch.load(last, map_location="cpu", weights_only=False)["global_step"] == 7
+    second = compose_train([*[o for o in first.hydra.overrides.task], "ckpt_path=auto", "trainer.max_steps=9"],
+                           tmp_path / "run2")
+    with open_dict(second):
+        second.paths.output_dir = first.paths.output_dir
+    probe = Probe()
+    train(second, extra_callbacks=[probe])
+    assert [row[0] for row in probe.rows] == [7, 8]
 
 
 def test_progress_lines_when_stdout_is_not_a_terminal(train_cfg, capsys):
