@@ -39,6 +39,12 @@ class LastCheckpoint(ModelCheckpoint):
     rendered the older ones (session 14: step 2900 of 2938). This one also saves at the end of training.
     """
 
+    @property
+    def state_key(self) -> str:
+        # a plain ModelCheckpoint's key: checkpoints written before this class existed restore its state (else
+        # last_model_path starts empty and the version counter writes last-v1.ckpt beside the old last.ckpt)
+        return super().state_key.replace(type(self).__qualname__, ModelCheckpoint.__qualname__, 1)
+
     def on_train_end(self, trainer, pl_module) -> None:
         super().on_train_end(trainer, pl_module)
         if self.save_last and not self._should_skip_saving_checkpoint(trainer):  # skips a step already saved

@@ -340,6 +340,13 @@ def test_last_checkpoint_holds_the_step_training_stopped_at(train_cfg, tmp_path)
     probe = Probe()
     train(second, extra_callbacks=[probe])
     assert [row[0] for row in probe.rows] == [7, 8]
+    # a checkpoint written by the plain ModelCheckpoint before this callback restores its state (same key)
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    from callbacks import LastCheckpoint
+    kw = dict(dirpath=str(tmp_path), save_last=True, save_top_k=0, every_n_train_steps=50)
+    assert LastCheckpoint(**kw).state_key == ModelCheckpoint(**kw).state_key
+    assert not list(last.parent.glob("last-v*.ckpt"))
 
 
 def test_progress_lines_when_stdout_is_not_a_terminal(train_cfg, capsys):
