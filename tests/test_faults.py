@@ -187,7 +187,7 @@ CASES = [
     ("resume-other-model", "gqn-train",
      lambda w: _train(w, f"ckpt_path={w['ckpt']}", "model.num_steps=3", "model.hidden_channels=16"), 2,
      ["its model differs from this command's", "model.hidden_channels=8 in the checkpoint but 16 here",
-      "model.num_steps=2 in the checkpoint but 3 here"]),
+      "model.num_steps=2 in the checkpoint but 3 here", "(model.hidden_channels=8 model.num_steps=2)"]),
     ("max-skipped-steps-negative", "gqn-train",
      lambda w: _train(w, "callbacks.nonfinite_guard.max_skipped_steps=-1"), 2,
      ["callbacks.nonfinite_guard.max_skipped_steps must be an int >= 0, got -1"]),

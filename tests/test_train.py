@@ -316,13 +316,19 @@ def test_resume_auto_picks_the_latest_run(train_cfg, tmp_path):
     train(first)
     latest = Path(first.paths.output_dir) / "latest"
     assert latest.resolve() == Path(first.hydra.runtime.output_dir).resolve()
-    second = compose_train([*[o for o in first.hydra.overrides.task], "ckpt_path=auto", "trainer.max_steps=4"],
+    probe = _resume_auto(first, tmp_path, max_steps=4)
+    assert probe.rows[0][0] == 2  # continued from step 2 of the first run
+
+
+def _resume_auto(first, tmp_path, max_steps: int) -> Probe:
+    """Run ``first``'s overrides again with ckpt_path=auto up to ``max_steps``; the steps it trained."""
+    second = compose_train([*first.hydra.overrides.task, "ckpt_path=auto", f"trainer.max_steps={max_steps}"],
                            tmp_path / "run2")
     with open_dict(second):
         second.paths.output_dir = first.paths.output_dir
     probe = Probe()
     train(second, extra_callbacks=[probe])
-    assert probe.rows[0][0] == 2  # continued from step 2 of the first run
+    return probe
 
 
 def test_last_checkpoint_holds_the_step_training_stopped_at(train_cfg, tmp_path):
@@ -333,13 +339,7 @@ def test_last_checkpoint_holds_the_step_training_stopped_at(train_cfg, tmp_path)
     train(first)
     last = Path(first.hydra.runtime.output_dir) / "checkpoints" / "last.ckpt"
     assert torch.load(last, map_location="cpu", weights_only=False)["global_step"] == 7
-    second = compose_train([*[o for o in first.hydra.overrides.task], "ckpt_path=auto", "trainer.max_steps=9"],
-                           tmp_path / "run2")
-    with open_dict(second):
-        second.paths.output_dir = first.paths.output_dir
-    probe = Probe()
-    train(second, extra_callbacks=[probe])
-    assert [row[0] for row in probe.rows] == [7, 8]
+    assert [row[0] for row in _resume_auto(first, tmp_path, max_steps=9).rows] == [7, 8]
     # a checkpoint written by the plain ModelCheckpoint before this callback restores its state (same key)
     from lightning.pytorch.callbacks import ModelCheckpoint
 

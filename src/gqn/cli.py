@@ -390,10 +390,18 @@ def check_resume(ckpt: dict, model_cfg: dict, path: str) -> None:
     diff = sorted(k for k in saved if saved[k] != given.get(k, "<unset>"))
     if diff:
         parts = [f"{k}={saved[k]} in the checkpoint but {given.get(k, '<unset>')} here" for k in diff]
+        fix = " ".join(f"{k}={_override_text(saved[k])}" for k in diff)  # also when a default changed since
         raise UserError(
             f"cannot resume {path}: its model differs from this command's: {'; '.join(parts)}; resume with the "
-            f"checkpoint's model config (drop those overrides) or start a new run without ckpt_path"
+            f"checkpoint's model config ({fix}) or start a new run without ckpt_path"
         )
+
+
+def _override_text(value) -> str:
+    """``value`` as a Hydra command-line override writes it (true, null, [3,5])."""
+    import json
+
+    return json.dumps(value, separators=(",", ":")) if isinstance(value, (bool, list, type(None))) else str(value)
 
 
 def resume_defaults(ckpt: dict, model_cfg: dict) -> dict:
