@@ -80,10 +80,17 @@ class GQNDataModule(L.LightningDataModule):
     # ------------------------------------------------------------------ checkpoints
     def state_dict(self) -> dict:
         """Lightning saves this in every checkpoint (under ``GQNDataModule``): what defines the run's validation
-        split and the views it draws, so that ``gqn-eval split=val`` scores exactly what training validated on."""
+        split and the views it draws, so that ``gqn-eval split=val`` scores exactly what training validated on;
+        and what defines the training stream (``stream_settings``), so that a resume can say where it differs."""
         return {"dataset": self.dataset, "seed": self.seed, "val_files": self.val_files,
                 "val_fraction": self.val_fraction, "split_seed": self.split_seed, "val_scenes": self.val_scenes,
-                "eval_context_size": self.eval_context_size}
+                "eval_context_size": self.eval_context_size, **self.stream_settings()}
+
+    def stream_settings(self) -> dict:
+        """The settings that decide which views of which scenes a training step reads (checked on resume)."""
+        context = self.context_size if isinstance(self.context_size, int) else list(self.context_size)
+        return {"context_size": context, "num_queries": self.num_queries, "batch_size": self.batch_size,
+                "image_size": self.image_size, "shuffle_buffer": self.shuffle_buffer}
 
     def load_state_dict(self, state_dict: dict) -> None:
         """On resume the run's own config decides; the saved settings are read by ``gqn-eval``."""

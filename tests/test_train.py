@@ -311,18 +311,35 @@ def test_kl_and_sigma_warmups_shape_the_training_loss(train_cfg):
     assert loss.item() == pytest.approx((out["nll"] + 3 * out["kl"]).mean().item(), rel=1e-5)
 
 
-def test_resume_auto_picks_the_latest_run(train_cfg, tmp_path):
+def test_resume_auto_picks_the_latest_run(train_cfg, tmp_path, capsys):
     first = train_cfg("logger=none", "trainer.max_steps=2")
     train(first)
     latest = Path(first.paths.output_dir) / "latest"
     assert latest.resolve() == Path(first.hydra.runtime.output_dir).resolve()
     probe = _resume_auto(first, tmp_path, max_steps=4)
     assert probe.rows[0][0] == 2  # continued from step 2 of the first run
+    assert "other data settings" not in capsys.readouterr().err  # the same stream: nothing to say
 
 
-def _resume_auto(first, tmp_path, max_steps: int) -> Probe:
-    """Run ``first``'s overrides again with ckpt_path=auto up to ``max_steps``; the steps it trained."""
-    second = compose_train([*first.hydra.overrides.task, "ckpt_path=auto", f"trainer.max_steps={max_steps}"],
+def test_resume_with_other_data_settings_says_so_and_how_to_keep_the_stream(train_cfg, tmp_path, capsys):
+    """A resume whose context views per step differ from the run's (e.g. a run from before the default changed)
+    trains on, with one line naming the setting and the override that continues the run's own stream."""
+    first = train_cfg("logger=none", "trainer.max_steps=2", "data.context_size=[1,3]")
+    train(first)
+    probe = _resume_auto(first, tmp_path, 4, "data.context_size=[2,3]", "data.batch_size=2")
+    assert probe.rows[0][0] == 2
+    err = capsys.readouterr().err
+    assert ("data.context_size=[2,3] here but [1,3] in the checkpoint; data.batch_size=2 here but 4 in the "
+            "checkpoint" in err), err
+    assert "add data.context_size=[1,3] data.batch_size=4 to continue the run's own stream" in err, err
+
+
+def _resume_auto(first, tmp_path, max_steps: int, *overrides: str) -> Probe:
+    """Run ``first``'s overrides (those ``overrides`` set replaced) again with ckpt_path=auto up to ``max_steps``;
+    the steps it trained."""
+    keys = {o.split("=")[0] for o in overrides}
+    kept = [o for o in first.hydra.overrides.task if o.split("=")[0] not in keys]
+    second = compose_train([*kept, *overrides, "ckpt_path=auto", f"trainer.max_steps={max_steps}"],
                            tmp_path / "run2")
     with open_dict(second):
         second.paths.output_dir = first.paths.output_dir

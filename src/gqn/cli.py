@@ -397,6 +397,28 @@ def check_resume(ckpt: dict, model_cfg: dict, path: str) -> None:
         )
 
 
+def resume_data_differences(saved: dict | None, current: dict) -> str | None:
+    """One line naming the training-stream settings (``GQNDataModule.stream_settings``, the dataset and the seed)
+    where this command differs from the run that wrote a checkpoint (``saved``: its data module's state; keys it
+    lacks, from before they were saved, are not compared), and the overrides that continue that run's stream;
+    None where nothing differs. A resume with other data settings is allowed (e.g. more context views later in a
+    run), but it is no longer the same stream, so it is said."""
+    if not saved:
+        return None
+    diff = [k for k in current if k in saved and _plain_value(saved[k]) != _plain_value(current[k])]
+    if not diff:
+        return None
+    parts = "; ".join(f"data.{k}={_override_text(_plain_value(current[k]))} here but "
+                      f"{_override_text(_plain_value(saved[k]))} in the checkpoint" for k in diff)
+    fix = " ".join(f"data.{k}={_override_text(_plain_value(saved[k]))}" for k in diff)
+    return (f"resuming with other data settings than the run was trained with ({parts}): training goes on with "
+            f"this command's; add {fix} to continue the run's own stream")
+
+
+def _plain_value(value):
+    return list(value) if isinstance(value, tuple) else value
+
+
 def _override_text(value) -> str:
     """``value`` as a Hydra command-line override writes it (true, null, [3,5])."""
     import json

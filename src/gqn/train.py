@@ -31,6 +31,7 @@ from gqn.cli import (
     mark_latest,
     one_line_errors,
     resolve_ckpt,
+    resume_data_differences,
     resume_defaults,
 )
 
@@ -92,6 +93,10 @@ def train(cfg: DictConfig, extra_callbacks: list | None = None) -> float | None:
             OmegaConf.update(cfg, key, value, merge=False)
     L.seed_everything(cfg.seed, workers=True)
     datamodule = hydra.utils.instantiate(cfg.data)
+    if ckpt is not None and (differs := resume_data_differences(
+            saved.get("GQNDataModule"), {"dataset": datamodule.dataset, "seed": datamodule.seed,
+                                         **datamodule.stream_settings()})):
+        _warn(differs)
     module = hydra.utils.instantiate(cfg.module, _recursive_=False)
     callbacks = instantiate_dict(cfg.get("callbacks")) + list(extra_callbacks or [])
     stop = next((c for c in callbacks if isinstance(c, GracefulStop)), None)
