@@ -68,6 +68,17 @@ def test_trainer_options_compose(tmp_path):
     assert ddp.trainer.strategy == "ddp" and ddp.trainer.devices == 2
 
 
+def test_fast_schedule_adds_the_prior_mean_loss_only_without_the_geometric_read(tmp_path):
+    """schedule=fast: the auxiliary prior-mean loss is off with the plane-sweep read (the default) and on for the
+    plain GQN (~model/geometry); an explicit weight wins; another schedule keeps its own (none)."""
+    cases = {(): 0.0, ("~model/geometry",): 1.0, ("schedule.prior_mean_weight=0.5",): 0.5,
+             ("~model/geometry", "schedule.prior_mean_weight=0"): 0.0, ("schedule=paper",): 0.0}
+    for i, (overrides, weight) in enumerate(cases.items()):
+        cfg = compose_train(list(overrides), tmp_path / str(i))
+        assert cfg.module.prior_mean_weight == weight, overrides
+    assert compose_train([], tmp_path / "s").module.prior_mean_start == 1000
+
+
 def test_run_length_belongs_to_the_experiment_not_the_hardware(tmp_path):
     default = compose_train([], tmp_path / "a")
     gpu = compose_train(["trainer=gpu"], tmp_path / "b")
@@ -380,8 +391,9 @@ def test_prior_mean_loss_adds_the_nll_of_the_prior_mean_render_from_its_start_st
 
     from gqn.model.distributions import gaussian_nll
 
-    default = instantiate(train_cfg().module, _recursive_=False)  # schedule=fast sets it, the paper's do not
-    assert [default.prior_mean_weight(s) for s in (999, 1000)] == [0.0, 1.0]
+    # schedule=fast sets it for the plain GQN (with the geometric read it is off), the paper's do not
+    plain = instantiate(train_cfg("~model/geometry").module, _recursive_=False)
+    assert [plain.prior_mean_weight(s) for s in (999, 1000)] == [0.0, 1.0]
     paper = instantiate(train_cfg("schedule=paper").module, _recursive_=False)
     assert paper.prior_mean_weight(10**6) == 0.0
     cfg = train_cfg("module.prior_mean_weight=0.5", "module.prior_mean_start=3")

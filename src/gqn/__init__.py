@@ -12,3 +12,20 @@ CONF_DIR = _PACKAGE / "conf" if (_PACKAGE / "conf" / "train.yaml").is_file() els
 from gqn.precision import register_resolver  # noqa: E402  (configs use ${gqn_precision:})
 
 register_resolver()
+
+
+def config_if(condition, then, otherwise):
+    """``${gqn_if:<condition>,<then>,<otherwise>}`` in the configs: ``then`` where ``condition`` is set (not null,
+    false or empty), else ``otherwise``; e.g. a schedule value that depends on whether the model has a geometric
+    read: ``${gqn_if:${oc.select:model.geometry,null},0.0,1.0}``."""
+    return then if condition not in (None, False, "", {}) else otherwise
+
+
+def _register_if() -> None:
+    from omegaconf import OmegaConf
+
+    if not OmegaConf.has_resolver("gqn_if"):
+        OmegaConf.register_new_resolver("gqn_if", config_if)
+
+
+_register_if()
