@@ -12,6 +12,6 @@ from callbacks.throughput import scenes_in_batch
 __all__ = ["DrawSequence", "LineProgress", "ReconstructionGrid", "StepProgressBar", "scenes_in_batch"]
 
 from callbacks.flythrough import FlyThrough  # noqa: E402
-from callbacks.guards import GracefulStop, LastCheckpoint, NonFiniteGuard  # noqa: E402
+from callbacks.guards import GracefulStop, LastCheckpoint, NonFiniteGuard, ValidateAtLastStep  # noqa: E402
 
-__all__ += ["FlyThrough", "GracefulStop", "LastCheckpoint", "NonFiniteGuard"]
+__all__ += ["FlyThrough", "GracefulStop", "LastCheckpoint", "NonFiniteGuard", "ValidateAtLastStep"]

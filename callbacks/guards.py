@@ -51,6 +51,21 @@ class LastCheckpoint(ModelCheckpoint):
             self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
 
 
+class ValidateAtLastStep(L.Callback):
+    """Validate at the step ``trainer.max_steps`` ends training, also off the ``val_check_interval`` grid.
+
+    Lightning validates every ``val_check_interval`` steps and when something asks the trainer to stop (the
+    ``max_time`` cap, early stopping), but not when ``max_steps`` ends the run: the default's 3300 steps with a
+    validation every 500 ended with its last 300 steps unvalidated (no final ``val/*``, no image grid, the best
+    checkpoint chosen without them). At the last step this asks the trainer to stop, which Lightning answers with
+    one validation after that step (once, also where the step is on the grid); every DDP rank decides alike.
+    """
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if 0 < trainer.max_steps <= trainer.global_step:
+            trainer.should_stop = True
+
+
 class NonFiniteGuard(L.Callback):
     """Stop at the first non-finite training loss, before its update reaches the weights.
 

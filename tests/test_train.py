@@ -8,6 +8,7 @@ from pathlib import Path
 from unittest.mock import PropertyMock, patch
 
 import imageio.v3 as iio
+import lightning as L
 import pytest
 import torch
 from conftest import TINY, Probe, compose_train
@@ -374,6 +375,26 @@ def test_last_checkpoint_holds_the_step_training_stopped_at(train_cfg, tmp_path)
     from callbacks import LastCheckpoint
     kw = dict(dirpath=str(tmp_path), save_last=True, save_top_k=0, every_n_train_steps=50)
     assert LastCheckpoint(**kw).state_key == ModelCheckpoint(**kw).state_key
+
+
+def test_a_run_ended_by_max_steps_off_the_validation_grid_validates_at_its_last_step(train_cfg):
+    """Validation every 2 steps, 5 steps: Lightning alone validates at 2 and 4 only; the last step is validated
+    too (its val/*, image grid and best-checkpoint choice); a last step on the grid (4 steps) only once."""
+
+    class Validations(L.Callback):
+        def __init__(self):
+            self.steps = []
+
+        def on_validation_end(self, trainer, pl_module):
+            if not trainer.sanity_checking:
+                self.steps.append(trainer.global_step)
+
+    seen = Validations()
+    train(train_cfg("logger=none", "trainer.max_steps=5"), extra_callbacks=[seen])
+    assert seen.steps == [2, 4, 5]
+    on_grid = Validations()
+    train(train_cfg("logger=none", "trainer.max_steps=4"), extra_callbacks=[on_grid])
+    assert on_grid.steps == [2, 4]
 
 
 def test_progress_lines_when_stdout_is_not_a_terminal(train_cfg, capsys):
