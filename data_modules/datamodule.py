@@ -88,7 +88,8 @@ class GQNDataModule(L.LightningDataModule):
 
     def stream_settings(self) -> dict:
         """The settings that decide which views of which scenes a training step reads (checked on resume)."""
-        context = self.context_size if isinstance(self.context_size, int) else list(self.context_size)
+        # an int c draws the same views as [c, c]: saved as [c, c], so the two compare equal on resume
+        context = [self.context_size] * 2 if isinstance(self.context_size, int) else list(self.context_size)
         return {"context_size": context, "num_queries": self.num_queries, "batch_size": self.batch_size,
                 "image_size": self.image_size, "shuffle_buffer": self.shuffle_buffer}
 

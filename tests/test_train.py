@@ -330,7 +330,7 @@ def test_resume_auto_picks_the_latest_run(train_cfg, tmp_path, capsys):
     assert latest.resolve() == Path(first.hydra.runtime.output_dir).resolve()
     probe = _resume_auto(first, tmp_path, max_steps=4)
     assert probe.rows[0][0] == 2  # continued from step 2 of the first run
-    assert "other data settings" not in capsys.readouterr().err  # the same stream: nothing to say
+    assert "resuming with other" not in capsys.readouterr().err  # the same stream and loss: nothing to say
 
 
 def test_resume_with_other_data_settings_says_so_and_how_to_keep_the_stream(train_cfg, tmp_path, capsys):
@@ -338,12 +338,17 @@ def test_resume_with_other_data_settings_says_so_and_how_to_keep_the_stream(trai
     trains on, with one line naming the setting and the override that continues the run's own stream."""
     first = train_cfg("logger=none", "trainer.max_steps=2", "data.context_size=[1,3]")
     train(first)
-    probe = _resume_auto(first, tmp_path, 4, "data.context_size=[2,3]", "data.batch_size=2")
+    probe = _resume_auto(first, tmp_path, 4, "data.context_size=[2,3]", "data.batch_size=2",
+                         "schedule.prior_mean_weight=0.5")
     assert probe.rows[0][0] == 2
     err = capsys.readouterr().err
     assert ("data.context_size=[2,3] here but [1,3] in the checkpoint; data.batch_size=2 here but 4 in the "
             "checkpoint" in err), err
     assert "add data.context_size=[1,3] data.batch_size=4 to continue the run's own stream" in err, err
+    # the loss too (e.g. a plane-sweep run from before session 15 trained with the auxiliary loss on)
+    assert ("resuming with other loss settings than the run was trained with (schedule.prior_mean_weight=0.5 here "
+            "but 0.0 in the checkpoint): training goes on with this command's; add schedule.prior_mean_weight=0.0 "
+            "to continue the run's own loss" in err), err
 
 
 def _resume_auto(first, tmp_path, max_steps: int, *overrides: str) -> Probe:

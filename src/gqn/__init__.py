@@ -17,8 +17,9 @@ register_resolver()
 def config_if(condition, then, otherwise):
     """``${gqn_if:<condition>,<then>,<otherwise>}`` in the configs: ``then`` where ``condition`` is set (not null,
     false or empty), else ``otherwise``; e.g. a schedule value that depends on whether the model has a geometric
-    read: ``${gqn_if:${oc.select:model.geometry,null},0.0,1.0}``."""
-    return then if condition not in (None, False, "", {}) else otherwise
+    read: ``${gqn_if:${oc.select:model.geometry._target_,null},0.0,1.0}``. A 0 is set (only null, false and "" are
+    not)."""
+    return otherwise if condition is None or condition is False or condition == "" else then
 
 
 def _register_if() -> None:

@@ -397,22 +397,43 @@ def check_resume(ckpt: dict, model_cfg: dict, path: str) -> None:
         )
 
 
-def resume_data_differences(saved: dict | None, current: dict) -> str | None:
-    """One line naming the training-stream settings (``GQNDataModule.stream_settings``, the dataset and the seed)
-    where this command differs from the run that wrote a checkpoint (``saved``: its data module's state; keys it
-    lacks, from before they were saved, are not compared), and the overrides that continue that run's stream;
-    None where nothing differs. A resume with other data settings is allowed (e.g. more context views later in a
-    run), but it is no longer the same stream, so it is said."""
+def resume_differences(saved: dict | None, current: dict, what: str, keep: str) -> str | None:
+    """One line naming the settings (override path -> value, ``current``) where this command differs from the run
+    that wrote a checkpoint (``saved``, the same paths; paths it lacks, from before they were saved, are not
+    compared), and the overrides that keep the run's own (``what``: e.g. "data settings"; ``keep``: what they
+    keep); None where nothing differs. Such a resume is allowed (a researcher may mean it), but it is no longer
+    the same run, so it is said."""
     if not saved:
         return None
     diff = [k for k in current if k in saved and _plain_value(saved[k]) != _plain_value(current[k])]
     if not diff:
         return None
-    parts = "; ".join(f"data.{k}={_override_text(_plain_value(current[k]))} here but "
+    parts = "; ".join(f"{k}={_override_text(_plain_value(current[k]))} here but "
                       f"{_override_text(_plain_value(saved[k]))} in the checkpoint" for k in diff)
-    fix = " ".join(f"data.{k}={_override_text(_plain_value(saved[k]))}" for k in diff)
-    return (f"resuming with other data settings than the run was trained with ({parts}): training goes on with "
-            f"this command's; add {fix} to continue the run's own stream")
+    fix = " ".join(f"{k}={_override_text(_plain_value(saved[k]))}" for k in diff)
+    return (f"resuming with other {what} than the run was trained with ({parts}): training goes on with this "
+            f"command's; add {fix} to continue {keep}")
+
+
+#: the loss's settings a resume compares (override path -> where GQNModule's hyperparameters keep it)
+LOSS_SETTINGS = {
+    "schedule.prior_mean_weight": ("prior_mean_weight",), "schedule.prior_mean_start": ("prior_mean_start",),
+    "module.kl_weight": ("kl_weight",), "module.kl_warmup_steps": ("kl_warmup_steps",),
+    "module.sigma_warmup_steps": ("sigma_warmup_steps",), "schedule.sigma_init": ("schedule", "sigma_init"),
+    "schedule.sigma_final": ("schedule", "sigma_final"), "schedule.sigma_steps": ("schedule", "sigma_steps"),
+}
+
+
+def loss_settings(hparams: dict) -> dict:
+    """``LOSS_SETTINGS`` read from a module's hyperparameters (saved or about to be built); absent ones left out."""
+    out = {}
+    for path, keys in LOSS_SETTINGS.items():
+        node = hparams
+        for key in keys:
+            node = node.get(key) if isinstance(node, dict) else None
+        if node is not None:
+            out[path] = node
+    return out
 
 
 def _plain_value(value):

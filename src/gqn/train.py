@@ -28,11 +28,12 @@ from gqn.cli import (
     find_last_checkpoints,
     finish_wandb,
     load_checkpoint,
+    loss_settings,
     mark_latest,
     one_line_errors,
     resolve_ckpt,
-    resume_data_differences,
     resume_defaults,
+    resume_differences,
 )
 
 CHECKED = ("trainer", "data", "model", "module", "callbacks", "logger")  # config sections with typed targets
@@ -93,10 +94,17 @@ def train(cfg: DictConfig, extra_callbacks: list | None = None) -> float | None:
             OmegaConf.update(cfg, key, value, merge=False)
     L.seed_everything(cfg.seed, workers=True)
     datamodule = hydra.utils.instantiate(cfg.data)
-    if ckpt is not None and (differs := resume_data_differences(
-            saved.get("GQNDataModule"), {"dataset": datamodule.dataset, "seed": datamodule.seed,
-                                         **datamodule.stream_settings()})):
-        _warn(differs)
+    if ckpt is not None:  # a resume with other data or loss settings trains on, and says so
+        stream = {"dataset": datamodule.dataset, "seed": datamodule.seed, **datamodule.stream_settings()}
+        for differs in (
+            resume_differences({f"data.{k}": v for k, v in (saved.get("GQNDataModule") or {}).items()},
+                               {f"data.{k}": v for k, v in stream.items()}, "data settings", "the run's own stream"),
+            resume_differences(loss_settings(saved["hyper_parameters"]),
+                               loss_settings(OmegaConf.to_container(cfg.module, resolve=True)), "loss settings",
+                               "the run's own loss"),
+        ):
+            if differs:
+                _warn(differs)
     module = hydra.utils.instantiate(cfg.module, _recursive_=False)
     callbacks = instantiate_dict(cfg.get("callbacks")) + list(extra_callbacks or [])
     stop = next((c for c in callbacks if isinstance(c, GracefulStop)), None)
