@@ -390,54 +390,46 @@ def check_resume(ckpt: dict, model_cfg: dict, path: str) -> None:
     diff = sorted(k for k in saved if saved[k] != given.get(k, "<unset>"))
     if diff:
         parts = [f"{k}={saved[k]} in the checkpoint but {given.get(k, '<unset>')} here" for k in diff]
-        fix = " ".join(f"{k}={_override_text(saved[k])}" for k in diff)  # also when a default changed since
         raise UserError(
             f"cannot resume {path}: its model differs from this command's: {'; '.join(parts)}; resume with the "
-            f"checkpoint's model config ({fix}) or start a new run without ckpt_path"
+            f"checkpoint's model config ({_keep_overrides(saved, diff)}) or start a new run without ckpt_path"
         )
 
 
-def resume_differences(saved: dict | None, current: dict, what: str, keep: str) -> str | None:
-    """One line naming the settings (override path -> value, ``current``) where this command differs from the run
-    that wrote a checkpoint (``saved``, the same paths; paths it lacks, from before they were saved, are not
-    compared), and the overrides that keep the run's own (``what``: e.g. "data settings"; ``keep``: what they
-    keep); None where nothing differs. Such a resume is allowed (a researcher may mean it), but it is no longer
-    the same run, so it is said."""
-    if not saved:
-        return None
-    diff = [k for k in current if k in saved and _plain_value(saved[k]) != _plain_value(current[k])]
+def resume_differences(saved: dict, current: dict, what: str, keep: str, prefix: str = "") -> str | None:
+    """One line naming the settings where this command (``current``) differs from the run that wrote a checkpoint
+    (``saved``; settings it lacks, from before they were saved, are not compared), both flattened to override
+    paths under ``prefix``, and the overrides that keep the run's own (``what``: e.g. "data settings"; ``keep``:
+    what they keep); None where nothing differs. Such a resume is allowed (a researcher may mean it), but it is no
+    longer the same run, so it is said."""
+    saved, current = _flatten(saved, prefix), _flatten(current, prefix)
+    diff = [k for k in current if k in saved and saved[k] != current[k]]
     if not diff:
         return None
-    parts = "; ".join(f"{k}={_override_text(_plain_value(current[k]))} here but "
-                      f"{_override_text(_plain_value(saved[k]))} in the checkpoint" for k in diff)
-    fix = " ".join(f"{k}={_override_text(_plain_value(saved[k]))}" for k in diff)
+    parts = "; ".join(f"{k}={_override_text(current[k])} here but {_override_text(saved[k])} in the checkpoint"
+                      for k in diff)
     return (f"resuming with other {what} than the run was trained with ({parts}): training goes on with this "
-            f"command's; add {fix} to continue {keep}")
+            f"command's; add {_keep_overrides(saved, diff)} to continue {keep}")
 
 
-#: the loss's settings a resume compares (override path -> where GQNModule's hyperparameters keep it)
+def _keep_overrides(saved: dict, keys: list[str]) -> str:
+    """The command-line overrides that set ``keys`` to their ``saved`` values (also when a default changed since)."""
+    return " ".join(f"{k}={_override_text(saved[k])}" for k in keys)
+
+
+#: the loss's settings a resume compares: override path -> its key in GQNModule's flattened hyperparameters
 LOSS_SETTINGS = {
-    "schedule.prior_mean_weight": ("prior_mean_weight",), "schedule.prior_mean_start": ("prior_mean_start",),
-    "module.kl_weight": ("kl_weight",), "module.kl_warmup_steps": ("kl_warmup_steps",),
-    "module.sigma_warmup_steps": ("sigma_warmup_steps",), "schedule.sigma_init": ("schedule", "sigma_init"),
-    "schedule.sigma_final": ("schedule", "sigma_final"), "schedule.sigma_steps": ("schedule", "sigma_steps"),
+    "schedule.prior_mean_weight": "prior_mean_weight", "schedule.prior_mean_start": "prior_mean_start",
+    "module.kl_weight": "kl_weight", "module.kl_warmup_steps": "kl_warmup_steps",
+    "module.sigma_warmup_steps": "sigma_warmup_steps", "schedule.sigma_init": "schedule.sigma_init",
+    "schedule.sigma_final": "schedule.sigma_final", "schedule.sigma_steps": "schedule.sigma_steps",
 }
 
 
 def loss_settings(hparams: dict) -> dict:
-    """``LOSS_SETTINGS`` read from a module's hyperparameters (saved or about to be built); absent ones left out."""
-    out = {}
-    for path, keys in LOSS_SETTINGS.items():
-        node = hparams
-        for key in keys:
-            node = node.get(key) if isinstance(node, dict) else None
-        if node is not None:
-            out[path] = node
-    return out
-
-
-def _plain_value(value):
-    return list(value) if isinstance(value, tuple) else value
+    """``LOSS_SETTINGS`` read from a module's hyperparameters (saved, or of the module just built)."""
+    flat = _flatten(hparams)
+    return {path: flat[key] for path, key in LOSS_SETTINGS.items() if key in flat}
 
 
 def _override_text(value) -> str:

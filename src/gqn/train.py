@@ -94,18 +94,17 @@ def train(cfg: DictConfig, extra_callbacks: list | None = None) -> float | None:
             OmegaConf.update(cfg, key, value, merge=False)
     L.seed_everything(cfg.seed, workers=True)
     datamodule = hydra.utils.instantiate(cfg.data)
+    module = hydra.utils.instantiate(cfg.module, _recursive_=False)
     if ckpt is not None:  # a resume with other data or loss settings trains on, and says so
         stream = {"dataset": datamodule.dataset, "seed": datamodule.seed, **datamodule.stream_settings()}
         for differs in (
-            resume_differences({f"data.{k}": v for k, v in (saved.get("GQNDataModule") or {}).items()},
-                               {f"data.{k}": v for k, v in stream.items()}, "data settings", "the run's own stream"),
-            resume_differences(loss_settings(saved["hyper_parameters"]),
-                               loss_settings(OmegaConf.to_container(cfg.module, resolve=True)), "loss settings",
-                               "the run's own loss"),
+            resume_differences(saved.get("GQNDataModule") or {}, stream, "data settings", "the run's own stream",
+                               prefix="data"),
+            resume_differences(loss_settings(saved["hyper_parameters"]), loss_settings(module.hparams),
+                               "loss settings", "the run's own loss"),
         ):
             if differs:
                 _warn(differs)
-    module = hydra.utils.instantiate(cfg.module, _recursive_=False)
     callbacks = instantiate_dict(cfg.get("callbacks")) + list(extra_callbacks or [])
     stop = next((c for c in callbacks if isinstance(c, GracefulStop)), None)
     if stop is None:  # Ctrl-C / SIGTERM save a checkpoint whatever the callbacks group
