@@ -10,6 +10,8 @@ STAMP := $(VENV)/.installed
 DATA_DIR ?= data
 # Extra Hydra overrides for `make train`, e.g. make train ARGS="trainer.max_steps=100"
 ARGS ?=
+# make test: parallel test processes (see test:)
+TEST_WORKERS ?= 2
 
 .PHONY: install train test test-slow lint bench render data clean
 
@@ -33,8 +35,11 @@ train: data
 render: $(STAMP)
 	$(BIN)/gqn-render ckpt_path=outputs/latest/checkpoints/last.ckpt
 
+# pytest-xdist: TEST_WORKERS processes share the CPU's cores (tests/conftest.py gives each its share of torch threads);
+# the tests marked serial time themselves against a cap and run alone afterwards. TEST_WORKERS=0: all in one process.
 test: $(STAMP)
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) -m "not slow and not serial"
+	$(BIN)/python -m pytest -q -m "serial and not slow"
 
 test-slow: $(STAMP)
 	$(BIN)/python -m pytest -q -m slow

@@ -176,6 +176,7 @@ def test_lr_line_bends_continuously_and_a_resume_continues_the_bent_line():
     assert [fresh.lr_lambdas[0](s) for s in (550, 775, 1000)] == pytest.approx([0.325, 0.2125, 0.1])
 
 
+@pytest.mark.serial  # its pace sets the LR line: a test beside it on the same cores would move the stop
 def test_the_lr_line_ends_where_the_time_cap_stops_training(train_cfg, capsys):
     """schedule=fast with trainer.max_time: the LR follows the configured line (to max_steps) until the pace
     is known, then bends to reach lr_final when the cap stops the run, far before max_steps; continuous. The
