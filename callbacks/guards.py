@@ -36,8 +36,13 @@ class LastCheckpoint(ModelCheckpoint):
     With ``every_n_train_steps=N`` Lightning writes ``last.ckpt`` only at multiples of N (and at the end only if
     it wrote none before), so a run that ``trainer.max_time`` or a ``max_steps`` off the grid stopped between two
     saves left ``last.ckpt`` up to N - 1 steps behind its trained weights, and ``make train`` evaluated and
-    rendered the older ones (session 14: step 2900 of 2938). This one also saves at the end of training.
+    rendered the older ones (session 14: step 2900 of 2938). This one also saves at the end of training, and
+    saves again there when a validation came after the last save at that very step (the default's 3300 steps: saved
+    at step 3300 by the every-50 schedule, then validated by :class:`ValidateAtLastStep`), so that ``last.ckpt``
+    holds the best-checkpoint choice that validation made (else a resume tracked a deleted ``best-*.ckpt``).
     """
+
+    _validated_after_save = False
 
     @property
     def state_key(self) -> str:
@@ -45,9 +50,17 @@ class LastCheckpoint(ModelCheckpoint):
         # last_model_path starts empty and the version counter writes last-v1.ckpt beside the old last.ckpt)
         return super().state_key.replace(type(self).__qualname__, ModelCheckpoint.__qualname__, 1)
 
+    def on_validation_end(self, trainer, pl_module) -> None:
+        super().on_validation_end(trainer, pl_module)
+        if not trainer.sanity_checking:
+            self._validated_after_save = self._last_global_step_saved == trainer.global_step
+
     def on_train_end(self, trainer, pl_module) -> None:
         super().on_train_end(trainer, pl_module)
-        if self.save_last and not self._should_skip_saving_checkpoint(trainer):  # skips a step already saved
+        if not self.save_last:
+            return
+        stale = self._validated_after_save and self._last_global_step_saved == trainer.global_step
+        if not self._should_skip_saving_checkpoint(trainer) or (stale and not trainer.fast_dev_run):
             self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
 
 

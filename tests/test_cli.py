@@ -218,7 +218,7 @@ def test_resume_after_sigkill(data_root, tmp_path):
 def test_ddp_two_cpu_processes(data_root, tmp_path):
     run = tmp_path / "ddp"
     # 125 steps: from the pace of steps 0-100 the LR line's horizon is broadcast from rank 0 at step 100
-    # (schedule.lr_fit_max_time under the default experiment's time cap; 16 minutes do not bend the line); a
+    # (schedule.lr_fit_max_time under the default experiment's time cap; 15 min 30 s do not bend the line); a
     # collective that one rank skipped would hang
     proc = run_cli("gqn-train", *tiny(data_root, run, "trainer=ddp", "trainer.max_steps=125",
                                       "trainer.val_check_interval=125",

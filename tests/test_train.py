@@ -334,6 +334,19 @@ def test_resume_auto_picks_the_latest_run(train_cfg, tmp_path, capsys):
     assert "resuming with other" not in capsys.readouterr().err  # the same stream and loss: nothing to say
 
 
+def test_resume_of_another_dataset_names_its_data_group_where_it_has_one():
+    """The override that keeps a run's dataset: its data group where conf/data has one (which also sets the frame
+    size and batch of that dataset), else data.dataset=<name> (a directory of the user's own)."""
+    from gqn.cli import resume_differences
+
+    for saved, keep in (("rooms_ring_camera", "data=rooms_ring_camera"), ("proxy_rooms", "data.dataset=proxy_rooms")):
+        line = resume_differences({"dataset": saved, "batch_size": 36},
+                                  {"dataset": "synthetic_rooms", "batch_size": 16},
+                                  "data settings", "the run's own stream", prefix="data")
+        assert line.endswith(f"add {keep} data.batch_size=36 to continue the run's own stream"), line
+        assert f"data.dataset=synthetic_rooms here but {saved} in the checkpoint" in line, line
+
+
 def test_resume_with_other_data_settings_says_so_and_how_to_keep_the_stream(train_cfg, tmp_path, capsys):
     """A resume whose context views per step differ from the run's (e.g. a run from before the default changed)
     trains on, with one line naming the setting and the override that continues the run's own stream."""
@@ -401,6 +414,21 @@ def test_a_run_ended_by_max_steps_off_the_validation_grid_validates_at_its_last_
     on_grid = Validations()
     train(train_cfg("logger=none", "trainer.max_steps=4"), extra_callbacks=[on_grid])
     assert on_grid.steps == [2, 4]
+
+
+def test_last_checkpoint_saved_before_the_final_validation_is_saved_again_after_it(train_cfg):
+    """last.ckpt every 5 steps, validation every 2, 5 steps: Lightning writes last.ckpt at step 5 before the final
+    validation (ValidateAtLastStep), whose best checkpoint (monitor step: each validation is a new best) replaces
+    best-step0000004.ckpt; the last.ckpt on disk holds that choice, not the deleted file."""
+    cfg = train_cfg("logger=none", "trainer.max_steps=5", "callbacks.last_checkpoint.every_n_train_steps=5",
+                    "callbacks.best_checkpoint.monitor=step", "callbacks.best_checkpoint.mode=max")
+    train(cfg)
+    ckpts = Path(cfg.hydra.runtime.output_dir) / "checkpoints"
+    assert sorted(p.name for p in ckpts.glob("*.ckpt")) == ["best-step0000005.ckpt", "last.ckpt"]
+    state = torch.load(ckpts / "last.ckpt", map_location="cpu", weights_only=False)
+    assert state["global_step"] == 5
+    (best,) = [v for k, v in state["callbacks"].items() if k.startswith("ModelCheckpoint") and "'monitor': 'step'" in k]
+    assert Path(best["best_model_path"]).name == "best-step0000005.ckpt"
 
 
 def test_progress_lines_when_stdout_is_not_a_terminal(train_cfg, capsys):

@@ -413,8 +413,18 @@ def resume_differences(saved: dict, current: dict, what: str, keep: str, prefix:
 
 
 def _keep_overrides(saved: dict, keys: list[str]) -> str:
-    """The command-line overrides that set ``keys`` to their ``saved`` values (also when a default changed since)."""
-    return " ".join(f"{k}={_override_text(saved[k])}" for k in keys)
+    """The command-line overrides that set ``keys`` to their ``saved`` values (also when a default changed since).
+    A dataset with a config of its own in the ``data`` group (the DeepMind datasets, ``synthetic_rooms``) is named
+    by that group (``data=rooms_ring_camera``, which also sets its frame size and batch), others by name."""
+    from gqn import CONF_DIR
+
+    def override(key: str) -> str:
+        value = saved[key]
+        if key == "data.dataset" and isinstance(value, str) and (Path(CONF_DIR) / "data" / f"{value}.yaml").is_file():
+            return f"data={value}"
+        return f"{key}={_override_text(value)}"
+
+    return " ".join(override(k) for k in keys)
 
 
 #: the loss's settings a resume compares: override path -> its key in GQNModule's flattened hyperparameters
