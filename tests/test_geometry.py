@@ -203,6 +203,47 @@ def test_occluder_colour_is_what_the_views_see_on_the_line_to_the_point():
         PlaneSweep(32, occluder_colour=True)
 
 
+def test_nearest_view_is_the_baseline_view_and_a_third_colour_to_copy():
+    """nearest_view: the read ends with the context view the nearest-view baseline picks (and is otherwise the
+    read without it); in the render a softmax weighs it against the colour the sweep found and the canvas: each
+    weight -> 1 gives that image alone."""
+    from gqn.metrics import nearest_context_view
+    from gqn.model import GQN, Tower
+
+    images, poses, _, _ = _room(views=5)
+    torch.manual_seed(0)
+    plain = PlaneSweep(32, feature_channels=2, depths=4, sweep_size=8)
+    near = PlaneSweep(32, feature_channels=2, depths=4, sweep_size=8, nearest_view=True)
+    near.load_state_dict(plain.state_dict())  # the option adds no parameters
+    assert (near.out_channels, near.copies) == (plain.out_channels + 3, 2)
+    ctx, ctx_poses = images[None, :-1].repeat(2, 1, 1, 1, 1), poses[None, :-1].repeat(2, 1, 1)
+    query = torch.stack([poses[-1], poses[1] + 0.01])  # the second query sits next to context view 1
+    with torch.no_grad():
+        features = plain.view_features(ctx, ctx_poses)
+        out = near(features, ctx_poses, query)
+        assert torch.equal(out[:, :plain.out_channels], plain(features, ctx_poses, query))
+        assert torch.equal(out[:, -3:], nearest_context_view(ctx, ctx_poses, query))
+        assert torch.equal(out[1, -3:], ctx[1, 1])
+
+    torch.manual_seed(0)
+    model = GQN(Tower(image_size=32, channels=8), image_size=32, hidden_channels=8, canvas_channels=8, num_steps=2,
+                core_sharing="shared", geometry=near)
+    ci, cp, qp = images[None, :-1], poses[None, :-1], poses[None, -1]
+    last = model.generator.geometry_skip[-1]
+    with torch.no_grad():
+        last.weight.zero_()
+        r, views = model.encode(ci, cp)
+        read = model.read_geometry(qp, views)
+        renders = []
+        for bias in ([30.0, 0, 0, 0, 0], [0, 30.0, 0, 0, 0], [-30.0, -30.0, 0, 0, 0]):
+            last.bias.copy_(torch.tensor(bias))
+            renders.append(model.render(r, qp, mean=True, views=views))
+        assert torch.allclose(renders[0], read[:, :3], atol=1e-6)  # the colour the sweep found
+        assert torch.allclose(renders[1], read[:, -3:], atol=1e-6)  # the nearest view
+        assert torch.allclose(renders[1], nearest_context_view(ci, cp, qp), atol=1e-6)
+        assert (renders[2] - renders[0]).abs().mean() > 0.05 and (renders[2] - renders[1]).abs().mean() > 0.05
+
+
 def test_ray_profile_is_the_sweep_along_each_ray():
     """ray_profile: after the read without the option (the same parameters), every depth plane of each query ray:
     the mean colour of the context views whose image holds that point and their fraction. Checked against the

@@ -101,6 +101,7 @@ class DRAWGenerator(nn.Module):
         geometry_core_channels: int = 32,
         geometry_mix_kernel: int = 1,
         canvas_kernel: int = GRID_SCALE,
+        geometry_copies: int = 1,
     ):
         """``canvas_kernel``: the kernel of the transposed convolution that writes each step's state onto the
         full-resolution canvas (stride 4): 4 (the paper) gives every latent-grid position its own 4x4 block, 8
@@ -110,7 +111,9 @@ class DRAWGenerator(nn.Module):
         ``r_channels``). ``geometry_channels``: the channels of a full-resolution map of the query view (a
         :class:`gqn.model.geometry.PlaneSweep` read) that both cores take as a step-invariant input (each 4x4
         block of it mapped to ``geometry_core_channels`` channels of the latent grid) and the observation takes
-        beside the canvas, through a small network whose first layer has ``geometry_mix_kernel`` x that kernel."""
+        beside the canvas, through a small network whose first layer has ``geometry_mix_kernel`` x that kernel.
+        ``geometry_copies``: the colours of that map the observation may copy per pixel: its first three channels,
+        and with 2 also its last three (the nearest context view); a softmax weighs them against the canvas."""
         super().__init__()
         if num_steps < 1:
             raise ValueError(f"num_steps (L) must be >= 1, got {num_steps}")
@@ -167,12 +170,15 @@ class DRAWGenerator(nn.Module):
         self.canvas_down = nn.Conv2d(canvas_channels, hidden_channels, GRID_SCALE, stride=GRID_SCALE)
         self.observation = nn.Conv2d(canvas_channels, image_channels, 1)
         self.geometry_skip = None
+        if geometry_copies not in (1, 2):
+            raise ValueError(f"geometry_copies must be 1 or 2, got {geometry_copies}")
+        self.geometry_copies = geometry_copies
         if geometry_channels:  # per pixel, canvas and geometric read together decide what to copy from the context
             width = 32
             k = geometry_mix_kernel
             self.geometry_skip = nn.Sequential(
                 nn.Conv2d(canvas_channels + geometry_channels, width, k, padding=k // 2), nn.ReLU(),
-                nn.Conv2d(width, 1 + image_channels, 1))
+                nn.Conv2d(width, geometry_copies + image_channels, 1))
 
     # ------------------------------------------------------------------ helpers
     def _core(self, cores: nn.ModuleList, step: int) -> ConvLSTMCell:
@@ -216,8 +222,15 @@ class DRAWGenerator(nn.Module):
             return torch.sigmoid(logits)
         c = self.observation.out_channels
         mix = self.geometry_skip(torch.cat([canvas, geometry.to(canvas.dtype)], dim=1))
-        alpha = torch.sigmoid(mix[:, :1])
-        return alpha * geometry[:, :c].to(canvas.dtype) + (1 - alpha) * torch.sigmoid(logits + mix[:, 1:])
+        k = self.geometry_copies
+        found = geometry[:, :c].to(canvas.dtype)
+        drawn = torch.sigmoid(logits + mix[:, k:])
+        if k == 1:
+            alpha = torch.sigmoid(mix[:, :1])
+            return alpha * found + (1 - alpha) * drawn
+        # the found colour, the nearest view's, the canvas: a softmax over (mix_0, mix_1, 0) per pixel
+        w = torch.softmax(torch.cat([mix[:, :k], torch.zeros_like(mix[:, :1])], dim=1), dim=1)
+        return w[:, :1] * found + w[:, 1:2] * geometry[:, -c:].to(canvas.dtype) + w[:, 2:] * drawn
 
     # ------------------------------------------------------------------ API
     def forward(

@@ -58,6 +58,8 @@ class PlaneSweep(nn.Module):
         fov_degrees: initial full field of view (horizontal = vertical).
         learn_fov: learn the field of view (else it stays ``fov_degrees``).
         hidden: width of the network that scores each depth.
+        nearest_view: also hand the generator the context view nearest the query in pose (7-d distance, as the
+            nearest-view baseline picks it), a second colour it may copy per pixel (cameras close together).
         sweep_size: the query resolution of the sweep (None: the image size); the depth it finds is upsampled, and
             the views are sampled once more at that depth for every pixel of the full-resolution map.
         consensus: in that last sampling, weigh down a view whose colour disagrees with the other views' mean
@@ -89,7 +91,8 @@ class PlaneSweep(nn.Module):
                  far: float = 20.0, fov_degrees: float = 60.0, learn_fov: bool = True, hidden: int = 32,
                  sweep_size: int | None = 16, consensus: bool = False, lens_gain: float = 1.0,
                  visibility: bool = False, visibility_margin: float = 0.2, visibility_size: int | None = 8,
-                 visibility_grad: bool = False, occluder_colour: bool = False, ray_profile: bool = False):
+                 visibility_grad: bool = False, occluder_colour: bool = False, ray_profile: bool = False,
+                 nearest_view: bool = False):
         super().__init__()
         if not 0 < near < far:
             raise ValueError(f"geometry needs 0 < near < far, got near={near}, far={far}")
@@ -113,6 +116,12 @@ class PlaneSweep(nn.Module):
         if ray_profile:  # per depth plane: the seeing views' mean RGB and their count
             self.out_channels += 4 * depths
         if occluder_colour:  # the colour on the line from each view to the point, whatever hides it: RGB, last
+            self.out_channels += 3
+        #: with nearest_view the map ends with the RGB of the context view whose pose is nearest the query's (the
+        #: nearest-view baseline, as a second colour the generator may copy where the sweep found none)
+        self.nearest_view = nearest_view
+        self.copies = 2 if nearest_view else 1
+        if nearest_view:
             self.out_channels += 3
         self.features = nn.Sequential(
             nn.Conv2d(3, feature_channels, 3, padding=1), nn.ReLU(),
@@ -221,8 +230,13 @@ class PlaneSweep(nn.Module):
             fine = self._gather(features, frames, query_poses, depth.flatten(1))
             fine = fine.view(B, -1, H, W)
             if self.occluder_colour:  # kept last: the layout before it stays as without the option
-                return torch.cat([fine[:, :-3], coarse, fine[:, -3:]], dim=1)
-            return torch.cat([fine, coarse], dim=1)  # RGB first: what the generator may copy
+                out = [fine[:, :-3], coarse, fine[:, -3:]]
+            else:
+                out = [fine, coarse]  # RGB first: what the generator may copy
+            if self.nearest_view:  # last: the layout before it stays as without the option
+                nearest = (context_poses - query_poses[:, None]).pow(2).sum(-1).argmin(dim=1)  # [B]
+                out.append(features[torch.arange(B, device=features.device), nearest, :3])
+            return torch.cat(out, dim=1)
 
     def _project(self, frames, query_poses, size):
         """Rays of the query pixels at ``size`` x ``size`` and the affine map from a depth along them to each context

@@ -96,6 +96,7 @@ class GQN(nn.Module):
             attention=getattr(encoder, "attention", None),
             patch_channels=getattr(encoder, "patch_channels", None),
             geometry_channels=0 if geometry is None else geometry.out_channels,
+            geometry_copies=getattr(geometry, "copies", 1),
             geometry_core_channels=geometry_core_channels,
             geometry_mix_kernel=geometry_mix_kernel,
             canvas_kernel=canvas_kernel,
