@@ -39,7 +39,7 @@ render: $(STAMP)
 # the tests marked serial time themselves against a cap and run alone afterwards. TEST_WORKERS=0: all in one process.
 test: $(STAMP)
 	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) -m "not slow and not serial"
-	$(BIN)/python -m pytest -q -m "serial and not slow"
+	$(BIN)/python -m pytest -q -m "serial and not slow" || [ $$? -eq 5 ]  # 5: none selected
 
 test-slow: $(STAMP)
 	$(BIN)/python -m pytest -q -m slow

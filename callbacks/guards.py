@@ -42,7 +42,7 @@ class LastCheckpoint(ModelCheckpoint):
     holds the best-checkpoint choice that validation made (else a resume tracked a deleted ``best-*.ckpt``).
     """
 
-    _validated_after_save = False
+    _validated_at_save: int | None = None  # the step of the last save, if a validation followed it there
 
     @property
     def state_key(self) -> str:
@@ -52,14 +52,14 @@ class LastCheckpoint(ModelCheckpoint):
 
     def on_validation_end(self, trainer, pl_module) -> None:
         super().on_validation_end(trainer, pl_module)
-        if not trainer.sanity_checking:
-            self._validated_after_save = self._last_global_step_saved == trainer.global_step
+        if not trainer.sanity_checking and self._last_global_step_saved == trainer.global_step:
+            self._validated_at_save = trainer.global_step
 
     def on_train_end(self, trainer, pl_module) -> None:
         super().on_train_end(trainer, pl_module)
         if not self.save_last:
             return
-        stale = self._validated_after_save and self._last_global_step_saved == trainer.global_step
+        stale = self._validated_at_save == self._last_global_step_saved == trainer.global_step
         if not self._should_skip_saving_checkpoint(trainer) or (stale and not trainer.fast_dev_run):
             self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
 

@@ -6,8 +6,12 @@ import os
 import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
+# the bf16 speed-up that the tests' runs measure (under the other tests' load, at their thread count) stays out of
+# the user's ~/.cache/gqn/precision.json, which later runs at that thread count would trust
+os.environ.setdefault("GQN_CACHE_DIR", tempfile.mkdtemp(prefix="gqn-test-cache-"))
 if os.environ.get("PYTEST_XDIST_WORKER"):
     # under pytest-xdist (make test): each worker process takes its share of the cores for torch here and for the
     # console scripts it starts (inherited); two workers each on both cores of a 2-core CPU spin on each other's

@@ -335,16 +335,19 @@ def test_resume_auto_picks_the_latest_run(train_cfg, tmp_path, capsys):
 
 
 def test_resume_of_another_dataset_names_its_data_group_where_it_has_one():
-    """The override that keeps a run's dataset: its data group where conf/data has one (which also sets the frame
-    size and batch of that dataset), else data.dataset=<name> (a directory of the user's own)."""
+    """The override that keeps a run's dataset: its data group where conf/data has one, and then every saved data
+    setting (the group resets them all to its own: a run of 32 px ring-camera frames keeps data.image_size=32);
+    else data.dataset=<name> (a directory of the user's own) and the settings that differ."""
     from gqn.cli import resume_differences
 
-    for saved, keep in (("rooms_ring_camera", "data=rooms_ring_camera"), ("proxy_rooms", "data.dataset=proxy_rooms")):
-        line = resume_differences({"dataset": saved, "batch_size": 36},
-                                  {"dataset": "synthetic_rooms", "batch_size": 16},
+    for saved, keep in (("rooms_ring_camera", "data=rooms_ring_camera data.batch_size=36 data.image_size=32"),
+                        ("proxy_rooms", "data.dataset=proxy_rooms data.batch_size=36")):
+        line = resume_differences({"dataset": saved, "batch_size": 36, "image_size": 32},
+                                  {"dataset": "synthetic_rooms", "batch_size": 16, "image_size": 32},
                                   "data settings", "the run's own stream", prefix="data")
-        assert line.endswith(f"add {keep} data.batch_size=36 to continue the run's own stream"), line
+        assert line.endswith(f"add {keep} to continue the run's own stream"), line
         assert f"data.dataset=synthetic_rooms here but {saved} in the checkpoint" in line, line
+        assert "image_size" not in line.split("): ")[0], line  # not named among the differences
 
 
 def test_resume_with_other_data_settings_says_so_and_how_to_keep_the_stream(train_cfg, tmp_path, capsys):
