@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import atexit
 import os
 import shutil
 import subprocess
@@ -11,7 +12,9 @@ from pathlib import Path
 
 # the bf16 speed-up that the tests' runs measure (under the other tests' load, at their thread count) stays out of
 # the user's ~/.cache/gqn/precision.json, which later runs at that thread count would trust
-os.environ.setdefault("GQN_CACHE_DIR", tempfile.mkdtemp(prefix="gqn-test-cache-"))
+if "GQN_CACHE_DIR" not in os.environ:
+    os.environ["GQN_CACHE_DIR"] = tempfile.mkdtemp(prefix="gqn-test-cache-")
+    atexit.register(shutil.rmtree, os.environ["GQN_CACHE_DIR"], True)
 if os.environ.get("PYTEST_XDIST_WORKER"):
     # under pytest-xdist (make test): each worker process takes its share of the cores for torch here and for the
     # console scripts it starts (inherited); two workers each on both cores of a 2-core CPU spin on each other's

@@ -408,30 +408,25 @@ def resume_differences(saved: dict, current: dict, what: str, keep: str, prefix:
         return None
     parts = "; ".join(f"{k}={_override_text(current[k])} here but {_override_text(saved[k])} in the checkpoint"
                       for k in diff)
-    keys = diff
-    if _data_group(saved, diff):  # data=<group> resets every data setting to the group's: name them all
+    keys, group = diff, _data_group(saved["data.dataset"]) if "data.dataset" in diff else None
+    if group:  # data=<group> resets every data setting to the group's: name them all
         keys = ["data.dataset", *(k for k in current if k in saved and k != "data.dataset")]
     return (f"resuming with other {what} than the run was trained with ({parts}): training goes on with this "
-            f"command's; add {_keep_overrides(saved, keys)} to continue {keep}")
+            f"command's; add {_keep_overrides(saved, keys, group)} to continue {keep}")
 
 
-def _data_group(saved: dict, keys: list[str]) -> str | None:
-    """The ``data`` config group of the saved ``data.dataset`` among ``keys`` (the DeepMind datasets,
-    ``synthetic_rooms``), else None."""
+def _data_group(dataset) -> str | None:
+    """``dataset`` where the ``data`` config group has a config of that name (the DeepMind datasets,
+    ``synthetic_rooms``), else None (a directory of the user's own)."""
     from gqn import CONF_DIR
 
-    value = saved.get("data.dataset") if "data.dataset" in keys else None
-    if isinstance(value, str) and (Path(CONF_DIR) / "data" / f"{value}.yaml").is_file():
-        return value
-    return None
+    return dataset if isinstance(dataset, str) and (Path(CONF_DIR) / "data" / f"{dataset}.yaml").is_file() else None
 
 
-def _keep_overrides(saved: dict, keys: list[str]) -> str:
-    """The command-line overrides that set ``keys`` to their ``saved`` values (also when a default changed since).
-    A dataset with a config of its own in the ``data`` group is named by that group (``data=rooms_ring_camera``:
-    its reader settings), others by name (``data.dataset=<directory>``)."""
-    group = _data_group(saved, keys)
-    return " ".join(f"data={group}" if k == "data.dataset" and group else f"{k}={_override_text(saved[k])}"
+def _keep_overrides(saved: dict, keys: list[str], data_group: str | None = None) -> str:
+    """The command-line overrides that set ``keys`` to their ``saved`` values (also when a default changed since);
+    with ``data_group``, the dataset is named by that group (``data=rooms_ring_camera``: its reader settings)."""
+    return " ".join(f"data={data_group}" if k == "data.dataset" and data_group else f"{k}={_override_text(saved[k])}"
                     for k in keys)
 
 

@@ -27,6 +27,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from gqn.metrics import nearest_context_view
+
 
 def camera_frames(poses: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Position, forward, right and up vectors ``[..., 3]`` of 7-d poses ``[..., 7]``."""
@@ -234,8 +236,7 @@ class PlaneSweep(nn.Module):
             else:
                 out = [fine, coarse]  # RGB first: what the generator may copy
             if self.nearest_view:  # last: the layout before it stays as without the option
-                nearest = (context_poses - query_poses[:, None]).pow(2).sum(-1).argmin(dim=1)  # [B]
-                out.append(features[torch.arange(B, device=features.device), nearest, :3])
+                out.append(nearest_context_view(features[:, :, :3], context_poses, query_poses))
             return torch.cat(out, dim=1)
 
     def _project(self, frames, query_poses, size):
