@@ -176,6 +176,31 @@ def test_lr_line_bends_continuously_and_a_resume_continues_the_bent_line():
     assert [fresh.lr_lambdas[0](s) for s in (550, 775, 1000)] == pytest.approx([0.325, 0.2125, 0.1])
 
 
+def test_every_rank_bends_the_lr_line_to_rank_0s_horizon():
+    """schedule.lr_fit_max_time under DDP: each rank measures its own pace, but all take the horizon rank 0
+    broadcasts (ranks with different LRs would train different models). Here this rank's own pace gives a
+    horizon of 500 steps; rank 0's broadcast says 700: the line must end at 700 (and the broadcast be asked for
+    from rank 0). The two-process DDP test cannot catch a missing broadcast: both ranks measure the same pace."""
+    from types import SimpleNamespace
+
+    sched = linear_lr(torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1e-3), 1e-3, 1e-4, 10000)
+    sched.last_epoch = 200
+    sent = []
+
+    def broadcast(value, src=0):
+        sent.append((value, src))
+        return 700.0  # rank 0's horizon
+
+    module = SimpleNamespace(global_step=200, _clock=[(100, 0.0)], LR_FIT_WINDOW=500, LR_FIT_EVERY=25,
+                             trainer=SimpleNamespace(strategy=SimpleNamespace(broadcast=broadcast)),
+                             lr_schedulers=lambda: sched, log=lambda *a, **k: None)
+    with patch("gqn.gqn_module.max_time_left", return_value=3.0), patch("gqn.gqn_module.time.monotonic",
+                                                                       return_value=1.0):
+        GQNModule._fit_lr_to_max_time(module)  # this rank: 100 steps a second, 3 s left: 200 + 300 = 500
+    assert sent == [(pytest.approx(500.0), 0)]
+    assert sched.lr_lambdas[0].horizon == 700.0
+
+
 @pytest.mark.serial  # its pace sets the LR line: a test beside it on the same cores would move the stop
 def test_the_lr_line_ends_where_the_time_cap_stops_training(train_cfg, capsys):
     """schedule=fast with trainer.max_time: the LR follows the configured line (to max_steps) until the pace

@@ -275,14 +275,16 @@ class PlaneSweep(nn.Module):
         the point (None without them: no visibility, or while making them). ``cam`` ``[B, M, ..., 3]``: the points
         in each view's camera coordinates."""
         C = self.sample_channels
-        inside = samples[:, :, -1:]
+        # split, not sliced: the backward of a slice fills a zero tensor of the whole sample for each slice
         if samples.shape[2] != C + 3:
-            return samples[:, :, :C], inside, None
-        own = samples[:, :, C:C + 2] / inside.clamp(min=1e-6)  # the view's log depth and its reliability there
-        behind = cam[..., 0].clamp(min=1e-4).log().unsqueeze(2) - own[:, :, :1]  # > 0: the point is behind it
+            samples, inside = samples.split([samples.shape[2] - 1, 1], dim=2)
+            return (samples if samples.shape[2] == C else samples[:, :, :C]), inside, None
+        samples, own_depth, reliable, inside = samples.split([C, 1, 1, 1], dim=2)
+        scale = 1 / inside.clamp(min=1e-6)  # the view's own log depth and its reliability there
+        behind = cam[..., 0].clamp(min=1e-4).log().unsqueeze(2) - own_depth * scale  # > 0: the point is behind it
         hidden = torch.sigmoid(self.log_visibility_sharpness.exp() * (behind - self.visibility_margin))
-        visible = 1 - own[:, :, 1:].clamp(0, 1) * hidden
-        return samples[:, :, :C], inside * visible, visible
+        visible = 1 - (reliable * scale).clamp(0, 1) * hidden
+        return samples, inside * visible, visible
 
     def _sweep(self, features, frames, query_poses, size, profile: bool = False):
         """The plane sweep at ``size`` x ``size`` query pixels: the depth-weighted summary ``[B, C + 3, s, s]`` and
@@ -318,12 +320,11 @@ class PlaneSweep(nn.Module):
         the fraction of views that see it: ``[B, C + 1, P]``; with ``occluder_colour`` then the colour every view
         that has the point in its image sees on the line to it, hidden or not, weighted alike: ``[B, C + 4, P]``."""
         B, M = features.shape[:2]
-        C = self.sample_channels
         rays, origin, slope = self._project(frames, query_poses, int(math.isqrt(depth.shape[1])))
         cam = origin[:, :, None] + slope * depth[:, None, :, None]  # [B, M, P, 3]
         raw = self._sample(features, cam[:, :, :, None])
         samples, seen, _ = self._seen(raw, cam[:, :, :, None])
-        samples, seen = samples[..., 0], seen[..., 0]  # [B, M, C, P], [B, M, 1, P]
+        samples, seen = samples.squeeze(-1), seen.squeeze(-1)  # [B, M, C, P], [B, M, 1, P]
         # cosine between the query ray and the ray from each context camera to the point
         c_pos = frames[0]
         points = query_poses[:, None, :3] + rays * depth[..., None]  # [B, P, 3]
@@ -331,10 +332,10 @@ class PlaneSweep(nn.Module):
         cos = (to_point * F.normalize(rays, dim=-1)[:, None]).sum(-1)  # [B, M, P]
         logits = self.log_view_sharpness.exp() * cos[:, :, None] + torch.log(seen.clamp(min=1e-6))
         if self.consensus:  # a view whose sample disagrees with the others' mean is likely occluded there
-            plain = (samples[:, :, :C] * seen).sum(dim=1, keepdim=True) / seen.sum(dim=1, keepdim=True).clamp(min=1)
+            plain = (samples * seen).sum(dim=1, keepdim=True) / seen.sum(dim=1, keepdim=True).clamp(min=1)
             logits = logits - self.log_consensus.exp() * (samples[:, :, :3] - plain[:, :, :3]).pow(2).sum(2, True)
         w = torch.softmax(logits, dim=1)  # over views
-        colour = (w * samples[:, :, :C]).sum(dim=1)  # [B, C, P]
+        colour = (w * samples).sum(dim=1)  # [B, C, P] (samples hold C channels: _seen)
         out = [colour, seen.sum(dim=1) / M]
         if self.occluder_colour:
             inside = raw[:, :, -1:, :, 0]  # [B, M, 1, P]: in the view's image, visible or not
