@@ -433,6 +433,7 @@ def _keep_overrides(saved: dict, keys: list[str], data_group: str | None = None)
 #: the loss's settings a resume compares: override path -> its key in GQNModule's flattened hyperparameters
 LOSS_SETTINGS = {
     "schedule.prior_mean_weight": "prior_mean_weight", "schedule.prior_mean_start": "prior_mean_start",
+    "module.read_weight": "read_weight",
     "module.kl_weight": "kl_weight", "module.kl_warmup_steps": "kl_warmup_steps",
     "module.sigma_warmup_steps": "sigma_warmup_steps", "schedule.sigma_init": "schedule.sigma_init",
     "schedule.sigma_final": "schedule.sigma_final", "schedule.sigma_steps": "schedule.sigma_steps",

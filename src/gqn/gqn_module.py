@@ -66,6 +66,10 @@ class GQNModule(L.LightningModule):
             from the prior-mean latents, i.e. of the deterministic render that evaluation scores. 0 trains
             on the ELBO alone (the paper); above 0 each step also runs the generator once from the prior.
         prior_mean_start: the step from which that auxiliary loss applies (before it costs nothing).
+        read_weight: weight of an auxiliary loss on the geometric read (``model.geometry``): the pixel NLL (at
+            the same sigma) of the colour the plane sweep found for each query pixel, where a context view sees
+            that point. It trains the depth scores, the visibility test and the lens from every such pixel,
+            not only through the pixels where the generator chose to copy that colour. 0: off.
         compile: ``torch.compile`` the encoder and the generator in place (``True``: the inductor backend; a
             string names another backend, e.g. ``aot_eager`` traces without generating code). The first
             step of each new input shape pays the compile time; the checkpoint's keys are those of eager.
@@ -82,6 +86,7 @@ class GQNModule(L.LightningModule):
         kl_weight: float = 1.0,
         prior_mean_weight: float = 0.0,
         prior_mean_start: int = 0,
+        read_weight: float = 0.0,
         compile: bool | str = False,
     ):
         super().__init__()
@@ -90,6 +95,7 @@ class GQNModule(L.LightningModule):
                                    "sigma_warmup_steps": sigma_warmup_steps,
                                    "kl_warmup_steps": kl_warmup_steps, "kl_weight": kl_weight,
                                    "prior_mean_weight": prior_mean_weight, "prior_mean_start": prior_mean_start,
+                                   "read_weight": read_weight,
                                    "compile": compile})
         self.model: GQN = hydra.utils.instantiate(self.hparams.model)
         s = self.hparams.schedule
@@ -210,11 +216,24 @@ class GQNModule(L.LightningModule):
             prior_nll = gaussian_nll(images, prior_mean, self.sigma())
             loss = loss + weight * prior_nll.mean()
             self.log("train/prior_mean_nll", prior_nll.mean(), batch_size=B)
+        read_weight = self.hparams.get("read_weight", 0.0)
+        if read_weight and out["geometry"] is not None:
+            images = batch["query_images"]
+            images = images.flatten(0, 1) if images.dim() == 5 else images  # [B * K, ...] like the read
+            found, seen = self.model.geometry.found_colour(out["geometry"])
+            where = (seen.detach() > 0).to(found.dtype)  # pixels that some context view sees
+            read_nll = (where * (found - images).pow(2)).flatten(1).sum(1) / (2 * self.sigma() ** 2)
+            loss = loss + read_weight * read_nll.mean()
+            self.log("train/read_nll", read_nll.mean(), batch_size=B)
         self._step_kind = (True, B, batch["context_images"].shape[1], bool(weight))
         self.log("train/loss", loss, prog_bar=True, batch_size=B)
         self._log_terms("train", out, B)
         self.log("train/sigma", self.sigma(), batch_size=B)
         self.log("train/context_size", float(batch["context_images"].shape[1]), batch_size=B)
+        geometry = self.model.geometry
+        if geometry is not None:  # the learned lens (a tensor: no device sync until the logger writes it)
+            fov = torch.rad2deg(2 * torch.atan(geometry.log_half_fov.detach().exp()))
+            self.log("train/fov_degrees", fov, batch_size=B)
         return loss
 
     @torch.no_grad()

@@ -173,6 +173,12 @@ class PlaneSweep(nn.Module):
         """The current full field of view in degrees."""
         return math.degrees(2 * math.atan(self.log_half_fov.exp().item()))
 
+    def found_colour(self, read: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The colour the sweep found for each pixel ``[B, 3, H, W]`` in a map of :meth:`forward`, and the fraction of
+        the context views that see that point ``[B, 1, H, W]`` (0: none does, and the colour means nothing)."""
+        C = self.sample_channels
+        return read[:, :3], read[:, C:C + 1]
+
     def view_features(self, images: torch.Tensor, poses: torch.Tensor | None = None) -> torch.Tensor:
         """Context images ``[B, M, 3, H, W]`` (and their poses ``[B, M, 7]``) -> what is sampled from them,
         ``[B, M, 3 + F, H, W]``; with ``visibility`` two more channels: each view's own log depth and how
