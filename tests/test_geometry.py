@@ -366,3 +366,25 @@ def test_the_depth_scores_run_under_the_callers_autocast_and_the_rest_in_fp32():
     assert grids and set(grids) == {torch.float32}
     assert mixed.dtype == plain.dtype == torch.float32
     assert (mixed - plain).abs().max() < 0.1 and not torch.equal(mixed, plain)
+
+
+def test_found_colour_is_the_colour_and_the_seeing_fraction_in_every_layout():
+    """found_colour picks the sweep's found colour and the fraction of views that see the point out of the map,
+    whichever options add channels (occluder colour, ray profile, nearest view): the same as in the plain map."""
+    images, poses, _, _ = _room(views=5)
+    ctx, ctx_poses, query = images[None, :-1], poses[None, :-1], poses[None, -1]
+    torch.manual_seed(0)
+    plain = PlaneSweep(32, feature_channels=2, depths=4, sweep_size=8, visibility=True)
+    full = PlaneSweep(32, feature_channels=2, depths=4, sweep_size=8, visibility=True, occluder_colour=True,
+                      ray_profile=True, nearest_view=True)
+    full.load_state_dict(plain.state_dict())
+    with torch.no_grad():
+        features = plain.view_features(ctx, ctx_poses)
+        base, every = plain(features, ctx_poses, query), full(features, ctx_poses, query)
+        colour, seen = plain.found_colour(base)
+        assert torch.equal(colour, base[:, :3])  # the map starts with the found colour (RGB of the samples)
+        assert torch.equal(seen, base[:, 5:6])  # after RGB and the 2 features: the fraction of views that see it
+        for mine, theirs in zip(full.found_colour(every), (colour, seen)):
+            assert torch.equal(mine, theirs)
+    assert 0 <= seen.min() and seen.max() <= 1 and 0 < seen.mean() < 1
+

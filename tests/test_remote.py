@@ -230,10 +230,11 @@ def test_server_stopped_mid_epoch_retries_then_one_clear_line(gcs, caplog, monke
     assert "\n" not in message and "after 3 tries" in message and gcs.url in message
     assert "STORAGE_EMULATOR_HOST" in message and "is that server running" in message
     assert caplog.text.count("retry ") == 2  # tries 1 and 2 failed and were retried, try 3 gave up
-    # the waits are the backoff's (0.05 s, then 0.1 s, each up to 1.25x; logged to 0.1 s), not a timeout's
+    # the backoff's waits (0.05 s, then 0.1 s, each up to 1.25x; logged to 0.1 s); beside them the three tries to a
+    # stopped server fail at once: no per-try timeout (seconds each) and no client retry loop of its own
     waits = [float(w) for w in re.findall(r"retry \d of \d in ([\d.]+) s", caplog.text)]
     assert len(waits) == 2 and sum(waits) <= 0.3
-    assert time.perf_counter() - start < 60  # a hang guard only: the time itself is not what is tested
+    assert time.perf_counter() - start - sum(waits) < 10
 
 
 def test_a_server_that_comes_back_loses_no_place(gcs, data_root, monkeypatch):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import time
 from typing import Any
 
@@ -66,10 +67,11 @@ class GQNModule(L.LightningModule):
             from the prior-mean latents, i.e. of the deterministic render that evaluation scores. 0 trains
             on the ELBO alone (the paper); above 0 each step also runs the generator once from the prior.
         prior_mean_start: the step from which that auxiliary loss applies (before it costs nothing).
-        read_weight: weight of an auxiliary loss on the geometric read (``model.geometry``): the pixel NLL (at
-            the same sigma) of the colour the plane sweep found for each query pixel, where a context view sees
-            that point. It trains the depth scores, the visibility test and the lens from every such pixel,
-            not only through the pixels where the generator chose to copy that colour. 0: off.
+        read_weight: weight of an auxiliary loss on the geometric read (``model.geometry``): the squared error
+            over 2 sigma^2 (the pixel NLL without its constant) of the colour the plane sweep found for each
+            query pixel, where at least half a context view sees that point. It trains the depth scores, the
+            visibility test and the lens from every such pixel, not only through the pixels where the generator
+            chose to copy that colour. 0: off.
         compile: ``torch.compile`` the encoder and the generator in place (``True``: the inductor backend; a
             string names another backend, e.g. ``aot_eager`` traces without generating code). The first
             step of each new input shape pays the compile time; the checkpoint's keys are those of eager.
@@ -108,6 +110,13 @@ class GQNModule(L.LightningModule):
         self._step_kind: tuple | None = None  # (train?, B, M, auxiliary loss on?) of the last step
         self._clock: list[tuple[int, float]] = []  # (step, time) every LR_FIT_EVERY steps: the pace of training
         self._flops: dict[tuple, int] = {}
+
+    @classmethod
+    def default_settings(cls) -> dict[str, Any]:
+        """The constructor's defaults (``{name: value}``): what a checkpoint from before a setting existed trained
+        with."""
+        return {name: p.default for name, p in inspect.signature(cls.__init__).parameters.items()
+                if p.default is not inspect.Parameter.empty}
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Lightning's hook (also on ``load_from_checkpoint``): remember the step the checkpoint was written at, and
@@ -221,7 +230,9 @@ class GQNModule(L.LightningModule):
             images = batch["query_images"]
             images = images.flatten(0, 1) if images.dim() == 5 else images  # [B * K, ...] like the read
             found, seen = self.model.geometry.found_colour(out["geometry"])
-            where = (seen.detach() > 0).to(found.dtype)  # pixels that some context view sees
+            # pixels that at least half a context view sees (seen is the fraction of the M views: bilinear sampling
+            # and the soft visibility test leave it above 0 almost everywhere)
+            where = (seen.detach() * batch["context_images"].shape[1] >= 0.5).to(found.dtype)
             read_nll = (where * (found - images).pow(2)).flatten(1).sum(1) / (2 * self.sigma() ** 2)
             loss = loss + read_weight * read_nll.mean()
             self.log("train/read_nll", read_nll.mean(), batch_size=B)

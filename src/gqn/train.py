@@ -100,8 +100,8 @@ def train(cfg: DictConfig, extra_callbacks: list | None = None) -> float | None:
         for differs in (
             resume_differences(saved.get("GQNDataModule") or {}, stream, "data settings", "the run's own stream",
                                prefix="data"),
-            resume_differences(loss_settings(saved["hyper_parameters"]), loss_settings(module.hparams),
-                               "loss settings", "the run's own loss"),
+            resume_differences(loss_settings(saved["hyper_parameters"], type(module).default_settings()),
+                               loss_settings(module.hparams), "loss settings", "the run's own loss"),
         ):
             if differs:
                 _warn(differs)

@@ -294,10 +294,10 @@ class PlaneSweep(nn.Module):
             samples, inside = samples.split([samples.shape[2] - 1, 1], dim=2)
             return (samples if samples.shape[2] == C else samples[:, :, :C]), inside, None
         samples, own_depth, reliable, inside = samples.split([C, 1, 1, 1], dim=2)
-        scale = 1 / inside.clamp(min=1e-6)  # the view's own log depth and its reliability there
-        behind = cam[..., 0].clamp(min=1e-4).log().unsqueeze(2) - own_depth * scale  # > 0: the point is behind it
+        inside_ = inside.clamp(min=1e-6)  # the view's own log depth and its reliability there: own_depth / inside_, ...
+        behind = cam[..., 0].clamp(min=1e-4).log().unsqueeze(2) - own_depth / inside_  # > 0: the point is behind it
         hidden = torch.sigmoid(self.log_visibility_sharpness.exp() * (behind - self.visibility_margin))
-        visible = 1 - (reliable * scale).clamp(0, 1) * hidden
+        visible = 1 - (reliable / inside_).clamp(0, 1) * hidden
         return samples, inside * visible, visible
 
     def _sweep(self, features, frames, query_poses, size, profile: bool = False, amp: torch.dtype | None = None):
