@@ -455,33 +455,37 @@ def _override_text(value) -> str:
     return json.dumps(value, separators=(",", ":")) if isinstance(value, (bool, list, type(None))) else str(value)
 
 
+def class_defaults(cls) -> dict:
+    """``{argument: default}`` of a class's constructor (the arguments that have one)."""
+    import inspect
+
+    return {name: p.default for name, p in inspect.signature(cls).parameters.items()
+            if p.default is not inspect.Parameter.empty}
+
+
 def resume_defaults(ckpt: dict, model_cfg: dict) -> dict:
     """Options of this command's model config that a checkpoint lacks (added to the code since it was written)
     -> the value the run that wrote it had: the default of the class the option configures (the code before the
     option behaved as that default), where it differs from this command's. E.g. ``model.geometry.visibility``
     (true in the YAML since session 7, false in ``PlaneSweep``) for a plane-sweep run from before it existed."""
-    import inspect
-
     from hydra.utils import get_class
 
     saved = _flatten(ckpt["hyper_parameters"].get("model") or {}, "model")
     out = {}
 
     def walk(node: dict, prefix: str) -> None:
-        params = {}
+        defaults = {}
         if isinstance(node.get("_target_"), str):
             try:
-                params = inspect.signature(get_class(node["_target_"])).parameters
+                defaults = class_defaults(get_class(node["_target_"]))
             except Exception:  # not a class we can read: leave its options to check_resume / load_state_dict
-                params = {}
+                defaults = {}
         for key, value in node.items():
             name = f"{prefix}.{key}"
             if isinstance(value, dict):
                 walk(value, name)
-            elif key != "_target_" and name not in saved and key in params:
-                default = params[key].default
-                if default is not inspect.Parameter.empty and default != value:
-                    out[name] = default
+            elif key != "_target_" and name not in saved and key in defaults and defaults[key] != value:
+                out[name] = defaults[key]
 
     walk(model_cfg, "model")
     return out

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import inspect
 import time
 from typing import Any
 
@@ -111,13 +110,6 @@ class GQNModule(L.LightningModule):
         self._clock: list[tuple[int, float]] = []  # (step, time) every LR_FIT_EVERY steps: the pace of training
         self._flops: dict[tuple, int] = {}
 
-    @classmethod
-    def default_settings(cls) -> dict[str, Any]:
-        """The constructor's defaults (``{name: value}``): what a checkpoint from before a setting existed trained
-        with."""
-        return {name: p.default for name, p in inspect.signature(cls.__init__).parameters.items()
-                if p.default is not inspect.Parameter.empty}
-
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Lightning's hook (also on ``load_from_checkpoint``): remember the step the checkpoint was written at, and
         the data module's validation settings of the run that wrote it (None for checkpoints from before them)."""
@@ -215,11 +207,11 @@ class GQNModule(L.LightningModule):
         out = self(batch)
         loss = (out["nll"] + self.kl_weight(self.global_step) * out["kl"]).mean()
         B = batch["query_images"].shape[0]
+        images, poses = batch["query_images"], batch["query_poses"]
+        if images.dim() == 5:  # several query views per scene: [B, K, ...] -> [B * K, ...] like the ELBO terms
+            images, poses = images.flatten(0, 1), poses.flatten(0, 1)
         weight = self.prior_mean_weight(self.global_step)
         if weight:
-            images, poses = batch["query_images"], batch["query_poses"]
-            if images.dim() == 5:  # several query views per scene: [B, K, ...] -> [B * K, ...] like the ELBO terms
-                images, poses = images.flatten(0, 1), poses.flatten(0, 1)
             prior_mean = self.model.generate(poses, out["representation"], out["views"], out["geometry"],
                                              sample_prior=False)["mean"]
             prior_nll = gaussian_nll(images, prior_mean, self.sigma())
@@ -227,8 +219,6 @@ class GQNModule(L.LightningModule):
             self.log("train/prior_mean_nll", prior_nll.mean(), batch_size=B)
         read_weight = self.hparams.get("read_weight", 0.0)
         if read_weight and out["geometry"] is not None:
-            images = batch["query_images"]
-            images = images.flatten(0, 1) if images.dim() == 5 else images  # [B * K, ...] like the read
             found, seen = self.model.geometry.found_colour(out["geometry"])
             # pixels that at least half a context view sees (seen is the fraction of the M views: bilinear sampling
             # and the soft visibility test leave it above 0 almost everywhere)
@@ -241,10 +231,8 @@ class GQNModule(L.LightningModule):
         self._log_terms("train", out, B)
         self.log("train/sigma", self.sigma(), batch_size=B)
         self.log("train/context_size", float(batch["context_images"].shape[1]), batch_size=B)
-        geometry = self.model.geometry
-        if geometry is not None:  # the learned lens (a tensor: no device sync until the logger writes it)
-            fov = torch.rad2deg(2 * torch.atan(geometry.log_half_fov.detach().exp()))
-            self.log("train/fov_degrees", fov, batch_size=B)
+        if self.model.geometry is not None:  # the learned lens (no device sync until the logger writes it)
+            self.log("train/fov_degrees", self.model.geometry.fov_degrees.detach(), batch_size=B)
         return loss
 
     @torch.no_grad()

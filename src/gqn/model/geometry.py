@@ -169,9 +169,14 @@ class PlaneSweep(nn.Module):
         return self.depth_scale * self.lens_gain
 
     @property
+    def fov_degrees(self) -> torch.Tensor:
+        """The current full field of view in degrees, a tensor (reading it needs no device sync)."""
+        return torch.rad2deg(2 * torch.atan(self.log_half_fov.exp()))
+
+    @property
     def field_of_view(self) -> float:
         """The current full field of view in degrees."""
-        return math.degrees(2 * math.atan(self.log_half_fov.exp().item()))
+        return float(self.fov_degrees)
 
     def found_colour(self, read: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The colour the sweep found for each pixel ``[B, 3, H, W]`` in a map of :meth:`forward`, and the fraction of
@@ -290,9 +295,9 @@ class PlaneSweep(nn.Module):
         in each view's camera coordinates."""
         C = self.sample_channels
         # split, not sliced: the backward of a slice fills a zero tensor of the whole sample for each slice
-        if samples.shape[2] != C + 3:
-            samples, inside = samples.split([samples.shape[2] - 1, 1], dim=2)
-            return (samples if samples.shape[2] == C else samples[:, :, :C]), inside, None
+        if samples.shape[2] == C + 1:  # no depth maps: the samples and how much of each lies inside its view
+            samples, inside = samples.split([C, 1], dim=2)
+            return samples, inside, None
         samples, own_depth, reliable, inside = samples.split([C, 1, 1, 1], dim=2)
         inside_ = inside.clamp(min=1e-6)  # the view's own log depth and its reliability there: own_depth / inside_, ...
         behind = cam[..., 0].clamp(min=1e-4).log().unsqueeze(2) - own_depth / inside_  # > 0: the point is behind it
@@ -321,7 +326,7 @@ class PlaneSweep(nn.Module):
         disparity = (self.base_depths[0] / self.base_depths).view(1, 1, 1, D).expand(B, 1, P, D)
         stats = torch.cat([mean, var, count / M, disparity], dim=1).permute(0, 2, 3, 1)  # [B, P, D, 2C + 2]
         agreement = var[:, :3].sum(dim=1) * (count[:, 0] > 1.5)  # [B, P, D]: only where two views see the point
-        with torch.autocast(features.device.type, dtype=amp or torch.bfloat16, enabled=amp is not None):
+        with torch.autocast(features.device.type, dtype=amp, enabled=amp is not None):
             scores = self.score(stats).squeeze(-1).float()
         logits = scores - self.log_agreement.exp() * agreement
         weights = torch.softmax(logits, dim=-1)[:, None]  # over depths, [B, 1, P, D]
