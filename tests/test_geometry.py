@@ -388,3 +388,135 @@ def test_found_colour_is_the_colour_and_the_seeing_fraction_in_every_layout():
             assert torch.equal(mine, theirs)
     assert 0 <= seen.min() and seen.max() <= 1 and 0 < seen.mean() < 1
 
+
+
+def _yaw_pose(x, y, z, yaw, pitch=0.0):
+    return torch.tensor([x, y, z, math.sin(yaw), math.cos(yaw), math.sin(pitch), math.cos(pitch)])
+
+
+def test_floor_read_appends_a_rendered_colour_and_keeps_the_layout_before_it():
+    """floor_grid: the map ends with the floor read (9 channels, RGB last: the second colour to copy); the channels
+    before it are the read without the option (the same parameters); it depends on the scene's place only through
+    the cameras (a shifted scene renders the same) and its own loss reaches the map's network and its extent."""
+    images, poses, _, _ = _room(views=5)
+    torch.manual_seed(0)
+    plain = PlaneSweep(32, feature_channels=2, depths=6, sweep_size=8, visibility=True)
+    floor = PlaneSweep(32, feature_channels=2, depths=6, sweep_size=8, visibility=True, floor_grid=8, floor_heights=3)
+    missing, unexpected = floor.load_state_dict(plain.state_dict(), strict=False)
+    assert not unexpected and all(k.startswith(("floor_", "log_floor")) for k in missing)
+    assert (floor.out_channels, floor.copies) == (plain.out_channels + 9, 2)
+    ctx, ctx_poses, query = images[None, :-1], poses[None, :-1], poses[None, -1]
+    with torch.no_grad():
+        out = floor(floor.view_features(ctx, ctx_poses), ctx_poses, query)
+        assert torch.equal(out[:, :plain.out_channels], plain(plain.view_features(ctx, ctx_poses), ctx_poses, query))
+        colour = floor.floor_colour(out)
+        assert colour.shape == (1, 3, 32, 32) and 0 <= colour.min() and colour.max() <= 1
+        stopped = out[:, -9]
+        assert 0 <= stopped.min() and stopped.max() <= 1 + 1e-6
+        shift = torch.tensor([3.0, -2.0, 1.5, 0, 0, 0, 0])
+        moved = floor(floor.view_features(ctx, ctx_poses + shift), ctx_poses + shift, query + shift)
+        assert torch.allclose(moved[:, -9:], out[:, -9:], atol=2e-4)
+    out = floor(floor.view_features(ctx, ctx_poses), ctx_poses, query)
+    floor.floor_colour(out).sum().backward()
+    assert floor.floor_net[0].weight.grad.abs().sum() > 0 and floor.log_floor_extent.grad != 0
+    with pytest.raises(ValueError, match="choose one"):
+        PlaneSweep(32, floor_grid=8, nearest_view=True)
+    with pytest.raises(ValueError, match="floor_grid must be >= 0"):
+        PlaneSweep(32, floor_grid=-1)
+    with pytest.raises(ValueError, match="floor_colour needs"):
+        plain.floor_colour(out)
+
+
+def test_floor_map_lifts_what_each_view_sees_where_it_sees_it():
+    """The lifted map: a cell's point takes the colour of the pixel of each view it projects to (left of a camera
+    looking along +x is +y), averaged over the views that see it; a point behind every camera gets none; the map
+    is centred on the cameras and floor_extent times as wide as their spread."""
+    G = 8
+    sweep = PlaneSweep(32, feature_channels=0, fov_degrees=90, sweep_size=8, floor_grid=G, floor_heights=2)
+    sweep.floor_levels = torch.tensor([0.0, -0.1])  # the first height: the cameras' own
+    image = torch.zeros(1, 2, 3, 32, 32)
+    image[0, 0, 0, :, :16] = 1.0  # view 0: its left half red
+    image[0, 0, 2, :, 16:] = 1.0  # its right half blue
+    image[0, 1, 1] = 1.0  # view 1: green everywhere
+    # both look along +x: view 0 from (-2, 0), view 1 from (2, 0)
+    poses = torch.stack([_yaw_pose(-2.0, 0.0, 1.0, 0.0), _yaw_pose(2.0, 0.0, 1.0, 0.0)])[None]
+    with torch.no_grad():
+        centre, height, half = sweep._floor_frame(poses)
+        assert torch.allclose(centre, torch.zeros(1, 2)) and float(height) == pytest.approx(1.0)
+        assert float(half) == pytest.approx(1.5 * 2.0)  # floor_extent x the cameras' largest distance from the centre
+        lifted = sweep._floor_lift(image, camera_frames(poses), centre, height, half)
+    assert lifted.shape == (1, (3 + 6) * 2 + 2, G, G)
+    rgb, count = lifted[0, :3], lifted[0, 6]  # the first height; cell centres at -2.625, -1.875, ..., 2.625
+    # (row 5, column 6) is (x, y) = (1.875, 1.125): ahead of view 0, left of its axis, behind view 1: red
+    assert torch.allclose(rgb[:, 5, 6], torch.tensor([1.0, 0, 0]), atol=1e-4)
+    assert float(count[5, 6]) == pytest.approx(0.5)  # one of the two views
+    assert torch.allclose(rgb[:, 2, 6], torch.tensor([0, 0, 1.0]), atol=1e-4)  # y = -1.125: right of it, blue
+    # (row 4, column 7) is (2.625, 0.375): ahead of both, left of view 0's axis: red and green averaged
+    assert torch.allclose(rgb[:, 4, 7], torch.tensor([0.5, 0.5, 0]), atol=1e-4)
+    assert float(count[4, 7]) == pytest.approx(1.0)
+    # (row 4, column 0) is (-2.625, 0.375): behind both cameras, no view sees it
+    assert float(count[4, 0]) == 0.0 and torch.equal(rgb[:, 4, 0], torch.zeros(3))
+    cells = (torch.arange(G) + 0.5) / G * 2 - 1
+    assert torch.equal(lifted[0, -2:], torch.stack(torch.meshgrid(cells, cells, indexing="xy")))
+
+
+def test_floor_render_marches_the_query_rays_through_the_map():
+    """The floor read renders an opaque cell of the map where the query camera sees that cell's place in the room,
+    and the far plane's colour elsewhere (no context view sees the rays' points: the network's colours); where the
+    views see the points, the views' colour."""
+    G = 8
+    sweep = PlaneSweep(32, feature_channels=0, fov_degrees=60, depths=16, sweep_size=16, floor_grid=G,
+                       floor_channels=1)
+    with torch.no_grad():  # opacity 30 * feature - 10; colour: red where the feature is, about black elsewhere
+        first, last = sweep.floor_point[0], sweep.floor_point[-1]
+        first.weight.zero_(), first.bias.zero_(), last.weight.zero_(), last.bias.zero_()
+        first.weight[0, 0] = 1.0
+        last.weight[0, 0], last.bias[0] = 30.0, -10.0
+        last.weight[5, 0], last.bias[5:] = 60.0, -5.0
+    grid = torch.zeros(1, 1, G, G)
+    grid[0, 0, 5, 6] = 1.0  # the cell of row 5 (y), column 6 (x)
+    centre, height, half = torch.tensor([[0.0, 0.0]]), torch.tensor([1.0]), torch.tensor([4.0])
+    cell = centre[0] + half * (torch.tensor([6.5, 5.5]) / G * 2 - 1)  # its x, y: (2.5, 1.5)
+    # a camera at the room's centre, at the map's height, looking at that cell
+    yaw = math.atan2(float(cell[1]), float(cell[0]))
+    query = _yaw_pose(0.0, 0.0, 1.0, yaw)[None]
+    with torch.no_grad():
+        out = sweep._floor_render(grid, centre, height, half, query, torch.zeros(1, 16 * 16, 16, 5), 3, None)
+    assert out.shape == (1, 9, 16, 16)
+    red = out[0, -3]
+    assert float(red[7:9, 7:9].mean()) > 0.9  # the image's centre sees the cell
+    assert float(red[:, :3].max()) < 0.05 and float(red[:, -3:].max()) < 0.05  # its sides do not
+    assert float(out[0, 0, 7:9, 7:9].mean()) > 0.9  # the ray stopped there, before the far plane
+    # the cell's distance along the ray (its z-depth for the centre pixel), as a disparity near / depth
+    depth = float(cell.norm())
+    disparity = float(out[0, 1, 7:9, 7:9].mean())
+    assert sweep.base_depths[0] / disparity == pytest.approx(depth, rel=0.35)
+    # where the context views see a ray's points, their colour is the point's: green views, a green render
+    planes = torch.tensor([0.0, 1.0, 0.0, 0.0, 2.0]).expand(1, 16 * 16, 16, 5)
+    with torch.no_grad():
+        seen = sweep._floor_render(grid, centre, height, half, query, planes, 3, None)
+    assert torch.allclose(seen[0, -3:], torch.tensor([0.0, 1.0, 0.0])[:, None, None].expand(3, 16, 16), atol=1e-5)
+
+
+def test_ray_directions_are_the_query_pixels_unit_rays_in_the_world():
+    """ray_directions: after the sweep's channels (the read without it, the same parameters), before the nearest
+    view's colour, each query pixel's unit ray: the image's centre looks along the camera's forward vector, its top
+    row upwards of its bottom row, its left column to the camera's left."""
+    images, poses, _, _ = _room(views=5)
+    torch.manual_seed(0)
+    plain = PlaneSweep(32, feature_channels=2, depths=4, sweep_size=8)
+    rays = PlaneSweep(32, feature_channels=2, depths=4, sweep_size=8, ray_directions=True, nearest_view=True)
+    rays.load_state_dict(plain.state_dict())  # the option adds no parameters
+    assert rays.out_channels == plain.out_channels + 3 + 3
+    ctx, ctx_poses = images[None, :-1], poses[None, :-1]
+    query = _yaw_pose(0.3, -0.2, 0.5, 2.0, pitch=0.2)[None]
+    with torch.no_grad():
+        features = plain.view_features(ctx, ctx_poses)
+        out = rays(features, ctx_poses, query)
+        assert torch.equal(out[:, :plain.out_channels], plain(features, ctx_poses, query))
+    d = out[0, plain.out_channels:plain.out_channels + 3]  # [3, 32, 32]
+    assert torch.allclose(d.norm(dim=0), torch.ones(32, 32), atol=1e-5)
+    _, forward, right, _ = camera_frames(query)
+    assert torch.allclose(d[:, 15:17, 15:17].mean(dim=(1, 2)), forward[0], atol=0.01)
+    assert (d[2, 0] > d[2, -1] + 0.5).all()  # the top row looks up, the bottom down (60° lens)
+    assert ((d[:, :, 0] * right[0, :, None]).sum(0) < 0).all()  # the left column: to the camera's left

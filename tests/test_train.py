@@ -549,6 +549,43 @@ def test_read_loss_adds_the_nll_of_the_found_colour_where_a_view_sees_the_point(
     assert torch.isfinite(plain.training_step(batch, 0))
 
 
+def test_floor_loss_adds_the_nll_of_the_floor_read_on_every_pixel(train_cfg):
+    """module.floor_weight with model.geometry.floor_grid: the loss adds that weight times the pixel NLL of the
+    colour the floor read rendered, over every pixel; its gradient reaches the map's network. Off by default;
+    nothing without a floor read."""
+    from hydra.utils import instantiate
+
+    assert train_cfg().module.floor_weight == 0.0 and train_cfg().model.geometry.floor_grid == 0
+    cfg = train_cfg("model.geometry.floor_grid=8", "module.floor_weight=0.5")
+    torch.manual_seed(0)
+    module = instantiate(cfg.module, _recursive_=False)
+    dm = instantiate(cfg.data)
+    dm.setup("fit")
+    batch = next(iter(dm.val_dataloader()))
+    logged = {}
+    module.log = lambda name, value, **k: logged.__setitem__(name, value)  # no trainer attached
+    net = module.model.geometry.floor_net[0].weight
+    losses, grads = {}, {}
+    for weight in (0.0, 0.5):
+        module.hparams.floor_weight = weight
+        torch.manual_seed(0)  # the same posterior noise
+        module.zero_grad()
+        loss = module.training_step(batch, 0)
+        loss.backward()
+        losses[weight], grads[weight] = loss.detach(), net.grad.clone()
+    with torch.no_grad():
+        r, views = module.model.encode(batch["context_images"], batch["context_poses"])
+        drawn = module.model.geometry.floor_colour(module.model.read_geometry(batch["query_poses"], views))
+    want = 0.5 * (drawn - batch["query_images"]).pow(2).flatten(1).sum(1) / (2 * module.sigma() ** 2)
+    assert torch.allclose(losses[0.5] - losses[0.0], want.mean(), rtol=1e-4)
+    assert (grads[0.5] - grads[0.0]).abs().sum() > 0.05 * grads[0.0].abs().sum()
+    assert float(logged["train/floor_nll"].detach()) == pytest.approx(want.mean().item() / 0.5, rel=1e-4)
+    plain = instantiate(train_cfg("module.floor_weight=0.5").module, _recursive_=False)  # no floor read: no loss
+    plain.log = lambda name, value, **k: logged.__setitem__("plain/" + name, value)
+    torch.manual_seed(0)
+    assert torch.isfinite(plain.training_step(batch, 0)) and "plain/train/floor_nll" not in logged
+
+
 def test_throughput_monitor_logs_scenes_and_flops_per_step(train_cfg):
     import csv
 

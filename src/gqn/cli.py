@@ -434,6 +434,7 @@ def _keep_overrides(saved: dict, keys: list[str], data_group: str | None = None)
 LOSS_SETTINGS = {
     "schedule.prior_mean_weight": "prior_mean_weight", "schedule.prior_mean_start": "prior_mean_start",
     "module.read_weight": "read_weight",
+    "module.floor_weight": "floor_weight",
     "module.kl_weight": "kl_weight", "module.kl_warmup_steps": "kl_warmup_steps",
     "module.sigma_warmup_steps": "sigma_warmup_steps", "schedule.sigma_init": "schedule.sigma_init",
     "schedule.sigma_final": "schedule.sigma_final", "schedule.sigma_steps": "schedule.sigma_steps",

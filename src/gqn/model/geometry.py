@@ -99,7 +99,8 @@ class PlaneSweep(nn.Module):
                  sweep_size: int | None = 16, consensus: bool = False, lens_gain: float = 1.0,
                  visibility: bool = False, visibility_margin: float = 0.2, visibility_size: int | None = 8,
                  visibility_grad: bool = False, occluder_colour: bool = False, ray_profile: bool = False,
-                 nearest_view: bool = False):
+                 nearest_view: bool = False, floor_grid: int = 0, floor_heights: int = 8, floor_channels: int = 16,
+                 floor_extent: float = 1.5, ray_directions: bool = False):
         super().__init__()
         if not 0 < near < far:
             raise ValueError(f"geometry needs 0 < near < far, got near={near}, far={far}")
@@ -130,6 +131,35 @@ class PlaneSweep(nn.Module):
         self.copies = 2 if nearest_view else 1
         if nearest_view:
             self.out_channels += 3
+        self.ray_directions = ray_directions
+        if ray_directions:  # the query pixels' unit rays in world space (elevation: where the horizon is)
+            self.out_channels += 3
+        if floor_grid and nearest_view:
+            raise ValueError("geometry.floor_grid and geometry.nearest_view both end the map with a colour to copy; "
+                             "choose one")
+        if floor_grid < 0 or floor_heights < 1 or floor_channels < 1 or not floor_extent > 0:
+            raise ValueError(f"geometry.floor_grid must be >= 0 (0: off), floor_heights and floor_channels >= 1 and "
+                             f"floor_extent > 0, got {floor_grid}, {floor_heights}, {floor_channels}, {floor_extent}")
+        self.floor_grid = int(floor_grid)
+        if floor_grid:  # the map of the room from above and the renderer that marches the query rays through it
+            self.copies = 2
+            self.out_channels += self.floor_out
+            self.floor_heights = int(floor_heights)
+            lifted = (self.sample_channels + 6) * floor_heights + 2  # per height: the views' summary; then x, y
+            self.floor_net = nn.Sequential(
+                nn.Conv2d(lifted, 48, 3, padding=1), nn.ReLU(),
+                nn.Conv2d(48, 48, 3, padding=1), nn.ReLU(),
+                nn.Conv2d(48, floor_channels, 3, padding=1),
+            )
+            # a point of a query ray: the map there, its height, disparity, whether it lies inside the map, the views'
+            # mean RGB there, their RGB variance and the fraction of the views that see it
+            self.floor_point = nn.Sequential(nn.Linear(floor_channels + 8, hidden), nn.ReLU(),
+                                              nn.Linear(hidden, 1 + 4 + 3))
+            with torch.no_grad():  # a start where rays pass most planes (opacity ~0.12 each) rather than the first
+                self.floor_point[-1].bias[0] = -2.0
+            self.log_floor_extent = nn.Parameter(torch.tensor(math.log(floor_extent)))
+            # heights of the lifted points, from the cameras' mean height, in units of the map's half-width
+            self.register_buffer("floor_levels", torch.linspace(-0.5, 0.2, floor_heights), persistent=False)
         self.features = nn.Sequential(
             nn.Conv2d(3, feature_channels, 3, padding=1), nn.ReLU(),
             nn.Conv2d(feature_channels, feature_channels, 3, padding=1),
@@ -177,6 +207,17 @@ class PlaneSweep(nn.Module):
     def field_of_view(self) -> float:
         """The current full field of view in degrees."""
         return float(self.fov_degrees)
+
+    #: channels of the floor read: how much of the ray stopped before the far plane, its expected disparity, 4
+    #: features, RGB
+    floor_out = 9
+
+    def floor_colour(self, read: torch.Tensor) -> torch.Tensor:
+        """The colour the floor read rendered for each pixel ``[B, 3, H, W]`` in a map of :meth:`forward` (with
+        ``floor_grid``: its last three channels)."""
+        if not self.floor_grid:
+            raise ValueError("floor_colour needs a PlaneSweep with floor_grid > 0")
+        return read[:, -3:]
 
     def found_colour(self, read: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The colour the sweep found for each pixel ``[B, 3, H, W]`` in a map of :meth:`forward`, and the fraction of
@@ -242,8 +283,8 @@ class PlaneSweep(nn.Module):
             features, context_poses, query_poses = features.float(), context_poses.float(), query_poses.float()
             B, M, _, H, W = features.shape
             frames = camera_frames(context_poses)
-            coarse, disparity = self._sweep(features, frames, query_poses, self.sweep_size,
-                                            profile=self.ray_profile, amp=amp)
+            coarse, disparity, *planes = self._sweep(features, frames, query_poses, self.sweep_size,
+                                                     profile=self.ray_profile, amp=amp, planes=bool(self.floor_grid))
             if self.sweep_size != H:
                 coarse = F.interpolate(coarse, size=(H, W), mode="bilinear", align_corners=False)
                 disparity = F.interpolate(disparity, size=(H, W), mode="bilinear", align_corners=False)
@@ -254,17 +295,115 @@ class PlaneSweep(nn.Module):
                 out = [fine[:, :-3], coarse, fine[:, -3:]]
             else:
                 out = [fine, coarse]  # RGB first: what the generator may copy
+            if self.ray_directions:  # after the sweep's channels, before the colours that end the map
+                out.append(F.normalize(self._rays(query_poses, H), dim=-1).transpose(1, 2).reshape(B, 3, H, W))
             if self.nearest_view:  # last: the layout before it stays as without the option
                 out.append(nearest_context_view(features[:, :, :3], context_poses, query_poses))
+            if self.floor_grid:  # last, RGB last (the second colour to copy)
+                floor = self._floor_render(*self._floor_map(features, context_poses, frames, amp), query_poses,
+                                           planes[0], M, amp)
+                if self.sweep_size != H:
+                    floor = F.interpolate(floor, size=(H, W), mode="bilinear", align_corners=False)
+                out.append(floor)
             return torch.cat(out, dim=1)
+
+    def _floor_frame(self, context_poses):
+        """The map's centre ``[B, 2]`` (the context cameras' mean x, y), reference height ``[B]`` (their mean z) and
+        half-width ``[B]`` (``floor_extent`` times their largest distance from the centre; at least ``near`` x 5)."""
+        pos = context_poses[..., :3]
+        centre, height = pos[..., :2].mean(dim=1), pos[..., 2].mean(dim=1)
+        spread = (pos[..., :2] - centre[:, None]).norm(dim=-1).amax(dim=1)
+        least = 5 * self.base_depths[0] * self.log_depth_scale.exp()
+        return centre, height, self.log_floor_extent.exp() * torch.maximum(spread, least)
+
+    def _floor_map(self, features, context_poses, frames, amp):
+        """The fused map of the room from above ``[B, floor_channels, G, G]`` (rows along y, columns along x) and
+        its frame (:meth:`_floor_frame`)."""
+        centre, height, half = self._floor_frame(context_poses)
+        lifted = self._floor_lift(features, frames, centre, height, half)
+        with torch.autocast(features.device.type, dtype=amp, enabled=amp is not None):
+            grid = self.floor_net(lifted).float()
+        return grid, centre, height, half
+
+    def _floor_lift(self, features, frames, centre, height, half):
+        """The context views lifted into the map ``[B, (C + 6) * Y + 2, G, G]``: per height (outer) the mean of the
+        samples of the views that see the cell's point (C), their RGB variance (3), the fraction of the views that
+        see it, the mean over the views with a reliable depth map of how far (log depth, within +-1) the point lies
+        behind its surface (< 0: in front, free space) and the fraction of those views; then the cell's x, y in
+        the map (-1 .. 1)."""
+        B, M = features.shape[:2]
+        G, Y = self.floor_grid, self.floor_heights
+        g = (torch.arange(G, device=features.device, dtype=torch.float32) + 0.5) / G * 2 - 1
+        gy, gx = torch.meshgrid(g, g, indexing="ij")  # [G, G]
+        xy = centre[:, None, None] + half[:, None, None, None] * torch.stack([gx, gy], dim=-1)  # [B, G, G, 2]
+        z = height[:, None] + half[:, None] * self.floor_levels  # [B, Y]
+        points = torch.cat([xy[:, None].expand(B, Y, G, G, 2),
+                            z[:, :, None, None, None].expand(B, Y, G, G, 1)], dim=-1).view(B, Y * G * G, 3)
+        c_pos, c_f, c_r, c_u = frames
+        axes = torch.stack([c_f, c_r, c_u], dim=2)  # [B, M, 3 (z, x, y), 3]
+        cam = torch.einsum("bmax,bmnx->bmna", axes, points[:, None] - c_pos[:, :, None])[:, :, :, None]
+        raw = self._sample(features, cam)  # [B, M, C' + 1, N, 1]
+        samples, seen, visible = self._seen(raw, cam)
+        if visible is not None:
+            samples = samples * visible
+        count = seen.sum(dim=1)  # [B, 1, N, 1]
+        mean = samples.sum(dim=1) / count.clamp(min=1)
+        var = (samples[:, :, :3].pow(2).sum(dim=1) / count.clamp(min=1) - mean[:, :3].pow(2)).clamp(min=0)
+        if visible is not None:  # free space: the point lies in front of the surface a view's own depth map puts there
+            own, reliable, inside = raw[:, :, -3:-2], raw[:, :, -2:-1], raw[:, :, -1:]
+            inside_ = inside.clamp(min=1e-6)
+            behind = cam[..., 0].clamp(min=1e-4).log().unsqueeze(2) - own / inside_
+            trust = (reliable / inside_).clamp(0, 1) * inside
+            sure = trust.sum(dim=1)
+            free = [(trust * behind.clamp(-1, 1)).sum(dim=1) / sure.clamp(min=1e-3), sure / M]
+        else:
+            free = [torch.zeros_like(count)] * 2
+        lifted = torch.cat([mean, var, count / M, *free], dim=1)  # [B, C + 6, N, 1]
+        lifted = lifted.view(B, -1, Y, G, G).transpose(1, 2).flatten(1, 2)
+        return torch.cat([lifted, torch.stack([gx, gy])[None].expand(B, 2, G, G)], dim=1)
+
+    def _floor_render(self, grid, centre, height, half, query_poses, planes, views, amp):
+        """March every query ray (at ``sweep_size``) through the map: ``[B, floor_out, s, s]``. ``planes``
+        ``[B, P, D, 5]``: the sweep's points on those rays (``_sweep(planes=True)``: the seeing views' mean RGB,
+        RGB variance and count, of ``views`` context views). A point's opacity comes from the map there, its height
+        and those statistics; its colour is the views' where they see it, the network's where none does."""
+        B, s, D = grid.shape[0], self.sweep_size, self.depths
+        q_pos, rays = query_poses[..., :3], self._rays(query_poses, s)  # [B, 3], [B, P, 3]
+        depth = self.base_depths * self.log_depth_scale.exp()  # [D]
+        points = q_pos[:, None, None] + rays[:, :, None] * depth[None, None, :, None]  # [B, P, D, 3]
+        where = (points[..., :2] - centre[:, None, None]) / half[:, None, None, None]  # [B, P, D, 2]
+        cell = F.grid_sample(grid, where, mode="bilinear", padding_mode="zeros", align_corners=False)  # [B, F, P, D]
+        disparity = (self.base_depths[0] / self.base_depths).expand(B, s * s, D)
+        inside = (where.abs() < 1).all(dim=-1).float()
+        up = (points[..., 2] - height[:, None, None]) / half[:, None, None]
+        seen = planes[..., 4:].clamp(max=1)  # [B, P, D, 1]
+        x = torch.cat([cell.permute(0, 2, 3, 1), torch.stack([up, disparity, inside], dim=-1), planes[..., :4],
+                       planes[..., 4:] / views], dim=-1)
+        with torch.autocast(grid.device.type, dtype=amp, enabled=amp is not None):
+            point = self.floor_point(x).float()  # [B, P, D, 8]
+        alpha = torch.sigmoid(point[..., 0])
+        alpha = torch.cat([alpha[..., :-1], torch.ones_like(alpha[..., -1:])], dim=-1)  # the far plane stops every ray
+        through = torch.cumprod(torch.cat([torch.ones_like(alpha[..., :1]), 1 - alpha[..., :-1]], dim=-1), dim=-1)
+        w = (through * alpha)[..., None]  # [B, P, D, 1]
+        stopped = w[..., :-1, 0].sum(-1, keepdim=True)
+        out = torch.cat([stopped, (w[..., 0] * disparity).sum(-1, keepdim=True), (w * point[..., 1:5]).sum(2),
+                         (w * (seen * planes[..., :3] + (1 - seen) * torch.sigmoid(point[..., 5:]))).sum(2)],
+                        dim=-1)  # [B, P, 9]
+        return out.transpose(1, 2).reshape(B, self.floor_out, s, s)
+
+    def _rays(self, query_poses, size):
+        """The world-space rays of the query pixels at ``size`` x ``size`` ``[B, P, 3]``, scaled so that a depth ``t``
+        along the view direction is the point ``position + t * ray``."""
+        u, v = pixel_coords(size, query_poses.device)  # [P]
+        half = self.log_half_fov.exp()
+        _, q_f, q_r, q_u = camera_frames(query_poses)  # [B, 3]
+        return q_f[:, None] + half * (u[None, :, None] * q_r[:, None] + v[None, :, None] * q_u[:, None])
 
     def _project(self, frames, query_poses, size):
         """Rays of the query pixels at ``size`` x ``size`` and the affine map from a depth along them to each context
         camera's coordinates: ``origin`` ``[B, M, 3]`` + t * ``slope`` ``[B, M, P, 3]`` (z, x, y)."""
-        u, v = pixel_coords(size, query_poses.device)  # [P]
-        half = self.log_half_fov.exp()
-        q_pos, q_f, q_r, q_u = camera_frames(query_poses)  # [B, 3]
-        rays = q_f[:, None] + half * (u[None, :, None] * q_r[:, None] + v[None, :, None] * q_u[:, None])  # [B, P, 3]
+        q_pos = query_poses[..., :3]
+        rays = self._rays(query_poses, size)  # [B, P, 3]
         c_pos, c_f, c_r, c_u = frames  # [B, M, 3]
         axes = torch.stack([c_f, c_r, c_u], dim=2)  # [B, M, 3 (z, x, y), 3]
         origin = torch.einsum("bmax,bmx->bma", axes, q_pos[:, None] - c_pos)
@@ -305,7 +444,8 @@ class PlaneSweep(nn.Module):
         visible = 1 - (reliable / inside_).clamp(0, 1) * hidden
         return samples, inside * visible, visible
 
-    def _sweep(self, features, frames, query_poses, size, profile: bool = False, amp: torch.dtype | None = None):
+    def _sweep(self, features, frames, query_poses, size, profile: bool = False, amp: torch.dtype | None = None,
+               planes: bool = False):
         """The plane sweep at ``size`` x ``size`` query pixels: the depth-weighted summary ``[B, C + 3, s, s]`` and
         the expected disparity ``[B, 1, s, s]`` (1 at ``near``, ``near/far`` at ``far``). ``profile``: the summary
         is followed by every depth's mean RGB and count of seeing views, ``[B, C + 3 + 4 * depths, s, s]``. ``amp``:
@@ -335,6 +475,9 @@ class PlaneSweep(nn.Module):
         if profile:  # [B, 4, P, D] -> [B, 4 * D, P]: depth planes of RGB, then of the count
             parts.append(torch.cat([mean[:, :3], count / M], dim=1).transpose(2, 3).flatten(1, 2))
         out = torch.cat(parts, dim=1)
+        if planes:  # every point of the sweep: the seeing views' mean RGB, their RGB variance and how many they are
+            stats = torch.cat([mean[:, :3], var[:, :3].sum(dim=1, keepdim=True), count], dim=1).permute(0, 2, 3, 1)
+            return out.view(B, out.shape[1], size, size), expected.view(B, 1, size, size), stats
         return out.view(B, out.shape[1], size, size), expected.view(B, 1, size, size)
 
     def _gather(self, features, frames, query_poses, depth):
