@@ -45,7 +45,8 @@ class LineProgress(L.Callback):
         capped = max_time_left(trainer)
         if capped is not None and (left is None or capped < left):  # trainer.max_time stops the run first
             left, why = capped, " (trainer.max_time)"
-        if left is not None:
+        if left is not None:  # past the cap (a step that ends after it): 0, not "-1m59s"
+            left = max(left, 0.0)
             parts.append(f"left {int(left // 60)}m{int(left % 60):02d}s{why}")
         print("  ".join(parts), flush=True)
 

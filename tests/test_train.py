@@ -687,3 +687,22 @@ def test_resume_a_checkpoint_from_before_an_option_existed(train_cfg, tmp_path, 
     train(second, extra_callbacks=[probe])
     assert probe.rows[0][0] == 2  # continued from step 2
     assert "resuming with model.geometry.visibility=False, as it was trained" in capsys.readouterr().out
+
+
+def test_progress_line_past_the_time_cap_says_no_time_left(capsys):
+    """A step that ends after trainer.max_time (the Timer's time remaining below 0) prints ``left 0m00s``, not
+    ``left -1m59s``."""
+    from types import SimpleNamespace
+
+    from lightning.pytorch.callbacks import Timer
+
+    from callbacks import LineProgress
+
+    timer = Timer(duration="00:00:00:07")
+    trainer = SimpleNamespace(global_step=50, max_steps=100000, callback_metrics={}, callbacks=[timer])
+    line = LineProgress(every_n_steps=50, only_if_not_terminal=False)
+    line._mark = (0.0, 0)
+    with patch.object(Timer, "time_remaining", return_value=-0.4):
+        line.on_train_batch_end(trainer, None, None, None, 0)
+    out = capsys.readouterr().out.strip()
+    assert out.endswith("left 0m00s (trainer.max_time)"), out

@@ -206,7 +206,7 @@ class PlaneSweep(nn.Module):
     @property
     def field_of_view(self) -> float:
         """The current full field of view in degrees."""
-        return float(self.fov_degrees)
+        return float(self.fov_degrees.detach())
 
     #: channels of the floor read: how much of the ray stopped before the far plane, its expected disparity, 4
     #: features, RGB
