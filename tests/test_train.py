@@ -509,14 +509,13 @@ def test_prior_mean_loss_adds_the_nll_of_the_prior_mean_render_from_its_start_st
     assert torch.allclose(losses[3] - losses[0], expected, rtol=1e-4)
 
 
-def test_read_loss_adds_the_nll_of_the_found_colour_where_a_view_sees_the_point(train_cfg):
-    """module.read_weight (schedule.read_weight): the loss adds that weight times the pixel NLL of the colour the
-    plane sweep found, on the pixels some context view sees; its gradient reaches the lens. Off by default;
-    nothing without a geometric read."""
+def _auxiliary_loss_steps(train_cfg, setting: str, param, *overrides: str):
+    """A module of ``train_cfg(*overrides)`` trained one step with ``module.<setting>`` at 0 and at 0.5 (the same
+    batch and posterior noise): the module, the batch, what it logged, ``{weight: (loss, param's gradient)}``
+    (``param(module)`` picks the parameter), and the read of the batch's query views without gradient."""
     from hydra.utils import instantiate
 
-    assert train_cfg().module.read_weight == 0.0
-    cfg = train_cfg("module.read_weight=0.5")
+    cfg = train_cfg(*overrides)
     torch.manual_seed(0)
     module = instantiate(cfg.module, _recursive_=False)
     dm = instantiate(cfg.data)
@@ -524,23 +523,35 @@ def test_read_loss_adds_the_nll_of_the_found_colour_where_a_view_sees_the_point(
     batch = next(iter(dm.val_dataloader()))
     logged = {}
     module.log = lambda name, value, **k: logged.__setitem__(name, value)  # no trainer attached
-    lens = module.model.geometry.lens
-    grads = {}
+    steps = {}
     for weight in (0.0, 0.5):
-        module.hparams.read_weight = weight
+        module.hparams[setting] = weight
         torch.manual_seed(0)  # the same posterior noise
         module.zero_grad()
         loss = module.training_step(batch, 0)
         loss.backward()
-        grads[weight] = (loss.detach(), lens.grad.item())
+        steps[weight] = (loss.detach(), param(module).grad.clone())
     with torch.no_grad():
         r, views = module.model.encode(batch["context_images"], batch["context_poses"])
-        found, seen = module.model.geometry.found_colour(module.model.read_geometry(batch["query_poses"], views))
+        read = module.model.read_geometry(batch["query_poses"], views)
+    return module, batch, logged, steps, read
+
+
+def test_read_loss_adds_the_nll_of_the_found_colour_where_a_view_sees_the_point(train_cfg):
+    """module.read_weight (schedule.read_weight): the loss adds that weight times the pixel NLL of the colour the
+    plane sweep found, on the pixels some context view sees; its gradient reaches the lens. Off by default;
+    nothing without a geometric read."""
+    from hydra.utils import instantiate
+
+    assert train_cfg().module.read_weight == 0.0
+    module, batch, logged, grads, read = _auxiliary_loss_steps(
+        train_cfg, "read_weight", lambda m: m.model.geometry.lens, "module.read_weight=0.5")
+    found, seen = module.model.geometry.found_colour(read)
     where = seen * batch["context_images"].shape[1] >= 0.5  # at least half a view sees the point
     assert 0 < where.float().mean() < 1  # some pixels are seen by no context view: left out
     want = 0.5 * (where * (found - batch["query_images"]).pow(2)).flatten(1).sum(1) / (2 * module.sigma() ** 2)
     assert torch.allclose(grads[0.5][0] - grads[0.0][0], want.mean(), rtol=1e-4)
-    assert abs(grads[0.5][1] - grads[0.0][1]) > 0.05 * abs(grads[0.0][1])  # the read's loss reaches the lens
+    assert (grads[0.5][1] - grads[0.0][1]).abs() > 0.05 * grads[0.0][1].abs()  # the read's loss reaches the lens
     assert float(logged["train/read_nll"].detach()) == pytest.approx(want.mean().item() / 0.5, rel=1e-4)  # unweighted
     assert float(logged["train/fov_degrees"]) == pytest.approx(module.model.geometry.field_of_view)  # the lens
     plain = instantiate(train_cfg("~model/geometry", "module.read_weight=0.5").module, _recursive_=False)
@@ -556,29 +567,13 @@ def test_floor_loss_adds_the_nll_of_the_floor_read_on_every_pixel(train_cfg):
     from hydra.utils import instantiate
 
     assert train_cfg().module.floor_weight == 0.0 and train_cfg().model.geometry.floor_grid == 0
-    cfg = train_cfg("model.geometry.floor_grid=8", "module.floor_weight=0.5")
-    torch.manual_seed(0)
-    module = instantiate(cfg.module, _recursive_=False)
-    dm = instantiate(cfg.data)
-    dm.setup("fit")
-    batch = next(iter(dm.val_dataloader()))
-    logged = {}
-    module.log = lambda name, value, **k: logged.__setitem__(name, value)  # no trainer attached
-    net = module.model.geometry.floor_net[0].weight
-    losses, grads = {}, {}
-    for weight in (0.0, 0.5):
-        module.hparams.floor_weight = weight
-        torch.manual_seed(0)  # the same posterior noise
-        module.zero_grad()
-        loss = module.training_step(batch, 0)
-        loss.backward()
-        losses[weight], grads[weight] = loss.detach(), net.grad.clone()
-    with torch.no_grad():
-        r, views = module.model.encode(batch["context_images"], batch["context_poses"])
-        drawn = module.model.geometry.floor_colour(module.model.read_geometry(batch["query_poses"], views))
+    module, batch, logged, steps, read = _auxiliary_loss_steps(
+        train_cfg, "floor_weight", lambda m: m.model.geometry.floor_net[0].weight, "model.geometry.floor_grid=8",
+        "module.floor_weight=0.5")
+    drawn = module.model.geometry.floor_colour(read)
     want = 0.5 * (drawn - batch["query_images"]).pow(2).flatten(1).sum(1) / (2 * module.sigma() ** 2)
-    assert torch.allclose(losses[0.5] - losses[0.0], want.mean(), rtol=1e-4)
-    assert (grads[0.5] - grads[0.0]).abs().sum() > 0.05 * grads[0.0].abs().sum()
+    assert torch.allclose(steps[0.5][0] - steps[0.0][0], want.mean(), rtol=1e-4)
+    assert (steps[0.5][1] - steps[0.0][1]).abs().sum() > 0.05 * steps[0.0][1].abs().sum()  # it reaches the map
     assert float(logged["train/floor_nll"].detach()) == pytest.approx(want.mean().item() / 0.5, rel=1e-4)
     plain = instantiate(train_cfg("module.floor_weight=0.5").module, _recursive_=False)  # no floor read: no loss
     plain.log = lambda name, value, **k: logged.__setitem__("plain/" + name, value)
