@@ -401,16 +401,23 @@ def test_floor_read_appends_a_rendered_colour_and_keeps_the_layout_before_it():
     images, poses, _, _ = _room(views=5)
     torch.manual_seed(0)
     plain = PlaneSweep(32, feature_channels=2, depths=6, sweep_size=8, visibility=True)
-    floor = PlaneSweep(32, feature_channels=2, depths=6, sweep_size=8, visibility=True, floor_grid=8, floor_heights=3)
+    floor = PlaneSweep(32, feature_channels=2, depths=6, sweep_size=8, visibility=True, floor_grid=8, floor_heights=3,
+                       ray_directions=True)
     missing, unexpected = floor.load_state_dict(plain.state_dict(), strict=False)
     assert not unexpected and all(k.startswith(("floor_", "log_floor")) for k in missing)
-    assert (floor.out_channels, floor.copies) == (plain.out_channels + 9, 2)
+    assert (floor.out_channels, floor.copies) == (plain.out_channels + 3 + 9, 2)  # the rays, then the floor read
     ctx, ctx_poses, query = images[None, :-1], poses[None, :-1], poses[None, -1]
     with torch.no_grad():
         out = floor(floor.view_features(ctx, ctx_poses), ctx_poses, query)
         assert torch.equal(out[:, :plain.out_channels], plain(plain.view_features(ctx, ctx_poses), ctx_poses, query))
         colour = floor.floor_colour(out)
         assert colour.shape == (1, 3, 32, 32) and 0 <= colour.min() and colour.max() <= 1
+        features = floor.view_features(ctx, ctx_poses)
+        _, _, planes = floor._sweep(features, camera_frames(ctx_poses), query, 8, planes=True)
+        drawn = floor._floor_render(*floor._floor_map(features, ctx_poses, camera_frames(ctx_poses), None), query,
+                                    planes, 4, None)
+        up = torch.nn.functional.interpolate(drawn, size=(32, 32), mode="bilinear", align_corners=False)
+        assert torch.allclose(colour, up[:, -3:], atol=1e-6) and torch.allclose(out[:, -9:], up, atol=1e-6)
         stopped = out[:, -9]
         assert 0 <= stopped.min() and stopped.max() <= 1 + 1e-6
         shift = torch.tensor([3.0, -2.0, 1.5, 0, 0, 0, 0])
@@ -433,10 +440,11 @@ def test_floor_map_lifts_what_each_view_sees_where_it_sees_it():
     is centred on the cameras and floor_extent times as wide as their spread."""
     G = 8
     sweep = PlaneSweep(32, feature_channels=0, fov_degrees=90, sweep_size=8, floor_grid=G, floor_heights=2)
-    sweep.floor_levels = torch.tensor([0.0, -0.1])  # the first height: the cameras' own
+    sweep.floor_levels = torch.tensor([0.0, -0.3])  # the cameras' own height, then below them
     image = torch.zeros(1, 2, 3, 32, 32)
     image[0, 0, 0, :, :16] = 1.0  # view 0: its left half red
     image[0, 0, 2, :, 16:] = 1.0  # its right half blue
+    image[0, 0, 1, 17:] = 0.5  # and its bottom half half green
     image[0, 1, 1] = 1.0  # view 1: green everywhere
     # both look along +x: view 0 from (-2, 0), view 1 from (2, 0)
     poses = torch.stack([_yaw_pose(-2.0, 0.0, 1.0, 0.0), _yaw_pose(2.0, 0.0, 1.0, 0.0)])[None]
@@ -450,6 +458,9 @@ def test_floor_map_lifts_what_each_view_sees_where_it_sees_it():
     # (row 5, column 6) is (x, y) = (1.875, 1.125): ahead of view 0, left of its axis, behind view 1: red
     assert torch.allclose(rgb[:, 5, 6], torch.tensor([1.0, 0, 0]), atol=1e-4)
     assert float(count[5, 6]) == pytest.approx(0.5)  # one of the two views
+    # the second height lies below the cameras (-0.1 x the half-width): there view 0 sees its bottom half
+    below = lifted[0, 9:12]  # per height (outer) 3 + 6 channels
+    assert torch.allclose(below[:, 5, 6], torch.tensor([1.0, 0.5, 0]), atol=1e-4)
     assert torch.allclose(rgb[:, 2, 6], torch.tensor([0, 0, 1.0]), atol=1e-4)  # y = -1.125: right of it, blue
     # (row 4, column 7) is (2.625, 0.375): ahead of both, left of view 0's axis: red and green averaged
     assert torch.allclose(rgb[:, 4, 7], torch.tensor([0.5, 0.5, 0]), atol=1e-4)
@@ -491,6 +502,14 @@ def test_floor_render_marches_the_query_rays_through_the_map():
     depth = float(cell.norm())
     disparity = float(out[0, 1, 7:9, 7:9].mean())
     assert sweep.base_depths[0] / disparity == pytest.approx(depth, rel=0.35)
+    # opaque below the camera only: the bottom rows of a level camera stop before the far plane, the top rows do not
+    with torch.no_grad():
+        last.weight.zero_(), last.bias.zero_(), first.weight.zero_()
+        first.weight[0, 1] = -1.0  # the hidden unit: -up (the point's height above the cameras)
+        last.weight[0, 0], last.bias[0] = 400.0, -8.0
+        low = sweep._floor_render(torch.zeros(1, 1, G, G), centre, height, half, query,
+                                  torch.zeros(1, 16 * 16, 16, 5), 3, None)
+    assert float(low[0, 0, -3:].mean()) > 0.9 and float(low[0, 0, :3].mean()) < 0.1
     # where the context views see a ray's points, their colour is the point's: green views, a green render
     planes = torch.tensor([0.0, 1.0, 0.0, 0.0, 2.0]).expand(1, 16 * 16, 16, 5)
     with torch.no_grad():

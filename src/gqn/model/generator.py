@@ -113,7 +113,8 @@ class DRAWGenerator(nn.Module):
         block of it mapped to ``geometry_core_channels`` channels of the latent grid) and the observation takes
         beside the canvas, through a small network whose first layer has ``geometry_mix_kernel`` x that kernel.
         ``geometry_copies``: the colours of that map the observation may copy per pixel: its first three channels,
-        and with 2 also its last three (the nearest context view); a softmax weighs them against the canvas."""
+        and with 2 also its last three (the nearest context view's, or the floor read's colour); a softmax weighs them
+        against the canvas."""
         super().__init__()
         if num_steps < 1:
             raise ValueError(f"num_steps (L) must be >= 1, got {num_steps}")

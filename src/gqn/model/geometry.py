@@ -81,8 +81,8 @@ class PlaneSweep(nn.Module):
         visibility_margin: how far (in log depth) a point may lie behind the surface a view sees and still count as
             seen by it (learned from this initial value).
         occluder_colour: with ``visibility``, also hand the generator what the views that do *not* see a point see
-            on the line to it (three more channels, last): the nearer surface, often the other side of the same
-            object, whose colour a uniformly coloured object shares. The generator learns when to copy it.
+            on the line to it (three more channels, after the sweep's): the nearer surface, often the other side of
+            the same object, whose colour a uniformly coloured object shares. The generator learns when to copy it.
         ray_profile: also hand the generator the whole sweep along each query ray, not only its depth-weighted
             summary: per depth plane the mean colour of the views that see that point and how many do
             (``4 * depths`` more channels at ``sweep_size``, upsampled; after the summary, before
@@ -140,26 +140,6 @@ class PlaneSweep(nn.Module):
         if floor_grid < 0 or floor_heights < 1 or floor_channels < 1 or not floor_extent > 0:
             raise ValueError(f"geometry.floor_grid must be >= 0 (0: off), floor_heights and floor_channels >= 1 and "
                              f"floor_extent > 0, got {floor_grid}, {floor_heights}, {floor_channels}, {floor_extent}")
-        self.floor_grid = int(floor_grid)
-        if floor_grid:  # the map of the room from above and the renderer that marches the query rays through it
-            self.copies = 2
-            self.out_channels += self.floor_out
-            self.floor_heights = int(floor_heights)
-            lifted = (self.sample_channels + 6) * floor_heights + 2  # per height: the views' summary; then x, y
-            self.floor_net = nn.Sequential(
-                nn.Conv2d(lifted, 48, 3, padding=1), nn.ReLU(),
-                nn.Conv2d(48, 48, 3, padding=1), nn.ReLU(),
-                nn.Conv2d(48, floor_channels, 3, padding=1),
-            )
-            # a point of a query ray: the map there, its height, disparity, whether it lies inside the map, the views'
-            # mean RGB there, their RGB variance and the fraction of the views that see it
-            self.floor_point = nn.Sequential(nn.Linear(floor_channels + 8, hidden), nn.ReLU(),
-                                              nn.Linear(hidden, 1 + 4 + 3))
-            with torch.no_grad():  # a start where rays pass most planes (opacity ~0.12 each) rather than the first
-                self.floor_point[-1].bias[0] = -2.0
-            self.log_floor_extent = nn.Parameter(torch.tensor(math.log(floor_extent)))
-            # heights of the lifted points, from the cameras' mean height, in units of the map's half-width
-            self.register_buffer("floor_levels", torch.linspace(-0.5, 0.2, floor_heights), persistent=False)
         self.features = nn.Sequential(
             nn.Conv2d(3, feature_channels, 3, padding=1), nn.ReLU(),
             nn.Conv2d(feature_channels, feature_channels, 3, padding=1),
@@ -188,6 +168,27 @@ class PlaneSweep(nn.Module):
         if visibility:  # (only then: checkpoints from before the option load as they are)
             self.visibility_margin = nn.Parameter(torch.tensor(float(visibility_margin)))
             self.log_visibility_sharpness = nn.Parameter(torch.tensor(math.log(50.0)))
+        # built last: with the same seed the parameters above start as without the option
+        self.floor_grid = int(floor_grid)
+        if floor_grid:  # the map of the room from above and the renderer that marches the query rays through it
+            self.copies = 2
+            self.out_channels += self.floor_out
+            self.floor_heights = int(floor_heights)
+            lifted = (self.sample_channels + 6) * floor_heights + 2  # per height: the views' summary; then x, y
+            self.floor_net = nn.Sequential(
+                nn.Conv2d(lifted, 48, 3, padding=1), nn.ReLU(),
+                nn.Conv2d(48, 48, 3, padding=1), nn.ReLU(),
+                nn.Conv2d(48, floor_channels, 3, padding=1),
+            )
+            # a point of a query ray: the map there, its height, disparity, whether it lies inside the map, the views'
+            # mean RGB there, their RGB variance and the fraction of the views that see it
+            self.floor_point = nn.Sequential(nn.Linear(floor_channels + 8, hidden), nn.ReLU(),
+                                              nn.Linear(hidden, 1 + 4 + 3))
+            with torch.no_grad():  # a start where rays pass most planes (opacity ~0.12 each) rather than the first
+                self.floor_point[-1].bias[0] = -2.0
+            self.log_floor_extent = nn.Parameter(torch.tensor(math.log(floor_extent)))
+            # heights of the lifted points, from the cameras' mean height, in units of the map's half-width
+            self.register_buffer("floor_levels", torch.linspace(-0.5, 0.2, floor_heights), persistent=False)
 
     @property
     def log_half_fov(self) -> torch.Tensor:
@@ -277,7 +278,8 @@ class PlaneSweep(nn.Module):
     def forward(self, features: torch.Tensor, context_poses: torch.Tensor, query_poses: torch.Tensor) -> torch.Tensor:
         """``features`` ``[B, M, C, H, W]`` (from :meth:`view_features`), poses ``[B, M, 7]`` and ``[B, 7]`` ->
         the map ``[B, out_channels, H, W]``. Computed in fp32 whatever the autocast (it is coordinates), but for
-        the depth-scoring network, which runs under the caller's autocast."""
+        the small networks on statistics of the samples (the depth scores; with ``floor_grid`` the map's CNN and the
+        network on each ray's points), which run under the caller's autocast."""
         amp = _autocast_dtype(features.device.type)
         with torch.autocast(features.device.type, enabled=False):
             features, context_poses, query_poses = features.float(), context_poses.float(), query_poses.float()
@@ -291,7 +293,7 @@ class PlaneSweep(nn.Module):
             depth = self._depth(disparity)  # [B, 1, H, W]
             fine = self._gather(features, frames, query_poses, depth.flatten(1))
             fine = fine.view(B, -1, H, W)
-            if self.occluder_colour:  # kept last: the layout before it stays as without the option
+            if self.occluder_colour:  # after the sweep's channels: the layout before it stays as without the option
                 out = [fine[:, :-3], coarse, fine[:, -3:]]
             else:
                 out = [fine, coarse]  # RGB first: what the generator may copy
@@ -333,8 +335,8 @@ class PlaneSweep(nn.Module):
         the map (-1 .. 1)."""
         B, M = features.shape[:2]
         G, Y = self.floor_grid, self.floor_heights
-        g = (torch.arange(G, device=features.device, dtype=torch.float32) + 0.5) / G * 2 - 1
-        gy, gx = torch.meshgrid(g, g, indexing="ij")  # [G, G]
+        u, v = pixel_coords(G, features.device)  # the cells' centres, row-major: x = u, y = -v (rows along y)
+        gx, gy = u.view(G, G), -v.view(G, G)
         xy = centre[:, None, None] + half[:, None, None, None] * torch.stack([gx, gy], dim=-1)  # [B, G, G, 2]
         z = height[:, None] + half[:, None] * self.floor_levels  # [B, Y]
         points = torch.cat([xy[:, None].expand(B, Y, G, G, 2),
@@ -476,8 +478,9 @@ class PlaneSweep(nn.Module):
             parts.append(torch.cat([mean[:, :3], count / M], dim=1).transpose(2, 3).flatten(1, 2))
         out = torch.cat(parts, dim=1)
         if planes:  # every point of the sweep: the seeing views' mean RGB, their RGB variance and how many they are
-            stats = torch.cat([mean[:, :3], var[:, :3].sum(dim=1, keepdim=True), count], dim=1).permute(0, 2, 3, 1)
-            return out.view(B, out.shape[1], size, size), expected.view(B, 1, size, size), stats
+            plane_stats = torch.cat([mean[:, :3], var[:, :3].sum(dim=1, keepdim=True), count], dim=1)
+            plane_stats = plane_stats.permute(0, 2, 3, 1)  # [B, P, D, 5]
+            return out.view(B, out.shape[1], size, size), expected.view(B, 1, size, size), plane_stats
         return out.view(B, out.shape[1], size, size), expected.view(B, 1, size, size)
 
     def _gather(self, features, frames, query_poses, depth):
