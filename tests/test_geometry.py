@@ -471,6 +471,30 @@ def test_floor_map_lifts_what_each_view_sees_where_it_sees_it():
     assert torch.equal(lifted[0, -2:], torch.stack(torch.meshgrid(cells, cells, indexing="xy")))
 
 
+def test_floor_map_marks_free_space_in_front_of_what_a_view_sees():
+    """With visibility, a cell's point in front of the surface a view's own depth map puts on its line gets a negative
+    log-depth difference (free space), one behind it a positive one, averaged over the views with a reliable depth
+    there (their fraction follows); a view without a reliable depth map does not count."""
+    G = 8
+    sweep = PlaneSweep(32, feature_channels=0, fov_degrees=90, sweep_size=8, visibility=True, floor_grid=G,
+                       floor_heights=1)
+    sweep.floor_levels = torch.tensor([0.0])  # the cameras' own height
+    features = torch.zeros(1, 2, 3 + 2, 32, 32)  # RGB, each view's own log depth and its reliability
+    features[0, 0, 3], features[0, 0, 4] = math.log(3.0), 1.0  # view 0: a surface 3 ahead everywhere, reliable
+    features[0, 1, 3], features[0, 1, 4] = math.log(3.0), 0.0  # view 1: a depth it does not trust
+    poses = torch.stack([_yaw_pose(-2.0, 0.0, 1.0, 0.0), _yaw_pose(2.0, 0.0, 1.0, 0.0)])[None]
+    with torch.no_grad():
+        lifted = sweep._floor_lift(features, camera_frames(poses), *sweep._floor_frame(poses))
+    free, sure = lifted[0, 7], lifted[0, 8]  # per height: 3 mean, 3 variance, count, then these two
+    # (row 4, column 3) is (-0.375, 0.375): 1.625 ahead of view 0, before its surface; behind view 1
+    assert float(free[4, 3]) == pytest.approx(math.log(1.625 / 3.0), abs=1e-3)
+    assert float(sure[4, 3]) == pytest.approx(0.5)  # one reliable view of two
+    # (row 4, column 6) is (1.875, 0.375): 3.875 ahead of view 0, behind its surface; still behind view 1
+    assert float(free[4, 6]) == pytest.approx(math.log(3.875 / 3.0), abs=1e-3)
+    # (row 4, column 0) is (-2.625, 0.375): behind both cameras, no view has a say
+    assert float(free[4, 0]) == 0.0 and float(sure[4, 0]) == 0.0
+
+
 def test_floor_render_marches_the_query_rays_through_the_map():
     """The floor read renders an opaque cell of the map where the query camera sees that cell's place in the room,
     and the far plane's colour elsewhere (no context view sees the rays' points: the network's colours); where the
