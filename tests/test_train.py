@@ -566,12 +566,14 @@ def test_floor_loss_adds_the_nll_of_the_floor_read_on_every_pixel(train_cfg):
     nothing without a floor read."""
     from hydra.utils import instantiate
 
+    from gqn.model.distributions import gaussian_nll
+
     assert train_cfg().module.floor_weight == 0.0 and train_cfg().model.geometry.floor_grid == 0
     module, batch, logged, steps, read = _auxiliary_loss_steps(
         train_cfg, "floor_weight", lambda m: m.model.geometry.floor_net[0].weight, "model.geometry.floor_grid=8",
         "module.floor_weight=0.5")
     drawn = module.model.geometry.floor_colour(read)
-    want = 0.5 * (drawn - batch["query_images"]).pow(2).flatten(1).sum(1) / (2 * module.sigma() ** 2)
+    want = 0.5 * gaussian_nll(batch["query_images"], drawn, module.sigma())
     assert torch.allclose(steps[0.5][0] - steps[0.0][0], want.mean(), rtol=1e-4)
     assert (steps[0.5][1] - steps[0.0][1]).abs().sum() > 0.05 * steps[0.0][1].abs().sum()  # it reaches the map
     assert float(logged["train/floor_nll"].detach()) == pytest.approx(want.mean().item() / 0.5, rel=1e-4)

@@ -71,8 +71,8 @@ class GQNModule(L.LightningModule):
             query pixel, where at least half a context view sees that point. It trains the depth scores, the
             visibility test and the lens from every such pixel, not only through the pixels where the generator
             chose to copy that colour. 0: off.
-        floor_weight: weight of an auxiliary loss on the floor read (``model.geometry.floor_grid``): the squared
-            error over 2 sigma^2 of the colour it rendered for every query pixel. 0: off.
+        floor_weight: weight of an auxiliary loss on the floor read (``model.geometry.floor_grid``): the pixel NLL
+            (at the same sigma) of the colour it rendered for every query pixel. 0: off.
         compile: ``torch.compile`` the encoder and the generator in place (``True``: the inductor backend; a
             string names another backend, e.g. ``aot_eager`` traces without generating code). The first
             step of each new input shape pays the compile time; the checkpoint's keys are those of eager.
@@ -232,7 +232,7 @@ class GQNModule(L.LightningModule):
         floor_weight = self.hparams.get("floor_weight", 0.0)
         if floor_weight and out["geometry"] is not None and getattr(self.model.geometry, "floor_grid", 0):
             drawn = self.model.geometry.floor_colour(out["geometry"])
-            floor_nll = (drawn - images).pow(2).flatten(1).sum(1) / (2 * self.sigma() ** 2)
+            floor_nll = gaussian_nll(images, drawn, self.sigma())  # every pixel: the prior-mean loss's NLL
             loss = loss + floor_weight * floor_nll.mean()
             self.log("train/floor_nll", floor_nll.mean(), batch_size=B)
         self._step_kind = (True, B, batch["context_images"].shape[1], bool(weight))

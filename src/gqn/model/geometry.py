@@ -348,14 +348,12 @@ class PlaneSweep(nn.Module):
         samples, seen, visible = self._seen(raw, cam)
         if visible is not None:
             samples = samples * visible
-        count = seen.sum(dim=1)  # [B, 1, N, 1]
-        mean = samples.sum(dim=1) / count.clamp(min=1)
-        var = (samples[:, :, :3].pow(2).sum(dim=1) / count.clamp(min=1) - mean[:, :3].pow(2)).clamp(min=0)
+        count, mean, var = self._view_stats(samples, seen)  # [B, 1 | C | C, N, 1]
+        var = var[:, :3]
         if visible is not None:  # free space: the point lies in front of the surface a view's own depth map puts there
-            own, reliable, inside = raw[:, :, -3:-2], raw[:, :, -2:-1], raw[:, :, -1:]
-            inside_ = inside.clamp(min=1e-6)
-            behind = cam[..., 0].clamp(min=1e-4).log().unsqueeze(2) - own / inside_
-            trust = (reliable / inside_).clamp(0, 1) * inside
+            inside = raw[:, :, -1:]
+            behind, reliability = self._behind(raw[:, :, -3:-2], raw[:, :, -2:-1], inside, cam)
+            trust = reliability * inside
             sure = trust.sum(dim=1)
             free = [(trust * behind.clamp(-1, 1)).sum(dim=1) / sure.clamp(min=1e-3), sure / M]
         else:
@@ -440,11 +438,30 @@ class PlaneSweep(nn.Module):
             samples, inside = samples.split([C, 1], dim=2)
             return samples, inside, None
         samples, own_depth, reliable, inside = samples.split([C, 1, 1, 1], dim=2)
-        inside_ = inside.clamp(min=1e-6)  # the view's own log depth and its reliability there: own_depth / inside_, ...
-        behind = cam[..., 0].clamp(min=1e-4).log().unsqueeze(2) - own_depth / inside_  # > 0: the point is behind it
+        behind, reliability = self._behind(own_depth, reliable, inside, cam)
         hidden = torch.sigmoid(self.log_visibility_sharpness.exp() * (behind - self.visibility_margin))
-        visible = 1 - (reliable / inside_).clamp(0, 1) * hidden
+        visible = 1 - reliability * hidden
         return samples, inside * visible, visible
+
+    @staticmethod
+    def _behind(own_depth, reliable, inside, cam):
+        """From a view's sampled own log depth and reliability ``[B, M, 1, ...]`` (bilinear samples: weighted by how
+        much of each lies ``inside`` the image, so divided by it) and the points in its camera coordinates ``cam``:
+        how far (log depth) each point lies behind the surface that view's depth map puts on its line (> 0: behind
+        it, < 0: in front, free space) and how reliable the map is there (0 .. 1)."""
+        inside_ = inside.clamp(min=1e-6)
+        behind = cam[..., 0].clamp(min=1e-4).log().unsqueeze(2) - own_depth / inside_
+        return behind, (reliable / inside_).clamp(0, 1)
+
+    @staticmethod
+    def _view_stats(samples, seen):
+        """How many views see each point ``[B, 1, ...]`` (the sum of ``seen`` ``[B, M, 1, ...]``), and the mean and
+        variance over them of ``samples`` ``[B, M, C, ...]`` (already weighted by how much each view sees it)."""
+        count = seen.sum(dim=1)
+        denom = count.clamp(min=1)
+        mean = samples.sum(dim=1) / denom
+        var = (samples.pow(2).sum(dim=1) / denom - mean.pow(2)).clamp(min=0)
+        return count, mean, var
 
     def _sweep(self, features, frames, query_poses, size, profile: bool = False, amp: torch.dtype | None = None,
                planes: bool = False):
@@ -461,10 +478,7 @@ class PlaneSweep(nn.Module):
         samples, seen, visible = self._seen(self._sample(features, cam), cam)  # [B, M, C | 1 | 1, P, D]
         if visible is not None:  # the samples already carry how much of them is inside the image
             samples = samples * visible
-        count = seen.sum(dim=1)  # [B, 1, P, D]: how many views see each point
-        denom = count.clamp(min=1)
-        mean = samples.sum(dim=1) / denom  # [B, C, P, D]
-        var = (samples.pow(2).sum(dim=1) / denom - mean.pow(2)).clamp(min=0)
+        count, mean, var = self._view_stats(samples, seen)  # [B, 1 | C | C, P, D]: how many views see each point, ...
         disparity = (self.base_depths[0] / self.base_depths).view(1, 1, 1, D).expand(B, 1, P, D)
         stats = torch.cat([mean, var, count / M, disparity], dim=1).permute(0, 2, 3, 1)  # [B, P, D, 2C + 2]
         agreement = var[:, :3].sum(dim=1) * (count[:, 0] > 1.5)  # [B, P, D]: only where two views see the point
