@@ -4,6 +4,7 @@ compile combination of gqn-bench train."""
 from __future__ import annotations
 
 import json
+import statistics
 from pathlib import Path
 
 import pytest
@@ -92,3 +93,39 @@ def test_checkpoint_steps_on_the_reference_path_is_refused(capsys):
     assert "--checkpoint-steps needs --paths fast" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main(["memory"])  # the undocumented mode is gone: the flag above replaces it
+
+
+def test_bench_train_times_a_variant_beside_its_base_in_rounds(tmp_path):
+    """--variant NAME BASE KEY=VALUE: a row of BASE with those model settings, compared with BASE's row;
+    --rounds N: every row's process runs N times, in turn, and its time is the median over all its steps."""
+    run_cli("gqn-bench", "train", "--configs", "tiny", "--paths", "fast", "--steps", "2", "--batch", "2",
+            "--context", "2", "--rounds", "2", "--variant", "tiny16", "tiny", "model.hidden_channels=16",
+            "--out", str(tmp_path), cwd=tmp_path, timeout=600)
+    report = json.loads((tmp_path / "train.json").read_text())
+    assert report["rounds"] == 2
+    base, variant = report["results"]
+    assert base["config"] == "tiny" and "variant_of" not in base
+    assert variant["config"] == "tiny16" and variant["variant_of"] == {
+        "base": "tiny", "preset": "small",
+        "overrides": {"hidden_channels": "16", "canvas_channels": 8, "num_steps": 2, "encoder.channels": 8}}
+    assert variant["params"] > base["params"] and variant["gflop_per_step"] > base["gflop_per_step"]  # it changed
+    for row in (base, variant):
+        assert ROW_KEYS <= set(row)
+        assert len(row["step_times"]) == 4 and len(row["round_seconds_per_step"]) == 2
+        assert row["seconds_per_step"] == pytest.approx(statistics.median(row["step_times"]))
+
+
+@pytest.mark.parametrize("words, message", [
+    (["x"], "--variant needs NAME BASE KEY=VALUE..., got 'x'"),
+    (["default", "tiny", "num_steps=3"], "--variant default: the name is one of the built-in configs"),
+    (["v", "huge", "num_steps=3"], "--variant v: unknown base config 'huge'"),
+    (["v", "tiny", "num_steps"], "--variant v: 'num_steps' is not KEY=VALUE"),
+    (["v", "tiny", "no_such_setting=3"], "--variant v: the model cannot be built"),
+])
+def test_a_malformed_variant_is_one_clear_line_before_any_timing(tmp_path, capsys, words, message):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["train", "--configs", "tiny", "--variant", *words, "--out", str(tmp_path)])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert message in err and len(err.strip().splitlines()) == 1, err
+    assert not (tmp_path / "train.json").exists()

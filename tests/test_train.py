@@ -540,7 +540,8 @@ def _auxiliary_loss_steps(train_cfg, setting: str, param, *overrides: str):
 def test_read_loss_adds_the_nll_of_the_found_colour_where_a_view_sees_the_point(train_cfg):
     """module.read_weight (schedule.read_weight): the loss adds that weight times the pixel NLL of the colour the
     plane sweep found, on the pixels some context view sees; its gradient reaches the lens. Off by default;
-    nothing without a geometric read."""
+    an error without a geometric read (it would be ignored)."""
+    from hydra.errors import InstantiationException
     from hydra.utils import instantiate
 
     assert train_cfg().module.read_weight == 0.0
@@ -554,16 +555,15 @@ def test_read_loss_adds_the_nll_of_the_found_colour_where_a_view_sees_the_point(
     assert (grads[0.5][1] - grads[0.0][1]).abs() > 0.05 * grads[0.0][1].abs()  # the read's loss reaches the lens
     assert float(logged["train/read_nll"].detach()) == pytest.approx(want.mean().item() / 0.5, rel=1e-4)  # unweighted
     assert float(logged["train/fov_degrees"]) == pytest.approx(module.model.geometry.field_of_view)  # the lens
-    plain = instantiate(train_cfg("~model/geometry", "module.read_weight=0.5").module, _recursive_=False)
-    plain.log = lambda *a, **k: None
-    torch.manual_seed(0)
-    assert torch.isfinite(plain.training_step(batch, 0))
+    with pytest.raises(InstantiationException, match="module.read_weight=0.5 trains the geometric read, but the"):
+        instantiate(train_cfg("~model/geometry", "module.read_weight=0.5").module, _recursive_=False)
 
 
 def test_floor_loss_adds_the_nll_of_the_floor_read_on_every_pixel(train_cfg):
     """module.floor_weight with model.geometry.floor_grid: the loss adds that weight times the pixel NLL of the
     colour the floor read rendered, over every pixel; its gradient reaches the map's network. Off by default;
-    nothing without a floor read."""
+    an error without a floor read (it would be ignored)."""
+    from hydra.errors import InstantiationException
     from hydra.utils import instantiate
 
     from gqn.model.distributions import gaussian_nll
@@ -577,10 +577,10 @@ def test_floor_loss_adds_the_nll_of_the_floor_read_on_every_pixel(train_cfg):
     assert torch.allclose(steps[0.5][0] - steps[0.0][0], want.mean(), rtol=1e-4)
     assert (steps[0.5][1] - steps[0.0][1]).abs().sum() > 0.05 * steps[0.0][1].abs().sum()  # it reaches the map
     assert float(logged["train/floor_nll"].detach()) == pytest.approx(want.mean().item() / 0.5, rel=1e-4)
-    plain = instantiate(train_cfg("module.floor_weight=0.5").module, _recursive_=False)  # no floor read: no loss
-    plain.log = lambda name, value, **k: logged.__setitem__("plain/" + name, value)
-    torch.manual_seed(0)
-    assert torch.isfinite(plain.training_step(batch, 0)) and "plain/train/floor_nll" not in logged
+    with pytest.raises(InstantiationException, match="module.floor_weight=0.5 trains the floor map, but the model"):
+        instantiate(train_cfg("module.floor_weight=0.5").module, _recursive_=False)
+    with pytest.raises(InstantiationException, match="module.floor_weight must be a number >= 0, got -0.5"):
+        instantiate(train_cfg("model.geometry.floor_grid=8", "module.floor_weight=-0.5").module, _recursive_=False)
 
 
 def test_throughput_monitor_logs_scenes_and_flops_per_step(train_cfg):

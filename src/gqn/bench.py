@@ -131,11 +131,34 @@ def machine_info(device: str = "cpu") -> dict:
     return info
 
 
+def parse_variant(words: list[str]) -> tuple[str, dict]:
+    """``--variant NAME BASE KEY=VALUE ...`` -> ``(NAME, {"base", "preset", "overrides"})``: the config BASE of
+    :data:`TRAIN_CONFIGS` with model settings changed (keys as after ``model.`` in gqn-train; the prefix may be
+    given). A ValueError (one line) for a malformed one."""
+    if len(words) < 3:
+        raise ValueError(f"--variant needs NAME BASE KEY=VALUE..., got {' '.join(words)!r}")
+    name, base, *settings = words
+    if name in TRAIN_CONFIGS:
+        raise ValueError(f"--variant {name}: the name is one of the built-in configs; choose another")
+    if base not in TRAIN_CONFIGS:
+        raise ValueError(f"--variant {name}: unknown base config {base!r}; one of {', '.join(TRAIN_CONFIGS)}")
+    preset, overrides = TRAIN_CONFIGS[base]
+    overrides = dict(overrides)
+    for setting in settings:
+        key, eq, value = setting.partition("=")
+        key = key.removeprefix("model.")
+        if not eq or not key:
+            raise ValueError(f"--variant {name}: {setting!r} is not KEY=VALUE (e.g. geometry.sweep_size=8)")
+        overrides[key] = value
+    return name, {"base": base, "preset": preset, "overrides": overrides}
+
+
 def _train_child(name: str, fast: bool, batch: int, context: int, steps: int, checkpoint: bool,
                  precision: str = "32-true", compiled: bool = False, device: str = "cpu",
-                 backend: str = "inductor") -> dict:
+                 backend: str = "inductor", spec: list | tuple | None = None) -> dict:
     """One configuration in its own process: a FLOP-counted eager step (also the warm-up), then (compiled
-    rows) the first compiled step, which pays the compile time, then ``steps`` timed steps.
+    rows) the first compiled step, which pays the compile time, then ``steps`` timed steps. ``spec``: the
+    ``(preset, overrides)`` of a ``--variant`` (else ``TRAIN_CONFIGS[name]``).
 
     A step is what ``gqn-train`` does per batch: the forward under ``precision`` (bf16-mixed: autocast, as
     Lightning's bf16-mixed), backward and an Adam step."""
@@ -144,7 +167,7 @@ def _train_child(name: str, fast: bool, batch: int, context: int, steps: int, ch
 
     from gqn.gqn_module import compile_model
 
-    preset, overrides = TRAIN_CONFIGS[name]
+    preset, overrides = spec or TRAIN_CONFIGS[name]
     torch.manual_seed(0)
     model = build_model(preset, fast=fast, checkpoint_steps=checkpoint, **dict(overrides)).to(device)
     opt = torch.optim.Adam(model.parameters(), lr=1e-4)
@@ -191,41 +214,90 @@ def _train_child(name: str, fast: bool, batch: int, context: int, steps: int, ch
 
 def bench_train(configs, steps: int, batch: int, context: int, paths=("reference", "fast"),
                 checkpoint: bool = False, precisions=("32-true",), compile_modes=(False,), device: str = "cpu",
-                backend: str = "inductor") -> dict:
+                backend: str = "inductor", variants: dict | None = None, rounds: int = 1) -> dict:
     """Every config x path x precision x compiled in its own subprocess (own peak memory; compiled rows get
-    an empty inductor cache, so ``compile_seconds`` is what a first run pays)."""
-    rows = []
+    an empty inductor cache, so ``compile_seconds`` is what a first run pays). ``variants``: name -> what
+    :func:`parse_variant` gives, timed after ``configs``. ``rounds`` > 1 runs every row's process that many
+    times, the rows in turn (round robin), so that a machine whose speed drifts (a shared VM) slows every row
+    alike; a row's ``seconds_per_step`` is then the median over all its rounds' steps and
+    ``round_seconds_per_step`` holds each round's median."""
+    variants = dict(variants or {})
     machine = machine_info(device)
     peaks = {p: conv_peak_gflops(precision=p, device=device) for p in precisions}
     print(f"{machine['device_name']} ({device}; CPU {machine['cpu']}, {machine['cores']} cores, "
           f"{machine['torch_threads']} threads; bf16 units: {', '.join(machine['cpu_bf16_flags']) or 'none'})")
     print("conv peak: " + ", ".join(f"{p} {v:.0f} GFLOP/s" for p, v in peaks.items()))
+    if rounds > 1:
+        print(f"{rounds} rounds, the rows in turn; s/step: the median over every round's steps")
     print(f"{'config':20s} {'path':9s} {'precision':10s} {'comp':4s} {'params':>8s} {'GFLOP':>8s} {'s/step':>7s} "
           f"{'GFLOP/s':>8s} {'%peak':>6s} {'mem GB':>7s} {'compile s':>9s}")
-    for name in configs:
-        for path in paths:
-            for precision in precisions:
-                for compiled in compile_modes:
-                    cmd = [sys.executable, "-m", "gqn.bench", "_train_child", name, path, str(batch), str(context),
-                           str(steps), str(int(checkpoint)), precision, str(int(compiled)), device, backend]
-                    with tempfile.TemporaryDirectory(prefix="gqn-bench-inductor-") as cache:
-                        env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": cache}
-                        out = subprocess.run(cmd, capture_output=True, text=True, env=env)
-                    what = f"{name}/{path}/{precision}/{'compiled' if compiled else 'eager'}"
-                    if out.returncode:
-                        raise RuntimeError(f"benchmark of {what} failed:\n{out.stderr[-2000:]}")
-                    row = json.loads(out.stdout.strip().splitlines()[-1])
-                    row["percent_of_conv_peak"] = 100 * row["gflops_per_s"] / peaks[precision]
-                    rows.append(row)
-                    mem = row["peak_gpu_memory_gb"] if device == "cuda" else row["peak_rss_gb"]
-                    comp = f"{row['compile_seconds']:9.1f}" if compiled else f"{'-':>9s}"
-                    print(f"{name:20s} {path:9s} {precision:10s} {'on' if compiled else 'off':4s} "
-                          f"{row['params'] / 1e6:7.1f}M {row['gflop_per_step']:8.0f} {row['seconds_per_step']:7.2f} "
-                          f"{row['gflops_per_s']:8.0f} {row['percent_of_conv_peak']:5.0f}% {mem:7.2f} {comp}",
-                          flush=True)
+    specs = [(name, path, precision, compiled) for name in [*configs, *variants] for path in paths
+             for precision in precisions for compiled in compile_modes]
+    runs: dict[tuple, list[dict]] = {spec: [] for spec in specs}
+    rows = []
+    for r in range(rounds):
+        for spec in specs:
+            name, path, precision, compiled = spec
+            cmd = [sys.executable, "-m", "gqn.bench", "_train_child", name, path, str(batch), str(context),
+                   str(steps), str(int(checkpoint)), precision, str(int(compiled)), device, backend,
+                   json.dumps([variants[name]["preset"], variants[name]["overrides"]] if name in variants else None)]
+            with tempfile.TemporaryDirectory(prefix="gqn-bench-inductor-") as cache:
+                env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": cache}
+                out = subprocess.run(cmd, capture_output=True, text=True, env=env)
+            if out.returncode:
+                what = f"{name}/{path}/{precision}/{'compiled' if compiled else 'eager'}"
+                raise RuntimeError(f"benchmark of {what} failed:\n{out.stderr[-2000:]}")
+            runs[spec].append(json.loads(out.stdout.strip().splitlines()[-1]))
+            if r == rounds - 1:
+                rows.append(_merge_rounds(runs[spec], peaks[precision], variants.get(name)))
+                _print_row(rows[-1], device)
+    for name in [*configs, *variants]:
         _print_speedups([r for r in rows if r["config"] == name])
+    _print_variant_speedups(rows)
     return {"conv_peak_gflops": peaks.get("32-true"), "conv_peak_gflops_by_precision": peaks, "machine": machine,
-            "batch": batch, "context": context, "steps": steps, "results": rows}
+            "batch": batch, "context": context, "steps": steps, "rounds": rounds, "results": rows}
+
+
+def _merge_rounds(runs: list[dict], peak: float, variant: dict | None) -> dict:
+    """One row from the rounds of a config: the median over all their steps, each round's median, the largest
+    peak memory, the median compile time."""
+    row = dict(runs[-1])
+    times = [t for run in runs for t in run["step_times"]]
+    row["step_times"] = times
+    row["seconds_per_step"] = statistics.median(times)
+    row["round_seconds_per_step"] = [run["seconds_per_step"] for run in runs]
+    row["gflops_per_s"] = row["gflop_per_step"] / row["seconds_per_step"]
+    row["percent_of_conv_peak"] = 100 * row["gflops_per_s"] / peak
+    for key in ("peak_rss_gb", "peak_gpu_memory_gb"):
+        if row.get(key) is not None:
+            row[key] = max(run[key] for run in runs)
+    if row.get("compile_seconds") is not None:
+        row["compile_seconds"] = statistics.median(run["compile_seconds"] for run in runs)
+    if variant is not None:
+        row["variant_of"] = variant
+    return row
+
+
+def _print_row(row: dict, device: str) -> None:
+    mem = row["peak_gpu_memory_gb"] if device == "cuda" else row["peak_rss_gb"]
+    comp = f"{row['compile_seconds']:9.1f}" if row["compiled"] else f"{'-':>9s}"
+    print(f"{row['config']:20s} {row['path']:9s} {row['precision']:10s} {'on' if row['compiled'] else 'off':4s} "
+          f"{row['params'] / 1e6:7.1f}M {row['gflop_per_step']:8.0f} {row['seconds_per_step']:7.2f} "
+          f"{row['gflops_per_s']:8.0f} {row['percent_of_conv_peak']:5.0f}% {mem:7.2f} {comp}", flush=True)
+    spread = row.get("round_seconds_per_step") or []
+    if len(spread) > 1:
+        print(f"{'':20s} rounds: {', '.join(f'{t:.3f}' for t in spread)} s/step")
+
+
+def _print_variant_speedups(rows: list[dict]) -> None:
+    """Each variant's steps/s against its base config's row of the same path, precision and compile mode."""
+    same = lambda r: (r["path"], r["precision"], r["compiled"])  # noqa: E731
+    bases = {(r["config"], *same(r)): r for r in rows if "variant_of" not in r}
+    for r in rows:
+        base = bases.get((r["variant_of"]["base"], *same(r))) if "variant_of" in r else None
+        if base is not None:
+            print(f"{'':20s} {r['config']} {r['path']} {r['precision']} {'compiled' if r['compiled'] else 'eager'}: "
+                  f"{base['seconds_per_step'] / r['seconds_per_step']:.2f}x the steps/s of {base['config']}")
 
 
 def _print_speedups(rows: list[dict]) -> None:
@@ -314,8 +386,9 @@ def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["_train_child"]:
         name, path, batch, context, steps, ckpt, precision, compiled, device, backend = argv[1:11]
+        spec = json.loads(argv[11]) if len(argv) > 11 else None
         print(json.dumps(_train_child(name, path == "fast", int(batch), int(context), int(steps), bool(int(ckpt)),
-                                      precision, bool(int(compiled)), device, backend)))
+                                      precision, bool(int(compiled)), device, backend, spec)))
         return 0
     from gqn.cli import check_writable
     from gqn.data_cli import OneLineParser
@@ -338,13 +411,34 @@ def main(argv=None) -> int:
     p.add_argument("--compile-backend", default="inductor",
                    help="train: the torch.compile backend of compiled rows (aot_eager: tracing without codegen)")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="train: where the model runs")
+    p.add_argument("--variant", nargs="+", action="append", default=[], metavar="WORD",
+                   help="train: NAME BASE KEY=VALUE...: also time BASE (a --configs name) with these model settings "
+                        "(e.g. --variant sweep8 default geometry.sweep_size=8); repeatable")
+    p.add_argument("--rounds", type=int, default=1,
+                   help="train: run every row this many times, the rows in turn, and report the median (a machine "
+                        "whose speed drifts then slows every row alike)")
     p.add_argument("--out", default="bench", help="directory for the JSON results")
     args = p.parse_args(argv)
     if args.checkpoint_steps and "reference" in args.paths:
         p.error("--checkpoint-steps needs --paths fast (the reference path has no activation checkpointing)")
     precisions = list(dict.fromkeys(PRECISION_ALIASES.get(x, x) for x in args.precision))
-    if args.steps < 1 or args.batch < 1 or args.context < 1:
-        p.error("--steps, --batch and --context must be at least 1")
+    if args.steps < 1 or args.batch < 1 or args.context < 1 or args.rounds < 1:
+        p.error("--steps, --batch, --context and --rounds must be at least 1")
+    variants = {}
+    for words in args.variant:
+        try:
+            name, variant = parse_variant(words)
+        except ValueError as err:
+            p.error(str(err))
+        if name in variants:
+            p.error(f"--variant {name} is given twice")
+        variants[name] = variant
+        if args.what in ("all", "train"):  # a setting the model does not take: one line now, not after the timing
+            try:
+                build_model(variant["preset"], **variant["overrides"])
+            except Exception as err:
+                p.error(f"--variant {name}: the model cannot be built: {type(err).__name__}: "
+                        f"{(str(err).strip().splitlines() or [''])[0]}")
     if args.device == "cuda" or args.what in ("all", "train"):
         import torch
 
@@ -367,7 +461,7 @@ def main(argv=None) -> int:
         results["train"] = bench_train(args.configs, args.steps, args.batch, args.context, tuple(args.paths),
                                        checkpoint=args.checkpoint_steps, precisions=precisions,
                                        compile_modes=COMPILE[args.compile], device=args.device,
-                                       backend=args.compile_backend)
+                                       backend=args.compile_backend, variants=variants, rounds=args.rounds)
     for key, value in results.items():
         (out / f"{key}.json").write_text(json.dumps(value, indent=2) + "\n")
     print(f"wrote {', '.join(str(out / f'{k}.json') for k in results)}")

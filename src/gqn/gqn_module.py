@@ -48,6 +48,21 @@ def check_schedule(schedule) -> None:
             raise ValueError(f"schedule.{key} must be a number {least}, got {value!r}")
 
 
+def check_loss_weights(weights: dict, model) -> None:
+    """A ValueError (one line from the CLI) for a loss weight that is not a number >= 0, or one set for a part the
+    model lacks (it would be ignored silently: a run that trains something other than what its config says)."""
+    for key, value in weights.items():
+        if not finite_number(value) or value < 0:
+            raise ValueError(f"module.{key} must be a number >= 0, got {value!r}")
+    geometry = getattr(model, "geometry", None)
+    if weights.get("read_weight") and geometry is None:
+        raise ValueError(f"module.read_weight={weights['read_weight']} trains the geometric read, but the model has "
+                         "none: add model/geometry=plane_sweep or set module.read_weight=0")
+    if weights.get("floor_weight") and not getattr(geometry, "floor_grid", 0):
+        raise ValueError(f"module.floor_weight={weights['floor_weight']} trains the floor map, but the model has "
+                         "none: set model.geometry.floor_grid (e.g. 16) or module.floor_weight=0")
+
+
 class GQNModule(L.LightningModule):
     """Holds a :class:`gqn.model.GQN` built from its config (so checkpoints rebuild it on their own).
 
@@ -102,6 +117,8 @@ class GQNModule(L.LightningModule):
                                    "read_weight": read_weight, "floor_weight": floor_weight,
                                    "compile": compile})
         self.model: GQN = hydra.utils.instantiate(self.hparams.model)
+        check_loss_weights({"kl_weight": kl_weight, "prior_mean_weight": prior_mean_weight,
+                            "read_weight": read_weight, "floor_weight": floor_weight}, self.model)
         s = self.hparams.schedule
         check_schedule(s)
         self.sigma_schedule = LinearAnneal(s["sigma_init"], s["sigma_final"], s["sigma_steps"], sigma_warmup_steps)
