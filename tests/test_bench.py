@@ -120,7 +120,10 @@ def test_bench_train_times_a_variant_beside_its_base_in_rounds(tmp_path):
     (["default", "tiny", "num_steps=3"], "--variant default: the name is one of the built-in configs"),
     (["v", "huge", "num_steps=3"], "--variant v: unknown base config 'huge'"),
     (["v", "tiny", "num_steps"], "--variant v: 'num_steps' is not KEY=VALUE"),
-    (["v", "tiny", "no_such_setting=3"], "--variant v: the model cannot be built"),
+    (["v", "tiny", "no_such_setting=3"], "--variant v: Could not override 'model.no_such_setting'"),
+    (["v", "tiny", "num_steps=0"], "--variant v: the model cannot be built: num_steps (L) must be >= 1"),
+    (["v", "tiny", "fast=false"], "--variant v: fast is set for every row by --paths"),
+    (["v", "small", "num_steps=3"], "--variant v: its base 'small' is not among --configs"),
 ])
 def test_a_malformed_variant_is_one_clear_line_before_any_timing(tmp_path, capsys, words, message):
     with pytest.raises(SystemExit) as exit_info:

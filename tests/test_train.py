@@ -703,3 +703,24 @@ def test_progress_line_past_the_time_cap_says_no_time_left(capsys):
         line.on_train_batch_end(trainer, None, None, None, 0)
     out = capsys.readouterr().out.strip()
     assert out.endswith("left 0m00s (trainer.max_time)"), out
+
+
+def test_a_checkpoint_with_a_loss_weight_its_model_ignored_still_loads(train_cfg, tmp_path):
+    """Before the loss weights were checked, module.floor_weight without a floor map was ignored: such a
+    checkpoint still loads (gqn-eval, gqn-render), while building a module that way is an error."""
+    import lightning
+    from hydra.errors import InstantiationException
+    from hydra.utils import instantiate
+
+    from gqn.gqn_module import GQNModule
+
+    module = instantiate(train_cfg().module, _recursive_=False)
+    hparams = {**module.hparams, "floor_weight": 0.5}
+    path = tmp_path / "old.ckpt"
+    torch.save({"state_dict": module.state_dict(), "hyper_parameters": hparams, "global_step": 7,
+                "pytorch-lightning_version": lightning.__version__}, path)
+    loaded = GQNModule.load_from_checkpoint(path, map_location="cpu")
+    assert loaded.hparams.floor_weight == 0.5 and not GQNModule._loading
+    assert all(torch.equal(a, b) for a, b in zip(loaded.state_dict().values(), module.state_dict().values()))
+    with pytest.raises(InstantiationException, match="module.floor_weight=0.5 trains the floor map"):
+        instantiate(train_cfg("module.floor_weight=0.5").module, _recursive_=False)

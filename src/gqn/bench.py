@@ -149,6 +149,9 @@ def parse_variant(words: list[str]) -> tuple[str, dict]:
         key = key.removeprefix("model.")
         if not eq or not key:
             raise ValueError(f"--variant {name}: {setting!r} is not KEY=VALUE (e.g. geometry.sweep_size=8)")
+        if key in ("fast", "checkpoint_steps"):
+            raise ValueError(f"--variant {name}: {key} is set for every row by "
+                             f"{'--paths' if key == 'fast' else '--checkpoint-steps'}, not per variant")
         overrides[key] = value
     return name, {"base": base, "preset": preset, "overrides": overrides}
 
@@ -433,12 +436,20 @@ def main(argv=None) -> int:
         if name in variants:
             p.error(f"--variant {name} is given twice")
         variants[name] = variant
+        if variant["base"] not in args.configs:
+            p.error(f"--variant {name}: its base {variant['base']!r} is not among --configs; add it, so that the "
+                    "two are timed in one run")
         if args.what in ("all", "train"):  # a setting the model does not take: one line now, not after the timing
+            from hydra.errors import ConfigCompositionException
+
+            from gqn.cli import _user_cause, hydra_message, one_line
             try:
                 build_model(variant["preset"], **variant["overrides"])
+            except ConfigCompositionException as err:
+                p.error(f"--variant {name}: {hydra_message(err)}")
             except Exception as err:
-                p.error(f"--variant {name}: the model cannot be built: {type(err).__name__}: "
-                        f"{(str(err).strip().splitlines() or [''])[0]}")
+                cause = _user_cause(err) or err
+                p.error(f"--variant {name}: the model cannot be built: {one_line(cause)}")
     if args.device == "cuda" or args.what in ("all", "train"):
         import torch
 

@@ -48,12 +48,15 @@ def check_schedule(schedule) -> None:
             raise ValueError(f"schedule.{key} must be a number {least}, got {value!r}")
 
 
-def check_loss_weights(weights: dict, model) -> None:
-    """A ValueError (one line from the CLI) for a loss weight that is not a number >= 0, or one set for a part the
-    model lacks (it would be ignored silently: a run that trains something other than what its config says)."""
+def check_loss_weights(weights: dict, model, parts: bool = True) -> None:
+    """A ValueError (one line from the CLI) for a loss weight that is not a number >= 0, or (``parts``) one set for
+    a part the model lacks (it would be ignored silently: a run that trains something other than what its config
+    says)."""
     for key, value in weights.items():
         if not finite_number(value) or value < 0:
             raise ValueError(f"module.{key} must be a number >= 0, got {value!r}")
+    if not parts:
+        return
     geometry = getattr(model, "geometry", None)
     if weights.get("read_weight") and geometry is None:
         raise ValueError(f"module.read_weight={weights['read_weight']} trains the geometric read, but the model has "
@@ -118,7 +121,8 @@ class GQNModule(L.LightningModule):
                                    "compile": compile})
         self.model: GQN = hydra.utils.instantiate(self.hparams.model)
         check_loss_weights({"kl_weight": kl_weight, "prior_mean_weight": prior_mean_weight,
-                            "read_weight": read_weight, "floor_weight": floor_weight}, self.model)
+                            "read_weight": read_weight, "floor_weight": floor_weight}, self.model,
+                           parts=not GQNModule._loading)
         s = self.hparams.schedule
         check_schedule(s)
         self.sigma_schedule = LinearAnneal(s["sigma_init"], s["sigma_final"], s["sigma_steps"], sigma_warmup_steps)
@@ -129,6 +133,18 @@ class GQNModule(L.LightningModule):
         self._step_kind: tuple | None = None  # (train?, B, M, auxiliary loss on?) of the last step
         self._clock: list[tuple[int, float]] = []  # (step, time) every LR_FIT_EVERY steps: the pace of training
         self._flops: dict[tuple, int] = {}
+
+    #: True while :meth:`load_from_checkpoint` rebuilds a module: a checkpoint written before the loss weights were
+    #: checked (a weight for a part its model lacks, which its run ignored) still loads for evaluation and rendering
+    _loading = False
+
+    @classmethod
+    def load_from_checkpoint(cls, *args, **kwargs):
+        loading, GQNModule._loading = GQNModule._loading, True
+        try:
+            return super().load_from_checkpoint(*args, **kwargs)
+        finally:
+            GQNModule._loading = loading
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Lightning's hook (also on ``load_from_checkpoint``): remember the step the checkpoint was written at, and
