@@ -132,3 +132,12 @@ def test_a_malformed_variant_is_one_clear_line_before_any_timing(tmp_path, capsy
     err = capsys.readouterr().err
     assert message in err and len(err.strip().splitlines()) == 1, err
     assert not (tmp_path / "train.json").exists()
+
+
+def test_variant_and_rounds_are_refused_where_no_training_step_is_timed(tmp_path, capsys):
+    for extra in (["--rounds", "3"], ["--variant", "v", "tiny", "num_steps=3"]):
+        with pytest.raises(SystemExit) as exit_info:
+            main(["data", *extra, "--out", str(tmp_path)])
+        assert exit_info.value.code == 2
+        assert "--variant and --rounds time training steps: use them with gqn-bench train, not data" in \
+            capsys.readouterr().err

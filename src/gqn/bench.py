@@ -252,8 +252,12 @@ def bench_train(configs, steps: int, batch: int, context: int, paths=("reference
                 raise RuntimeError(f"benchmark of {what} failed:\n{out.stderr[-2000:]}")
             runs[spec].append(json.loads(out.stdout.strip().splitlines()[-1]))
             if r == rounds - 1:
-                rows.append(_merge_rounds(runs[spec], peaks[precision], variants.get(name)))
+                rows.append(_merge_rounds(runs[spec], peak=peaks[precision], variant=variants.get(name)))
                 _print_row(rows[-1], device)
+        if r < rounds - 1:
+            print(f"round {r + 1}/{rounds}: " + ", ".join(f"{n}/{pa}/{pr}{'/compiled' if c else ''} "
+                                                         f"{runs[(n, pa, pr, c)][-1]['seconds_per_step']:.3f}"
+                                                         for n, pa, pr, c in specs) + " s/step", flush=True)
     for name in [*configs, *variants]:
         _print_speedups([r for r in rows if r["config"] == name])
     _print_variant_speedups(rows)
@@ -427,6 +431,8 @@ def main(argv=None) -> int:
     precisions = list(dict.fromkeys(PRECISION_ALIASES.get(x, x) for x in args.precision))
     if args.steps < 1 or args.batch < 1 or args.context < 1 or args.rounds < 1:
         p.error("--steps, --batch, --context and --rounds must be at least 1")
+    if args.what in ("data", "synth") and (args.variant or args.rounds != 1):
+        p.error(f"--variant and --rounds time training steps: use them with gqn-bench train, not {args.what}")
     variants = {}
     for words in args.variant:
         try:
