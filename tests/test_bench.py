@@ -4,6 +4,7 @@ compile combination of gqn-bench train."""
 from __future__ import annotations
 
 import json
+import re
 import statistics
 from pathlib import Path
 
@@ -98,9 +99,12 @@ def test_checkpoint_steps_on_the_reference_path_is_refused(capsys):
 def test_bench_train_times_a_variant_beside_its_base_in_rounds(tmp_path):
     """--variant NAME BASE KEY=VALUE: a row of BASE with those model settings, compared with BASE's row;
     --rounds N: every row's process runs N times, in turn, and its time is the median over all its steps."""
-    run_cli("gqn-bench", "train", "--configs", "tiny", "--paths", "fast", "--steps", "2", "--batch", "2",
-            "--context", "2", "--rounds", "2", "--variant", "tiny16", "tiny", "model.hidden_channels=16",
-            "--out", str(tmp_path), cwd=tmp_path, timeout=600)
+    proc = run_cli("gqn-bench", "train", "--configs", "tiny", "--paths", "fast", "--steps", "2", "--batch", "2",
+                   "--context", "2", "--rounds", "2", "--variant", "tiny16", "tiny", "model.hidden_channels=16",
+                   "--out", str(tmp_path), cwd=tmp_path, timeout=600)
+    # in turn: the first round timed both rows before the second began, and its line says so
+    assert re.search(r"^round 1/2: tiny/fast/32-true [0-9.]+, tiny16/fast/32-true [0-9.]+ s/step$", proc.stdout, re.M)
+    assert re.search(r"tiny16 fast 32-true eager: [0-9.]+x the steps/s of tiny$", proc.stdout, re.M)
     report = json.loads((tmp_path / "train.json").read_text())
     assert report["rounds"] == 2
     base, variant = report["results"]
@@ -112,6 +116,8 @@ def test_bench_train_times_a_variant_beside_its_base_in_rounds(tmp_path):
     for row in (base, variant):
         assert ROW_KEYS <= set(row)
         assert len(row["step_times"]) == 4 and len(row["round_seconds_per_step"]) == 2
+        assert row["round_seconds_per_step"] == [statistics.median(row["step_times"][:2]),
+                                                 statistics.median(row["step_times"][2:])]
         assert row["seconds_per_step"] == pytest.approx(statistics.median(row["step_times"]))
 
 

@@ -433,6 +433,10 @@ def main(argv=None) -> int:
         p.error("--steps, --batch, --context and --rounds must be at least 1")
     if args.what in ("data", "synth") and (args.variant or args.rounds != 1):
         p.error(f"--variant and --rounds time training steps: use them with gqn-bench train, not {args.what}")
+    from hydra.errors import ConfigCompositionException
+
+    from gqn.cli import _user_cause, hydra_message, one_line
+
     variants = {}
     for words in args.variant:
         try:
@@ -446,9 +450,6 @@ def main(argv=None) -> int:
             p.error(f"--variant {name}: its base {variant['base']!r} is not among --configs; add it, so that the "
                     "two are timed in one run")
         if args.what in ("all", "train"):  # a setting the model does not take: one line now, not after the timing
-            from hydra.errors import ConfigCompositionException
-
-            from gqn.cli import _user_cause, hydra_message, one_line
             try:
                 build_model(variant["preset"], **variant["overrides"])
             except ConfigCompositionException as err:
