@@ -8,12 +8,14 @@ from typing import Any
 import hydra
 import lightning as L
 import torch
+import torch.nn.functional as F
 from omegaconf import DictConfig, OmegaConf
 
 from gqn import metrics
 from gqn.cli import UserError, finite_number
 from gqn.model import GQN
 from gqn.model.distributions import gaussian_nll
+from gqn.model.representation import GRID_SCALE
 from gqn.schedules import LinearAnneal, max_time_left
 
 
@@ -48,22 +50,55 @@ def check_schedule(schedule) -> None:
             raise ValueError(f"schedule.{key} must be a number {least}, got {value!r}")
 
 
-def check_loss_weights(weights: dict, model, parts: bool = True) -> None:
+def check_coarse(schedule, model) -> None:
+    """A ValueError (one line from the CLI) for ``schedule.coarse_steps`` / ``coarse_factor`` the model cannot train
+    with: whole numbers, the downsampled size a multiple of the latent grid's 4, a size-agnostic model."""
+    steps, factor = schedule.get("coarse_steps", 0) or 0, schedule.get("coarse_factor", 2)
+    for key, value, least in (("coarse_steps", steps, 0), ("coarse_factor", factor, 1)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < least:
+            raise ValueError(f"schedule.{key} must be a whole number >= {least}, got {value!r}")
+    if not steps or factor == 1:
+        return
+    size = model.image_size
+    if size % factor or (size // factor) % GRID_SCALE:
+        raise ValueError(f"schedule.coarse_factor={factor} cannot downsample {size}px images: {size}/{factor} must be "
+                         f"a whole multiple of {GRID_SCALE} (the latent grid's cell); e.g. schedule.coarse_factor=2")
+    if model.keeps_views:
+        raise ValueError("schedule.coarse_steps needs a size-agnostic encoder: model/encoder=attention builds its "
+                         "patch positions for one image size (use tower or pool, or schedule.coarse_steps=0)")
+    if model.generator.checkpoint_steps:
+        raise ValueError("schedule.coarse_steps with model.checkpoint_steps=true: the recomputed steps would run at "
+                         "the full size; turn one of them off")
+
+
+def downsample_batch(batch: dict, factor: int) -> dict:
+    """A batch with its context and query images averaged over ``factor`` x ``factor`` pixel blocks (an area
+    resize, like the reader's); poses and everything else as they are."""
+    out = dict(batch)
+    for key in ("context_images", "query_images"):
+        x = batch[key]
+        out[key] = F.avg_pool2d(x.flatten(0, -4), factor).unflatten(0, x.shape[:-3])
+    return out
+
+
+def check_loss_weights(weights: dict, model, parts: bool = True, schedule=None) -> None:
     """A ValueError (one line from the CLI) for a loss weight that is not a number >= 0, or (``parts``) one set for
     a part the model lacks (it would be ignored silently: a run that trains something other than what its config
-    says)."""
+    says). A weight the ``schedule`` group holds (conf/train.yaml reads it from there) is named by that key."""
+    name = {key: f"schedule.{key}" if schedule is not None and schedule.get(key) is not None
+            and schedule.get(key) == value else f"module.{key}" for key, value in weights.items()}
     for key, value in weights.items():
         if not finite_number(value) or value < 0:
-            raise ValueError(f"module.{key} must be a number >= 0, got {value!r}")
+            raise ValueError(f"{name[key]} must be a number >= 0, got {value!r}")
     if not parts:
         return
     geometry = getattr(model, "geometry", None)
     if weights.get("read_weight") and geometry is None:
-        raise ValueError(f"module.read_weight={weights['read_weight']} trains the geometric read, but the model has "
-                         "none: add model/geometry=plane_sweep or set module.read_weight=0")
+        raise ValueError(f"{name['read_weight']}={weights['read_weight']} trains the geometric read, but the model "
+                         f"has none: add model/geometry=plane_sweep or set {name['read_weight']}=0")
     if weights.get("floor_weight") and not getattr(geometry, "floor_grid", 0):
-        raise ValueError(f"module.floor_weight={weights['floor_weight']} trains the floor map, but the model has "
-                         "none: set model.geometry.floor_grid (e.g. 16) or module.floor_weight=0")
+        raise ValueError(f"{name['floor_weight']}={weights['floor_weight']} trains the floor map, but the model has "
+                         f"none: set model.geometry.floor_grid (e.g. 16) or {name['floor_weight']}=0")
 
 
 class GQNModule(L.LightningModule):
@@ -122,9 +157,10 @@ class GQNModule(L.LightningModule):
         self.model: GQN = hydra.utils.instantiate(self.hparams.model)
         check_loss_weights({"kl_weight": kl_weight, "prior_mean_weight": prior_mean_weight,
                             "read_weight": read_weight, "floor_weight": floor_weight}, self.model,
-                           parts=not GQNModule._loading)
+                           parts=not GQNModule._loading, schedule=self.hparams.schedule)
         s = self.hparams.schedule
         check_schedule(s)
+        check_coarse(s, self.model)
         self.sigma_schedule = LinearAnneal(s["sigma_init"], s["sigma_final"], s["sigma_steps"], sigma_warmup_steps)
         self.kl_weight = LinearAnneal(0.0, kl_weight, kl_warmup_steps) if kl_warmup_steps else (lambda step: kl_weight)
         self.prior_mean_weight = LinearAnneal(0.0, prior_mean_weight, 0, delay=prior_mean_start)
@@ -206,10 +242,10 @@ class GQNModule(L.LightningModule):
             self._flops[self._step_kind] = self._count_flops(*self._step_kind)
         return self._flops[self._step_kind]
 
-    def _count_flops(self, train: bool, B: int, M: int, aux: bool) -> int:
+    def _count_flops(self, train: bool, B: int, M: int, aux: bool, size: int | None = None) -> int:
         from lightning.fabric.utilities.throughput import measure_flops
 
-        size = self.model.image_size
+        size = size or self.model.image_size
         # on the meta device nothing is computed; a geometric read samples images (grid_sample has no meta
         # kernel), so that model is counted on a real CPU batch (once per batch shape, well under a second)
         device = "meta" if self.model.geometry is None else "cpu"
@@ -227,7 +263,8 @@ class GQNModule(L.LightningModule):
                                                           sample_prior=False)["mean"].sum()
             return out["elbo"].sum()
 
-        with torch.inference_mode(False), torch.enable_grad():  # ThroughputMonitor asks in inference mode
+        # ThroughputMonitor asks in inference mode
+        with torch.inference_mode(False), torch.enable_grad(), model.at_image_size(size):
             return measure_flops(model, step, loss_fn=torch.Tensor.sum if train else None)
 
     # ------------------------------------------------------------------ steps
@@ -239,9 +276,26 @@ class GQNModule(L.LightningModule):
         for key in ("elbo", "nll", "kl", "bits_per_pixel", "mse"):
             self.log(f"{prefix}/{key}", out[key].mean(), batch_size=batch_size, **kw)
 
+    def coarse_factor(self, step: int | None = None) -> int:
+        """``schedule.coarse_steps``: the first that many training steps see images downsampled by
+        ``schedule.coarse_factor`` (1 from then on, and for validation, test and rendering)."""
+        s = self.hparams.schedule
+        step = self.global_step if step is None else step
+        return int(s.get("coarse_factor", 2)) if step < int(s.get("coarse_steps", 0) or 0) else 1
+
     def training_step(self, batch, batch_idx):
+        factor = self.coarse_factor()
+        if factor == 1:
+            return self._training_step(batch)
+        batch = downsample_batch(batch, factor)
+        with self.model.at_image_size(batch["query_images"].shape[-1]):
+            # the pixel terms summed over factor^2 fewer pixels: scaled back, so the NLL weighs against the KL
+            # (and against the steps after) as at full size
+            return self._training_step(batch, pixel_scale=factor ** 2)
+
+    def _training_step(self, batch, pixel_scale: float = 1.0):
         out = self(batch)
-        loss = (out["nll"] + self.kl_weight(self.global_step) * out["kl"]).mean()
+        loss = (pixel_scale * out["nll"] + self.kl_weight(self.global_step) * out["kl"]).mean()
         B = batch["query_images"].shape[0]
         images, poses = batch["query_images"], batch["query_poses"]
         if images.dim() == 5:  # several query views per scene: [B, K, ...] -> [B * K, ...] like the ELBO terms
@@ -251,7 +305,7 @@ class GQNModule(L.LightningModule):
             prior_mean = self.model.generate(poses, out["representation"], out["views"], out["geometry"],
                                              sample_prior=False)["mean"]
             prior_nll = gaussian_nll(images, prior_mean, self.sigma())
-            loss = loss + weight * prior_nll.mean()
+            loss = loss + weight * pixel_scale * prior_nll.mean()
             self.log("train/prior_mean_nll", prior_nll.mean(), batch_size=B)
         read_weight = self.hparams.get("read_weight", 0.0)
         if read_weight and out["geometry"] is not None:
@@ -260,19 +314,20 @@ class GQNModule(L.LightningModule):
             # and the soft visibility test leave it above 0 almost everywhere)
             where = (seen.detach() * batch["context_images"].shape[1] >= 0.5).to(found.dtype)
             read_nll = (where * (found - images).pow(2)).flatten(1).sum(1) / (2 * self.sigma() ** 2)
-            loss = loss + read_weight * read_nll.mean()
+            loss = loss + read_weight * pixel_scale * read_nll.mean()
             self.log("train/read_nll", read_nll.mean(), batch_size=B)
         floor_weight = self.hparams.get("floor_weight", 0.0)
         if floor_weight and out["geometry"] is not None and getattr(self.model.geometry, "floor_grid", 0):
             drawn = self.model.geometry.floor_colour(out["geometry"])
             floor_nll = gaussian_nll(images, drawn, self.sigma())  # every pixel: the prior-mean loss's NLL
-            loss = loss + floor_weight * floor_nll.mean()
+            loss = loss + floor_weight * pixel_scale * floor_nll.mean()
             self.log("train/floor_nll", floor_nll.mean(), batch_size=B)
-        self._step_kind = (True, B, batch["context_images"].shape[1], bool(weight))
+        self._step_kind = (True, B, batch["context_images"].shape[1], bool(weight), images.shape[-1])
         self.log("train/loss", loss, prog_bar=True, batch_size=B)
         self._log_terms("train", out, B)
         self.log("train/sigma", self.sigma(), batch_size=B)
         self.log("train/context_size", float(batch["context_images"].shape[1]), batch_size=B)
+        self.log("train/image_size", float(images.shape[-1]), batch_size=B)
         if self.model.geometry is not None:  # the learned lens (no device sync until the logger writes it)
             self.log("train/fov_degrees", self.model.geometry.fov_degrees.detach(), batch_size=B)
         return loss

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import torch
@@ -10,7 +11,7 @@ from torch import nn
 
 from gqn.model.distributions import fp32, gaussian_nll
 from gqn.model.generator import DRAWGenerator
-from gqn.model.representation import GRID_SCALE, check_widths
+from gqn.model.representation import GRID_SCALE, _check_image_size, check_widths
 
 
 def repeat_scenes(x: torch.Tensor, k: int) -> torch.Tensor:
@@ -105,6 +106,41 @@ class GQN(nn.Module):
     @property
     def num_steps(self) -> int:
         return self.generator.num_steps
+
+    @contextlib.contextmanager
+    def at_image_size(self, size: int):
+        """Run the model on ``size`` x ``size`` images inside the block (its weights are size-agnostic: convolutions
+        and a read in normalised camera coordinates); the built size is restored on exit, also on an error.
+        For ``schedule.coarse_steps`` (training steps on downsampled images). Not for the attention encoder,
+        whose patch positions are built for one grid."""
+        if size == self.image_size:
+            yield self
+            return
+        _check_image_size(size)
+        if self.keeps_views:
+            raise ValueError("model/encoder=attention builds its patch positions for one image size: "
+                             "schedule.coarse_steps needs another encoder (tower or pool)")
+        gen, enc = self.generator, self.encoder
+        saved = (self.image_size, gen.image_size, gen.grid, gen.coords, getattr(enc, "image_size", None),
+                 getattr(enc, "out_size", None))
+        grid = size // GRID_SCALE
+        try:
+            self.image_size = gen.image_size = size
+            gen.grid = grid
+            gen.coords = torch.stack(torch.meshgrid(*[torch.linspace(-1, 1, grid, device=saved[3].device,
+                                                                     dtype=saved[3].dtype)] * 2,
+                                                    indexing="ij"))[None]
+            if saved[4] is not None:
+                enc.image_size = size
+            if saved[5] not in (None, 1):
+                enc.out_size = grid
+            yield self
+        finally:
+            self.image_size, gen.image_size, gen.grid, gen.coords = saved[:4]
+            if saved[4] is not None:
+                enc.image_size = saved[4]
+            if saved[5] is not None:
+                enc.out_size = saved[5]
 
     # ------------------------------------------------------------------ representation
     @property
