@@ -102,3 +102,34 @@ def test_coarse_steps_train_on_downsampled_images_then_at_the_full_size(train_cf
     plain = instantiate(train_cfg().module, _recursive_=False)
     assert [plain.coarse_factor(s) for s in (0, 10**6)] == [1, 1]
     assert [module.coarse_factor(s) for s in (0, 2, 3)] == [2, 2, 1]
+
+
+def test_a_run_trains_its_coarse_steps_then_full_size_steps_and_validates_at_the_full_size(train_cfg):
+    """gqn-train end to end: steps 0-2 at 16 px, 3-4 at 32 px (the logged image size), validation at 32 px, and a
+    checkpoint that renders 32 px views."""
+    import csv
+    from pathlib import Path
+
+    from gqn.gqn_module import GQNModule
+    from gqn.train import train
+
+    cfg = train_cfg("logger=csv", "schedule.coarse_steps=3", "trainer.max_steps=5", "trainer.val_check_interval=5",
+                    "trainer.log_every_n_steps=1")
+    train(cfg)
+    run = Path(cfg.hydra.runtime.output_dir)
+    (metrics,) = run.rglob("metrics.csv")
+    rows = list(csv.DictReader(metrics.open()))
+    sizes = {int(r["step"]): float(r["train/image_size"]) for r in rows if r.get("train/image_size")}
+    assert sizes == {0: 16.0, 1: 16.0, 2: 16.0, 3: 32.0, 4: 32.0}
+    assert any(r.get("val/psnr_model") for r in rows)
+    module = GQNModule.load_from_checkpoint(run / "checkpoints" / "last.ckpt", map_location="cpu")
+    assert module.model.image_size == 32 and module.coarse_factor(module.global_step_loaded) == 1
+
+
+def test_the_default_experiment_trains_its_first_steps_coarse_and_the_paper_schedules_never(tmp_path):
+    from conftest import compose_train
+
+    default = compose_train([], tmp_path / "a").schedule
+    assert default.coarse_steps > 0 and default.coarse_factor == 2
+    paper = compose_train(["experiment=rooms_ring_camera"], tmp_path / "b").schedule
+    assert paper.get("coarse_steps", 0) == 0
