@@ -20,13 +20,17 @@ def _scenes(B: int, M: int, size: int, seed: int = 0):
             torch.rand(B, 3, size, size, generator=g), torch.randn(B, 7, generator=g) * 0.5)
 
 
-@pytest.mark.parametrize("geometry", [None, "plane_sweep"])
-def test_a_model_at_a_coarser_size_computes_what_a_model_built_for_that_size_computes(geometry):
+@pytest.mark.parametrize("geometry,extra", [
+    (None, {}), ("plane_sweep", {}),
+    # grid coordinates and the attention over the views' patches read the latent grid's positions; the reference path
+    ("plane_sweep", {"encoder": "attention", "grid_coords": True, "fast": False}),
+])
+def test_a_model_at_a_coarser_size_computes_what_a_model_built_for_that_size_computes(geometry, extra):
     """The weights are size-agnostic: a 32 px model run on 16 px images inside ``at_image_size(16)`` gives the
     ELBO terms and the render of a 16 px model holding the same weights; outside the block it is a 32 px model."""
     torch.manual_seed(0)
-    big = build_model("small", image_size=32, geometry=geometry, **TINY_MODEL)
-    small = build_model("small", image_size=16, geometry=geometry, **TINY_MODEL)
+    big = build_model("small", image_size=32, geometry=geometry, **TINY_MODEL, **extra)
+    small = build_model("small", image_size=16, geometry=geometry, **TINY_MODEL, **extra)
     small.load_state_dict(big.state_dict())
     scenes = _scenes(2, 3, 16)
     with big.at_image_size(16):
@@ -113,7 +117,7 @@ def test_a_run_trains_its_coarse_steps_then_full_size_steps_and_validates_at_the
     from gqn.gqn_module import GQNModule
     from gqn.train import train
 
-    cfg = train_cfg("logger=csv", "schedule.coarse_steps=3", "trainer.max_steps=5", "trainer.val_check_interval=5",
+    cfg = train_cfg("logger=csv", "schedule.coarse_steps=3", "trainer.max_steps=5", "trainer.val_check_interval=2",
                     "trainer.log_every_n_steps=1")
     train(cfg)
     run = Path(cfg.hydra.runtime.output_dir)
@@ -121,7 +125,8 @@ def test_a_run_trains_its_coarse_steps_then_full_size_steps_and_validates_at_the
     rows = list(csv.DictReader(metrics.open()))
     sizes = {int(r["step"]): float(r["train/image_size"]) for r in rows if r.get("train/image_size")}
     assert sizes == {0: 16.0, 1: 16.0, 2: 16.0, 3: 32.0, 4: 32.0}
-    assert any(r.get("val/psnr_model") for r in rows)
+    # validation during the coarse steps (step 2) and after them, at the full size each time
+    assert [int(r["step"]) for r in rows if r.get("val/psnr_model")][:2] == [1, 3]
     module = GQNModule.load_from_checkpoint(run / "checkpoints" / "last.ckpt", map_location="cpu")
     assert module.model.image_size == 32 and module.coarse_factor(module.global_step_loaded) == 1
 

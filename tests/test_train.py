@@ -187,6 +187,11 @@ def test_a_resume_of_a_checkpoint_from_before_a_loss_setting_compares_it_with_th
     now = {**saved, "module.read_weight": 1.0}
     line = resume_differences(saved, now, "loss settings", "the run's own loss")
     assert "module.read_weight=1.0 here but 0.0 in the checkpoint" in line and "add module.read_weight=0.0" in line
+    # a run from before the coarse steps trained at the full size throughout: resumed under today's default, it is told
+    now = {**saved, "schedule.coarse_steps": 2000}
+    assert saved["schedule.coarse_steps"] == 0
+    line = resume_differences(saved, now, "loss settings", "the run's own loss")
+    assert "schedule.coarse_steps=2000 here but 0 in the checkpoint" in line and "add schedule.coarse_steps=0" in line
 
 
 def test_every_rank_bends_the_lr_line_to_rank_0s_horizon():

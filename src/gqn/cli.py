@@ -438,14 +438,17 @@ LOSS_SETTINGS = {
     "module.kl_weight": "kl_weight", "module.kl_warmup_steps": "kl_warmup_steps",
     "module.sigma_warmup_steps": "sigma_warmup_steps", "schedule.sigma_init": "schedule.sigma_init",
     "schedule.sigma_final": "schedule.sigma_final", "schedule.sigma_steps": "schedule.sigma_steps",
+    "schedule.coarse_steps": "schedule.coarse_steps", "schedule.coarse_factor": "schedule.coarse_factor",
 }
+#: what a checkpoint written before a schedule setting existed trained with
+SCHEDULE_DEFAULTS = {"schedule.coarse_steps": 0, "schedule.coarse_factor": 2}
 
 
 def loss_settings(hparams: dict, defaults: dict | None = None) -> dict:
     """``LOSS_SETTINGS`` read from a module's hyperparameters (saved, or of the module just built); a setting the
     hyperparameters lack (a checkpoint from before it existed) takes its value from ``defaults`` (the module's
     defaults: what that run trained with) where given."""
-    flat = {**(defaults or {}), **_flatten(hparams)}
+    flat = {**(defaults or {}), **(SCHEDULE_DEFAULTS if defaults is not None else {}), **_flatten(hparams)}
     return {path: flat[key] for path, key in LOSS_SETTINGS.items() if key in flat}
 
 

@@ -53,7 +53,8 @@ def check_schedule(schedule) -> None:
 def check_coarse(schedule, model) -> None:
     """A ValueError (one line from the CLI) for ``schedule.coarse_steps`` / ``coarse_factor`` the model cannot train
     with: whole numbers, the downsampled size a multiple of the latent grid's 4, a size-agnostic model."""
-    steps, factor = schedule.get("coarse_steps", 0) or 0, schedule.get("coarse_factor", 2)
+    steps, factor = schedule.get("coarse_steps", 0), schedule.get("coarse_factor", 2)
+    steps = 0 if steps is None else steps
     for key, value, least in (("coarse_steps", steps, 0), ("coarse_factor", factor, 1)):
         if isinstance(value, bool) or not isinstance(value, int) or value < least:
             raise ValueError(f"schedule.{key} must be a whole number >= {least}, got {value!r}")
@@ -63,9 +64,10 @@ def check_coarse(schedule, model) -> None:
     if size % factor or (size // factor) % GRID_SCALE:
         raise ValueError(f"schedule.coarse_factor={factor} cannot downsample {size}px images: {size}/{factor} must be "
                          f"a whole multiple of {GRID_SCALE} (the latent grid's cell); e.g. schedule.coarse_factor=2")
-    if model.keeps_views:
-        raise ValueError("schedule.coarse_steps needs a size-agnostic encoder: model/encoder=attention builds its "
-                         "patch positions for one image size (use tower or pool, or schedule.coarse_steps=0)")
+    if not getattr(model.encoder, "size_agnostic", True):
+        raise ValueError("schedule.coarse_steps needs a size-agnostic encoder: model/encoder=pyramid ends in a "
+                         "convolution over the whole map of one image size (use tower, pool or attention, or "
+                         "schedule.coarse_steps=0)")
     if model.generator.checkpoint_steps:
         raise ValueError("schedule.coarse_steps with model.checkpoint_steps=true: the recomputed steps would run at "
                          "the full size; turn one of them off")
@@ -85,8 +87,11 @@ def check_loss_weights(weights: dict, model, parts: bool = True, schedule=None) 
     """A ValueError (one line from the CLI) for a loss weight that is not a number >= 0, or (``parts``) one set for
     a part the model lacks (it would be ignored silently: a run that trains something other than what its config
     says). A weight the ``schedule`` group holds (conf/train.yaml reads it from there) is named by that key."""
+    def same(a, b) -> bool:  # nan as a value the schedule holds is the same nan
+        return a == b or (isinstance(a, float) and isinstance(b, float) and a != a and b != b)
+
     name = {key: f"schedule.{key}" if schedule is not None and schedule.get(key) is not None
-            and schedule.get(key) == value else f"module.{key}" for key, value in weights.items()}
+            and same(schedule.get(key), value) else f"module.{key}" for key, value in weights.items()}
     for key, value in weights.items():
         if not finite_number(value) or value < 0:
             raise ValueError(f"{name[key]} must be a number >= 0, got {value!r}")
@@ -220,7 +225,10 @@ class GQNModule(L.LightningModule):
         if left is None or not hasattr(line, "retarget"):
             return
         step, now = self.global_step, time.monotonic()
-        self._clock = [(s, t) for s, t in self._clock if s >= step - self.LR_FIT_WINDOW] + [(step, now)]
+        # the pace of steps at the current size only: coarse steps (schedule.coarse_steps) are faster
+        size = self.coarse_factor(step)
+        self._clock = [(s, t) for s, t in self._clock
+                       if s >= step - self.LR_FIT_WINDOW and self.coarse_factor(s) == size] + [(step, now)]
         first, then = self._clock[0]
         if step - first < 4 * self.LR_FIT_EVERY or now <= then:  # no pace of 100 steps yet (a start, a resume)
             return
@@ -281,7 +289,7 @@ class GQNModule(L.LightningModule):
         ``schedule.coarse_factor`` (1 from then on, and for validation, test and rendering)."""
         s = self.hparams.schedule
         step = self.global_step if step is None else step
-        return int(s.get("coarse_factor", 2)) if step < int(s.get("coarse_steps", 0) or 0) else 1
+        return int(s.get("coarse_factor", 2)) if step < int(s.get("coarse_steps") or 0) else 1
 
     def training_step(self, batch, batch_idx):
         factor = self.coarse_factor()
@@ -289,8 +297,8 @@ class GQNModule(L.LightningModule):
             return self._training_step(batch)
         batch = downsample_batch(batch, factor)
         with self.model.at_image_size(batch["query_images"].shape[-1]):
-            # the pixel terms summed over factor^2 fewer pixels: scaled back, so the NLL weighs against the KL
-            # (and against the steps after) as at full size
+            # the pixel terms summed over factor^2 fewer pixels: scaled back to the full image's count. The KL, summed
+            # over a latent grid factor^2 smaller, is not: per latent cell it weighs 1/factor^2 as much (as measured)
             return self._training_step(batch, pixel_scale=factor ** 2)
 
     def _training_step(self, batch, pixel_scale: float = 1.0):

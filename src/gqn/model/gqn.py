@@ -111,15 +111,14 @@ class GQN(nn.Module):
     def at_image_size(self, size: int):
         """Run the model on ``size`` x ``size`` images inside the block (its weights are size-agnostic: convolutions
         and a read in normalised camera coordinates); the built size is restored on exit, also on an error.
-        For ``schedule.coarse_steps`` (training steps on downsampled images). Not for the attention encoder,
-        whose patch positions are built for one grid."""
+        For ``schedule.coarse_steps`` (training steps on downsampled images). Not for the pyramid encoder, whose
+        last convolution spans the whole map of one size."""
         if size == self.image_size:
             yield self
             return
         _check_image_size(size)
-        if self.keeps_views:
-            raise ValueError("model/encoder=attention builds its patch positions for one image size: "
-                             "schedule.coarse_steps needs another encoder (tower or pool)")
+        if not getattr(self.encoder, "size_agnostic", True):
+            raise ValueError(f"{type(self.encoder).__name__} encoder is built for {self.image_size}px images only")
         gen, enc = self.generator, self.encoder
         saved = (self.image_size, gen.image_size, gen.grid, gen.coords, getattr(enc, "image_size", None),
                  getattr(enc, "out_size", None))

@@ -103,6 +103,9 @@ class Pool(Tower):
 class Pyramid(nn.Module):
     """The 'pyramid' representation: pose joined at the input, 2x2/2 convs, one last conv to 1x1."""
 
+    #: its last convolution spans the whole remaining map: built for one image size (schedule.coarse_steps refuses it)
+    size_agnostic = False
+
     def __init__(self, image_size: int = 64, pose_dim: int = 7, channels: int = 256, image_channels: int = 3):
         super().__init__()
         _check_image_size(image_size)
