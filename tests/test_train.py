@@ -209,12 +209,19 @@ def test_every_rank_bends_the_lr_line_to_rank_0s_horizon():
         sent.append((value, src))
         return 700.0  # rank 0's horizon
 
-    module = SimpleNamespace(global_step=200, _clock=[(100, 0.0)], LR_FIT_WINDOW=500, LR_FIT_EVERY=25,
-                             trainer=SimpleNamespace(strategy=SimpleNamespace(broadcast=broadcast)),
-                             lr_schedulers=lambda: sched, log=lambda *a, **k: None)
-    with patch("gqn.gqn_module.max_time_left", return_value=3.0), patch("gqn.gqn_module.time.monotonic",
-                                                                       return_value=1.0):
-        GQNModule._fit_lr_to_max_time(module)  # this rank: 100 steps a second, 3 s left: 200 + 300 = 500
+    def fit(coarse_until: int):
+        module = SimpleNamespace(global_step=200, _clock=[(100, 0.0)], LR_FIT_WINDOW=500, LR_FIT_EVERY=25,
+                                 trainer=SimpleNamespace(strategy=SimpleNamespace(broadcast=broadcast)),
+                                 lr_schedulers=lambda: sched, log=lambda *a, **k: None,
+                                 coarse_factor=lambda step: 2 if step < coarse_until else 1)
+        with patch("gqn.gqn_module.max_time_left", return_value=3.0), patch("gqn.gqn_module.time.monotonic",
+                                                                           return_value=1.0):
+            GQNModule._fit_lr_to_max_time(module)  # this rank: 100 steps a second, 3 s left: 200 + 300 = 500
+
+    # schedule.coarse_steps=150: step 100 ran at half the size, faster; its pace is not this size's, so no pace yet
+    fit(coarse_until=150)
+    assert sent == [] and sched.lr_lambdas[0].horizon == 10000
+    fit(coarse_until=0)
     assert sent == [(pytest.approx(500.0), 0)]
     assert sched.lr_lambdas[0].horizon == 700.0
 
