@@ -102,3 +102,16 @@ class Probe(L.Callback):
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
         lr = trainer.optimizers[0].param_groups[0]["lr"]
         self.rows.append((trainer.global_step, lr, pl_module.sigma()))
+
+
+def module_with_batch(cfg):
+    """A GQNModule built from a train config with no trainer attached, a validation batch of its data, and the dict
+    its ``self.log`` calls fill (name -> value)."""
+    from hydra.utils import instantiate
+
+    module = instantiate(cfg.module, _recursive_=False)
+    dm = instantiate(cfg.data)
+    dm.setup("fit")
+    logged = {}
+    module.log = lambda name, value, **k: logged.__setitem__(name, value)
+    return module, next(iter(dm.val_dataloader())), logged

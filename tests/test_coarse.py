@@ -6,6 +6,7 @@ from unittest.mock import PropertyMock, patch
 
 import pytest
 import torch
+from conftest import module_with_batch
 from hydra.utils import instantiate
 
 from gqn.bench import build_model
@@ -74,13 +75,7 @@ def test_downsample_batch_averages_pixel_blocks_of_context_and_every_query_view(
 def test_coarse_steps_train_on_downsampled_images_then_at_the_full_size(train_cfg):
     """Before ``schedule.coarse_steps`` the loss is that of the batch downsampled by ``coarse_factor``, its pixel NLL
     scaled by factor^2 (the full image's pixel count); from it on, the loss of the batch as it is."""
-    cfg = train_cfg("schedule.coarse_steps=3")
-    module = instantiate(cfg.module, _recursive_=False)
-    dm = instantiate(cfg.data)
-    dm.setup("fit")
-    batch = next(iter(dm.val_dataloader()))
-    logged = {}
-    module.log = lambda name, value, **k: logged.__setitem__(name, value)  # no trainer attached
+    module, batch, logged = module_with_batch(train_cfg("schedule.coarse_steps=3"))
     model = module.model
 
     def loss_at(step):

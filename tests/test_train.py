@@ -11,7 +11,7 @@ import imageio.v3 as iio
 import lightning as L
 import pytest
 import torch
-from conftest import TINY, Probe, compose_train
+from conftest import TINY, Probe, compose_train, module_with_batch
 from omegaconf import OmegaConf, open_dict
 
 from data_modules import DATASETS
@@ -525,16 +525,8 @@ def _auxiliary_loss_steps(train_cfg, setting: str, param, *overrides: str):
     """A module of ``train_cfg(*overrides)`` trained one step with ``module.<setting>`` at 0 and at 0.5 (the same
     batch and posterior noise): the module, the batch, what it logged, ``{weight: (loss, param's gradient)}``
     (``param(module)`` picks the parameter), and the read of the batch's query views without gradient."""
-    from hydra.utils import instantiate
-
-    cfg = train_cfg(*overrides)
     torch.manual_seed(0)
-    module = instantiate(cfg.module, _recursive_=False)
-    dm = instantiate(cfg.data)
-    dm.setup("fit")
-    batch = next(iter(dm.val_dataloader()))
-    logged = {}
-    module.log = lambda name, value, **k: logged.__setitem__(name, value)  # no trainer attached
+    module, batch, logged = module_with_batch(train_cfg(*overrides))
     steps = {}
     for weight in (0.0, 0.5):
         module.hparams[setting] = weight
