@@ -133,3 +133,27 @@ def test_the_default_experiment_trains_its_first_steps_coarse_and_the_paper_sche
     assert default.coarse_steps > 0 and default.coarse_factor == 2
     paper = compose_train(["experiment=rooms_ring_camera"], tmp_path / "b").schedule
     assert paper.get("coarse_steps", 0) == 0
+
+
+def test_a_coarse_step_scales_the_auxiliary_pixel_loss_like_the_nll(train_cfg):
+    """The prior-mean render's NLL (an auxiliary pixel loss) is summed over the small image's pixels too: scaled by
+    factor^2 like the ELBO's NLL."""
+    from gqn.model.distributions import gaussian_nll
+
+    module, batch, _ = module_with_batch(train_cfg("schedule.coarse_steps=3", "module.prior_mean_weight=0.5",
+                                                   "module.prior_mean_start=0"))
+    model = module.model
+    with patch.object(type(module), "global_step", new_callable=PropertyMock, return_value=0):
+        torch.manual_seed(0)
+        loss = module.training_step(batch, 0)
+        sigma = module.sigma()
+    small = downsample_batch(batch, 2)
+    with model.at_image_size(16):
+        torch.manual_seed(0)
+        out = model(small["context_images"], small["context_poses"], small["query_images"], small["query_poses"],
+                    sigma=sigma)
+        mean = model.generate(small["query_poses"], out["representation"], out["views"], out["geometry"],
+                              sample_prior=False)["mean"]
+    prior_nll = gaussian_nll(small["query_images"], mean, sigma)
+    expected = (4 * out["nll"] + out["kl"]).mean() + 0.5 * 4 * prior_nll.mean()
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-5)

@@ -179,10 +179,10 @@ def test_lr_line_bends_continuously_and_a_resume_continues_the_bent_line():
 def test_a_resume_of_a_checkpoint_from_before_a_loss_setting_compares_it_with_the_default():
     """A checkpoint written before module.read_weight existed trained with its default (0): resuming it with
     module.read_weight=1 says so, like any other changed loss setting."""
-    from gqn.cli import class_defaults, loss_settings, resume_differences
+    from gqn.cli import loss_defaults, loss_settings, resume_differences
 
     old = {"prior_mean_weight": 0.0, "prior_mean_start": 0, "kl_weight": 1.0}  # no read_weight
-    saved = loss_settings(old, class_defaults(GQNModule))
+    saved = loss_settings(old, loss_defaults(GQNModule))
     assert saved["module.read_weight"] == 0.0 and "module.read_weight" not in loss_settings(old)
     now = {**saved, "module.read_weight": 1.0}
     line = resume_differences(saved, now, "loss settings", "the run's own loss")

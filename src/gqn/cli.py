@@ -448,7 +448,7 @@ def loss_settings(hparams: dict, defaults: dict | None = None) -> dict:
     """``LOSS_SETTINGS`` read from a module's hyperparameters (saved, or of the module just built); a setting the
     hyperparameters lack (a checkpoint from before it existed) takes its value from ``defaults`` (the module's
     defaults: what that run trained with) where given."""
-    flat = {**(defaults or {}), **(SCHEDULE_DEFAULTS if defaults is not None else {}), **_flatten(hparams)}
+    flat = {**(defaults or {}), **_flatten(hparams)}
     return {path: flat[key] for path, key in LOSS_SETTINGS.items() if key in flat}
 
 
@@ -457,6 +457,12 @@ def _override_text(value) -> str:
     import json
 
     return json.dumps(value, separators=(",", ":")) if isinstance(value, (bool, list, type(None))) else str(value)
+
+
+def loss_defaults(module_cls) -> dict:
+    """What a checkpoint's run trained with where its hyperparameters lack a setting (written before it existed):
+    the module's constructor defaults and :data:`SCHEDULE_DEFAULTS`; for :func:`loss_settings`."""
+    return {**class_defaults(module_cls), **SCHEDULE_DEFAULTS}
 
 
 def class_defaults(cls) -> dict:

@@ -74,8 +74,8 @@ def check_coarse(schedule, model) -> None:
 
 
 def downsample_batch(batch: dict, factor: int) -> dict:
-    """A batch with its context and query images averaged over ``factor`` x ``factor`` pixel blocks (an area
-    resize, like the reader's); poses and everything else as they are."""
+    """A batch with its context and query images averaged over ``factor`` x ``factor`` pixel blocks (a box-filter
+    resize; the reader's is PIL's bilinear); poses and everything else as they are."""
     out = dict(batch)
     for key in ("context_images", "query_images"):
         x = batch[key]

@@ -25,10 +25,10 @@ from gqn.cli import (
     check_resume,
     checked_overrides,
     checkpoint_roots,
-    class_defaults,
     find_last_checkpoints,
     finish_wandb,
     load_checkpoint,
+    loss_defaults,
     loss_settings,
     mark_latest,
     one_line_errors,
@@ -101,7 +101,7 @@ def train(cfg: DictConfig, extra_callbacks: list | None = None) -> float | None:
         for differs in (
             resume_differences(saved.get("GQNDataModule") or {}, stream, "data settings", "the run's own stream",
                                prefix="data"),
-            resume_differences(loss_settings(saved["hyper_parameters"], class_defaults(type(module))),
+            resume_differences(loss_settings(saved["hyper_parameters"], loss_defaults(type(module))),
                                loss_settings(module.hparams), "loss settings", "the run's own loss"),
         ):
             if differs:

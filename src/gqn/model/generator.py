@@ -29,6 +29,12 @@ CORE_SHARING = ("unshared", "shared", "shared_inference_generation")
 CANVAS_KERNELS = (GRID_SCALE, 2 * GRID_SCALE)  # the canvas write: 4x4 blocks side by side, or 8x8 overlapping
 
 
+
+def grid_coordinates(grid: int, like: torch.Tensor | None = None) -> torch.Tensor:
+    """``[1, 2, G, G]``: y and x in [-1, 1] over a ``grid`` x ``grid`` latent grid (on ``like``'s device and dtype)."""
+    kw = {} if like is None else {"device": like.device, "dtype": like.dtype}
+    return torch.stack(torch.meshgrid(*[torch.linspace(-1, 1, grid, **kw)] * 2, indexing="ij"))[None]
+
 class ViewAttention(nn.Module):
     """Attention over the context views' patches (Rosenbaum et al. 2018), read once per DRAW step.
 
@@ -133,8 +139,7 @@ class DRAWGenerator(nn.Module):
         self.grid_coords = grid_coords
         # Grid coordinates (CoordConv): two constant channels, y and x in [-1, 1] over the latent grid, so
         # that the cores know where on the image each position is instead of inferring it from padding.
-        coords = torch.stack(torch.meshgrid(*[torch.linspace(-1, 1, self.grid)] * 2, indexing="ij"))
-        self.register_buffer("coords", coords[None], persistent=False)  # [1, 2, G, G]
+        self.register_buffer("coords", grid_coordinates(self.grid), persistent=False)  # [1, 2, G, G]
 
         x_channels = image_channels * GRID_SCALE**2  # query image by space-to-depth, no information lost
         inf = {"x": x_channels, "v": pose_dim, "r": r_channels, "h_g": hidden_channels, "u": hidden_channels}

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from gqn.model.distributions import fp32, gaussian_nll
-from gqn.model.generator import DRAWGenerator
+from gqn.model.generator import DRAWGenerator, grid_coordinates
 from gqn.model.representation import GRID_SCALE, _check_image_size, check_widths
 
 
@@ -126,9 +126,7 @@ class GQN(nn.Module):
         try:
             self.image_size = gen.image_size = size
             gen.grid = grid
-            gen.coords = torch.stack(torch.meshgrid(*[torch.linspace(-1, 1, grid, device=saved[3].device,
-                                                                     dtype=saved[3].dtype)] * 2,
-                                                    indexing="ij"))[None]
+            gen.coords = grid_coordinates(grid, like=saved[3])
             if saved[4] is not None:
                 enc.image_size = size
             if saved[5] not in (None, 1):
