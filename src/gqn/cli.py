@@ -446,8 +446,8 @@ SCHEDULE_DEFAULTS = {"schedule.coarse_steps": 0, "schedule.coarse_factor": 2}
 
 def loss_settings(hparams: dict, defaults: dict | None = None) -> dict:
     """``LOSS_SETTINGS`` read from a module's hyperparameters (saved, or of the module just built); a setting the
-    hyperparameters lack (a checkpoint from before it existed) takes its value from ``defaults`` (the module's
-    defaults: what that run trained with) where given."""
+    hyperparameters lack (a checkpoint from before it existed) takes its value from ``defaults`` (what that run
+    trained with: :func:`loss_defaults`) where given."""
     flat = {**(defaults or {}), **_flatten(hparams)}
     return {path: flat[key] for path, key in LOSS_SETTINGS.items() if key in flat}
 

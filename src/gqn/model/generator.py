@@ -29,11 +29,11 @@ CORE_SHARING = ("unshared", "shared", "shared_inference_generation")
 CANVAS_KERNELS = (GRID_SCALE, 2 * GRID_SCALE)  # the canvas write: 4x4 blocks side by side, or 8x8 overlapping
 
 
-
 def grid_coordinates(grid: int, like: torch.Tensor | None = None) -> torch.Tensor:
     """``[1, 2, G, G]``: y and x in [-1, 1] over a ``grid`` x ``grid`` latent grid (on ``like``'s device and dtype)."""
     kw = {} if like is None else {"device": like.device, "dtype": like.dtype}
     return torch.stack(torch.meshgrid(*[torch.linspace(-1, 1, grid, **kw)] * 2, indexing="ij"))[None]
+
 
 class ViewAttention(nn.Module):
     """Attention over the context views' patches (Rosenbaum et al. 2018), read once per DRAW step.
