@@ -563,3 +563,53 @@ def test_ray_directions_are_the_query_pixels_unit_rays_in_the_world():
     assert torch.allclose(d[:, 15:17, 15:17].mean(dim=(1, 2)), forward[0], atol=0.01)
     assert (d[2, 0] > d[2, -1] + 0.5).all()  # the top row looks up, the bottom down (60° lens)
     assert ((d[:, :, 0] * right[0, :, None]).sum(0) < 0).all()  # the left column: to the camera's left
+
+
+def test_camera_spread_is_the_median_scenes_mean_distance_from_the_centroid():
+    angles = torch.linspace(0, 2 * math.pi, 5)[:-1]  # four cameras on a ring
+    ring = torch.stack([angles.cos(), angles.sin(), torch.full_like(angles, 0.5)], dim=-1)  # radius 1
+    poses = torch.zeros(3, 4, 7)
+    for b, radius in enumerate((0.5, 2.0, 3.0)):
+        poses[b, :, :3] = ring * torch.tensor([radius, radius, 1.0]) + torch.tensor([5.0, -1.0, 0.0])
+    assert torch.isclose(PlaneSweep.camera_spread(poses), torch.tensor(2.0))  # the median of 0.5, 2, 3
+    assert PlaneSweep.camera_spread(poses[:, :1]) == 0  # one view per scene
+
+
+def test_depth_from_cameras_puts_the_planes_in_units_of_the_cameras_spread():
+    """Scaling a scene's world (the cameras' positions; the images do not change) by s changes nothing in the read
+    once the depth scale has started from the cameras' spread: the planes scale with the world. Without the option
+    they do not, and the read differs."""
+    images, poses, _, _ = _room(views=5)
+    reads = {}
+    for option in (True, False):
+        for s in (1.0, 8.0):
+            torch.manual_seed(0)
+            sweep = PlaneSweep(32, feature_channels=3, depths=8, sweep_size=8, visibility=True,
+                               depth_from_cameras=option, lens_gain=2.0)
+            scaled = poses.clone()
+            scaled[:, :3] *= s
+            ctx = scaled[None, :-1]
+            if option:
+                spread = PlaneSweep.camera_spread(ctx)
+                assert torch.isclose(spread, s * PlaneSweep.camera_spread(poses[None, :-1]))
+                assert sweep.start_depth_scale(spread)
+                assert torch.isclose(sweep.log_depth_scale.exp(), spread)
+                assert not sweep.start_depth_scale(spread * 3)  # once
+                assert torch.isclose(sweep.log_depth_scale.exp(), spread)
+            else:
+                assert not sweep.start_depth_scale(PlaneSweep.camera_spread(ctx))
+                assert sweep.log_depth_scale == 0
+            with torch.no_grad():
+                features = sweep.view_features(images[None, :-1], ctx)
+                reads[option, s] = sweep(features, ctx, scaled[None, -1])
+    assert torch.allclose(reads[True, 1.0], reads[True, 8.0], atol=1e-4)
+    assert (reads[False, 1.0] - reads[False, 8.0]).abs().max() > 0.1
+
+
+def test_depth_from_cameras_ignores_a_spread_that_says_nothing():
+    sweep = PlaneSweep(32, feature_channels=0, depths=4, depth_from_cameras=True)
+    for spread in (torch.tensor(0.0), torch.tensor(float("nan"))):
+        assert not sweep.start_depth_scale(spread)
+    assert sweep.cameras_measured == 0 and sweep.depth_scale == 0
+    assert "cameras_measured" in sweep.state_dict()  # a resumed run does not measure again
+    assert "cameras_measured" not in PlaneSweep(32, feature_channels=0, depths=4).state_dict()

@@ -728,3 +728,32 @@ def test_a_checkpoint_with_a_loss_weight_its_model_ignored_still_loads(train_cfg
     assert all(torch.equal(a, b) for a, b in zip(loaded.state_dict().values(), module.state_dict().values()))
     with pytest.raises(InstantiationException, match="module.floor_weight=0.5 trains the floor map"):
         instantiate(train_cfg("module.floor_weight=0.5").module, _recursive_=False)
+
+
+def test_depth_from_cameras_starts_the_depth_scale_at_the_first_batchs_camera_spread(train_cfg):
+    """model.geometry.depth_from_cameras: the first training step sets the read's depth scale to the context
+    cameras' spread in its batch, once; under DDP to the mean over the processes (one model on every rank)."""
+    from types import SimpleNamespace
+
+    from gqn.model.geometry import PlaneSweep
+
+    module, batch, _ = module_with_batch(train_cfg("model.geometry.depth_from_cameras=true"))
+    geometry = module.model.geometry
+    spread = PlaneSweep.camera_spread(batch["context_poses"])
+    assert spread > 0.1 and geometry.cameras_measured == 0
+    module.training_step(batch, 0)
+    assert geometry.cameras_measured == 1 and torch.isclose(geometry.log_depth_scale.exp(), spread)
+    far = dict(batch, context_poses=batch["context_poses"] * 10)
+    module.training_step(far, 1)
+    assert torch.isclose(geometry.log_depth_scale.exp(), spread)  # once
+    # two processes: this one's spread and another's (3.0); both take their mean
+    module, batch, _ = module_with_batch(train_cfg("model.geometry.depth_from_cameras=true"))
+    module._trainer = SimpleNamespace(world_size=2, global_step=0)
+    with patch.object(type(module), "trainer", new_callable=PropertyMock, return_value=module._trainer), \
+            patch.object(module, "all_gather", side_effect=lambda t: torch.stack([t, torch.tensor(3.0)])):
+        module.training_step(batch, 0)
+    assert torch.isclose(module.model.geometry.log_depth_scale.exp(), (spread + 3.0) / 2)
+    # off (the class default, so checkpoints from before the option resume as they were): no measurement
+    module, batch, _ = module_with_batch(train_cfg("model.geometry.depth_from_cameras=false"))
+    module.training_step(batch, 0)
+    assert module.model.geometry.depth_scale == 0 and "cameras_measured" not in module.state_dict()

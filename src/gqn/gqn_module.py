@@ -292,6 +292,9 @@ class GQNModule(L.LightningModule):
         return int(s.get("coarse_factor", 2)) if step < int(s.get("coarse_steps") or 0) else 1
 
     def training_step(self, batch, batch_idx):
+        geometry = self.model.geometry
+        if getattr(geometry, "depth_from_cameras", False) and not bool(geometry.cameras_measured):
+            self._start_depth_scale(batch["context_poses"])
         factor = self.coarse_factor()
         if factor == 1:
             return self._training_step(batch)
@@ -300,6 +303,15 @@ class GQNModule(L.LightningModule):
             # the pixel terms summed over factor^2 fewer pixels: scaled back to the full image's count. The KL, summed
             # over a latent grid factor^2 smaller, is not: per latent cell it weighs 1/factor^2 as much (as measured)
             return self._training_step(batch, pixel_scale=factor ** 2)
+
+    def _start_depth_scale(self, context_poses: torch.Tensor) -> None:
+        """``model.geometry.depth_from_cameras``: start the read's depth scale at the context cameras' spread in the
+        first training batch; under DDP every process at the mean of all processes' (one model everywhere)."""
+        geometry = self.model.geometry
+        spread = geometry.camera_spread(context_poses)
+        if self._trainer is not None and self.trainer.world_size > 1:
+            spread = self.all_gather(spread).float().mean()
+        geometry.start_depth_scale(spread)
 
     def _training_step(self, batch, pixel_scale: float = 1.0):
         out = self(batch)
@@ -336,8 +348,9 @@ class GQNModule(L.LightningModule):
         self.log("train/sigma", self.sigma(), batch_size=B)
         self.log("train/context_size", float(batch["context_images"].shape[1]), batch_size=B)
         self.log("train/image_size", float(images.shape[-1]), batch_size=B)
-        if self.model.geometry is not None:  # the learned lens (no device sync until the logger writes it)
+        if self.model.geometry is not None:  # the learned lens and depth scale (no device sync until the logger writes)
             self.log("train/fov_degrees", self.model.geometry.fov_degrees.detach(), batch_size=B)
+            self.log("train/depth_scale", self.model.geometry.log_depth_scale.detach().exp(), batch_size=B)
         return loss
 
     @torch.no_grad()

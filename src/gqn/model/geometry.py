@@ -89,6 +89,9 @@ class PlaneSweep(nn.Module):
             ``occluder_colour``). Where one view alone sees an object, no depth is photo-consistent and the
             summary takes the wall behind it; the profile still shows the object's colour at the depths where
             the ray passes it in that view.
+        depth_from_cameras: start the learned depth scale at the context cameras' spread in the first training batch
+            (:meth:`camera_spread`: per scene their mean distance from their centroid, the median over the batch), so
+            that ``near`` and ``far`` are in units of that spread and not of whatever units a dataset's poses use.
     """
 
     #: visibility: at most this many numbers in the copies of the context views for their depth sweeps
@@ -100,7 +103,7 @@ class PlaneSweep(nn.Module):
                  visibility: bool = False, visibility_margin: float = 0.2, visibility_size: int | None = 8,
                  visibility_grad: bool = False, occluder_colour: bool = False, ray_profile: bool = False,
                  nearest_view: bool = False, floor_grid: int = 0, floor_heights: int = 8, floor_channels: int = 16,
-                 floor_extent: float = 1.5, ray_directions: bool = False):
+                 floor_extent: float = 1.5, ray_directions: bool = False, depth_from_cameras: bool = False):
         super().__init__()
         if not 0 < near < far:
             raise ValueError(f"geometry needs 0 < near < far, got near={near}, far={far}")
@@ -151,6 +154,9 @@ class PlaneSweep(nn.Module):
         # log tan(fov / 2) and log(depth scale), divided by lens_gain
         self.lens = nn.Parameter(torch.tensor(math.log(half) / lens_gain), requires_grad=learn_fov)
         self.depth_scale = nn.Parameter(torch.zeros(()))
+        self.depth_from_cameras = depth_from_cameras
+        if depth_from_cameras:  # (only then: checkpoints from before the option load as they are) 0 until measured
+            self.register_buffer("cameras_measured", torch.zeros(()))
         self.register_buffer("base_depths", torch.logspace(math.log10(near), math.log10(far), depths),
                              persistent=False)
         c = self.sample_channels
@@ -189,6 +195,27 @@ class PlaneSweep(nn.Module):
             self.log_floor_extent = nn.Parameter(torch.tensor(math.log(floor_extent)))
             # heights of the lifted points, from the cameras' mean height, in units of the map's half-width
             self.register_buffer("floor_levels", torch.linspace(-0.5, 0.2, floor_heights), persistent=False)
+
+    @staticmethod
+    def camera_spread(context_poses: torch.Tensor) -> torch.Tensor:
+        """The context cameras' spread in a batch ``[B, M, 7]``: per scene the mean distance of its cameras from
+        their centroid, the median over the scenes (a scalar; 0 with one view per scene)."""
+        pos = context_poses[..., :3].float()
+        return (pos - pos.mean(dim=1, keepdim=True)).norm(dim=-1).mean(dim=1).median()
+
+    def start_depth_scale(self, spread: torch.Tensor) -> bool:
+        """With ``depth_from_cameras``, once, before the first training step: start the learned depth scale at the
+        context cameras' ``spread`` (:meth:`camera_spread`), so that ``near`` and ``far`` are in units of it
+        whatever units a dataset's poses use. Returns whether it set it (False: off, done already, or a spread
+        that says nothing: one view per scene, cameras at one point)."""
+        if not self.depth_from_cameras or bool(self.cameras_measured) or not bool(torch.isfinite(spread)):
+            return False
+        if float(spread) < 1e-6:
+            return False
+        with torch.no_grad():
+            self.depth_scale.add_(torch.log(spread.to(self.depth_scale)) / self.lens_gain)
+            self.cameras_measured.fill_(1.0)
+        return True
 
     @property
     def log_half_fov(self) -> torch.Tensor:
