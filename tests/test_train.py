@@ -741,6 +741,9 @@ def test_depth_from_cameras_starts_the_depth_scale_at_the_first_batchs_camera_sp
     geometry = module.model.geometry
     spread = PlaneSweep.camera_spread(batch["context_poses"])
     assert spread > 0.1 and geometry.cameras_measured == 0
+    one_view = dict(batch, context_images=batch["context_images"][:, :1], context_poses=batch["context_poses"][:, :1])
+    module.training_step(one_view, 0)  # a spread of 0 says nothing: the next batch measures
+    assert geometry.cameras_measured == 0 and geometry.depth_scale == 0
     module.training_step(batch, 0)
     assert geometry.cameras_measured == 1 and torch.isclose(geometry.log_depth_scale.exp(), spread)
     far = dict(batch, context_poses=batch["context_poses"] * 10)

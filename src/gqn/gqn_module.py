@@ -173,6 +173,9 @@ class GQNModule(L.LightningModule):
             compile_model(self.model, "inductor" if compile is True else str(compile))
         self._step_kind: tuple | None = None  # (train?, B, M, auxiliary loss on?) of the last step
         self._clock: list[tuple[int, float]] = []  # (step, time) every LR_FIT_EVERY steps: the pace of training
+        #: model.geometry.depth_from_cameras: whether the depth scale still waits for its start (None: not yet read
+        #: from the geometry's buffer, which a resume restores; read once, not a device sync every step)
+        self._depth_pending: bool | None = None
         self._flops: dict[tuple, int] = {}
 
     #: True while :meth:`load_from_checkpoint` rebuilds a module: a checkpoint written before the loss weights were
@@ -292,9 +295,11 @@ class GQNModule(L.LightningModule):
         return int(s.get("coarse_factor", 2)) if step < int(s.get("coarse_steps") or 0) else 1
 
     def training_step(self, batch, batch_idx):
-        geometry = self.model.geometry
-        if getattr(geometry, "depth_from_cameras", False) and not bool(geometry.cameras_measured):
-            self._start_depth_scale(batch["context_poses"])
+        if self._depth_pending is None:
+            geometry = self.model.geometry
+            self._depth_pending = getattr(geometry, "depth_from_cameras", False) and not bool(geometry.cameras_measured)
+        if self._depth_pending:
+            self._depth_pending = not self._start_depth_scale(batch["context_poses"])
         factor = self.coarse_factor()
         if factor == 1:
             return self._training_step(batch)
@@ -304,14 +309,15 @@ class GQNModule(L.LightningModule):
             # over a latent grid factor^2 smaller, is not: per latent cell it weighs 1/factor^2 as much (as measured)
             return self._training_step(batch, pixel_scale=factor ** 2)
 
-    def _start_depth_scale(self, context_poses: torch.Tensor) -> None:
+    def _start_depth_scale(self, context_poses: torch.Tensor) -> bool:
         """``model.geometry.depth_from_cameras``: start the read's depth scale at the context cameras' spread in the
-        first training batch; under DDP every process at the mean of all processes' (one model everywhere)."""
+        first training batch whose spread says something; under DDP every process at the mean of all processes'
+        (one model everywhere). Returns whether it did."""
         geometry = self.model.geometry
         spread = geometry.camera_spread(context_poses)
         if self._trainer is not None and self.trainer.world_size > 1:
             spread = self.all_gather(spread).float().mean()
-        geometry.start_depth_scale(spread)
+        return geometry.start_depth_scale(spread)
 
     def _training_step(self, batch, pixel_scale: float = 1.0):
         out = self(batch)
