@@ -606,6 +606,28 @@ def test_throughput_monitor_logs_scenes_and_flops_per_step(train_cfg):
         assert float(r["train/device/flops_per_sec"]) / batches_per_s == pytest.approx(flops, rel=1e-6)
 
 
+def test_model_summary_counts_the_flops_of_a_training_step(train_cfg, caplog):
+    import logging
+
+    from hydra.utils import instantiate
+    from lightning.pytorch.utilities.model_summary.model_summary import get_human_readable_count
+
+    cfg = train_cfg("trainer.enable_model_summary=true", "data.eval_context_size=3", "trainer.max_steps=1")
+    module = instantiate(cfg.module, _recursive_=False)
+    state = torch.get_rng_state()
+    flops = module._count_flops(True, 1, 3, bool(cfg.module.prior_mean_weight))
+    assert torch.equal(torch.get_rng_state(), state)  # counting draws nothing from a seeded run's stream
+    with caplog.at_level(logging.INFO):
+        train(cfg)
+    (table,) = [r.getMessage() for r in caplog.records if "Total Flops" in r.getMessage()]
+    assert flops > 0 and f"{get_human_readable_count(flops)} Total Flops" in " ".join(table.split())
+    assert any("one training step of one scene (3 context views, 32 px)" in r.getMessage() for r in caplog.records)
+    caplog.clear()
+    with caplog.at_level(logging.INFO):  # trainer.enable_model_summary=false: no summary at all
+        train(train_cfg("trainer.max_steps=1"))
+    assert not [r for r in caplog.records if "Total Flops" in r.getMessage()]
+
+
 def test_flop_count_equals_a_count_of_a_real_training_step(train_cfg):
     from hydra.utils import instantiate
     from torch.utils.flop_counter import FlopCounterMode

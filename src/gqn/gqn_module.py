@@ -260,7 +260,9 @@ class GQNModule(L.LightningModule):
         # on the meta device nothing is computed; a geometric read samples images (grid_sample has no meta
         # kernel), so that model is counted on a real CPU batch (once per batch shape, well under a second)
         device = "meta" if self.model.geometry is None else "cpu"
-        with torch.inference_mode(False), torch.device(device):
+        # the copy's initialisation and its random batch draw from a fork of the CPU RNG: counting (at the first
+        # batch of every shape, in the model summary) leaves a seeded run's random stream as it was
+        with torch.random.fork_rng(devices=[]), torch.inference_mode(False), torch.device(device):
             model = hydra.utils.instantiate(self.hparams.model)
             ci, cp = torch.rand(B, M, 3, size, size), torch.rand(B, M, model.pose_dim)
             qi, qp = torch.rand(B, 3, size, size), torch.rand(B, model.pose_dim)
@@ -275,7 +277,8 @@ class GQNModule(L.LightningModule):
             return out["elbo"].sum()
 
         # ThroughputMonitor asks in inference mode
-        with torch.inference_mode(False), torch.enable_grad(), model.at_image_size(size):
+        with torch.random.fork_rng(devices=[]), torch.inference_mode(False), torch.enable_grad(), \
+                model.at_image_size(size):
             return measure_flops(model, step, loss_fn=torch.Tensor.sum if train else None)
 
     # ------------------------------------------------------------------ steps

@@ -13,11 +13,12 @@ import sys
 import hydra
 import lightning as L
 from hydra.core.hydra_config import HydraConfig
-from lightning.pytorch.callbacks import LearningRateMonitor
+from lightning.pytorch.callbacks import LearningRateMonitor, ModelSummary
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
 from callbacks.guards import GracefulStop
+from callbacks.throughput import FlopsSummary
 from gqn import CONF_DIR
 from gqn.cli import (
     UserError,
@@ -107,6 +108,8 @@ def train(cfg: DictConfig, extra_callbacks: list | None = None) -> float | None:
             if differs:
                 _warn(differs)
     callbacks = instantiate_dict(cfg.get("callbacks")) + list(extra_callbacks or [])
+    if cfg.trainer.get("enable_model_summary", True) and not any(isinstance(c, ModelSummary) for c in callbacks):
+        callbacks.append(FlopsSummary())  # Lightning's summary, its "Total FLOPs" counted (not 0)
     stop = next((c for c in callbacks if isinstance(c, GracefulStop)), None)
     if stop is None:  # Ctrl-C / SIGTERM save a checkpoint whatever the callbacks group
         callbacks.append(stop := GracefulStop())
