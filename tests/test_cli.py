@@ -229,8 +229,8 @@ def test_ddp_two_cpu_processes(data_root, tmp_path):
     metrics = (run / "csv" / "version_0" / "metrics.csv").read_text()
     assert "train/lr_steps" in metrics.splitlines()[0]  # rank 0 logged the horizon after the broadcast
     assert state["lr_schedulers"][0]["lr_lambdas"][0]["horizon"] == 125  # the cap is far: the line kept
-    # model.geometry.depth_from_cameras (the default): the first step measured the cameras' spread, the mean over
-    # both processes (an all_gather that one rank skipped would hang)
+    # model.geometry.depth_from_cameras (the default): the first step measured the cameras' spread under DDP (its
+    # all_gather ran on both processes, or the run would hang; the mean itself: tests/test_train.py)
     assert float(state["state_dict"]["model.geometry.cameras_measured"]) == 1.0
 
 

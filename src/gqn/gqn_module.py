@@ -256,30 +256,30 @@ class GQNModule(L.LightningModule):
     def _count_flops(self, train: bool, B: int, M: int, aux: bool, size: int | None = None) -> int:
         from lightning.fabric.utilities.throughput import measure_flops
 
-        size = size or self.model.image_size
-        # on the meta device nothing is computed; a geometric read samples images (grid_sample has no meta
-        # kernel), so that model is counted on a real CPU batch (once per batch shape, well under a second)
-        device = "meta" if self.model.geometry is None else "cpu"
-        # the copy's initialisation and its random batch draw from a fork of the CPU RNG: counting (at the first
-        # batch of every shape, in the model summary) leaves a seeded run's random stream as it was
-        with torch.random.fork_rng(devices=[]), torch.inference_mode(False), torch.device(device):
-            model = hydra.utils.instantiate(self.hparams.model)
-            ci, cp = torch.rand(B, M, 3, size, size), torch.rand(B, M, model.pose_dim)
-            qi, qp = torch.rand(B, 3, size, size), torch.rand(B, model.pose_dim)
+        # the copy's initialisation, its random batch and its latents draw from a fork of the CPU RNG: counting (at
+        # the first batch of every shape, in the model summary) leaves a seeded run's random stream as it was
+        with torch.random.fork_rng(devices=[]):
+            size = size or self.model.image_size
+            # on the meta device nothing is computed; a geometric read samples images (grid_sample has no meta
+            # kernel), so that model is counted on a real CPU batch (once per batch shape, well under a second)
+            device = "meta" if self.model.geometry is None else "cpu"
+            with torch.inference_mode(False), torch.device(device):
+                model = hydra.utils.instantiate(self.hparams.model)
+                ci, cp = torch.rand(B, M, 3, size, size), torch.rand(B, M, model.pose_dim)
+                qi, qp = torch.rand(B, 3, size, size), torch.rand(B, model.pose_dim)
 
-        def step():
-            out = model(ci, cp, qi, qp, sigma=1.0)
-            if not train:
-                model.render(out["representation"], qp, mean=True, views=out["views"], geometry=out["geometry"])
-            elif aux:
-                return out["elbo"].sum() + model.generate(qp, out["representation"], out["views"], out["geometry"],
-                                                          sample_prior=False)["mean"].sum()
-            return out["elbo"].sum()
+            def step():
+                out = model(ci, cp, qi, qp, sigma=1.0)
+                if not train:
+                    model.render(out["representation"], qp, mean=True, views=out["views"], geometry=out["geometry"])
+                elif aux:
+                    return out["elbo"].sum() + model.generate(qp, out["representation"], out["views"], out["geometry"],
+                                                              sample_prior=False)["mean"].sum()
+                return out["elbo"].sum()
 
-        # ThroughputMonitor asks in inference mode
-        with torch.random.fork_rng(devices=[]), torch.inference_mode(False), torch.enable_grad(), \
-                model.at_image_size(size):
-            return measure_flops(model, step, loss_fn=torch.Tensor.sum if train else None)
+            # ThroughputMonitor asks in inference mode
+            with torch.inference_mode(False), torch.enable_grad(), model.at_image_size(size):
+                return measure_flops(model, step, loss_fn=torch.Tensor.sum if train else None)
 
     # ------------------------------------------------------------------ steps
     def forward(self, batch: dict[str, torch.Tensor], sigma: float | None = None):
