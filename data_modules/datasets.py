@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import json
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 
-from data_modules.errors import GQNDataError
+from data_modules.errors import CorruptRecordError, GQNDataError
 from data_modules.remote import is_url, join, local_path, read_bytes
+
+log = logging.getLogger(__name__)
 
 PUBLIC_BUCKET = "gs://gqn-dataset"
 CARD = "dataset.json"
@@ -110,8 +113,55 @@ def check_local_dir(data_dir: str | Path, name: str) -> None:
                                f"{name}/{{train,test}}/*.tfrecord")
 
 
+def _record_files(data_dir: str | Path, name: str) -> list[str]:
+    """The dataset's record files, train/ first, then test/ (paths or URLs); [] when there are none."""
+    from data_modules.records import record_files
+    from data_modules.remote import list_files
+
+    out = []
+    for split in ("train", "test"):
+        if is_url(data_dir):
+            out += [url for url, _ in list_files(join(str(data_dir), name, split))]
+        elif (Path(local_path(data_dir)) / name / split).is_dir():
+            out += [str(p) for p in record_files(Path(local_path(data_dir)) / name / split)]
+    return out
+
+
+def info_from_records(data_dir: str | Path, name: str) -> DatasetInfo | None:
+    """A dataset of DeepMind-format records that is neither one of the seven nor written by gqn-data synth (no
+    card; e.g. another renderer's rooms): its frame size and frames per scene read from its first record (train/,
+    else test/). None when it has no record files; a first record that cannot say (damaged, not square frames) is
+    a one-line :class:`GQNDataError`."""
+    from data_modules.records import frame_size, iter_records, parse_scene
+
+    files = _record_files(data_dir, name)
+    for path in files:
+        try:
+            for offset, data in iter_records(path):
+                frames, _ = parse_scene(data, path, offset)
+                if not frames:
+                    raise CorruptRecordError(path, offset, "a scene with no frames")
+                height, width = frame_size(frames[0], path, offset, 0)
+                break
+            else:
+                continue  # an empty file: the next one
+        except CorruptRecordError as err:
+            raise GQNDataError(f"{name} has no {CARD} and is not a DeepMind dataset, so its frame size and frames per "
+                               f"scene come from its first record, which cannot be read: {err}") from None
+        if height != width:
+            raise GQNDataError(f"{path}: frames are {width}x{height}; the GQN reads square frames (the DeepMind "
+                               f"format's): crop or pad them to a square")
+        log.info("%s: no %s; frames %dx%d, %d per scene (from the first record of %s)", name, CARD, width, height,
+                 len(frames), path)
+        return DatasetInfo(name, int(height), len(frames))
+    if files:
+        raise GQNDataError(f"{name}: its record files hold no scenes ({len(files)} file(s), all empty)")
+    return None
+
+
 def dataset_info(data_dir: str | Path, name: str) -> DatasetInfo:
-    """Info for one of the seven DeepMind datasets, or from the card of a generated one."""
+    """Info for one of the seven DeepMind datasets, from the card of a generated one, or else from the first record
+    of any other dataset of DeepMind-format records (:func:`info_from_records`)."""
     check_local_dir(data_dir, name)
     if name in DATASETS:
         return DATASETS[name]
@@ -119,18 +169,26 @@ def dataset_info(data_dir: str | Path, name: str) -> DatasetInfo:
     if meta is not None:
         return DatasetInfo(name, int(meta["image_size"]), int(meta["frames_per_scene"]))
     if is_url(data_dir):
+        info = info_from_records(data_dir, name)
+        if info is not None:
+            return info
         raise GQNDataError(
-            f"unknown dataset {name!r} and no {join(str(data_dir), name, CARD)}; valid names: {', '.join(DATASETS)} "
-            f"(or a directory written by gqn-data synth)"
+            f"unknown dataset {name!r}: no {join(str(data_dir), name, CARD)} and no record files in "
+            f"{join(str(data_dir), name)}/{{train,test}}/; valid names: {', '.join(DATASETS)} (or a directory of "
+            f"DeepMind-format records)"
         )
     if name in SYNTHETIC and not (Path(data_dir) / name).is_dir():
         raise GQNDataError(f"dataset {name!r} not found: no directory {Path(data_dir) / name}; "
                            f"{how_to_get(data_dir, name)} (or set paths.data_dir / GQN_DATA_DIR to where it is)")
     data_dir = local_path(data_dir)
     if (Path(data_dir) / name).is_dir():
+        info = info_from_records(data_dir, name)
+        if info is not None:
+            return info
         raise GQNDataError(
-            f"{Path(data_dir) / name} has no {CARD} and {name!r} is not a DeepMind dataset; "
-            f"valid names: {valid_names(data_dir)} (or a directory written by gqn-data synth)"
+            f"{Path(data_dir) / name} holds no record files in train/ or test/ (*.tfrecord, *.tfrecords) and "
+            f"{name!r} is not a DeepMind dataset; valid names: {valid_names(data_dir)} (or a directory of "
+            f"DeepMind-format records, {name}/{{train,test}}/*.tfrecord)"
         )
     raise GQNDataError(
         f"unknown dataset {name!r} and no directory {Path(data_dir) / name}; valid names: "

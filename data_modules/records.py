@@ -1,4 +1,4 @@
-"""TFRecord reading: framing with CRC checks and byte offsets, Example parsing, JPEG decoding.
+"""TFRecord reading: framing with CRC checks and byte offsets, Example parsing, JPEG (or PNG) decoding.
 
 The framing is ``uint64 length | uint32 masked_crc32c(length) | data | uint32 masked_crc32c(data)``.
 The ``tfrecord`` package's iterator neither checks CRCs nor reports where a file is broken, so the
@@ -8,6 +8,7 @@ framing is read here (with the same CRC32C as its writer); Examples are parsed w
 from __future__ import annotations
 
 import contextlib
+import io
 import struct
 from collections.abc import Iterator
 
@@ -20,6 +21,15 @@ from data_modules.errors import CorruptRecordError, FrameSizeError
 
 _MASK_DELTA = 0xA282EAD8
 JPEG_MAGIC = b"\xff\xd8"
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+#: the endings of record files in a split directory (DeepMind's ``0001-of-2160.tfrecord``; TensorFlow's own
+#: examples write ``*.tfrecords``)
+RECORD_SUFFIXES = (".tfrecord", ".tfrecords")
+
+
+def record_files(directory) -> list:
+    """The record files (:data:`RECORD_SUFFIXES`) directly in a local ``directory`` (a ``Path``), sorted."""
+    return sorted(p for p in directory.iterdir() if p.suffix in RECORD_SUFFIXES and p.is_file())
 
 
 def masked_crc(data) -> int:
@@ -93,14 +103,33 @@ def parse_scene(data: bytes, path="<bytes>", offset: int = 0) -> tuple[list[byte
     return frames, cameras.reshape(len(frames), 5)
 
 
-def decode_frame(jpeg: bytes, expected_size: int, path="<bytes>", offset: int = 0, index: int = 0) -> np.ndarray:
-    """Decode a JPEG frame to uint8 ``[H, W, 3]``, checking it is a JPEG of the expected size."""
-    if not jpeg.startswith(JPEG_MAGIC):
-        raise CorruptRecordError(path, offset, f"frame {index} is not a JPEG (starts with {jpeg[:4]!r})")
+def _not_an_image(jpeg: bytes, index: int) -> str:
+    return f"frame {index} is neither a JPEG nor a PNG (starts with {jpeg[:4]!r})"
+
+
+def _decode_png(png: bytes, path, offset: int, index: int) -> np.ndarray:
+    """A PNG frame (a writer other than DeepMind's may store PNGs) as uint8 ``[H, W, 3]``; alpha dropped, grey
+    repeated."""
+    from PIL import Image
+
     try:
-        image = simplejpeg.decode_jpeg(jpeg, colorspace="RGB")
-    except ValueError as err:
-        raise CorruptRecordError(path, offset, f"frame {index}: broken JPEG ({err})") from None
+        with Image.open(io.BytesIO(png)) as im:
+            return np.asarray(im.convert("RGB"))
+    except (OSError, ValueError, SyntaxError) as err:  # PIL's errors for a broken image
+        raise CorruptRecordError(path, offset, f"frame {index}: broken PNG ({str(err).splitlines()[0]})") from None
+
+
+def decode_frame(jpeg: bytes, expected_size: int, path="<bytes>", offset: int = 0, index: int = 0) -> np.ndarray:
+    """Decode a frame (a JPEG, as DeepMind's records hold, or a PNG) to uint8 ``[H, W, 3]``, checking its size."""
+    if jpeg.startswith(PNG_MAGIC):
+        image = _decode_png(jpeg, path, offset, index)
+    elif not jpeg.startswith(JPEG_MAGIC):
+        raise CorruptRecordError(path, offset, _not_an_image(jpeg, index))
+    else:
+        try:
+            image = simplejpeg.decode_jpeg(jpeg, colorspace="RGB")
+        except ValueError as err:
+            raise CorruptRecordError(path, offset, f"frame {index}: broken JPEG ({err})") from None
     if image.shape[0] != expected_size or image.shape[1] != expected_size:
         raise FrameSizeError(
             path,
@@ -120,9 +149,16 @@ def camera_to_pose(cameras: np.ndarray) -> np.ndarray:
 
 
 def frame_size(jpeg: bytes, path="<bytes>", offset: int = 0, index: int = 0, decode: bool = False):
-    """(height, width) of a JPEG frame from its header; ``decode`` also decodes it fully (verify)."""
+    """(height, width) of a JPEG (or PNG) frame from its header; ``decode`` also decodes it fully (verify)."""
+    if jpeg.startswith(PNG_MAGIC):
+        if decode:
+            return _decode_png(jpeg, path, offset, index).shape[:2]
+        if len(jpeg) < 24:
+            raise CorruptRecordError(path, offset, f"frame {index}: broken PNG (no header)")
+        width, height = struct.unpack(">II", jpeg[16:24])  # the IHDR chunk, always first
+        return height, width
     if not jpeg.startswith(JPEG_MAGIC):
-        raise CorruptRecordError(path, offset, f"frame {index} is not a JPEG (starts with {jpeg[:4]!r})")
+        raise CorruptRecordError(path, offset, _not_an_image(jpeg, index))
     try:
         if decode:
             return simplejpeg.decode_jpeg(jpeg, colorspace="RGB").shape[:2]

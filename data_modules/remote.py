@@ -223,8 +223,9 @@ def call(what: str, url: str, fn: Callable, *args, settings: Settings | None = N
 
 
 # ---------------------------------------------------------------------------------------- listing
-def list_files(directory: str, suffix: str = ".tfrecord") -> list[tuple[str, int]]:
-    """``[(url, size in bytes)]`` of the files ending in ``suffix`` directly in a remote directory, sorted.
+def list_files(directory: str, suffix: str | tuple[str, ...] = (".tfrecord", ".tfrecords")) -> list[tuple[str, int]]:
+    """``[(url, size in bytes)]`` of the files ending in ``suffix`` (one, or any of several) directly in a remote
+    directory, sorted.
 
     A directory that does not exist gives ``[]`` (object stores have no empty directories)."""
     fs, path = filesystem(directory)

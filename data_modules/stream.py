@@ -24,7 +24,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from data_modules.datasets import DatasetInfo
 from data_modules.errors import CorruptRecordError, GQNDataError
 from data_modules.objects import load_sidecar
-from data_modules.records import JPEG_MAGIC, camera_to_pose, decode_frame, parse_scene
+from data_modules.records import JPEG_MAGIC, camera_to_pose, decode_frame, parse_scene, record_files
 from data_modules.remote import RemoteCache, is_url, iter_file_records, list_split, local_path
 
 Record = tuple[str, int, int, bytes]  # (path, byte offset, global scene index, record bytes)
@@ -449,14 +449,14 @@ def check_loader_options(**options: int | None) -> None:
 
 
 def split_files(data_dir: str | Path, dataset: str, split: str, how_to_get: str) -> list[str]:
-    """The split's ``*.tfrecord`` files (paths, or URLs for a remote ``data_dir``), sorted; a clear error
-    when there are none."""
+    """The split's record files (``*.tfrecord``, ``*.tfrecords``: paths, or URLs for a remote ``data_dir``), sorted;
+    a clear error when there are none."""
     if is_url(data_dir):
         return list_split(str(data_dir), dataset, split, how_to_get)
     directory = Path(local_path(data_dir)) / dataset / split
     if not directory.is_dir():
         raise GQNDataError(f"no data directory {directory} (expected *.tfrecord files there); {how_to_get}")
-    files = sorted(str(p) for p in directory.glob("*.tfrecord"))
+    files = [str(p) for p in record_files(directory)]
     if not files:
         raise GQNDataError(f"{directory} holds no *.tfrecord files (empty split); {how_to_get}")
     return files

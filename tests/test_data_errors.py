@@ -174,7 +174,7 @@ def test_length_crc_mismatch_names_file_and_offset(good):
 
 
 @pytest.mark.parametrize("payload,problem", [
-    (b"GIF89a" + bytes(100), "is not a JPEG"),
+    (b"GIF89a" + bytes(100), "is neither a JPEG nor a PNG"),
     (b"\xff\xd8\xff\xe0" + bytes(100), "broken JPEG"),
 ], ids=["not-jpeg", "broken-jpeg"])
 def test_frames_that_are_not_jpegs(tmp_path, payload, problem):
@@ -242,7 +242,7 @@ def test_skip_corrupt_warns_counts_and_delivers_the_good_scenes(tmp_path):
     assert loader.dataset.skipped == 3
     texts = [str(w.message) for w in caught if "skipping" in str(w.message)]
     assert len(texts) == 3, texts
-    assert any(at(files["a"], offsets(files["a"])[1]) in t and "not a JPEG" in t for t in texts)
+    assert any(at(files["a"], offsets(files["a"])[1]) in t and "neither a JPEG nor a PNG" in t for t in texts)
     assert any(at(files["b"], offsets(files["b"])[1]) in t and "CRC" in t for t in texts)
     assert any(str(files["c"]) in t and "truncated" in t for t in texts)
 
@@ -289,7 +289,7 @@ def test_verify_reports_bad_frames_and_truncation(tmp_path, capsys):
     files = corrupt_test_split(tmp_path)
     code, out, _ = cli(capsys, "verify", str(tmp_path / ROOMS))
     assert code != 0
-    assert re.search(re.escape(at(files["a"], offsets(files["a"])[1])) + r": frame \d+ is not a JPEG", out), out
+    assert re.search(re.escape(at(files["a"], offsets(files["a"])[1])) + r": frame \d+ is neither a JPEG nor a PNG", out), out
     assert at(files["b"], offsets(files["b"])[1]) in out
     end_of_good = offsets(files["c"])[3]  # the 4th (cut-off) record starts after three good ones
     assert at(files["c"], end_of_good) + ": truncated record" in out

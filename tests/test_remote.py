@@ -284,8 +284,27 @@ def test_retry_policy_retries_only_transient_errors(monkeypatch):
         assert len(calls) == (4 if retried else 1), exc
 
 
+def test_a_remote_dataset_without_a_card_reads_its_frame_size_from_its_first_record(gcs, data_root):
+    """Another writer's records on a bucket (no dataset.json): read as the same scenes; ``*.tfrecords`` names too."""
+    for split in ("train", "test"):
+        for path in split_files(data_root, NAME, split, ""):
+            blob, name = open(path, "rb").read(), path.rsplit("/", 1)[-1]
+            gcs.put(f"other_rooms/{split}/{name}", blob)
+            gcs.put(f"other_rooms_s/{split}/{name}s", blob)
+    remote = GQNDataModule(gcs.url, "other_rooms", batch_size=4, context_size=(1, 5), num_workers=0, shuffle_buffer=8,
+                           seed=3)
+    local = dm(data_root)
+    assert (remote.info.image_size, remote.info.frames_per_scene) == (local.info.image_size,
+                                                                      local.info.frames_per_scene)
+    keys = ("context_images", "context_poses", "query_images", "query_poses")  # no object sidecars were copied
+    same([{k: b[k] for k in keys} for b in epoch(local.test_dataloader())], epoch(remote.test_dataloader()))
+    renamed = GQNDataModule(gcs.url, "other_rooms_s", batch_size=4, context_size=(1, 5), num_workers=0)
+    assert renamed.info == remote.info.__class__("other_rooms_s", remote.info.image_size, remote.info.frames_per_scene)
+    assert names(renamed.files("test")) == [n + "s" for n in names(local.files("test"))]
+
+
 def test_missing_bucket_or_dataset_is_one_clear_error(gcs):
-    with pytest.raises(GQNDataError, match=r"unknown dataset 'nope' and no gs://gqn-dataset/nope/dataset.json"):
+    with pytest.raises(GQNDataError, match=r"unknown dataset 'nope': no gs://gqn-dataset/nope/dataset.json and no record files"):
         GQNDataModule(gcs.url, "nope")
     with pytest.raises(GQNDataError, match=r"no \*.tfrecord files at gs://no-such-bucket/rooms_ring_camera/train"):
         GQNDataModule("gs://no-such-bucket", "rooms_ring_camera", context_size=2).setup("fit")

@@ -13,6 +13,7 @@ import numpy as np
 def _synth(args) -> int:
     from data_modules.datasets import read_card
     from data_modules.errors import GQNDataError
+    from data_modules.records import record_files
     from gqn.synthetic import synthesize
     from gqn.synthetic.scenes import RING_RADIUS
 
@@ -30,7 +31,7 @@ def _synth(args) -> int:
     if args.camera != "ring":
         opts.update(camera=args.camera)
     card = read_card(out) if out.is_dir() else None  # a damaged card: one line, and nothing is touched
-    held = [p for split in ("train", "test") for p in (out / split).glob("*.tfrecord")] if out.is_dir() else []
+    held = [p for split in ("train", "test") if (out / split).is_dir() for p in record_files(out / split)]
     if held and not str((card or {}).get("generator", "")).startswith("gqn.synthetic"):
         # writing replaces the split directories' records: never those of a dataset this tool did not write
         raise GQNDataError(f"--out {out} already holds a dataset that gqn-data synth did not write ({len(held)} "
@@ -78,12 +79,12 @@ def _expected(root: Path):
 def _scan(root: Path, decode: bool):
     """Read every record of every split; returns ({split: stats}, [problems])."""
     from data_modules.errors import CorruptRecordError
-    from data_modules.records import frame_size, iter_records, parse_scene
+    from data_modules.records import frame_size, iter_records, parse_scene, record_files
 
     expected, card_problem = _expected(root)
     stats, problems = {}, [card_problem] if card_problem else []  # a damaged card: said, the records still checked
     for split in _splits(root):
-        files = sorted((root / split).glob("*.tfrecord"))
+        files = record_files(root / split)
         frames_per_scene, sizes, scenes = Counter(), Counter(), 0
         for path in files:
             try:
@@ -154,7 +155,7 @@ def _preview(args) -> int:
     from PIL import Image
 
     from data_modules.errors import GQNDataError
-    from data_modules.records import decode_frame, iter_records, parse_scene
+    from data_modules.records import decode_frame, iter_records, parse_scene, record_files
 
     root = Path(args.dir)
     splits = _splits(root)
@@ -167,7 +168,7 @@ def _preview(args) -> int:
         raise GQNDataError(f"--out {out}: " + ("is a directory" if out.is_dir() else f"no directory {out.parent}")
                            + "; give a PNG path in an existing directory, e.g. --out preview.png")
     rows = []
-    for path in sorted((root / split).glob("*.tfrecord")):
+    for path in record_files(root / split):
         for offset, data in iter_records(path):
             frames, _ = parse_scene(data, path, offset)
             imgs = [decode_frame(f, _size(f), path, offset, i)
