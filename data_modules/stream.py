@@ -458,5 +458,5 @@ def split_files(data_dir: str | Path, dataset: str, split: str, how_to_get: str)
         raise GQNDataError(f"no data directory {directory} (expected *.tfrecord files there); {how_to_get}")
     files = [str(p) for p in record_files(directory)]
     if not files:
-        raise GQNDataError(f"{directory} holds no *.tfrecord files (empty split); {how_to_get}")
+        raise GQNDataError(f"{directory} holds no *.tfrecord (or *.tfrecords) files (empty split); {how_to_get}")
     return files

@@ -25,7 +25,7 @@ import torch
 from conftest import BIN, TINY, Probe, compose_train
 from hydra.core.global_hydra import GlobalHydra
 from omegaconf import open_dict
-from records_helper import record_offsets, write_dataset, write_file
+from records_helper import make_example, record_offsets, write_dataset, write_file
 
 from data_modules import GQNDataError, SceneStream, dataset_info
 from gqn import data_cli
@@ -69,6 +69,15 @@ def world(data_root, tmp_path_factory) -> dict:
     # a generated dataset whose card was cut short (a full disk, an interrupted copy)
     shutil.copytree(data_root / "synthetic_rooms", tmp / "badcard" / "synthetic_rooms")
     (tmp / "badcard" / "synthetic_rooms" / "dataset.json").write_text('{"image_size": 32,')
+    # another writer's dataset (no dataset.json) whose frames are not square: 48x32 PNGs
+    import io
+
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.new("RGB", (48, 32)).save(buf, format="PNG")
+    write_file(tmp / "other" / "other_rooms" / "train" / "1-of-1.tfrecord",
+               [make_example([buf.getvalue()] * 10, [0.0] * 50)])
     # gqn-render context files: an image that is not one; a camera that is not finite
     (tmp / "not_an_image.png").write_text("not a png\n")
     (tmp / "ctx_bad_image.yaml").write_text("images: [not_an_image.png]\ncameras: [[0, 0, 0.5, 0, 0]]\n")
@@ -169,6 +178,9 @@ CASES = [
      ["needs 11 views per scene but synthetic_rooms has 10; use at most 9"]),
     ("unknown-dataset", "gqn-train", lambda w: _train(w, "data.dataset=rooms_ring"), 2,
      ["unknown dataset 'rooms_ring'", "rooms_ring_camera", "synthetic_rooms, synthetic_shepard_metzler"]),
+    ("other-writer-frames-not-square", "gqn-train",
+     lambda w: _train(w, f"paths.data_dir={w['tmp']}/other", "data.dataset=other_rooms"), 2,
+     ["other_rooms/train/1-of-1.tfrecord: frames are 48x32; the GQN reads square frames", "crop or pad them"]),
     ("data-dir-is-a-file", "gqn-train", lambda w: _train(w, f"paths.data_dir={w['file']}"), 2,
      ["plain_file is a file, not a directory: paths.data_dir (GQN_DATA_DIR) must be the directory"]),
     ("data-dir-missing", "gqn-train", lambda w: _train(w, f"paths.data_dir={w['tmp']}/nowhere"), 2,
