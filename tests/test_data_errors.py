@@ -289,7 +289,8 @@ def test_verify_reports_bad_frames_and_truncation(tmp_path, capsys):
     files = corrupt_test_split(tmp_path)
     code, out, _ = cli(capsys, "verify", str(tmp_path / ROOMS))
     assert code != 0
-    assert re.search(re.escape(at(files["a"], offsets(files["a"])[1])) + r": frame \d+ is neither a JPEG nor a PNG", out), out
+    where = re.escape(at(files["a"], offsets(files["a"])[1]))
+    assert re.search(where + r": frame \d+ is neither a JPEG nor a PNG", out), out
     assert at(files["b"], offsets(files["b"])[1]) in out
     end_of_good = offsets(files["c"])[3]  # the 4th (cut-off) record starts after three good ones
     assert at(files["c"], end_of_good) + ": truncated record" in out

@@ -304,7 +304,8 @@ def test_a_remote_dataset_without_a_card_reads_its_frame_size_from_its_first_rec
 
 
 def test_missing_bucket_or_dataset_is_one_clear_error(gcs):
-    with pytest.raises(GQNDataError, match=r"unknown dataset 'nope': no gs://gqn-dataset/nope/dataset.json and no record files"):
+    with pytest.raises(GQNDataError,
+                       match=r"unknown dataset 'nope': no gs://gqn-dataset/nope/dataset.json and no record files"):
         GQNDataModule(gcs.url, "nope")
     with pytest.raises(GQNDataError, match=r"no \*.tfrecord files at gs://no-such-bucket/rooms_ring_camera/train"):
         GQNDataModule("gs://no-such-bucket", "rooms_ring_camera", context_size=2).setup("fit")
