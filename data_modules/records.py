@@ -114,8 +114,11 @@ def _decode_png(png: bytes, path, offset: int, index: int) -> np.ndarray:
 
     try:
         with Image.open(io.BytesIO(png)) as im:
+            if im.mode.startswith("I"):  # 16-bit grey (PIL's I;16 / I): to 8 bits, not clipped by convert("RGB")
+                grey = (np.asarray(im).astype(np.uint32) >> 8).clip(0, 255).astype(np.uint8)
+                return np.repeat(grey[..., None], 3, axis=-1)
             return np.asarray(im.convert("RGB"))
-    except (OSError, ValueError, SyntaxError) as err:  # PIL's errors for a broken image
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as err:  # PIL's errors for a bad image
         raise CorruptRecordError(path, offset, f"frame {index}: broken PNG ({str(err).splitlines()[0]})") from None
 
 
@@ -153,9 +156,9 @@ def frame_size(jpeg: bytes, path="<bytes>", offset: int = 0, index: int = 0, dec
     if jpeg.startswith(PNG_MAGIC):
         if decode:
             return _decode_png(jpeg, path, offset, index).shape[:2]
-        if len(jpeg) < 24:
-            raise CorruptRecordError(path, offset, f"frame {index}: broken PNG (no header)")
-        width, height = struct.unpack(">II", jpeg[16:24])  # the IHDR chunk, always first
+        width, height = struct.unpack(">II", jpeg[16:24]) if len(jpeg) >= 24 else (0, 0)  # IHDR: always first
+        if jpeg[12:16] != b"IHDR" or not (width and height):
+            raise CorruptRecordError(path, offset, f"frame {index}: broken PNG (no valid IHDR header)")
         return height, width
     if not jpeg.startswith(JPEG_MAGIC):
         raise CorruptRecordError(path, offset, _not_an_image(jpeg, index))

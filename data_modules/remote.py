@@ -250,7 +250,8 @@ def list_split(data_dir: str, dataset: str, split: str, how_to_get: str) -> list
     directory = join(data_dir, dataset, split)
     files = [url for url, _ in list_files(directory)]
     if not files:
-        raise GQNDataError(f"no *.tfrecord files at {directory} (expected {directory}/*.tfrecord); {how_to_get}")
+        raise GQNDataError(f"no *.tfrecord files at {directory} (expected {directory}/*.tfrecord or *.tfrecords); "
+                           f"{how_to_get}")
     return files
 
 

@@ -66,6 +66,12 @@ def test_a_dataset_without_a_card_whose_first_record_cannot_say(tmp_path):
     write_file(tmp_path / OTHER / "train" / "b.tfrecord", [make_example([png(wide)] * 4, [0.0] * 20)])
     with pytest.raises(GQNDataError, match=r"frames are 48x32; the GQN reads square frames"):
         dm_for(tmp_path)
+    assert data_cli.main(["verify", str(tmp_path / OTHER)]) == 1  # verify says what training would refuse
+    header = bytearray(png(np.zeros((8, 8, 3), np.uint8)))
+    header[12:16] = b"IHDX"  # the first chunk is not the header
+    write_file(tmp_path / OTHER / "train" / "b.tfrecord", [make_example([bytes(header)] * 4, [0.0] * 20)])
+    with pytest.raises(GQNDataError, match=r"frame 0: broken PNG \(no valid IHDR header\)"):
+        dm_for(tmp_path)
     write_file(tmp_path / OTHER / "train" / "b.tfrecord", [make_example([b"GIF89a" + bytes(40)] * 4, [0.0] * 20)])
     with pytest.raises(GQNDataError, match=r"first record, which cannot be read: .*b.tfrecord at byte 0: frame 0 "
                                            r"is neither a JPEG nor a PNG"):
@@ -77,18 +83,29 @@ def test_png_frames_decode_to_the_same_pixels(tmp_path, mode):
     name = "rooms_ring_camera"  # 64 px, 10 frames per scene: the table's size is checked against the PNGs too
     write_file(tmp_path / name / "test" / "1-of-1.tfrecord", [png_scene(s, 10, 64, mode) for s in (100, 101)])
     write_file(tmp_path / name / "train" / "1-of-1.tfrecord", [png_scene(s, 10, 64, mode) for s in (0, 1)])
-    if mode == "L":  # grey: every channel the same, what PIL's RGB->L made of the colour
-        batch = first_batch(dm_for(tmp_path, name))
-        img = batch["query_images"][0]
-        assert (img[0] == img[1]).all() and (img[1] == img[2]).all()
-        return
     batch = first_batch(dm_for(tmp_path, name))
-    for i, (scene, views) in enumerate(scenes_views(batch)):  # a PNG is lossless: the exact colour
-        want = np.array(colour(scene, views[-1]), np.float32) / 255
-        np.testing.assert_allclose(batch["query_images"][i].numpy(), np.broadcast_to(want[:, None, None], (3, 64, 64)),
-                                   atol=1e-6)
+    scenes = {100: 0, 101: 1}
+    for i in range(2):  # the query's pose says its scene and view (records_helper.camera); a PNG is lossless
+        scene, view = int(round(batch["query_poses"][i, 0].item())), int(round(batch["query_poses"][i, 1].item()))
+        assert scene in scenes
+        rgb = np.array(colour(scene, view), np.uint8)
+        want = np.asarray(Image.fromarray(rgb[None, None]).convert(mode).convert("RGB"))[0, 0] / 255
+        got = batch["query_images"][i].numpy()
+        np.testing.assert_allclose(got, np.broadcast_to(want[:, None, None], (3, 64, 64)).astype(np.float32), atol=1e-6)
     resized = first_batch(dm_for(tmp_path, name, image_size=32))
     assert tuple(resized["context_images"].shape) == (2, 3, 3, 32, 32)
+
+
+def test_16_bit_grey_pngs_keep_their_grey(tmp_path):
+    name = "rooms_ring_camera"
+    grey16 = np.full((64, 64), 40000, np.uint16)  # 40000 / 65535 of white: 156 of 255 in 8 bits
+    buf = io.BytesIO()
+    Image.fromarray(grey16).save(buf, format="PNG")
+    cams = [c for v in range(10) for c in camera(100, v)]
+    write_file(tmp_path / name / "test" / "1-of-1.tfrecord", [make_example([buf.getvalue()] * 10, cams)])
+    write_file(tmp_path / name / "train" / "1-of-1.tfrecord", [png_scene(0, 10, 64)])
+    img = first_batch(dm_for(tmp_path, name, batch_size=1))["query_images"][0]
+    np.testing.assert_allclose(img.numpy(), np.full((3, 64, 64), 156 / 255, np.float32), atol=1e-6)
 
 
 def test_a_broken_png_names_its_record(tmp_path):

@@ -64,16 +64,26 @@ def _splits(root: Path):
 
 
 def _expected(root: Path):
-    """((frame size, frames per scene) that the dataset must have (DeepMind table or card), or None; what is wrong
-    with its dataset.json, or None)."""
-    from data_modules.datasets import CARD, dataset_info
+    """((frame size, frames per scene or None) that the dataset must have, or None; what is wrong with its
+    dataset.json or, for another writer's dataset without one, with its first record, or None). The DeepMind table
+    and a card fix both numbers; a dataset without a card fixes only its first record's frame size (training reads
+    it so), not the views per scene (a scene with more views than the first trains as well)."""
+    from data_modules.datasets import CARD, DATASETS, dataset_info
     from data_modules.errors import GQNDataError
 
     try:
         info = dataset_info(root.parent, root.name)
-    except GQNDataError as err:  # not a known dataset; with a card there, the card is damaged
-        return None, (str(err) if (root / CARD).is_file() else None)
-    return (info.image_size, info.frames_per_scene), None
+    except GQNDataError as err:  # with a card there, the card is damaged; without one, the first record cannot say
+        card = (root / CARD).is_file()
+        return None, (str(err) if card or (root.name not in DATASETS and _has_records(root)) else None)
+    fixed = root.name in DATASETS or (root / CARD).is_file()
+    return (info.image_size, info.frames_per_scene if fixed else None), None
+
+
+def _has_records(root: Path) -> bool:
+    from data_modules.records import record_files
+
+    return any(record_files(root / s) for s in ("train", "test") if (root / s).is_dir())
 
 
 def _scan(root: Path, decode: bool):
@@ -98,7 +108,7 @@ def _scan(root: Path, decode: bool):
                                 raise CorruptRecordError(
                                     path, offset, f"frame {i} is {w}x{h} but {root.name} has "
                                     f"{expected[0]}x{expected[0]} frames (wrong dataset name?)")
-                        if expected and len(frames) != expected[1]:
+                        if expected and expected[1] is not None and len(frames) != expected[1]:
                             raise CorruptRecordError(
                                 path, offset, f"{len(frames)} frames but {root.name} has {expected[1]} per scene")
                         frames_per_scene[len(frames)] += 1

@@ -24,6 +24,7 @@ from tfrecord.writer import TFRecordWriter
 
 from data_modules.datasets import write_card
 from data_modules.objects import SIDECAR_DIR, SIDECAR_SUFFIX, sidecar_path, write_sidecar
+from data_modules.records import record_files
 from gqn.synthetic.scenes import RING_RADIUS, make_scene
 
 JPEG_QUALITY = 95
@@ -113,7 +114,7 @@ def synthesize(
     jobs = []
     for split, total in (("train", train_scenes), ("test", test_scenes)):
         (out / split).mkdir(parents=True, exist_ok=True)
-        for old in [*(out / split).glob("*.tfrecord"), *(out / SIDECAR_DIR / split).glob("*" + SIDECAR_SUFFIX)]:
+        for old in [*record_files(out / split), *(out / SIDECAR_DIR / split).glob("*" + SIDECAR_SUFFIX)]:
             old.unlink()
         n_files = max(1, math.ceil(total / scenes_per_file))
         for i in range(n_files):
