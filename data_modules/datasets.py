@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,6 +24,8 @@ class DatasetInfo:
     frames_per_scene: int
     train_files: int | None = None
     test_files: int | None = None
+    #: read from the first record (another writer's dataset, no card): only its frame size binds the other records
+    from_records: bool = False
 
 
 DATASETS: dict[str, DatasetInfo] = {
@@ -113,18 +116,16 @@ def check_local_dir(data_dir: str | Path, name: str) -> None:
                                f"{name}/{{train,test}}/*.tfrecord")
 
 
-def _record_files(data_dir: str | Path, name: str) -> list[str]:
-    """The dataset's record files, train/ first, then test/ (paths or URLs); [] when there are none."""
+def record_paths(data_dir: str | Path, name: str) -> Iterator[str]:
+    """The dataset's record files, train/ first, then test/ (paths or URLs), listed as they are asked for."""
     from data_modules.records import record_files
     from data_modules.remote import list_files
 
-    out = []
     for split in ("train", "test"):
         if is_url(data_dir):
-            out += [url for url, _ in list_files(join(str(data_dir), name, split))]
+            yield from (url for url, _ in list_files(join(str(data_dir), name, split)))
         elif (Path(local_path(data_dir)) / name / split).is_dir():
-            out += [str(p) for p in record_files(Path(local_path(data_dir)) / name / split)]
-    return out
+            yield from (str(p) for p in record_files(Path(local_path(data_dir)) / name / split))
 
 
 def info_from_records(data_dir: str | Path, name: str) -> DatasetInfo | None:
@@ -134,8 +135,8 @@ def info_from_records(data_dir: str | Path, name: str) -> DatasetInfo | None:
     a one-line :class:`GQNDataError`."""
     from data_modules.records import frame_size, iter_records, parse_scene
 
-    files = _record_files(data_dir, name)
-    for path in files:
+    empty = 0
+    for path in record_paths(data_dir, name):
         try:
             for offset, data in iter_records(path):
                 frames, _ = parse_scene(data, path, offset)
@@ -144,7 +145,8 @@ def info_from_records(data_dir: str | Path, name: str) -> DatasetInfo | None:
                 height, width = frame_size(frames[0], path, offset, 0)
                 break
             else:
-                continue  # an empty file: the next one
+                empty += 1  # an empty file: the next one
+                continue
         except CorruptRecordError as err:
             raise GQNDataError(f"{name} has no {CARD} and is not a DeepMind dataset, so its frame size and frames per "
                                f"scene come from its first record, which cannot be read: {err}") from None
@@ -153,9 +155,9 @@ def info_from_records(data_dir: str | Path, name: str) -> DatasetInfo | None:
                                f"format's): crop or pad them to a square")
         log.info("%s: no %s; frames %dx%d, %d per scene (from the first record of %s)", name, CARD, width, height,
                  len(frames), path)
-        return DatasetInfo(name, int(height), len(frames))
-    if files:
-        raise GQNDataError(f"{name}: its record files hold no scenes ({len(files)} file(s), all empty)")
+        return DatasetInfo(name, int(height), len(frames), from_records=True)
+    if empty:
+        raise GQNDataError(f"{name}: its record files hold no scenes ({empty} file(s), all empty)")
     return None
 
 

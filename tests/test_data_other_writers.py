@@ -44,7 +44,7 @@ def test_a_dataset_without_a_card_reads_its_frame_size_and_frames_per_scene(tmp_
     write_split(tmp_path, OTHER, "train", [[0, 1], [2, 3]], size=48, frames=7, total=2)
     write_split(tmp_path, OTHER, "test", [[100, 101, 102]], size=48, frames=7, total=1)
     info = dataset_info(str(tmp_path), OTHER)
-    assert (info.image_size, info.frames_per_scene) == (48, 7)
+    assert (info.image_size, info.frames_per_scene, info.from_records) == (48, 7, True)
     batch = first_batch(dm_for(tmp_path))
     assert tuple(batch["query_images"].shape) == (2, 3, 48, 48)
     assert {s for s, _ in scenes_views(batch)} <= {100, 101, 102}  # every frame the JPEG its pose belongs to

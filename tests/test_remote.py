@@ -299,7 +299,9 @@ def test_a_remote_dataset_without_a_card_reads_its_frame_size_from_its_first_rec
     keys = ("context_images", "context_poses", "query_images", "query_poses")  # no object sidecars were copied
     same([{k: b[k] for k in keys} for b in epoch(local.test_dataloader())], epoch(remote.test_dataloader()))
     renamed = GQNDataModule(gcs.url, "other_rooms_s", batch_size=4, context_size=(1, 5), num_workers=0)
-    assert renamed.info == remote.info.__class__("other_rooms_s", remote.info.image_size, remote.info.frames_per_scene)
+    assert remote.info.from_records and not local.info.from_records
+    assert renamed.info == remote.info.__class__("other_rooms_s", remote.info.image_size, remote.info.frames_per_scene,
+                                                 from_records=True)
     assert names(renamed.files("test")) == [n + "s" for n in names(local.files("test"))]
 
 

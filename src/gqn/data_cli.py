@@ -66,24 +66,17 @@ def _splits(root: Path):
 def _expected(root: Path):
     """((frame size, frames per scene or None) that the dataset must have, or None; what is wrong with its
     dataset.json or, for another writer's dataset without one, with its first record, or None). The DeepMind table
-    and a card fix both numbers; a dataset without a card fixes only its first record's frame size (training reads
-    it so), not the views per scene (a scene with more views than the first trains as well)."""
-    from data_modules.datasets import CARD, DATASETS, dataset_info
+    and a card fix both numbers; a dataset read from its first record only its frame size (training reads it so),
+    not the views per scene (a scene with more views than the first trains as well)."""
+    from data_modules.datasets import CARD, DATASETS, dataset_info, record_paths
     from data_modules.errors import GQNDataError
 
     try:
         info = dataset_info(root.parent, root.name)
     except GQNDataError as err:  # with a card there, the card is damaged; without one, the first record cannot say
-        card = (root / CARD).is_file()
-        return None, (str(err) if card or (root.name not in DATASETS and _has_records(root)) else None)
-    fixed = root.name in DATASETS or (root / CARD).is_file()
-    return (info.image_size, info.frames_per_scene if fixed else None), None
-
-
-def _has_records(root: Path) -> bool:
-    from data_modules.records import record_files
-
-    return any(record_files(root / s) for s in ("train", "test") if (root / s).is_dir())
+        other = root.name not in DATASETS and next(record_paths(root.parent, root.name), None) is not None
+        return None, (str(err) if (root / CARD).is_file() or other else None)
+    return (info.image_size, None if info.from_records else info.frames_per_scene), None
 
 
 def _scan(root: Path, decode: bool):
