@@ -81,7 +81,7 @@ def write_card(directory: str | Path, card: dict) -> Path:
 
 def how_to_get(data_dir: str | Path, name: str) -> str:
     if is_url(data_dir):
-        return f"check the URL: expected {join(str(data_dir), name)}/{{train,test}}/*.tfrecord"
+        return f"check the URL: expected {join(str(data_dir), name)}/{{train,test}}/*.tfrecord (or *.tfrecords)"
     if name in DATASETS:
         return (f"download it: gqn-data download {name} --out {local_path(data_dir)} "
                 f"(or stream it: data.data_dir={PUBLIC_BUCKET})")
@@ -113,7 +113,7 @@ def check_local_dir(data_dir: str | Path, name: str) -> None:
     for path, what in ((Path(data_dir), "paths.data_dir (GQN_DATA_DIR)"), (Path(data_dir) / name, "the dataset")):
         if path.exists() and not path.is_dir():
             raise GQNDataError(f"{path} is a file, not a directory: {what} must be the directory that holds "
-                               f"{name}/{{train,test}}/*.tfrecord")
+                               f"{name}/{{train,test}}/*.tfrecord (or *.tfrecords)")
 
 
 def record_paths(data_dir: str | Path, name: str) -> Iterator[str]:

@@ -72,8 +72,8 @@ def plan(name: str, out: str | Path, source: str = PUBLIC_BUCKET, split: str = "
             listing = listing[pick]
         jobs += [Job(url, size, Path(out) / name / s / url.rsplit("/", 1)[-1]) for url, size in listing]
     if not any(seen.values()):
-        raise GQNDataError(f"no *.tfrecord files at {join(source, name)}/{{{','.join(seen)}}}/ (check the dataset "
-                           f"name and --source; the DeepMind datasets are at {PUBLIC_BUCKET})")
+        raise GQNDataError(f"no *.tfrecord or *.tfrecords files at {join(source, name)}/{{{','.join(seen)}}}/ "
+                           f"(check the dataset name and --source; the DeepMind datasets are at {PUBLIC_BUCKET})")
     if not jobs:
         raise GQNDataError(f"--files {files} selects none of the {seen} files of {join(source, name)}")
     return jobs
@@ -192,8 +192,8 @@ def remote_info(url: str) -> list[tuple[str, int, int]]:
         if listing:
             rows.append((s, len(listing), sum(size for _, size in listing)))
     if not rows:
-        raise GQNDataError(f"no *.tfrecord files at {url}/train/ or {url}/test/ (expected a dataset dir such as "
-                           f"{PUBLIC_BUCKET}/rooms_ring_camera)")
+        raise GQNDataError(f"no *.tfrecord or *.tfrecords files at {url}/train/ or {url}/test/ (expected a dataset dir "
+                           f"such as {PUBLIC_BUCKET}/rooms_ring_camera)")
     return rows
 
 

@@ -455,7 +455,8 @@ def split_files(data_dir: str | Path, dataset: str, split: str, how_to_get: str)
         return list_split(str(data_dir), dataset, split, how_to_get)
     directory = Path(local_path(data_dir)) / dataset / split
     if not directory.is_dir():
-        raise GQNDataError(f"no data directory {directory} (expected *.tfrecord files there); {how_to_get}")
+        raise GQNDataError(f"no data directory {directory} (expected *.tfrecord or *.tfrecords files there); "
+                           f"{how_to_get}")
     files = [str(p) for p in record_files(directory)]
     if not files:
         raise GQNDataError(f"{directory} holds no *.tfrecord (or *.tfrecords) files (empty split); {how_to_get}")

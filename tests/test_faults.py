@@ -369,7 +369,7 @@ CASES = [
 # gqn-data verify/info report problems on stdout, one line each, and exit 1
 PROBLEMS = [
     ("verify-empty-train", ["verify", "{tmp}/empty_train/rooms_ring_camera"],
-     "holds no *.tfrecord files (empty train split)"),
+     "holds no *.tfrecord or *.tfrecords files (empty train split)"),
     ("verify-no-test-split", ["verify", "{tmp}/no_test/rooms_ring_camera"], "has no test/ directory"),
     ("verify-damaged-card", ["verify", "{tmp}/badcard/synthetic_rooms"], "dataset.json is not valid JSON"),
 ]

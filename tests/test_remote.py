@@ -366,7 +366,7 @@ def test_download_a_part_and_dry_run(gcs, tmp_path, capsys):
         _, err = download(capsys, "--out", str(tmp_path), *args, code=2)
         assert err.count("\n") == 1 and err.startswith("gqn-data: error: ") and text in err, err
     _, err = download(capsys, "--out", str(tmp_path), name="nope", code=2)
-    assert "no *.tfrecord files at gs://gqn-dataset/nope" in err
+    assert "no *.tfrecord or *.tfrecords files at gs://gqn-dataset/nope" in err
 
 
 def test_download_killed_mid_file_resumes_to_byte_identical_files(gcs, data_root, tmp_path, capsys, monkeypatch):

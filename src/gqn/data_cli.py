@@ -35,7 +35,7 @@ def _synth(args) -> int:
     if held and not str((card or {}).get("generator", "")).startswith("gqn.synthetic"):
         # writing replaces the split directories' records: never those of a dataset this tool did not write
         raise GQNDataError(f"--out {out} already holds a dataset that gqn-data synth did not write ({len(held)} "
-                           f"*.tfrecord files in train/ and test/, no dataset.json of gqn-data synth); refusing "
+                           f"record files in train/ and test/, no dataset.json of gqn-data synth); refusing "
                            f"to replace it; fix: give another --out (or delete {out} first if you want it replaced)")
     if args.skip_existing and card is not None:
         old = card.get("settings")
@@ -54,12 +54,13 @@ def _splits(root: Path):
     from data_modules.errors import GQNDataError
 
     if root.exists() and not root.is_dir():
-        raise GQNDataError(f"{root} is a file, not a dataset directory (one holding train/ and test/ of *.tfrecord)")
+        raise GQNDataError(f"{root} is a file, not a dataset directory (one holding train/ and test/ of *.tfrecord or "
+                           f"*.tfrecords files)")
     if not root.is_dir():
         raise GQNDataError(f"no dataset directory {root}; generate one with gqn-data synth --out {root}")
     splits = [s for s in ("train", "test") if (root / s).is_dir()]
     if not splits:
-        raise GQNDataError(f"{root} has no train/ or test/ directory of *.tfrecord files")
+        raise GQNDataError(f"{root} has no train/ or test/ directory of *.tfrecord or *.tfrecords files")
     return splits
 
 
@@ -113,7 +114,7 @@ def _scan(root: Path, decode: bool):
         stats[split] = {"files": len(files), "scenes": scenes,
                         "frames_per_scene": dict(frames_per_scene), "frame_sizes": dict(sizes)}
         if not files:
-            problems.append(f"{root / split} holds no *.tfrecord files (empty {split} split)")
+            problems.append(f"{root / split} holds no *.tfrecord or *.tfrecords files (empty {split} split)")
         elif not scenes:
             problems.append(f"{root / split}: no readable scene in {len(files)} file(s) (empty {split} split)")
     for split in ("train", "test"):
@@ -182,7 +183,7 @@ def _preview(args) -> int:
         if len(rows) == args.scenes:
             break
     if not rows:
-        raise GQNDataError(f"{root / split} holds no scenes (no records in its *.tfrecord files)")
+        raise GQNDataError(f"{root / split} holds no scenes (no records in its record files)")
     width = max(r.shape[1] for r in rows)
     rows = [np.pad(r, ((0, 0), (0, width - r.shape[1]), (0, 0))) for r in rows]
     try:
