@@ -7,6 +7,7 @@ import math
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 from gqn.model.geometry import PlaneSweep, camera_frames
 from gqn.synthetic import camera, scenes
@@ -613,3 +614,58 @@ def test_depth_from_cameras_ignores_a_spread_that_says_nothing():
     assert sweep.cameras_measured == 0 and sweep.depth_scale == 0
     assert "cameras_measured" in sweep.state_dict()  # a resumed run does not measure again
     assert "cameras_measured" not in PlaneSweep(32, feature_channels=0, depths=4).state_dict()
+
+
+class _FixedScores(torch.nn.Module):
+    """Stands in for a sweep's depth-scoring network: the scores ``[P, D]`` whatever the statistics."""
+
+    def __init__(self, scores):
+        super().__init__()
+        self.scores = scores
+
+    def forward(self, stats):  # [B, P, D, 2C + 2] -> [B, P, D, 1]
+        return self.scores.expand(stats.shape[0], -1, -1)[..., None]
+
+
+def test_cost_filter_starts_as_without_it_and_carries_a_depth_into_its_neighbours():
+    """cost_filter: at the start (its last layer zero) the read is the read without it, parameter for parameter.
+    Set to add each point's 3x3 neighbours' scores at the same depth, a pixel whose own scores are flat takes the
+    depth its neighbours found and a pixel two away keeps none: the volume is laid out as the sweep's pixels are.
+    Trained, every layer gets a gradient from the read."""
+    images, poses, _ = _room_depths(2)
+    ctx, ctx_poses, query = images[None, :-1], poses[None, :-1], poses[None, -1]
+    torch.manual_seed(0)
+    plain = PlaneSweep(32, feature_channels=2, depths=6, sweep_size=8, visibility=True)
+    torch.manual_seed(0)
+    filtered = PlaneSweep(32, feature_channels=2, depths=6, sweep_size=8, visibility=True, cost_filter=2)
+    assert {k: v for k, v in filtered.state_dict().items() if not k.startswith("cost_filter")}.keys() == \
+        plain.state_dict().keys()
+    for k, v in plain.state_dict().items():
+        assert torch.equal(filtered.state_dict()[k], v), k
+    with torch.no_grad():
+        assert torch.equal(filtered(filtered.view_features(ctx, ctx_poses), ctx_poses, query),
+                           plain(plain.view_features(ctx, ctx_poses), ctx_poses, query))
+    out = filtered(filtered.view_features(ctx, ctx_poses), ctx_poses, query)
+    (out[:, :3] - images[-1]).pow(2).mean().backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in filtered.cost_filter[-1].parameters())
+
+    # one layer that adds the 3x3 neighbourhood's scores at the same depth; the scores: flat but in column 0
+    s, D = 8, 6
+    one = PlaneSweep(32, feature_channels=0, depths=D, sweep_size=s, cost_filter=1)
+    scores = torch.zeros(s, s, D)
+    scores[:, 0, 2] = 10.0  # column 0 prefers depth 2; the other columns cannot tell
+    one.score = _FixedScores(scores.view(s * s, D))
+    with torch.no_grad():
+        one.log_agreement.fill_(-30.0)  # no agreement prior: the logits are the scores
+        one.cost_filter[0].weight.zero_()
+        one.cost_filter[0].weight[0, 0, 1] = 1.0  # the score channel, same depth, 3x3 pixels
+        _, disparity = one._sweep(ctx, camera_frames(ctx_poses), query, s)
+    plane = one.base_depths[0] / one.base_depths
+    flat = plane.mean()  # a uniform softmax
+    box = F.conv2d(scores.permute(2, 0, 1)[:, None], torch.ones(1, 1, 3, 3), padding=1)[:, 0].permute(1, 2, 0)
+    expected = (torch.softmax(scores + box, dim=-1) * plane).sum(-1)
+    assert torch.allclose(disparity[0, 0], expected, atol=1e-5)
+    assert torch.allclose(disparity[0, 0, :, 1], plane[2].expand(s), atol=1e-3)  # the neighbours' depth
+    assert torch.allclose(disparity[0, 0, :, 2:], flat.expand(s, s - 2), atol=1e-5)  # two away: none
+    with pytest.raises(ValueError, match="cost_filter"):
+        PlaneSweep(32, cost_filter=-1)

@@ -92,6 +92,11 @@ class PlaneSweep(nn.Module):
         depth_from_cameras: start the learned depth scale at the context cameras' spread in the first training batch
             (:meth:`camera_spread`: per scene their mean distance from their centroid, the median over the batch), so
             that ``near`` and ``far`` are in units of that spread and not of whatever units a dataset's poses use.
+        cost_filter: layers of a small 3-D convolution (3x3x3 over depth and the sweep's pixels, ``cost_channels``
+            wide) over the depth scores of every sweep (the query's and the views' own), added to them: the
+            per-point scores see only their own point, so a flat-coloured wall or object, where every depth agrees,
+            gets no depth; the filter carries the depth found at its edges into it (a multi-view-stereo cost-volume
+            regularisation). Its last layer starts at zero: the read starts as without it. 0: off.
     """
 
     #: visibility: at most this many numbers in the copies of the context views for their depth sweeps
@@ -103,7 +108,8 @@ class PlaneSweep(nn.Module):
                  visibility: bool = False, visibility_margin: float = 0.2, visibility_size: int | None = 8,
                  visibility_grad: bool = False, occluder_colour: bool = False, ray_profile: bool = False,
                  nearest_view: bool = False, floor_grid: int = 0, floor_heights: int = 8, floor_channels: int = 16,
-                 floor_extent: float = 1.5, ray_directions: bool = False, depth_from_cameras: bool = False):
+                 floor_extent: float = 1.5, ray_directions: bool = False, depth_from_cameras: bool = False,
+                 cost_filter: int = 0, cost_channels: int = 8):
         super().__init__()
         if not 0 < near < far:
             raise ValueError(f"geometry needs 0 < near < far, got near={near}, far={far}")
@@ -195,6 +201,23 @@ class PlaneSweep(nn.Module):
             self.log_floor_extent = nn.Parameter(torch.tensor(math.log(floor_extent)))
             # heights of the lifted points, from the cameras' mean height, in units of the map's half-width
             self.register_buffer("floor_levels", torch.linspace(-0.5, 0.2, floor_heights), persistent=False)
+        if cost_filter < 0 or cost_channels < 1:
+            raise ValueError(f"geometry.cost_filter must be >= 0 and cost_channels >= 1, got {cost_filter} and "
+                             f"{cost_channels}")
+        self.cost_filter = None
+        if cost_filter:  # built last, like the floor map: the parameters above start as without it
+            layers, width = [], self.cost_inputs
+            for _ in range(cost_filter - 1):
+                layers += [nn.Conv3d(width, cost_channels, 3, padding=1), nn.ReLU()]
+                width = cost_channels
+            layers.append(nn.Conv3d(width, 1, 3, padding=1))
+            nn.init.zeros_(layers[-1].weight)
+            nn.init.zeros_(layers[-1].bias)
+            self.cost_filter = nn.Sequential(*layers)
+
+    #: what the cost filter sees at every point of a sweep: its depth score, the fraction of views that see it and
+    #: their mean RGB
+    cost_inputs = 5
 
     @staticmethod
     def camera_spread(context_poses: torch.Tensor) -> torch.Tensor:
@@ -512,6 +535,11 @@ class PlaneSweep(nn.Module):
         with torch.autocast(features.device.type, dtype=amp, enabled=amp is not None):
             scores = self.score(stats).squeeze(-1).float()
         logits = scores - self.log_agreement.exp() * agreement
+        if self.cost_filter is not None:  # scores, counts and colours: a volume [B, 5, D, s, s]
+            volume = torch.cat([logits[:, None], count / M, mean[:, :3]], dim=1).view(B, -1, size, size, D)
+            with torch.autocast(features.device.type, dtype=amp, enabled=amp is not None):
+                refined = self.cost_filter(volume.permute(0, 1, 4, 2, 3)).float()  # [B, 1, D, s, s]
+            logits = logits + refined[:, 0].flatten(2).transpose(1, 2)  # [B, P, D]
         weights = torch.softmax(logits, dim=-1)[:, None]  # over depths, [B, 1, P, D]
         expected = (weights * disparity).sum(-1)  # [B, 1, P]
         parts = [(weights * mean).sum(-1), expected, weights.amax(-1), (weights * count).sum(-1) / M]
