@@ -658,7 +658,8 @@ def test_cost_filter_starts_as_without_it_and_carries_a_depth_into_its_neighbour
     with torch.no_grad():
         one.log_agreement.fill_(-30.0)  # no agreement prior: the logits are the scores
         one.cost_filter[0].weight.zero_()
-        one.cost_filter[0].weight[0, 0, 1] = 1.0  # the score channel, same depth, 3x3 pixels
+        for d in range(D):  # the input channels: the scores of every depth, then the counts and colours
+            one.cost_filter[0].weight[d, d] = 1.0  # depth d's score, 3x3 pixels, onto depth d
         _, disparity = one._sweep(ctx, camera_frames(ctx_poses), query, s)
     plane = one.base_depths[0] / one.base_depths
     flat = plane.mean()  # a uniform softmax

@@ -92,11 +92,13 @@ class PlaneSweep(nn.Module):
         depth_from_cameras: start the learned depth scale at the context cameras' spread in the first training batch
             (:meth:`camera_spread`: per scene their mean distance from their centroid, the median over the batch), so
             that ``near`` and ``far`` are in units of that spread and not of whatever units a dataset's poses use.
-        cost_filter: layers of a small 3-D convolution (3x3x3 over depth and the sweep's pixels, ``cost_channels``
-            wide) over the depth scores of every sweep (the query's and the views' own), added to them: the
-            per-point scores see only their own point, so a flat-coloured wall or object, where every depth agrees,
-            gets no depth; the filter carries the depth found at its edges into it (a multi-view-stereo cost-volume
-            regularisation). Its last layer starts at zero: the read starts as without it. 0: off.
+        cost_filter: layers of a small convolution (3x3 over the sweep's pixels, every depth plane's score, count of
+            seeing views and their mean RGB as channels, ``cost_channels`` wide) over the depth scores of every sweep
+            (the query's and the views' own), added to them: the per-point scores see only their own point, so a
+            flat-coloured wall or object, where every depth agrees, gets no depth; the filter carries the depth
+            found at its edges into it (a multi-view-stereo cost-volume regularisation; 2-D with the depths as
+            channels: 8x faster on a CPU than 3x3x3 over depth too). Its last layer starts at zero: the read starts
+            as without it. 0: off.
     """
 
     #: visibility: at most this many numbers in the copies of the context views for their depth sweeps
@@ -109,7 +111,7 @@ class PlaneSweep(nn.Module):
                  visibility_grad: bool = False, occluder_colour: bool = False, ray_profile: bool = False,
                  nearest_view: bool = False, floor_grid: int = 0, floor_heights: int = 8, floor_channels: int = 16,
                  floor_extent: float = 1.5, ray_directions: bool = False, depth_from_cameras: bool = False,
-                 cost_filter: int = 0, cost_channels: int = 8):
+                 cost_filter: int = 0, cost_channels: int = 32):
         super().__init__()
         if not 0 < near < far:
             raise ValueError(f"geometry needs 0 < near < far, got near={near}, far={far}")
@@ -206,17 +208,17 @@ class PlaneSweep(nn.Module):
                              f"{cost_channels}")
         self.cost_filter = None
         if cost_filter:  # built last, like the floor map: the parameters above start as without it
-            layers, width = [], self.cost_inputs
+            layers, width = [], self.cost_inputs * depths
             for _ in range(cost_filter - 1):
-                layers += [nn.Conv3d(width, cost_channels, 3, padding=1), nn.ReLU()]
+                layers += [nn.Conv2d(width, cost_channels, 3, padding=1), nn.ReLU()]
                 width = cost_channels
-            layers.append(nn.Conv3d(width, 1, 3, padding=1))
+            layers.append(nn.Conv2d(width, depths, 3, padding=1))
             nn.init.zeros_(layers[-1].weight)
             nn.init.zeros_(layers[-1].bias)
             self.cost_filter = nn.Sequential(*layers)
 
-    #: what the cost filter sees at every point of a sweep: its depth score, the fraction of views that see it and
-    #: their mean RGB
+    #: what the cost filter sees at every point of a sweep (per depth plane): its depth score, the fraction of views
+    #: that see it and their mean RGB
     cost_inputs = 5
 
     @staticmethod
@@ -535,11 +537,11 @@ class PlaneSweep(nn.Module):
         with torch.autocast(features.device.type, dtype=amp, enabled=amp is not None):
             scores = self.score(stats).squeeze(-1).float()
         logits = scores - self.log_agreement.exp() * agreement
-        if self.cost_filter is not None:  # scores, counts and colours: a volume [B, 5, D, s, s]
-            volume = torch.cat([logits[:, None], count / M, mean[:, :3]], dim=1).view(B, -1, size, size, D)
+        if self.cost_filter is not None:  # scores, counts and colours per depth plane: [B, 5 * D, s, s]
+            volume = torch.cat([logits[:, None], count / M, mean[:, :3]], dim=1).transpose(2, 3)  # [B, 5, D, P]
             with torch.autocast(features.device.type, dtype=amp, enabled=amp is not None):
-                refined = self.cost_filter(volume.permute(0, 1, 4, 2, 3)).float()  # [B, 1, D, s, s]
-            logits = logits + refined[:, 0].flatten(2).transpose(1, 2)  # [B, P, D]
+                refined = self.cost_filter(volume.reshape(B, -1, size, size)).float()  # [B, D, s, s]
+            logits = logits + refined.flatten(2).transpose(1, 2)  # [B, P, D]
         weights = torch.softmax(logits, dim=-1)[:, None]  # over depths, [B, 1, P, D]
         expected = (weights * disparity).sum(-1)  # [B, 1, P]
         parts = [(weights * mean).sum(-1), expected, weights.amax(-1), (weights * count).sum(-1) / M]
