@@ -670,3 +670,66 @@ def test_cost_filter_starts_as_without_it_and_carries_a_depth_into_its_neighbour
     assert torch.allclose(disparity[0, 0, :, 2:], flat.expand(s, s - 2), atol=1e-5)  # two away: none
     with pytest.raises(ValueError, match="cost_filter"):
         PlaneSweep(32, cost_filter=-1)
+
+
+def _textured_wall(size=32, fov_degrees=60.0):
+    """Five cameras looking along +x at a slanted wall ``x - 0.5 y = 2`` painted with a smooth colour texture (every
+    depth plane but the wall's shows other colours): frames ``[5, 3, S, S]`` (the last one the query), poses
+    ``[5, 7]`` and the query's z-depth ``[S, S]`` (it falls from the left of the image to the right)."""
+    half = math.tan(math.radians(fov_degrees) / 2)
+    cams = np.array([[0, -0.6, -0.4, 0, 0], [0, 0.6, -0.4, 0, 0], [0, -0.6, 0.4, 0, 0], [0, 0.6, 0.4, 0, 0],
+                     [0, 0.05, 0.0, 0, 0]], dtype=np.float64)
+    c = (np.arange(size) + 0.5) / size * 2 - 1
+    u, v = np.meshgrid(c * half, -c * half)  # right, up (row-major pixels)
+    frames, depth = [], None
+    for _, y0, z0, _, _ in cams:  # x 0, yaw 0: forward +x, right -y, up +z
+        dy, dz = -u, v
+        t = (2 + 0.5 * y0) / (1 - 0.5 * dy)  # along (1, dy, dz): the forward component is 1, so t is the z-depth
+        y, z = y0 + t * dy, z0 + t * dz
+        frames.append(np.stack([0.5 + 0.4 * np.sin(9 * y + 1) * np.cos(7 * z), 0.5 + 0.4 * np.cos(11 * y - 2 * z),
+                                0.5 + 0.4 * np.sin(8 * z + 3 * y)]))
+        depth = t
+    return torch.as_tensor(np.stack(frames), dtype=torch.float32), poses7(cams), torch.as_tensor(depth).float()
+
+
+def test_plane_nll_trains_the_depth_softmax_to_the_planes_whose_colour_matches_the_query():
+    """depth_weight's loss: free depth logits per sweep pixel, trained on plane_nll of the query image alone, put
+    each pixel's expected depth on the textured wall's true depth (it varies across the image: a read laid out
+    otherwise would not); a query whose point no view sees scores the constant for "unknown", 6 nats a pixel."""
+    images, poses, depth = _textured_wall()
+    s, D = 16, 24
+    sweep = PlaneSweep(32, feature_channels=0, depths=D, near=1.2, far=5.0, sweep_size=s)
+    logits = torch.nn.Parameter(torch.zeros(s * s, D))
+    sweep.score = _FixedScores(logits)
+    sweep.keep_planes = True
+    with torch.no_grad():
+        sweep.log_agreement.fill_(-30.0)  # no agreement prior: the logits alone weigh the planes
+    ctx, ctx_poses, query = images[None, :-1], poses[None, :-1], poses[None, -1]
+    truth = F.interpolate(depth[None, None], size=(s, s), mode="area")[0, 0]
+
+    def expected_depth():
+        _, disparity = sweep._sweep(ctx, camera_frames(ctx_poses), query, s)
+        return sweep._depth(disparity)[0, 0]
+
+    error = lambda: (expected_depth() / truth).log().abs()  # noqa: E731
+    with torch.no_grad():
+        before = error()
+    opt = torch.optim.Adam([logits], lr=0.3)
+    for _ in range(150):
+        sweep(ctx, ctx_poses, query)
+        loss = sweep.plane_nll(images[None, -1]).sum()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    with torch.no_grad():
+        after = error()
+    print(f"within 10 %: {(before < 0.1).float().mean():.2f} -> {(after < 0.1).float().mean():.2f}")
+    assert (before < 0.1).float().mean() < 0.4 and (after < 0.1).float().mean() > 0.85
+    assert truth[:, 0].mean() > truth[:, -1].mean() + 0.5  # the depth varies across the image
+
+    behind = poses.clone()
+    behind[-1, 4] = -1.0  # the query turned to face away (yaw 180 degrees): no context view sees its points
+    sweep(ctx, ctx_poses, behind[None, -1])
+    assert torch.allclose(sweep.plane_nll(images[None, -1]), torch.tensor([6.0 * s * s]))
+    with pytest.raises(RuntimeError, match="keep_planes"):
+        sweep.plane_nll(images[None, -1])  # once per forward

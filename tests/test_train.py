@@ -563,6 +563,30 @@ def test_read_loss_adds_the_nll_of_the_found_colour_where_a_view_sees_the_point(
         instantiate(train_cfg("~model/geometry", "module.read_weight=0.5").module, _recursive_=False)
 
 
+def test_depth_loss_adds_the_plane_nll_of_the_query_sweep(train_cfg):
+    """module.depth_weight (schedule.depth_weight): the loss adds that weight times the plane NLL of the query
+    sweep's depth softmax against the query image (PlaneSweep.plane_nll); its gradient reaches the depth scores.
+    Off by default (the read keeps nothing then); an error without a geometric read (it would be ignored)."""
+    from hydra.errors import InstantiationException
+    from hydra.utils import instantiate
+
+    assert train_cfg().module.depth_weight == 0.0
+    assert not instantiate(train_cfg().module, _recursive_=False).model.geometry.keep_planes
+    module, batch, logged, steps, _ = _auxiliary_loss_steps(
+        train_cfg, "depth_weight", lambda m: m.model.geometry.score[0].weight, "module.depth_weight=0.5")
+    geometry = module.model.geometry
+    assert geometry.keep_planes
+    _, views = module.model.encode(batch["context_images"], batch["context_poses"])
+    module.model.read_geometry(batch["query_poses"], views)
+    want = 0.5 * geometry.plane_nll(batch["query_images"]).detach()
+    assert want.mean() > 0
+    assert torch.allclose(steps[0.5][0] - steps[0.0][0], want.mean(), rtol=1e-4)
+    assert (steps[0.5][1] - steps[0.0][1]).abs().sum() > 0.05 * steps[0.0][1].abs().sum()  # it reaches the scores
+    assert float(logged["train/plane_nll"].detach()) == pytest.approx(want.mean().item() / 0.5, rel=1e-4)
+    with pytest.raises(InstantiationException, match="module.depth_weight=0.5 trains the read's depth search, but"):
+        instantiate(train_cfg("~model/geometry", "module.depth_weight=0.5").module, _recursive_=False)
+
+
 def test_floor_loss_adds_the_nll_of_the_floor_read_on_every_pixel(train_cfg):
     """module.floor_weight with model.geometry.floor_grid: the loss adds that weight times the pixel NLL of the
     colour the floor read rendered, over every pixel; its gradient reaches the map's network. Off by default;

@@ -435,6 +435,7 @@ LOSS_SETTINGS = {
     "schedule.prior_mean_weight": "prior_mean_weight", "schedule.prior_mean_start": "prior_mean_start",
     "module.read_weight": "read_weight",
     "module.floor_weight": "floor_weight",
+    "module.depth_weight": "depth_weight",
     "module.kl_weight": "kl_weight", "module.kl_warmup_steps": "kl_warmup_steps",
     "module.sigma_warmup_steps": "sigma_warmup_steps", "schedule.sigma_init": "schedule.sigma_init",
     "schedule.sigma_final": "schedule.sigma_final", "schedule.sigma_steps": "schedule.sigma_steps",

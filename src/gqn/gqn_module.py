@@ -101,6 +101,9 @@ def check_loss_weights(weights: dict, model, parts: bool = True, schedule=None) 
     if weights.get("read_weight") and geometry is None:
         raise ValueError(f"{name['read_weight']}={weights['read_weight']} trains the geometric read, but the model "
                          f"has none: add model/geometry=plane_sweep or set {name['read_weight']}=0")
+    if weights.get("depth_weight") and geometry is None:
+        raise ValueError(f"{name['depth_weight']}={weights['depth_weight']} trains the read's depth search, but the "
+                         f"model has none: add model/geometry=plane_sweep or set {name['depth_weight']}=0")
     if weights.get("floor_weight") and not getattr(geometry, "floor_grid", 0):
         raise ValueError(f"{name['floor_weight']}={weights['floor_weight']} trains the floor map, but the model has "
                          f"none: set model.geometry.floor_grid (e.g. 16) or {name['floor_weight']}=0")
@@ -131,6 +134,9 @@ class GQNModule(L.LightningModule):
             chose to copy that colour. 0: off.
         floor_weight: weight of an auxiliary loss on the floor read (``model.geometry.floor_grid``): the pixel NLL
             (at the same sigma) of the colour it rendered for every query pixel. 0: off.
+        depth_weight: weight of an auxiliary loss on the read's depth search (``model.geometry``): how little of its
+            depth softmax lies on the planes whose colour, as the context views see it, matches the query image
+            (:meth:`gqn.model.geometry.PlaneSweep.plane_nll`, nats summed over the sweep's pixels). 0: off.
         compile: ``torch.compile`` the encoder and the generator in place (``True``: the inductor backend; a
             string names another backend, e.g. ``aot_eager`` traces without generating code). The first
             step of each new input shape pays the compile time; the checkpoint's keys are those of eager.
@@ -149,6 +155,7 @@ class GQNModule(L.LightningModule):
         prior_mean_start: int = 0,
         read_weight: float = 0.0,
         floor_weight: float = 0.0,
+        depth_weight: float = 0.0,
         compile: bool | str = False,
     ):
         super().__init__()
@@ -158,11 +165,14 @@ class GQNModule(L.LightningModule):
                                    "kl_warmup_steps": kl_warmup_steps, "kl_weight": kl_weight,
                                    "prior_mean_weight": prior_mean_weight, "prior_mean_start": prior_mean_start,
                                    "read_weight": read_weight, "floor_weight": floor_weight,
-                                   "compile": compile})
+                                   "depth_weight": depth_weight, "compile": compile})
         self.model: GQN = hydra.utils.instantiate(self.hparams.model)
         check_loss_weights({"kl_weight": kl_weight, "prior_mean_weight": prior_mean_weight,
-                            "read_weight": read_weight, "floor_weight": floor_weight}, self.model,
+                            "read_weight": read_weight, "floor_weight": floor_weight,
+                            "depth_weight": depth_weight}, self.model,
                            parts=not GQNModule._loading, schedule=self.hparams.schedule)
+        if depth_weight and self.model.geometry is not None:  # its training forwards keep what plane_nll scores
+            self.model.geometry.keep_planes = True
         s = self.hparams.schedule
         check_schedule(s)
         check_coarse(s, self.model)
@@ -345,6 +355,11 @@ class GQNModule(L.LightningModule):
             read_nll = (where * (found - images).pow(2)).flatten(1).sum(1) / (2 * self.sigma() ** 2)
             loss = loss + read_weight * pixel_scale * read_nll.mean()
             self.log("train/read_nll", read_nll.mean(), batch_size=B)
+        depth_weight = self.hparams.get("depth_weight", 0.0)
+        if depth_weight and out["geometry"] is not None:
+            plane_nll = self.model.geometry.plane_nll(images)
+            loss = loss + depth_weight * plane_nll.mean()
+            self.log("train/plane_nll", plane_nll.mean(), batch_size=B)
         floor_weight = self.hparams.get("floor_weight", 0.0)
         if floor_weight and out["geometry"] is not None and getattr(self.model.geometry, "floor_grid", 0):
             drawn = self.model.geometry.floor_colour(out["geometry"])

@@ -203,6 +203,10 @@ class PlaneSweep(nn.Module):
             self.log_floor_extent = nn.Parameter(torch.tensor(math.log(floor_extent)))
             # heights of the lifted points, from the cameras' mean height, in units of the map's half-width
             self.register_buffer("floor_levels", torch.linspace(-0.5, 0.2, floor_heights), persistent=False)
+        #: set by the training module for its ``depth_weight`` loss: a training forward keeps its query sweep's depth
+        #: logits and the views' colours and counts per plane for :meth:`plane_nll`
+        self.keep_planes = False
+        self._planes = None
         if cost_filter < 0 or cost_channels < 1:
             raise ValueError(f"geometry.cost_filter must be >= 0 and cost_channels >= 1, got {cost_filter} and "
                              f"{cost_channels}")
@@ -216,6 +220,34 @@ class PlaneSweep(nn.Module):
             nn.init.zeros_(layers[-1].weight)
             nn.init.zeros_(layers[-1].bias)
             self.cost_filter = nn.Sequential(*layers)
+
+    #: :meth:`plane_nll`: a plane matches a query pixel whose colour lies within about this of the colour the views
+    #: see there (per channel, colours in 0..1); a plane no view sees scores as a colour 2 of these off in every channel
+    plane_match_sigma = 0.1
+
+    def plane_nll(self, query_images: torch.Tensor) -> torch.Tensor:
+        """The depth weights of the last training forward's query sweep (``keep_planes``), scored against the query
+        images ``[B, 3, H, W]`` (known in training): per pixel of the sweep (the image area-averaged to
+        ``sweep_size``) the mixture NLL ``-log sum_d w_d exp(m_d)``, ``m_d = -|x - c_d|^2 / (2 s^2)`` for a plane
+        that at least half a view sees (``c_d`` the seeing views' mean colour there), ``-6`` (a colour 2 s off in
+        every channel: "unknown") for one that none sees, summed over each scene's pixels ``[B]``. A direct signal
+        for the depth scores (and the features, the visibility margin, the lens and the depth scale): one view
+        that sees the query's point suffices, where the views' agreement needs two, and a flat-coloured object
+        still tells its planes from those of the wall behind it. Hiding a point from every view costs more than
+        finding its colour, less than a wrong one."""
+        if self._planes is None:
+            raise RuntimeError("plane_nll needs a training forward of the read with keep_planes set")
+        logits, mean, count = self._planes
+        self._planes = None
+        size = math.isqrt(logits.shape[1])
+        x = query_images.float()
+        if x.shape[-1] != size:
+            x = F.interpolate(x, size=(size, size), mode="area")
+        seen = count[:, 0] > 0.5  # [B, P, D]
+        colour = mean[:, :3] * count.clamp(min=1) / count.clamp(min=0.5)  # the seeing views' mean (soft counts)
+        match = -(colour - x.flatten(2)[..., None]).pow(2).sum(1) / (2 * self.plane_match_sigma ** 2)  # [B, P, D]
+        match = torch.where(seen, match, torch.full_like(match, -6.0))
+        return -torch.logsumexp(torch.log_softmax(logits, dim=-1) + match, dim=-1).sum(1)
 
     #: what the cost filter sees at every point of a sweep (per depth plane): its depth score, the fraction of views
     #: that see it and their mean RGB
@@ -338,7 +370,8 @@ class PlaneSweep(nn.Module):
             B, M, _, H, W = features.shape
             frames = camera_frames(context_poses)
             coarse, disparity, *planes = self._sweep(features, frames, query_poses, self.sweep_size,
-                                                     profile=self.ray_profile, amp=amp, planes=bool(self.floor_grid))
+                                                     profile=self.ray_profile, amp=amp, planes=bool(self.floor_grid),
+                                                     keep=self.keep_planes and torch.is_grad_enabled())
             if self.sweep_size != H:
                 coarse = F.interpolate(coarse, size=(H, W), mode="bilinear", align_corners=False)
                 disparity = F.interpolate(disparity, size=(H, W), mode="bilinear", align_corners=False)
@@ -516,7 +549,7 @@ class PlaneSweep(nn.Module):
         return count, mean, var
 
     def _sweep(self, features, frames, query_poses, size, profile: bool = False, amp: torch.dtype | None = None,
-               planes: bool = False):
+               planes: bool = False, keep: bool = False):
         """The plane sweep at ``size`` x ``size`` query pixels: the depth-weighted summary ``[B, C + 3, s, s]`` and
         the expected disparity ``[B, 1, s, s]`` (1 at ``near``, ``near/far`` at ``far``). ``profile``: the summary
         is followed by every depth's mean RGB and count of seeing views, ``[B, C + 3 + 4 * depths, s, s]``. ``amp``:
@@ -542,6 +575,8 @@ class PlaneSweep(nn.Module):
             with torch.autocast(features.device.type, dtype=amp, enabled=amp is not None):
                 refined = self.cost_filter(volume.reshape(B, -1, size, size)).float()  # [B, D, s, s]
             logits = logits + refined.flatten(2).transpose(1, 2)  # [B, P, D]
+        if keep:  # for plane_nll
+            self._planes = (logits, mean[:, :3], count)
         weights = torch.softmax(logits, dim=-1)[:, None]  # over depths, [B, 1, P, D]
         expected = (weights * disparity).sum(-1)  # [B, 1, P]
         parts = [(weights * mean).sum(-1), expected, weights.amax(-1), (weights * count).sum(-1) / M]
