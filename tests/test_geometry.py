@@ -695,7 +695,7 @@ def _textured_wall(size=32, fov_degrees=60.0):
 def test_plane_nll_trains_the_depth_softmax_to_the_planes_whose_colour_matches_the_query():
     """depth_weight's loss: free depth logits per sweep pixel, trained on plane_nll of the query image alone, put
     each pixel's expected depth on the textured wall's true depth (it varies across the image: a read laid out
-    otherwise would not); a query whose point no view sees scores the constant for "unknown", 6 nats a pixel."""
+    otherwise would not); a query whose points no view sees scores as wrong colours, 37.5 nats a pixel."""
     images, poses, depth = _textured_wall()
     s, D = 16, 24
     sweep = PlaneSweep(32, feature_channels=0, depths=D, near=1.2, far=5.0, sweep_size=s)
@@ -730,6 +730,6 @@ def test_plane_nll_trains_the_depth_softmax_to_the_planes_whose_colour_matches_t
     behind = poses.clone()
     behind[-1, 4] = -1.0  # the query turned to face away (yaw 180 degrees): no context view sees its points
     sweep(ctx, ctx_poses, behind[None, -1])
-    assert torch.allclose(sweep.plane_nll(images[None, -1]), torch.tensor([6.0 * s * s]))
+    assert torch.allclose(sweep.plane_nll(images[None, -1]), torch.tensor([37.5 * s * s]))
     with pytest.raises(RuntimeError, match="keep_planes"):
         sweep.plane_nll(images[None, -1])  # once per forward

@@ -222,19 +222,22 @@ class PlaneSweep(nn.Module):
             self.cost_filter = nn.Sequential(*layers)
 
     #: :meth:`plane_nll`: a plane matches a query pixel whose colour lies within about this of the colour the views
-    #: see there (per channel, colours in 0..1); a plane no view sees scores as a colour 2 of these off in every channel
+    #: see there (per channel, colours in 0..1)
     plane_match_sigma = 0.1
+    #: :meth:`plane_nll`: a plane no view sees scores as a colour this far off in every channel (as a wrong one)
+    plane_unseen_distance = 0.5
 
     def plane_nll(self, query_images: torch.Tensor) -> torch.Tensor:
         """The depth weights of the last training forward's query sweep (``keep_planes``), scored against the query
         images ``[B, 3, H, W]`` (known in training): per pixel of the sweep (the image area-averaged to
-        ``sweep_size``) the mixture NLL ``-log sum_d w_d exp(m_d)``, ``m_d = -|x - c_d|^2 / (2 s^2)`` for a plane
-        that at least half a view sees (``c_d`` the seeing views' mean colour there), ``-6`` (a colour 2 s off in
-        every channel: "unknown") for one that none sees, summed over each scene's pixels ``[B]``. A direct signal
-        for the depth scores (and the features, the visibility margin, the lens and the depth scale): one view
-        that sees the query's point suffices, where the views' agreement needs two, and a flat-coloured object
-        still tells its planes from those of the wall behind it. Hiding a point from every view costs more than
-        finding its colour, less than a wrong one."""
+        ``sweep_size``) the mixture NLL ``-log sum_d w_d exp(m_d)``, ``m_d = -|x - c_d|^2 / (2 s^2)`` for a
+        plane that at least half a view sees (``c_d`` the seeing views' mean colour there), and for one that
+        none sees as for a colour ``plane_unseen_distance`` off in every channel, summed over each scene's
+        pixels ``[B]``. A direct signal for the depth scores (and the features, the visibility margin, the
+        lens and the depth scale): one view that sees the query's point suffices, where the views' agreement
+        needs two, and a flat-coloured object still tells its planes from those of the wall behind it. Hiding
+        a point from the views earns nothing (with an unseen plane cheaper than a wrong colour, training on
+        free-camera rooms drove the depth scale 2x outwards, where more planes lie behind the walls, unseen)."""
         if self._planes is None:
             raise RuntimeError("plane_nll needs a training forward of the read with keep_planes set")
         logits, mean, count = self._planes
@@ -246,7 +249,8 @@ class PlaneSweep(nn.Module):
         seen = count[:, 0] > 0.5  # [B, P, D]
         colour = mean[:, :3] * count.clamp(min=1) / count.clamp(min=0.5)  # the seeing views' mean (soft counts)
         match = -(colour - x.flatten(2)[..., None]).pow(2).sum(1) / (2 * self.plane_match_sigma ** 2)  # [B, P, D]
-        match = torch.where(seen, match, torch.full_like(match, -6.0))
+        unseen = -3 * self.plane_unseen_distance ** 2 / (2 * self.plane_match_sigma ** 2)
+        match = torch.where(seen, match, torch.full_like(match, unseen))
         return -torch.logsumexp(torch.log_softmax(logits, dim=-1) + match, dim=-1).sum(1)
 
     #: what the cost filter sees at every point of a sweep (per depth plane): its depth score, the fraction of views
