@@ -190,7 +190,7 @@ def dataset_info(data_dir: str | Path, name: str) -> DatasetInfo:
         raise GQNDataError(
             f"{Path(data_dir) / name} holds no record files in train/ or test/ (*.tfrecord, *.tfrecords) and "
             f"{name!r} is not a DeepMind dataset; valid names: {valid_names(data_dir)} (or a directory of "
-            f"DeepMind-format records, {name}/{{train,test}}/*.tfrecord)"
+            f"DeepMind-format records, {name}/{{train,test}}/*.tfrecord or *.tfrecords)"
         )
     raise GQNDataError(
         f"unknown dataset {name!r} and no directory {Path(data_dir) / name}; valid names: "

@@ -47,6 +47,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from data_modules.errors import CorruptRecordError, GQNDataError
+from data_modules.records import RECORD_SUFFIXES
 
 log = logging.getLogger(__name__)
 
@@ -223,7 +224,7 @@ def call(what: str, url: str, fn: Callable, *args, settings: Settings | None = N
 
 
 # ---------------------------------------------------------------------------------------- listing
-def list_files(directory: str, suffix: str | tuple[str, ...] = (".tfrecord", ".tfrecords")) -> list[tuple[str, int]]:
+def list_files(directory: str, suffix: str | tuple[str, ...] = RECORD_SUFFIXES) -> list[tuple[str, int]]:
     """``[(url, size in bytes)]`` of the files ending in ``suffix`` (one, or any of several) directly in a remote
     directory, sorted.
 
@@ -246,12 +247,11 @@ def list_files(directory: str, suffix: str | tuple[str, ...] = (".tfrecord", ".t
 
 
 def list_split(data_dir: str, dataset: str, split: str, how_to_get: str) -> list[str]:
-    """The remote split's ``*.tfrecord`` URLs, sorted (the remote twin of ``split_files``)."""
+    """The remote split's record URLs (``*.tfrecord``, ``*.tfrecords``), sorted (the remote twin of ``split_files``)."""
     directory = join(data_dir, dataset, split)
     files = [url for url, _ in list_files(directory)]
     if not files:
-        raise GQNDataError(f"no *.tfrecord files at {directory} (expected {directory}/*.tfrecord or *.tfrecords); "
-                           f"{how_to_get}")
+        raise GQNDataError(f"no *.tfrecord or *.tfrecords files at {directory}; {how_to_get}")
     return files
 
 

@@ -631,7 +631,7 @@ def test_cost_filter_starts_as_without_it_and_carries_a_depth_into_its_neighbour
     """cost_filter: at the start (its last layer zero) the read is the read without it, parameter for parameter.
     Set to add each point's 3x3 neighbours' scores at the same depth, a pixel whose own scores are flat takes the
     depth its neighbours found and a pixel two away keeps none: the volume is laid out as the sweep's pixels are.
-    Trained, every layer gets a gradient from the read."""
+    Trained, its last layer (the one that starts at zero) gets a gradient from the read."""
     images, poses, _ = _room_depths(2)
     ctx, ctx_poses, query = images[None, :-1], poses[None, :-1], poses[None, -1]
     torch.manual_seed(0)

@@ -309,7 +309,7 @@ def test_missing_bucket_or_dataset_is_one_clear_error(gcs):
     with pytest.raises(GQNDataError,
                        match=r"unknown dataset 'nope': no gs://gqn-dataset/nope/dataset.json and no record files"):
         GQNDataModule(gcs.url, "nope")
-    with pytest.raises(GQNDataError, match=r"no \*.tfrecord files at gs://no-such-bucket/rooms_ring_camera/train"):
+    with pytest.raises(GQNDataError, match=r"no \*.tfrecord or \*.tfrecords files at gs://no-such-bucket/rooms_ring_camera/train"):
         GQNDataModule("gs://no-such-bucket", "rooms_ring_camera", context_size=2).setup("fit")
 
 

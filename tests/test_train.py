@@ -583,6 +583,14 @@ def test_depth_loss_adds_the_plane_nll_of_the_query_sweep(train_cfg):
     assert torch.allclose(steps[0.5][0] - steps[0.0][0], want.mean(), rtol=1e-4)
     assert (steps[0.5][1] - steps[0.0][1]).abs().sum() > 0.05 * steps[0.0][1].abs().sum()  # it reaches the scores
     assert float(logged["train/plane_nll"].detach()) == pytest.approx(want.mean().item() / 0.5, rel=1e-4)
+    assert geometry._planes is None  # the training step took what it kept
+    with torch.no_grad():  # validation, rendering: nothing kept
+        module.model.read_geometry(batch["query_poses"], module.model.encode(batch["context_images"],
+                                                                            batch["context_poses"])[1])
+    assert geometry._planes is None
+    module.hparams["depth_weight"] = 0.0  # off: the training forwards keep nothing
+    module.training_step(batch, 0)
+    assert not geometry.keep_planes and geometry._planes is None
     with pytest.raises(InstantiationException, match="module.depth_weight=0.5 trains the read's depth search, but"):
         instantiate(train_cfg("~model/geometry", "module.depth_weight=0.5").module, _recursive_=False)
 

@@ -98,12 +98,10 @@ def check_loss_weights(weights: dict, model, parts: bool = True, schedule=None) 
     if not parts:
         return
     geometry = getattr(model, "geometry", None)
-    if weights.get("read_weight") and geometry is None:
-        raise ValueError(f"{name['read_weight']}={weights['read_weight']} trains the geometric read, but the model "
-                         f"has none: add model/geometry=plane_sweep or set {name['read_weight']}=0")
-    if weights.get("depth_weight") and geometry is None:
-        raise ValueError(f"{name['depth_weight']}={weights['depth_weight']} trains the read's depth search, but the "
-                         f"model has none: add model/geometry=plane_sweep or set {name['depth_weight']}=0")
+    for key, what in (("read_weight", "the geometric read"), ("depth_weight", "the read's depth search")):
+        if weights.get(key) and geometry is None:
+            raise ValueError(f"{name[key]}={weights[key]} trains {what}, but the model has none: add "
+                             f"model/geometry=plane_sweep or set {name[key]}=0")
     if weights.get("floor_weight") and not getattr(geometry, "floor_grid", 0):
         raise ValueError(f"{name['floor_weight']}={weights['floor_weight']} trains the floor map, but the model has "
                          f"none: set model.geometry.floor_grid (e.g. 16) or {name['floor_weight']}=0")
@@ -171,8 +169,6 @@ class GQNModule(L.LightningModule):
                             "read_weight": read_weight, "floor_weight": floor_weight,
                             "depth_weight": depth_weight}, self.model,
                            parts=not GQNModule._loading, schedule=self.hparams.schedule)
-        if depth_weight and self.model.geometry is not None:  # its training forwards keep what plane_nll scores
-            self.model.geometry.keep_planes = True
         s = self.hparams.schedule
         check_schedule(s)
         check_coarse(s, self.model)
@@ -333,6 +329,9 @@ class GQNModule(L.LightningModule):
         return geometry.start_depth_scale(spread)
 
     def _training_step(self, batch, pixel_scale: float = 1.0):
+        depth_weight = self.hparams.get("depth_weight", 0.0)
+        if self.model.geometry is not None:  # the read keeps what plane_nll scores only when the loss takes it
+            self.model.geometry.keep_planes = bool(depth_weight)
         out = self(batch)
         loss = (pixel_scale * out["nll"] + self.kl_weight(self.global_step) * out["kl"]).mean()
         B = batch["query_images"].shape[0]
@@ -355,7 +354,6 @@ class GQNModule(L.LightningModule):
             read_nll = (where * (found - images).pow(2)).flatten(1).sum(1) / (2 * self.sigma() ** 2)
             loss = loss + read_weight * pixel_scale * read_nll.mean()
             self.log("train/read_nll", read_nll.mean(), batch_size=B)
-        depth_weight = self.hparams.get("depth_weight", 0.0)
         if depth_weight and out["geometry"] is not None:
             plane_nll = self.model.geometry.plane_nll(images)
             loss = loss + depth_weight * plane_nll.mean()

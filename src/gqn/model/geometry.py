@@ -92,13 +92,13 @@ class PlaneSweep(nn.Module):
         depth_from_cameras: start the learned depth scale at the context cameras' spread in the first training batch
             (:meth:`camera_spread`: per scene their mean distance from their centroid, the median over the batch), so
             that ``near`` and ``far`` are in units of that spread and not of whatever units a dataset's poses use.
-        cost_filter: layers of a small convolution (3x3 over the sweep's pixels, every depth plane's score, count of
-            seeing views and their mean RGB as channels, ``cost_channels`` wide) over the depth scores of every sweep
-            (the query's and the views' own), added to them: the per-point scores see only their own point, so a
-            flat-coloured wall or object, where every depth agrees, gets no depth; the filter carries the depth
-            found at its edges into it (a multi-view-stereo cost-volume regularisation; 2-D with the depths as
-            channels: 8x faster on a CPU than 3x3x3 over depth too). Its last layer starts at zero: the read starts
-            as without it. 0: off.
+        cost_filter: layers of a small convolution (3x3 over the sweep's pixels, every depth plane's score, fraction
+            of the views that see it and their mean RGB as channels, ``cost_channels`` wide) over the depth scores
+            of every sweep (the query's and the views' own), added to them: the per-point scores see only their own
+            point, so a flat-coloured wall or object, where every depth agrees, gets no depth; the filter carries
+            the depth found at its edges into it (a multi-view-stereo cost-volume regularisation; 2-D with the
+            depths as channels: 8x faster on a CPU than 3x3x3 over depth too). Its last layer starts at zero: the
+            read starts as without it. 0: off.
     """
 
     #: visibility: at most this many numbers in the copies of the context views for their depth sweeps
@@ -243,19 +243,22 @@ class PlaneSweep(nn.Module):
             raise RuntimeError("plane_nll needs a training forward of the read with keep_planes set")
         logits, mean, count = self._planes
         self._planes = None
+        if query_images.shape[0] != logits.shape[0]:
+            raise ValueError(f"plane_nll: {query_images.shape[0]} query images for a sweep of {logits.shape[0]}")
         size = math.isqrt(logits.shape[1])
         x = query_images.float()
         if x.shape[-1] != size:
             x = F.interpolate(x, size=(size, size), mode="area")
         seen = count[:, 0] > 0.5  # [B, P, D]
-        colour = mean[:, :3] * count.clamp(min=1) / count.clamp(min=0.5)  # the seeing views' mean (soft counts)
+        # the seeing views' mean colour: _view_stats divides their sum by count.clamp(min=1), undone for soft counts
+        colour = mean[:, :3] * count.clamp(min=1) / count.clamp(min=0.5)
         match = -(colour - x.flatten(2)[..., None]).pow(2).sum(1) / (2 * self.plane_match_sigma ** 2)  # [B, P, D]
         unseen = -3 * self.plane_unseen_distance ** 2 / (2 * self.plane_match_sigma ** 2)
         match = torch.where(seen, match, torch.full_like(match, unseen))
         return -torch.logsumexp(torch.log_softmax(logits, dim=-1) + match, dim=-1).sum(1)
 
-    #: what the cost filter sees at every point of a sweep (per depth plane): its depth score, the fraction of views
-    #: that see it and their mean RGB
+    #: what the cost filter sees at every point of a sweep (per depth plane): its depth score, the fraction of the
+    #: views that see it and their mean RGB
     cost_inputs = 5
 
     @staticmethod
