@@ -307,8 +307,8 @@ def build_parser() -> argparse.ArgumentParser:
     d = sub.add_parser("download", help="copy a dataset, or part of it, from the bucket (resumable, CRC-checked)",
                        description="Copy DIR/NAME/{train,test}/*.tfrecord (or *.tfrecords) from --source. "
                        "Interrupted runs resume their .part files; every file is CRC-checked before it gets its "
-                       "final name; a rerun skips complete files. Settings: GQN_REMOTE_RETRIES, GQN_REMOTE_BACKOFF, GQN_REMOTE_TIMEOUT, "
-                       "GQN_REMOTE_BLOCK_MB; STORAGE_EMULATOR_HOST points gs:// at an emulator.")
+                       "final name; a rerun skips complete files. Settings: GQN_REMOTE_RETRIES, GQN_REMOTE_BACKOFF, "
+                       "GQN_REMOTE_TIMEOUT, GQN_REMOTE_BLOCK_MB; STORAGE_EMULATOR_HOST points gs:// at an emulator.")
     d.add_argument("name", help="dataset name, e.g. rooms_ring_camera or shepard_metzler_5_parts")
     d.add_argument("--out", required=True, help="data dir; files go to OUT/NAME/{train,test}/")
     d.add_argument("--source", default="gs://gqn-dataset",
