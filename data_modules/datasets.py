@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from data_modules.errors import CorruptRecordError, GQNDataError
+from data_modules.records import RECORD_NAMES
 from data_modules.remote import is_url, join, local_path, read_bytes
 
 log = logging.getLogger(__name__)
@@ -81,7 +82,7 @@ def write_card(directory: str | Path, card: dict) -> Path:
 
 def how_to_get(data_dir: str | Path, name: str) -> str:
     if is_url(data_dir):
-        return f"check the URL: expected {join(str(data_dir), name)}/{{train,test}}/*.tfrecord (or *.tfrecords)"
+        return f"check the URL: expected {join(str(data_dir), name)}/{{train,test}}/{RECORD_NAMES}"
     if name in DATASETS:
         return (f"download it: gqn-data download {name} --out {local_path(data_dir)} "
                 f"(or stream it: data.data_dir={PUBLIC_BUCKET})")
@@ -113,7 +114,7 @@ def check_local_dir(data_dir: str | Path, name: str) -> None:
     for path, what in ((Path(data_dir), "paths.data_dir (GQN_DATA_DIR)"), (Path(data_dir) / name, "the dataset")):
         if path.exists() and not path.is_dir():
             raise GQNDataError(f"{path} is a file, not a directory: {what} must be the directory that holds "
-                               f"{name}/{{train,test}}/*.tfrecord (or *.tfrecords)")
+                               f"{name}/{{train,test}}/{RECORD_NAMES}")
 
 
 def record_paths(data_dir: str | Path, name: str) -> Iterator[str]:
@@ -188,9 +189,9 @@ def dataset_info(data_dir: str | Path, name: str) -> DatasetInfo:
         if info is not None:
             return info
         raise GQNDataError(
-            f"{Path(data_dir) / name} holds no record files in train/ or test/ (*.tfrecord, *.tfrecords) and "
+            f"{Path(data_dir) / name} holds no record files in train/ or test/ ({RECORD_NAMES}) and "
             f"{name!r} is not a DeepMind dataset; valid names: {valid_names(data_dir)} (or a directory of "
-            f"DeepMind-format records, {name}/{{train,test}}/*.tfrecord or *.tfrecords)"
+            f"DeepMind-format records, {name}/{{train,test}}/{RECORD_NAMES})"
         )
     raise GQNDataError(
         f"unknown dataset {name!r} and no directory {Path(data_dir) / name}; valid names: "

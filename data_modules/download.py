@@ -18,6 +18,7 @@ from pathlib import Path
 
 from data_modules.datasets import CARD, PUBLIC_BUCKET
 from data_modules.errors import CorruptRecordError, GQNDataError
+from data_modules.records import RECORD_NAMES
 from data_modules.remote import RemoteDataError, RemoteReader, Settings, join, list_files, read_bytes, verify_file
 
 SPLITS = ("train", "test")
@@ -72,7 +73,7 @@ def plan(name: str, out: str | Path, source: str = PUBLIC_BUCKET, split: str = "
             listing = listing[pick]
         jobs += [Job(url, size, Path(out) / name / s / url.rsplit("/", 1)[-1]) for url, size in listing]
     if not any(seen.values()):
-        raise GQNDataError(f"no *.tfrecord or *.tfrecords files at {join(source, name)}/{{{','.join(seen)}}}/ "
+        raise GQNDataError(f"no {RECORD_NAMES} files at {join(source, name)}/{{{','.join(seen)}}}/ "
                            f"(check the dataset name and --source; the DeepMind datasets are at {PUBLIC_BUCKET})")
     if not jobs:
         raise GQNDataError(f"--files {files} selects none of the {seen} files of {join(source, name)}")
@@ -192,7 +193,7 @@ def remote_info(url: str) -> list[tuple[str, int, int]]:
         if listing:
             rows.append((s, len(listing), sum(size for _, size in listing)))
     if not rows:
-        raise GQNDataError(f"no *.tfrecord or *.tfrecords files at {url}/train/ or {url}/test/ (expected a dataset dir "
+        raise GQNDataError(f"no {RECORD_NAMES} files at {url}/train/ or {url}/test/ (expected a dataset dir "
                            f"such as {PUBLIC_BUCKET}/rooms_ring_camera)")
     return rows
 

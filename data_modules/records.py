@@ -25,6 +25,8 @@ PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 #: the endings of record files in a split directory (DeepMind's ``0001-of-2160.tfrecord``; TensorFlow's own
 #: examples write ``*.tfrecords``)
 RECORD_SUFFIXES = (".tfrecord", ".tfrecords")
+#: how messages name them: "*.tfrecord or *.tfrecords"
+RECORD_NAMES = " or ".join(f"*{suffix}" for suffix in RECORD_SUFFIXES)
 
 
 def record_files(directory) -> list:

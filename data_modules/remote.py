@@ -47,7 +47,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from data_modules.errors import CorruptRecordError, GQNDataError
-from data_modules.records import RECORD_SUFFIXES
+from data_modules.records import RECORD_NAMES, RECORD_SUFFIXES
 
 log = logging.getLogger(__name__)
 
@@ -247,11 +247,11 @@ def list_files(directory: str, suffix: str | tuple[str, ...] = RECORD_SUFFIXES) 
 
 
 def list_split(data_dir: str, dataset: str, split: str, how_to_get: str) -> list[str]:
-    """The remote split's record URLs (``*.tfrecord``, ``*.tfrecords``), sorted (the remote twin of ``split_files``)."""
+    """The remote split's record URLs (:data:`RECORD_SUFFIXES`), sorted (the remote twin of ``split_files``)."""
     directory = join(data_dir, dataset, split)
     files = [url for url, _ in list_files(directory)]
     if not files:
-        raise GQNDataError(f"no *.tfrecord or *.tfrecords files at {directory}; {how_to_get}")
+        raise GQNDataError(f"no {RECORD_NAMES} files at {directory}; {how_to_get}")
     return files
 
 

@@ -24,7 +24,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from data_modules.datasets import DatasetInfo
 from data_modules.errors import CorruptRecordError, GQNDataError
 from data_modules.objects import load_sidecar
-from data_modules.records import JPEG_MAGIC, camera_to_pose, decode_frame, parse_scene, record_files
+from data_modules.records import JPEG_MAGIC, RECORD_NAMES, camera_to_pose, decode_frame, parse_scene, record_files
 from data_modules.remote import RemoteCache, is_url, iter_file_records, list_split, local_path
 
 Record = tuple[str, int, int, bytes]  # (path, byte offset, global scene index, record bytes)
@@ -455,9 +455,9 @@ def split_files(data_dir: str | Path, dataset: str, split: str, how_to_get: str)
         return list_split(str(data_dir), dataset, split, how_to_get)
     directory = Path(local_path(data_dir)) / dataset / split
     if not directory.is_dir():
-        raise GQNDataError(f"no data directory {directory} (expected *.tfrecord or *.tfrecords files there); "
+        raise GQNDataError(f"no data directory {directory} (expected {RECORD_NAMES} files there); "
                            f"{how_to_get}")
     files = [str(p) for p in record_files(directory)]
     if not files:
-        raise GQNDataError(f"{directory} holds no *.tfrecord (or *.tfrecords) files (empty split); {how_to_get}")
+        raise GQNDataError(f"{directory} holds no {RECORD_NAMES} files (empty split); {how_to_get}")
     return files

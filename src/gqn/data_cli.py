@@ -52,15 +52,16 @@ def _synth(args) -> int:
 
 def _splits(root: Path):
     from data_modules.errors import GQNDataError
+    from data_modules.records import RECORD_NAMES
 
     if root.exists() and not root.is_dir():
-        raise GQNDataError(f"{root} is a file, not a dataset directory (one holding train/ and test/ of *.tfrecord or "
-                           f"*.tfrecords files)")
+        raise GQNDataError(f"{root} is a file, not a dataset directory (one holding train/ and test/ of "
+                           f"{RECORD_NAMES} files)")
     if not root.is_dir():
         raise GQNDataError(f"no dataset directory {root}; generate one with gqn-data synth --out {root}")
     splits = [s for s in ("train", "test") if (root / s).is_dir()]
     if not splits:
-        raise GQNDataError(f"{root} has no train/ or test/ directory of *.tfrecord or *.tfrecords files")
+        raise GQNDataError(f"{root} has no train/ or test/ directory of {RECORD_NAMES} files")
     return splits
 
 
@@ -83,7 +84,7 @@ def _expected(root: Path):
 def _scan(root: Path, decode: bool):
     """Read every record of every split; returns ({split: stats}, [problems])."""
     from data_modules.errors import CorruptRecordError
-    from data_modules.records import frame_size, iter_records, parse_scene, record_files
+    from data_modules.records import RECORD_NAMES, frame_size, iter_records, parse_scene, record_files
 
     expected, card_problem = _expected(root)
     stats, problems = {}, [card_problem] if card_problem else []  # a damaged card: said, the records still checked
@@ -114,7 +115,7 @@ def _scan(root: Path, decode: bool):
         stats[split] = {"files": len(files), "scenes": scenes,
                         "frames_per_scene": dict(frames_per_scene), "frame_sizes": dict(sizes)}
         if not files:
-            problems.append(f"{root / split} holds no *.tfrecord or *.tfrecords files (empty {split} split)")
+            problems.append(f"{root / split} holds no {RECORD_NAMES} files (empty {split} split)")
         elif not scenes:
             problems.append(f"{root / split}: no readable scene in {len(files)} file(s) (empty {split} split)")
     for split in ("train", "test"):
