@@ -11,8 +11,15 @@ archive with, for the N records of the file in order:
 * ``empty`` uint8 ``[N, V, S, S, 3]``: per view, the exact render of the scene with the objects (and their
   shadows) taken out: what a model that draws the room perfectly and no objects would draw.
 
+* ``record`` (optional) str: the name of the record file it was written for (``NAME.tfrecord``).
+
 ``S`` is the frame size of the records (resized with the frames when a reader asks for another size).
 ``gqn-data synth`` writes them; any other renderer can, for ``gqn-eval``'s object-pixel metrics.
+
+A split that holds both ``NAME.tfrecord`` and ``NAME.tfrecords`` needs a sidecar each: ``NAME.tfrecord.npz`` and
+``NAME.tfrecords.npz`` (the full record name is looked up first), or a ``NAME.npz`` whose ``record`` says which
+of the two it belongs to; a ``NAME.npz`` that does not say is refused there (it would pair one file's masks with
+the other's records by byte offset).
 """
 
 from __future__ import annotations
@@ -23,6 +30,8 @@ from pathlib import Path
 
 import numpy as np
 
+from data_modules.errors import GQNDataError
+from data_modules.records import RECORD_SUFFIXES
 from data_modules.remote import is_url, local_path, read_bytes
 
 SIDECAR_DIR = "objects"
@@ -39,7 +48,19 @@ def sidecar_path(record_file: str | Path) -> Path | str:
     return split_dir.parent / SIDECAR_DIR / split_dir.name / (record_file.stem + SIDECAR_SUFFIX)
 
 
-def write_sidecar(path: str | Path, offsets: np.ndarray, masks: np.ndarray, empty: np.ndarray) -> None:
+def exact_sidecar_path(record_file: str | Path) -> Path | str:
+    """``{root}/{split}/NAME.tfrecord`` -> ``{root}/objects/{split}/NAME.tfrecord.npz``: the sidecar named after the
+    whole record file, looked up before :func:`sidecar_path`'s ``NAME.npz``."""
+    stem_form = sidecar_path(record_file)
+    name = str(record_file).rsplit("/", 1)[-1] if is_url(record_file) else Path(local_path(record_file)).name
+    if is_url(stem_form):
+        return f"{stem_form.rsplit('/', 1)[0]}/{name}{SIDECAR_SUFFIX}"
+    return stem_form.with_name(name + SIDECAR_SUFFIX)
+
+
+def write_sidecar(path: str | Path, offsets: np.ndarray, masks: np.ndarray, empty: np.ndarray,
+                  record: str | None = None) -> None:
+    """Write a sidecar; ``record``: the name of its record file (stored, so that a reader can tell)."""
     n = len(offsets)
     if masks.shape[0] != n or empty.shape[0] != n or masks.shape != empty.shape[:-1] or empty.shape[-1] != 3:
         raise ValueError(f"sidecar arrays disagree: offsets {offsets.shape}, masks {masks.shape}, "
@@ -48,26 +69,56 @@ def write_sidecar(path: str | Path, offsets: np.ndarray, masks: np.ndarray, empt
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
     with open(tmp, "wb") as fh:
+        named = {} if record is None else {"record": np.array(str(record))}
         np.savez_compressed(fh, offsets=offsets.astype(np.int64), masks=masks.astype(np.uint8),
-                            empty=empty.astype(np.uint8))
+                            empty=empty.astype(np.uint8), **named)
     tmp.replace(path)
+
+
+def _read(path: Path | str):
+    """The sidecar at ``path`` as a source for ``np.load``, or None where there is none."""
+    if is_url(path):
+        data = read_bytes(path)
+        return None if data is None else io.BytesIO(data)
+    return path if Path(path).is_file() else None
+
+
+def _twins(record_file: str) -> list[Path]:
+    """Local record files beside ``record_file`` with its stem and another record suffix (``x.tfrecords`` for
+    ``x.tfrecord``) and no sidecar named after them: files that could claim :func:`sidecar_path`'s too (remote
+    files are not listed for this: there the whole-name sidecar is the way to tell twins apart)."""
+    if is_url(record_file):
+        return []
+    path = Path(local_path(record_file))
+    twins = [path.with_suffix(s) for s in RECORD_SUFFIXES if s != path.suffix and path.with_suffix(s).is_file()]
+    return [twin for twin in twins if not Path(exact_sidecar_path(twin)).is_file()]  # one with its own: no claim
 
 
 @functools.lru_cache(maxsize=8)
 def load_sidecar(record_file: str) -> dict[int, tuple[np.ndarray, np.ndarray]] | None:
-    """``{offset: (masks [V, S, S], empty [V, S, S, 3])}`` for a record file, or None without a sidecar."""
-    path = sidecar_path(record_file)
-    if is_url(path):
-        data = read_bytes(path)
-        if data is None:
-            return None
-        source = io.BytesIO(data)
-    elif not Path(path).is_file():
+    """``{offset: (masks [V, S, S], empty [V, S, S, 3])}`` for a record file, or None without a sidecar: its
+    ``NAME.tfrecord.npz``, else its ``NAME.npz`` — where a twin (``NAME.tfrecords`` beside ``NAME.tfrecord``) could
+    claim that too, only if its ``record`` names this file (None if it names the twin, :class:`GQNDataError` if
+    it names neither). Without a twin ``record`` is not checked (a renamed pair of files keeps working)."""
+    name = str(record_file).rsplit("/", 1)[-1] if is_url(record_file) else Path(local_path(record_file)).name
+    exact = True
+    path = exact_sidecar_path(record_file)
+    source = _read(path)
+    if source is None:
+        exact = False
+        path = sidecar_path(record_file)
+        source = _read(path)
+    if source is None:
         return None
-    else:
-        source = path
     with np.load(source) as z:
+        if not exact and (twins := _twins(record_file)):  # NAME.npz beside NAME.tfrecord and NAME.tfrecords
+            owner = str(z["record"]) if "record" in z.files else None
+            if owner in (twin.name for twin in twins):
+                return None  # the twin's
+            if owner != name:
+                err = GQNDataError(f"object sidecar {path} could belong to {name} or to {twins[0].name}")
+                err.fix = (f"rename it {name}{SIDECAR_SUFFIX} or {twins[0].name}{SIDECAR_SUFFIX}, whichever file "
+                           "it was written for")
+                raise err
         offsets, masks, empty = z["offsets"], z["masks"], z["empty"]
     return {int(o): (m, e) for o, m, e in zip(offsets, masks, empty)}
-
-

@@ -20,6 +20,7 @@ import warnings
 from pathlib import Path
 from unittest.mock import patch
 
+import numpy as np
 import pytest
 import torch
 from conftest import BIN, TINY, Probe, compose_train
@@ -59,6 +60,15 @@ def world(data_root, tmp_path_factory) -> dict:
     blob = bytearray(first.read_bytes())
     blob[offset + 12 + 40] ^= 0x40
     first.write_bytes(bytes(blob))
+    # a test split with x.tfrecord beside x.tfrecords and one sidecar x.npz that does not say whose it is
+    twins = tmp / "twins" / "synthetic_rooms"
+    shutil.copytree(data_root / "synthetic_rooms", twins)
+    twin = sorted((twins / "test").glob("*.tfrecord"))[0]
+    shutil.copyfile(twin, twin.with_suffix(".tfrecords"))
+    side = twins / "objects" / "test" / (twin.stem + ".npz")
+    with np.load(side) as z:
+        unnamed = {k: z[k] for k in z.files if k != "record"}
+    np.savez_compressed(side, **unnamed)
     # 32 px frames under rooms_ring_camera (64 px in DeepMind's table)
     wrong = tmp / "wrong"
     shutil.copytree(data_root / "synthetic_rooms", wrong / "rooms_ring_camera", ignore=shutil.ignore_patterns("*.json"))
@@ -84,7 +94,7 @@ def world(data_root, tmp_path_factory) -> dict:
     (tmp / "ctx_nan_camera.yaml").write_text("images: [not_an_image.png]\ncameras: [[.nan, 0, 0.5, 0, 0]]\n")
     return {"tmp": tmp, "data": data_root, "file": tmp / "plain_file", "garbage": tmp / "garbage.ckpt",
             "ckpt": good, "nan_ckpt": tmp / "nan.ckpt", "corrupt": corrupt, "corrupt_file": first,
-            "corrupt_offset": offset, "wrong": wrong}
+            "corrupt_offset": offset, "wrong": wrong, "twins": twins}
 
 
 def run_main(prog: str, args: list[str], capsys) -> tuple[int, str, str]:
@@ -251,6 +261,10 @@ CASES = [
      lambda w: _render(w, f"context_file={w['tmp']}/ctx_nan_camera.yaml"), 2,
      ["camera 0 must be 5 finite numbers"]),
     ("eval-no-ckpt", "gqn-eval", lambda w: _eval(w), 2, ["give the checkpoint: ckpt_path="]),
+    ("eval-sidecar-of-twins", "gqn-eval",
+     lambda w: _eval(w, f"ckpt_path={w['ckpt']}", f"paths.data_dir={w['twins'].parent}"), 2,
+     ["object sidecar", "objects/test/001-of-001.npz could belong to 001-of-001.tfrecord or to 001-of-001.tfrecords",
+      "rename it 001-of-001.tfrecord.npz or 001-of-001.tfrecords.npz, whichever file it was written for"]),
     ("eval-limit-batches-text", "gqn-eval", lambda w: _eval(w, f"ckpt_path={w['ckpt']}", "limit_batches=abc"), 2,
      ["limit_batches must be an integer >= 1 or null, got 'abc'"]),
     ("eval-split-unknown", "gqn-eval", lambda w: _eval(w, f"ckpt_path={w['ckpt']}", "split=train"), 2,

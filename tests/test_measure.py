@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 
 import numpy as np
 import pytest
@@ -13,7 +14,8 @@ from conftest import run_cli
 from records_helper import scenes_views, write_dataset
 
 from data_modules import GQNDataModule
-from data_modules.objects import load_sidecar, sidecar_path
+from data_modules.errors import GQNDataError
+from data_modules.objects import exact_sidecar_path, load_sidecar, sidecar_path
 from data_modules.records import iter_records, parse_scene
 from data_modules.splits import carve_validation
 from gqn import metrics
@@ -133,6 +135,49 @@ def test_synth_writes_sidecars_that_match_the_records(tmp_path):
     assert diff[~objects].median() < 0.03 and diff[objects].mean() > 0.05
     data = sidecar_path(next(root.glob("train/*.tfrecord")))
     assert data.parent.parent.name == "objects" and data.suffix == ".npz"
+
+
+def test_twin_record_files_never_share_a_sidecar(tmp_path):
+    """``x.tfrecord`` beside ``x.tfrecords``: each gets its own sidecar (``x.tfrecords.npz`` first), a ``x.npz`` that
+    names its record file is only that file's, and one that does not is refused instead of pairing one file's
+    masks with the other's records by byte offset."""
+    for seed, name in ((0, "a"), (1, "b")):
+        synthesize(tmp_path / name, "rooms", train_scenes=2, test_scenes=3, seed=seed, image_size=32, views=4,
+                   scenes_per_file=3, workers=1, log=lambda *_: None)
+    a = tmp_path / "a" / "test" / "001-of-001.tfrecord"
+    b = tmp_path / "b" / "test" / "001-of-001.tfrecord"
+    twin = a.with_suffix(".tfrecords")
+    shutil.copyfile(b, twin)  # other scenes, the same first offset (0)
+    load_sidecar.cache_clear()
+    own = load_sidecar(str(a))
+    assert sorted(own) == [o for o, _ in iter_records(a)]
+    assert load_sidecar(str(twin)) is None  # a.npz says it is 001-of-001.tfrecord's
+    # its own sidecar, named after the whole file
+    shutil.copyfile(sidecar_path(b), exact_sidecar_path(twin))  # (it names 001-of-001.tfrecord: not checked)
+    load_sidecar.cache_clear()
+    theirs = load_sidecar(str(twin))
+    assert sorted(theirs) == [o for o, _ in iter_records(b)]
+    assert not np.array_equal(theirs[0][0], own[0][0])
+    assert sorted(load_sidecar(str(a))) == sorted(own)
+    # a sidecar that does not say whose it is, beside twins: refused for both files
+    exact_sidecar_path(twin).unlink()
+    side = sidecar_path(a)
+    with np.load(side) as z:
+        assert str(z["record"]) == a.name
+        unnamed = {k: z[k] for k in z.files if k != "record"}
+    np.savez_compressed(side, **unnamed)
+    for path in (a, twin):
+        load_sidecar.cache_clear()
+        with pytest.raises(GQNDataError, match=r"could belong to 001-of-001\.tfrecords? or to 001-of-001\.tfrecords?$"):
+            load_sidecar(str(path))
+    shutil.copyfile(sidecar_path(b), exact_sidecar_path(twin))  # the twin has its own: a.npz is a's
+    load_sidecar.cache_clear()
+    assert sorted(load_sidecar(str(a))) == sorted(own)
+    exact_sidecar_path(twin).unlink()
+    twin.unlink()  # without a twin, an unnamed sidecar is the file's, as before
+    load_sidecar.cache_clear()
+    assert sorted(load_sidecar(str(a))) == sorted(own)
+    load_sidecar.cache_clear()
 
 
 def test_data_without_sidecars_has_no_object_keys(tmp_path):

@@ -64,7 +64,7 @@ def _write_file(job) -> int:
                 offsets.append(offset)
             offset += len(record)
     if objects:
-        write_sidecar(sidecar_path(path), np.asarray(offsets), np.stack(masks), np.stack(empty))
+        write_sidecar(sidecar_path(path), np.asarray(offsets), np.stack(masks), np.stack(empty), record=Path(path).name)
     return count
 
 
