@@ -35,6 +35,8 @@ class Record(L.Callback):
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         self.losses.append(outputs["loss"].detach())
+        self.module = pl_module
+        self.logged = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("train/")}
 
     def on_validation_epoch_end(self, trainer, pl_module):
         self.val = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")}
@@ -202,6 +204,25 @@ def test_compiled_module_trains_validates_samples_and_checkpoints(train_cfg, pre
     ci, cp, _, qp = batch(B=2, M=2)
     b = {"context_images": ci, "context_poses": cp, "query_poses": qp}
     assert _rel(compiled.sample(b, mean=True), eager.sample(b, mean=True)) < COMPILE_TOL
+
+
+@pytest.mark.parametrize("compiled", [False, pytest.param(True, marks=pytest.mark.slow)])
+def test_depth_search_options_train_in_bf16_mixed(train_cfg, compiled):
+    """The depth search's two options (off by default): the filter over the depth scores runs under the
+    caller's bf16 autocast and the plane-NLL loss reads an fp32 stash; both train (eager, and compiled with the
+    aot_eager backend), with fp32 losses and a finite plane NLL, and validate."""
+    record = Record()
+    cfg = train_cfg("logger=none", "callbacks=none", "trainer.precision=bf16-mixed", "trainer.log_every_n_steps=1",
+                    "model.geometry.cost_filter=2", "module.depth_weight=0.5",
+                    *(["module.compile=aot_eager"] if compiled else []))
+    train(cfg, extra_callbacks=[record])
+    assert len(record.losses) == 2
+    assert all(loss.dtype == torch.float32 and math.isfinite(loss.item()) for loss in record.losses)
+    assert math.isfinite(record.val["val/psnr_model"]) and math.isfinite(record.logged["train/plane_nll"])
+    assert record.logged["train/plane_nll"] > 0
+    geometry = record.module.model.geometry
+    assert geometry.cost_filter is not None and geometry.keep_planes
+    assert all(torch.isfinite(p).all() for p in geometry.cost_filter.parameters())
 
 
 @pytest.mark.slow
