@@ -110,15 +110,40 @@ def load_sidecar(record_file: str) -> dict[int, tuple[np.ndarray, np.ndarray]] |
         source = _read(path)
     if source is None:
         return None
-    with np.load(source) as z:
+    head = source.getvalue()[:4] if isinstance(source, io.BytesIO) else open(source, "rb").read(4)
+    if head != b"PK\x03\x04":  # every .npz is a zip archive
+        raise _unreadable(path, f"not an .npz archive (it starts with {head!r})")
+    try:
+        z = np.load(source)  # pickles refused (allow_pickle=False): a sidecar holds plain arrays
+    except Exception as err:  # a damaged archive
+        raise _unreadable(path, f"{type(err).__name__}: {err}".splitlines()[0]) from None
+    with z:
         if not exact and (twins := _twins(record_file)):  # NAME.npz beside NAME.tfrecord and NAME.tfrecords
             owner = str(z["record"]) if "record" in z.files else None
             if owner in (twin.name for twin in twins):
                 return None  # the twin's
             if owner != name:
-                err = GQNDataError(f"object sidecar {path} could belong to {name} or to {twins[0].name}")
-                err.fix = (f"rename it {name}{SIDECAR_SUFFIX} or {twins[0].name}{SIDECAR_SUFFIX}, whichever file "
-                           "it was written for")
+                a, b = sorted([name, twins[0].name])  # the same line from either file
+                err = GQNDataError(f"object sidecar {path} could belong to {a} or to {b}")
+                err.fix = f"rename it {a}{SIDECAR_SUFFIX} or {b}{SIDECAR_SUFFIX}, whichever file it was written for"
                 raise err
-        offsets, masks, empty = z["offsets"], z["masks"], z["empty"]
+        missing = [k for k in ("offsets", "masks", "empty") if k not in z.files]
+        if missing:
+            raise _unreadable(path, f"no {', '.join(missing)} array (it holds {', '.join(z.files) or 'nothing'})")
+        try:
+            offsets, masks, empty = z["offsets"], z["masks"], z["empty"]
+        except Exception as err:  # a damaged member of the archive
+            raise _unreadable(path, f"{type(err).__name__}: {err}".splitlines()[0]) from None
+    n = len(offsets)
+    if (offsets.ndim != 1 or masks.ndim != 4 or masks.shape[0] != n or empty.shape != (*masks.shape, 3)
+            or masks.shape[-1] != masks.shape[-2]):
+        raise _unreadable(path, f"arrays disagree: offsets {offsets.shape}, masks {masks.shape}, empty "
+                                f"{empty.shape} (want [N], [N, V, S, S], [N, V, S, S, 3])")
     return {int(o): (m, e) for o, m, e in zip(offsets, masks, empty)}
+
+
+def _unreadable(path, problem: str) -> GQNDataError:
+    err = GQNDataError(f"object sidecar {path} cannot be read: {problem}")
+    err.fix = ("write it again (gqn-data synth writes sidecars beside the records it writes) or delete it; "
+               "without it the object-pixel metrics are left out")
+    return err

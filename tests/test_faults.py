@@ -69,6 +69,14 @@ def world(data_root, tmp_path_factory) -> dict:
     with np.load(side) as z:
         unnamed = {k: z[k] for k in z.files if k != "record"}
     np.savez_compressed(side, **unnamed)
+    # a damaged sidecar (cut short); a sidecar of other records (the train split's, copied over the test split's)
+    for name, damage in (("cutsidecar", "cut"), ("stalesidecar", "stale")):
+        shutil.copytree(data_root / "synthetic_rooms", tmp / name / "synthetic_rooms")
+        side = tmp / name / "synthetic_rooms" / "objects" / "test" / "001-of-001.npz"
+        if damage == "cut":
+            side.write_bytes(side.read_bytes()[:3000])
+        else:
+            shutil.copyfile(tmp / name / "synthetic_rooms" / "objects" / "train" / "001-of-003.npz", side)
     # 32 px frames under rooms_ring_camera (64 px in DeepMind's table)
     wrong = tmp / "wrong"
     shutil.copytree(data_root / "synthetic_rooms", wrong / "rooms_ring_camera", ignore=shutil.ignore_patterns("*.json"))
@@ -261,6 +269,10 @@ CASES = [
      lambda w: _render(w, f"context_file={w['tmp']}/ctx_nan_camera.yaml"), 2,
      ["camera 0 must be 5 finite numbers"]),
     ("eval-no-ckpt", "gqn-eval", lambda w: _eval(w), 2, ["give the checkpoint: ckpt_path="]),
+    ("eval-sidecar-damaged", "gqn-eval",
+     lambda w: _eval(w, f"ckpt_path={w['ckpt']}", f"paths.data_dir={w['tmp']}/cutsidecar"), 2,
+     ["object sidecar", "cutsidecar/synthetic_rooms/objects/test/001-of-001.npz cannot be read: BadZipFile",
+      "write it again (gqn-data synth writes sidecars beside the records it writes) or delete it"]),
     ("eval-sidecar-of-twins", "gqn-eval",
      lambda w: _eval(w, f"ckpt_path={w['ckpt']}", f"paths.data_dir={w['twins'].parent}"), 2,
      ["object sidecar", "objects/test/001-of-001.npz could belong to 001-of-001.tfrecord or to 001-of-001.tfrecords",
@@ -389,6 +401,12 @@ PROBLEMS = [
      "holds no *.tfrecord or *.tfrecords files (empty train split)"),
     ("verify-no-test-split", ["verify", "{tmp}/no_test/rooms_ring_camera"], "has no test/ directory"),
     ("verify-damaged-card", ["verify", "{tmp}/badcard/synthetic_rooms"], "dataset.json is not valid JSON"),
+    ("verify-sidecar-damaged", ["verify", "{tmp}/cutsidecar/synthetic_rooms"],
+     "objects/test/001-of-001.npz cannot be read: BadZipFile"),
+    ("verify-sidecar-of-other-records", ["verify", "{tmp}/stalesidecar/synthetic_rooms"],
+     "test/001-of-001.tfrecord has no masks for 7 of its 8 readable records and masks for 7 records it does not hold"),
+    ("verify-sidecar-of-twins", ["verify", "{tmp}/twins/synthetic_rooms"],
+     "objects/test/001-of-001.npz could belong to 001-of-001.tfrecord or to 001-of-001.tfrecords"),
 ]
 
 

@@ -92,10 +92,12 @@ def _scan(root: Path, decode: bool):
         files = record_files(root / split)
         frames_per_scene, sizes, scenes = Counter(), Counter(), 0
         for path in files:
+            views = {}  # offset -> frames of each readable scene, for the file's object sidecar
             try:
                 for offset, data in iter_records(path, on_bad_data=lambda err: problems.append(str(err))):
                     try:
                         frames, _ = parse_scene(data, path, offset)
+                        views[offset] = len(frames)
                         for i, jpeg in enumerate(frames if decode else frames[:1]):
                             h, w = frame_size(jpeg, path, offset, i, decode)
                             sizes[f"{w}x{h}"] += 1
@@ -112,6 +114,8 @@ def _scan(root: Path, decode: bool):
                         problems.append(str(err))
             except CorruptRecordError as err:  # framing broken: the rest of the file is unreadable
                 problems.append(str(err))
+            if decode:
+                problems.extend(_sidecar_problems(path, views))
         stats[split] = {"files": len(files), "scenes": scenes,
                         "frames_per_scene": dict(frames_per_scene), "frame_sizes": dict(sizes)}
         if not files:
@@ -121,7 +125,34 @@ def _scan(root: Path, decode: bool):
     for split in ("train", "test"):
         if split not in stats:
             problems.append(f"{root} has no {split}/ directory (training needs train/, evaluation test/)")
-    return stats, problems
+    return stats, list(dict.fromkeys(problems))  # once each (twin record files share a sidecar's problem)
+
+
+def _sidecar_problems(path: Path, views: dict[int, int]) -> list[str]:
+    """What is wrong with the object sidecar of record file ``path`` (none: nothing), given its readable scenes'
+    ``{offset: frames}``: unreadable, or not matching the records (written for other records, other views)."""
+    from data_modules.errors import GQNDataError
+    from data_modules.objects import load_sidecar
+
+    load_sidecar.cache_clear()  # a file replaced since it was last read
+    try:
+        table = load_sidecar(str(path))
+    except GQNDataError as err:
+        return [f"{err}; fix: {err.fix}" if err.fix else str(err)]
+    if table is None:
+        return []
+    missing = [o for o in views if o not in table]
+    extra = [o for o in table if o not in views]
+    if missing or extra:
+        held = f" and masks for {len(extra)} records it does not hold" if extra else ""
+        first = (missing or extra)[0]
+        return [f"the object sidecar of {path} has no masks for {len(missing)} of its {len(views)} readable records"
+                f"{held} (first at byte {first}): it was written for other records; write it again or delete it"]
+    if short := [o for o in views if len(table[o][0]) != views[o]]:
+        o = short[0]
+        return [f"the object sidecar of {path} has {len(table[o][0])} views of masks for the record at byte {o}, "
+                f"which has {views[o]} frames ({len(short)} such records); write it again or delete it"]
+    return []
 
 
 def _info(args) -> int:
