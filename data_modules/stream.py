@@ -232,8 +232,15 @@ class SceneStream(IterableDataset):
         masks, empty = [], []
         for _, (path, offset, _, _), _, views, _ in scenes:
             table = load_sidecar(path)
-            if table is None or offset not in table:
+            if table is None:
                 return {}
+            if offset not in table or views[-1] >= len(table[offset][0]):  # a sidecar covers every record, view
+                err = GQNDataError(f"the object sidecar of {path} has no masks for the record at byte {offset}"
+                                   f"{'' if offset not in table else f' view {views[-1]}'}: it was written "
+                                   f"for other records")
+                err.fix = ("write it again or delete it (without it the object-pixel metrics are left out); "
+                           "gqn-data verify <dataset dir> checks every sidecar")
+                raise err
             m, e = table[offset][0][views[-1]], table[offset][1][views[-1]]
             if m.shape[0] != self.image_size:  # resized like the frames
                 m = np.asarray(Image.fromarray(m).resize((self.image_size,) * 2, Image.BILINEAR))

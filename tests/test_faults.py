@@ -273,6 +273,10 @@ CASES = [
      lambda w: _eval(w, f"ckpt_path={w['ckpt']}", f"paths.data_dir={w['tmp']}/cutsidecar"), 2,
      ["object sidecar", "cutsidecar/synthetic_rooms/objects/test/001-of-001.npz cannot be read: BadZipFile",
       "write it again (gqn-data synth writes sidecars beside the records it writes) or delete it"]),
+    ("eval-sidecar-of-other-records", "gqn-eval",
+     lambda w: _eval(w, f"ckpt_path={w['ckpt']}", f"paths.data_dir={w['tmp']}/stalesidecar"), 2,
+     ["the object sidecar of", "stalesidecar/synthetic_rooms/test/001-of-001.tfrecord has no masks for the record "
+      "at byte", "it was written for other records", "gqn-data verify <dataset dir> checks every sidecar"]),
     ("eval-sidecar-of-twins", "gqn-eval",
      lambda w: _eval(w, f"ckpt_path={w['ckpt']}", f"paths.data_dir={w['twins'].parent}"), 2,
      ["object sidecar", "objects/test/001-of-001.npz could belong to 001-of-001.tfrecord or to 001-of-001.tfrecords",
