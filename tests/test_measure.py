@@ -180,6 +180,40 @@ def test_twin_record_files_never_share_a_sidecar(tmp_path):
     load_sidecar.cache_clear()
 
 
+def test_verify_checks_sidecars_against_their_records(tmp_path, capsys):
+    """gqn-data verify: a good dataset's sidecars pass; a damaged record is one problem (its masks are not a
+    second); a file cut short is one problem; masks of fewer views than a record's frames are one."""
+    from gqn import data_cli
+
+    root = tmp_path / "synthetic_rooms"
+    synthesize(root, "rooms", train_scenes=2, test_scenes=4, seed=2, image_size=32, views=4, scenes_per_file=4,
+               workers=1, log=lambda *_: None)
+    path = root / "test" / "001-of-001.tfrecord"
+    offsets = [o for o, _ in iter_records(path)]
+
+    def problems():
+        code = data_cli.main(["verify", str(root)])
+        lines = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("problem:")]
+        assert code == (1 if lines else 0)
+        return lines
+
+    assert problems() == []
+    good = path.read_bytes()
+    damaged = bytearray(good)
+    damaged[offsets[1] + 12 + 40] ^= 0x40
+    path.write_bytes(bytes(damaged))
+    assert [("CRC" in p, "object sidecar" in p) for p in problems()] == [(True, False)]
+    path.write_bytes(good[: offsets[3] + 20])
+    assert [("truncated" in p, "object sidecar" in p) for p in problems()] == [(True, False)]
+    path.write_bytes(good)
+    side = sidecar_path(path)
+    with np.load(side) as z:
+        arrays = {k: z[k] for k in z.files}
+    np.savez_compressed(side, **{**arrays, "masks": arrays["masks"][:, :3], "empty": arrays["empty"][:, :3]})
+    (only,) = problems()
+    assert f"has 3 views of masks for the record at byte {offsets[0]}, which has 4 frames (4 such records)" in only
+
+
 def test_data_without_sidecars_has_no_object_keys(tmp_path):
     synthesize(tmp_path / "synthetic_rooms", "rooms", train_scenes=2, test_scenes=2, image_size=32, views=4,
                scenes_per_file=1, workers=1, objects=False, samples=1, log=lambda *_: None)

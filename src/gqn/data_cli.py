@@ -92,9 +92,15 @@ def _scan(root: Path, decode: bool):
         files = record_files(root / split)
         frames_per_scene, sizes, scenes = Counter(), Counter(), 0
         for path in files:
-            views = {}  # offset -> frames of each readable scene, for the file's object sidecar
+            views, unread = {}, set()  # offset -> frames of each readable scene; damaged records' offsets
+            whole = True  # every record of the file was found (framing intact)
+
+            def bad_data(err, unread=unread):
+                problems.append(str(err))
+                unread.add(err.offset)
+
             try:
-                for offset, data in iter_records(path, on_bad_data=lambda err: problems.append(str(err))):
+                for offset, data in iter_records(path, on_bad_data=bad_data):
                     try:
                         frames, _ = parse_scene(data, path, offset)
                         views[offset] = len(frames)
@@ -114,8 +120,9 @@ def _scan(root: Path, decode: bool):
                         problems.append(str(err))
             except CorruptRecordError as err:  # framing broken: the rest of the file is unreadable
                 problems.append(str(err))
+                whole = False
             if decode:
-                problems.extend(_sidecar_problems(path, views))
+                problems.extend(_sidecar_problems(path, views, unread if whole else None))
         stats[split] = {"files": len(files), "scenes": scenes,
                         "frames_per_scene": dict(frames_per_scene), "frame_sizes": dict(sizes)}
         if not files:
@@ -128,9 +135,10 @@ def _scan(root: Path, decode: bool):
     return stats, list(dict.fromkeys(problems))  # once each (twin record files share a sidecar's problem)
 
 
-def _sidecar_problems(path: Path, views: dict[int, int]) -> list[str]:
+def _sidecar_problems(path: Path, views: dict[int, int], unread: set[int] | None) -> list[str]:
     """What is wrong with the object sidecar of record file ``path`` (none: nothing), given its readable scenes'
-    ``{offset: frames}``: unreadable, or not matching the records (written for other records, other views)."""
+    ``{offset: frames}`` and the offsets of its damaged records (None: the file's framing broke, so its later
+    records are unknown): unreadable, or not matching the records (written for other records, other views)."""
     from data_modules.errors import GQNDataError
     from data_modules.objects import load_sidecar
 
@@ -142,7 +150,7 @@ def _sidecar_problems(path: Path, views: dict[int, int]) -> list[str]:
     if table is None:
         return []
     missing = [o for o in views if o not in table]
-    extra = [o for o in table if o not in views]
+    extra = [] if unread is None else [o for o in table if o not in views and o not in unread]
     if missing or extra:
         held = f" and masks for {len(extra)} records it does not hold" if extra else ""
         first = (missing or extra)[0]
