@@ -9,8 +9,7 @@ archive with, for the N records of the file in order:
   (255: the pixel shows only objects; 0: only the room or the sky); evaluation counts a pixel as an object
   pixel when at least half of it is covered (``gqn.metrics.OBJECT_COVERAGE``);
 * ``empty`` uint8 ``[N, V, S, S, 3]``: per view, the exact render of the scene with the objects (and their
-  shadows) taken out: what a model that draws the room perfectly and no objects would draw.
-
+  shadows) taken out: what a model that draws the room perfectly and no objects would draw;
 * ``record`` (optional) str: the name of the record file it was written for (``NAME.tfrecord``).
 
 ``S`` is the frame size of the records (resized with the frames when a reader asks for another size).
@@ -18,8 +17,8 @@ archive with, for the N records of the file in order:
 
 A split that holds both ``NAME.tfrecord`` and ``NAME.tfrecords`` needs a sidecar each: ``NAME.tfrecord.npz`` and
 ``NAME.tfrecords.npz`` (the full record name is looked up first), or a ``NAME.npz`` whose ``record`` says which
-of the two it belongs to; a ``NAME.npz`` that does not say is refused there (it would pair one file's masks with
-the other's records by byte offset).
+of the two it belongs to; a local ``NAME.npz`` that does not say is refused there (it would pair one file's masks
+with the other's records by byte offset; remote splits are not listed for this check).
 """
 
 from __future__ import annotations
@@ -32,7 +31,7 @@ import numpy as np
 
 from data_modules.errors import GQNDataError
 from data_modules.records import RECORD_SUFFIXES
-from data_modules.remote import is_url, local_path, read_bytes
+from data_modules.remote import call, filesystem, is_url, local_path, read_bytes
 
 SIDECAR_DIR = "objects"
 SIDECAR_SUFFIX = ".npz"
@@ -83,10 +82,18 @@ def _read(path: Path | str):
     return path if Path(path).is_file() else None
 
 
+def _record_exists(record_file: str, name: str) -> bool:
+    """Whether a record file called ``name`` lies beside ``record_file`` (locally, or at the same URL prefix)."""
+    if is_url(record_file):
+        fs, where = filesystem(f"{str(record_file).rsplit('/', 1)[0]}/{name}")
+        return bool(call("stat", str(record_file), fs.exists, where))
+    return (Path(local_path(record_file)).parent / name).is_file()
+
+
 def _twins(record_file: str) -> list[Path]:
     """Local record files beside ``record_file`` with its stem and another record suffix (``x.tfrecords`` for
     ``x.tfrecord``) and no sidecar named after them: files that could claim :func:`sidecar_path`'s too (remote
-    files are not listed for this: there the whole-name sidecar is the way to tell twins apart)."""
+    files are not listed for this: there a whole-name sidecar, or ``record``, is the way to tell twins apart)."""
     if is_url(record_file):
         return []
     path = Path(local_path(record_file))
@@ -94,12 +101,21 @@ def _twins(record_file: str) -> list[Path]:
     return [twin for twin in twins if not Path(exact_sidecar_path(twin)).is_file()]  # one with its own: no claim
 
 
+def _owner(z) -> str | None:
+    """The ``record`` a sidecar names (its file name; None where it names none)."""
+    if "record" not in z.files:
+        return None
+    names = np.asarray(z["record"]).reshape(-1)
+    return Path(str(names[0])).name if names.size else None
+
+
 @functools.lru_cache(maxsize=8)
 def load_sidecar(record_file: str) -> dict[int, tuple[np.ndarray, np.ndarray]] | None:
     """``{offset: (masks [V, S, S], empty [V, S, S, 3])}`` for a record file, or None without a sidecar: its
-    ``NAME.tfrecord.npz``, else its ``NAME.npz`` — where a twin (``NAME.tfrecords`` beside ``NAME.tfrecord``) could
-    claim that too, only if its ``record`` names this file (None if it names the twin, :class:`GQNDataError` if
-    it names neither). Without a twin ``record`` is not checked (a renamed pair of files keeps working)."""
+    ``NAME.tfrecord.npz``, else its ``NAME.npz`` unless that names (``record``) another record file that exists
+    (a twin: ``NAME.tfrecords`` beside ``NAME.tfrecord``; a name of no file there is a renamed pair, still this
+    file's). A ``NAME.npz`` that names no file, beside a local twin without a sidecar of its own, is a
+    :class:`GQNDataError`; so is a sidecar that cannot be read."""
     name = str(record_file).rsplit("/", 1)[-1] if is_url(record_file) else Path(local_path(record_file)).name
     exact = True
     path = exact_sidecar_path(record_file)
@@ -110,30 +126,36 @@ def load_sidecar(record_file: str) -> dict[int, tuple[np.ndarray, np.ndarray]] |
         source = _read(path)
     if source is None:
         return None
-    head = source.getvalue()[:4] if isinstance(source, io.BytesIO) else open(source, "rb").read(4)
-    if head != b"PK\x03\x04":  # every .npz is a zip archive
-        raise _unreadable(path, f"not an .npz archive (it starts with {head!r})")
     try:
+        if not isinstance(source, io.BytesIO):  # read whole (np.load would anyway), no handle left open on errors
+            source = io.BytesIO(Path(source).read_bytes())
+        head = source.getvalue()[:4]
+        if head != b"PK\x03\x04":  # every .npz is a zip archive
+            raise _unreadable(path, f"not an .npz archive (it starts with {head!r})")
         z = np.load(source)  # pickles refused (allow_pickle=False): a sidecar holds plain arrays
-    except Exception as err:  # a damaged archive
+    except GQNDataError:
+        raise
+    except Exception as err:  # a damaged archive, a file we may not read
         raise _unreadable(path, f"{type(err).__name__}: {err}".splitlines()[0]) from None
     with z:
-        if not exact and (twins := _twins(record_file)):  # NAME.npz beside NAME.tfrecord and NAME.tfrecords
-            owner = str(z["record"]) if "record" in z.files else None
-            if owner in (twin.name for twin in twins):
-                return None  # the twin's
-            if owner != name:
-                a, b = sorted([name, twins[0].name])  # the same line from either file
-                err = GQNDataError(f"object sidecar {path} could belong to {a} or to {b}")
-                err.fix = f"rename it {a}{SIDECAR_SUFFIX} or {b}{SIDECAR_SUFFIX}, whichever file it was written for"
-                raise err
-        missing = [k for k in ("offsets", "masks", "empty") if k not in z.files]
-        if missing:
-            raise _unreadable(path, f"no {', '.join(missing)} array (it holds {', '.join(z.files) or 'nothing'})")
         try:
+            owner = _owner(z)
+            missing = [k for k in ("offsets", "masks", "empty") if k not in z.files]
+            if missing:
+                raise _unreadable(path, f"no {', '.join(missing)} array (it holds {', '.join(z.files)})")
             offsets, masks, empty = z["offsets"], z["masks"], z["empty"]
-        except Exception as err:  # a damaged member of the archive
+        except GQNDataError:
+            raise
+        except Exception as err:  # a damaged member of the archive, an array of objects
             raise _unreadable(path, f"{type(err).__name__}: {err}".splitlines()[0]) from None
+    if not exact:
+        if owner is not None and owner != name and _record_exists(record_file, owner):
+            return None  # another record file's (a twin)
+        if owner is None and (twins := _twins(record_file)):  # NAME.npz beside NAME.tfrecord and NAME.tfrecords
+            a, b = sorted([name, twins[0].name])  # the same line from either file
+            err = GQNDataError(f"object sidecar {path} could belong to {a} or to {b}")
+            err.fix = f"rename it {a}{SIDECAR_SUFFIX} or {b}{SIDECAR_SUFFIX}, whichever file it was written for"
+            raise err
     n = len(offsets)
     if (offsets.ndim != 1 or masks.ndim != 4 or masks.shape[0] != n or empty.shape != (*masks.shape, 3)
             or masks.shape[-1] != masks.shape[-2]):

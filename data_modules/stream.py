@@ -228,7 +228,9 @@ class SceneStream(IterableDataset):
 
     def _query_objects(self, scenes) -> dict[str, np.ndarray]:
         """The query views' object coverage ``[B, S, S]`` and empty-room renders ``[B, S, S, 3]`` (uint8) from
-        the sidecar files; nothing when a scene has none (then the batch has no object metrics)."""
+        the sidecar files; nothing when a scene's file has no sidecar (then the batch has no object metrics). A
+        sidecar without masks for a scene's record (or view) is a :class:`GQNDataError`: it was written for
+        other records, and pairing by byte offset would hand some scenes another scene's masks."""
         masks, empty = [], []
         for _, (path, offset, _, _), _, views, _ in scenes:
             table = load_sidecar(path)

@@ -408,7 +408,7 @@ PROBLEMS = [
     ("verify-sidecar-damaged", ["verify", "{tmp}/cutsidecar/synthetic_rooms"],
      "objects/test/001-of-001.npz cannot be read: BadZipFile"),
     ("verify-sidecar-of-other-records", ["verify", "{tmp}/stalesidecar/synthetic_rooms"],
-     "test/001-of-001.tfrecord has no masks for 7 of its 8 readable records and masks for 7 records it does not hold"),
+     "001-of-001.tfrecord has no masks for 7 of its 8 readable records and masks for 7 record(s) it does not hold"),
     ("verify-sidecar-of-twins", ["verify", "{tmp}/twins/synthetic_rooms"],
      "objects/test/001-of-001.npz could belong to 001-of-001.tfrecord or to 001-of-001.tfrecords"),
 ]

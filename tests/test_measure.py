@@ -168,15 +168,83 @@ def test_twin_record_files_never_share_a_sidecar(tmp_path):
     np.savez_compressed(side, **unnamed)
     for path in (a, twin):
         load_sidecar.cache_clear()
-        with pytest.raises(GQNDataError, match=r"could belong to 001-of-001\.tfrecords? or to 001-of-001\.tfrecords?$"):
+        with pytest.raises(GQNDataError, match=r"could belong to 001-of-001\.tfrecord or to 001-of-001\.tfrecords$"):
             load_sidecar(str(path))
     shutil.copyfile(sidecar_path(b), exact_sidecar_path(twin))  # the twin has its own: a.npz is a's
     load_sidecar.cache_clear()
     assert sorted(load_sidecar(str(a))) == sorted(own)
     exact_sidecar_path(twin).unlink()
+    # a.npz naming a: never the twin's, even when a has a sidecar of its own
+    np.savez_compressed(side, **unnamed, record=np.array(a.name))
+    shutil.copyfile(side, exact_sidecar_path(a))
+    load_sidecar.cache_clear()
+    assert load_sidecar(str(twin)) is None
+    exact_sidecar_path(a).unlink()
     twin.unlink()  # without a twin, an unnamed sidecar is the file's, as before
     load_sidecar.cache_clear()
     assert sorted(load_sidecar(str(a))) == sorted(own)
+    load_sidecar.cache_clear()
+
+
+def test_remote_twins_are_told_apart_by_the_record_a_sidecar_names(tmp_path):
+    """Over a URL (fsspec memory://) a split is not listed for twins: a NAME.npz naming NAME.tfrecord serves only
+    NAME.tfrecord, its twin NAME.tfrecords gets nothing (or its own NAME.tfrecords.npz); a renamed pair (a name of no
+    file there) still pairs."""
+    import fsspec
+
+    synthesize(tmp_path / "a", "rooms", train_scenes=2, test_scenes=2, seed=0, image_size=32, views=4,
+               scenes_per_file=2, workers=1, log=lambda *_: None)
+    local = tmp_path / "a" / "test" / "001-of-001.tfrecord"
+    fs = fsspec.filesystem("memory")
+    base = f"/twins-{tmp_path.name}"
+    fs.pipe(f"{base}/test/001-of-001.tfrecord", local.read_bytes())
+    fs.pipe(f"{base}/test/001-of-001.tfrecords", local.read_bytes())
+    fs.pipe(f"{base}/objects/test/001-of-001.npz", sidecar_path(local).read_bytes())
+    url = f"memory://{base}/test/001-of-001.tfrecord"
+    load_sidecar.cache_clear()
+    assert sorted(load_sidecar(url)) == [o for o, _ in iter_records(local)]
+    assert load_sidecar(url + "s") is None  # a.npz names 001-of-001.tfrecord, which is there
+    fs.pipe(f"{base}/objects/test/001-of-001.tfrecords.npz", sidecar_path(local).read_bytes())
+    load_sidecar.cache_clear()
+    assert sorted(load_sidecar(url + "s")) == [o for o, _ in iter_records(local)]
+    fs.rm(f"{base}/test/001-of-001.tfrecords")
+    fs.mv(f"{base}/test/001-of-001.tfrecord", f"{base}/test/renamed.tfrecord")
+    fs.mv(f"{base}/objects/test/001-of-001.npz", f"{base}/objects/test/renamed.npz")
+    load_sidecar.cache_clear()
+    assert sorted(load_sidecar(f"memory://{base}/test/renamed.tfrecord")) == [o for o, _ in iter_records(local)]
+    load_sidecar.cache_clear()
+
+
+@pytest.mark.parametrize("damage,said", [
+    ("text", "not an .npz archive (it starts with b'nope')"),
+    ("cut", "cannot be read: BadZipFile"),
+    ("no-masks", "no masks array (it holds offsets, empty)"),
+    ("disagree", "arrays disagree: offsets (2,), masks (2, 4, 32, 32), empty (2, 4, 32, 16, 3)"),
+    ("objects", "cannot be read: ValueError: Object arrays cannot be loaded when allow_pickle=False"),
+])
+def test_an_unreadable_sidecar_is_one_line(tmp_path, damage, said):
+    synthesize(tmp_path / "a", "rooms", train_scenes=2, test_scenes=2, seed=0, image_size=32, views=4,
+               scenes_per_file=2, workers=1, log=lambda *_: None)
+    record = tmp_path / "a" / "test" / "001-of-001.tfrecord"
+    side = sidecar_path(record)
+    with np.load(side) as z:
+        arrays = {k: z[k] for k in z.files}
+    if damage == "text":
+        side.write_text("nope")
+    elif damage == "cut":
+        side.write_bytes(side.read_bytes()[:200])
+    elif damage == "no-masks":
+        np.savez_compressed(side, offsets=arrays["offsets"], empty=arrays["empty"])
+    elif damage == "disagree":
+        np.savez_compressed(side, **{**arrays, "empty": arrays["empty"][:, :, :, :16]})
+    else:
+        np.savez_compressed(side, **{**arrays, "record": np.array([{"not": "a name"}], dtype=object)})
+    load_sidecar.cache_clear()
+    with pytest.raises(GQNDataError) as err:
+        load_sidecar(str(record))
+    line = str(err.value)
+    assert "\n" not in line and line.startswith(f"object sidecar {side} ") and said in line, line
+    assert "write it again" in err.value.fix
     load_sidecar.cache_clear()
 
 
@@ -205,6 +273,11 @@ def test_verify_checks_sidecars_against_their_records(tmp_path, capsys):
     assert [("CRC" in p, "object sidecar" in p) for p in problems()] == [(True, False)]
     path.write_bytes(good[: offsets[3] + 20])
     assert [("truncated" in p, "object sidecar" in p) for p in problems()] == [(True, False)]
+    # a record whose framing and CRCs are intact but whose bytes are no scene
+    from gqn.synthetic.writer import _framed
+
+    path.write_bytes(_framed(b"\xff" * (offsets[1] - 16)) + good[offsets[1]:])  # the later offsets unchanged
+    assert [("object sidecar" in p) for p in problems()] == [False]
     path.write_bytes(good)
     side = sidecar_path(path)
     with np.load(side) as z:

@@ -92,7 +92,7 @@ def _scan(root: Path, decode: bool):
         files = record_files(root / split)
         frames_per_scene, sizes, scenes = Counter(), Counter(), 0
         for path in files:
-            views, unread = {}, set()  # offset -> frames of each readable scene; damaged records' offsets
+            views, unread = {}, set()  # offset -> frames of each readable scene; the other records' offsets
             whole = True  # every record of the file was found (framing intact)
 
             def bad_data(err, unread=unread):
@@ -101,9 +101,11 @@ def _scan(root: Path, decode: bool):
 
             try:
                 for offset, data in iter_records(path, on_bad_data=bad_data):
+                    unread.add(offset)  # until it parses
                     try:
                         frames, _ = parse_scene(data, path, offset)
                         views[offset] = len(frames)
+                        unread.discard(offset)
                         for i, jpeg in enumerate(frames if decode else frames[:1]):
                             h, w = frame_size(jpeg, path, offset, i, decode)
                             sizes[f"{w}x{h}"] += 1
@@ -137,8 +139,8 @@ def _scan(root: Path, decode: bool):
 
 def _sidecar_problems(path: Path, views: dict[int, int], unread: set[int] | None) -> list[str]:
     """What is wrong with the object sidecar of record file ``path`` (none: nothing), given its readable scenes'
-    ``{offset: frames}`` and the offsets of its damaged records (None: the file's framing broke, so its later
-    records are unknown): unreadable, or not matching the records (written for other records, other views)."""
+    ``{offset: frames}`` and the offsets of the records it could not read (None: the file's framing broke, so its
+    later records are unknown): unreadable, or not matching the records (written for other records, other views)."""
     from data_modules.errors import GQNDataError
     from data_modules.objects import load_sidecar
 
@@ -152,10 +154,10 @@ def _sidecar_problems(path: Path, views: dict[int, int], unread: set[int] | None
     missing = [o for o in views if o not in table]
     extra = [] if unread is None else [o for o in table if o not in views and o not in unread]
     if missing or extra:
-        held = f" and masks for {len(extra)} records it does not hold" if extra else ""
-        first = (missing or extra)[0]
-        return [f"the object sidecar of {path} has no masks for {len(missing)} of its {len(views)} readable records"
-                f"{held} (first at byte {first}): it was written for other records; write it again or delete it"]
+        what = [f"no masks for {len(missing)} of its {len(views)} readable records"] if missing else []
+        what += [f"masks for {len(extra)} record(s) it does not hold"] if extra else []
+        return [f"the object sidecar of {path} has {' and '.join(what)} (first at byte {(missing or extra)[0]}): "
+                f"it was written for other records; write it again or delete it"]
     if short := [o for o in views if len(table[o][0]) != views[o]]:
         o = short[0]
         return [f"the object sidecar of {path} has {len(table[o][0])} views of masks for the record at byte {o}, "
