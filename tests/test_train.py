@@ -607,6 +607,7 @@ def test_floor_loss_adds_the_nll_of_the_floor_read_on_every_pixel(train_cfg):
     assert train_cfg().module.floor_weight == 0.0 and train_cfg().model.geometry.floor_grid == 0
     module, batch, logged, steps, read = _auxiliary_loss_steps(
         train_cfg, "floor_weight", lambda m: m.model.geometry.floor_net[0].weight, "model.geometry.floor_grid=8",
+        "model.geometry.nearest_view=false",
         "module.floor_weight=0.5")
     drawn = module.model.geometry.floor_colour(read)
     want = 0.5 * gaussian_nll(batch["query_images"], drawn, module.sigma())
@@ -616,7 +617,8 @@ def test_floor_loss_adds_the_nll_of_the_floor_read_on_every_pixel(train_cfg):
     with pytest.raises(InstantiationException, match="module.floor_weight=0.5 trains the floor map, but the model"):
         instantiate(train_cfg("module.floor_weight=0.5").module, _recursive_=False)
     with pytest.raises(InstantiationException, match="module.floor_weight must be a number >= 0, got -0.5"):
-        instantiate(train_cfg("model.geometry.floor_grid=8", "module.floor_weight=-0.5").module, _recursive_=False)
+        instantiate(train_cfg("model.geometry.floor_grid=8", "model.geometry.nearest_view=false",
+                              "module.floor_weight=-0.5").module, _recursive_=False)
 
 
 def test_throughput_monitor_logs_scenes_and_flops_per_step(train_cfg):

@@ -147,7 +147,7 @@ class PlaneSweep(nn.Module):
             self.out_channels += 3
         if floor_grid and nearest_view:
             raise ValueError("geometry.floor_grid and geometry.nearest_view both end the map with a colour to copy; "
-                             "choose one")
+                             "choose one (model.geometry.nearest_view=false turns the nearest view off)")
         if floor_grid < 0 or floor_heights < 1 or floor_channels < 1 or not floor_extent > 0:
             raise ValueError(f"geometry.floor_grid must be >= 0 (0: off), floor_heights and floor_channels >= 1 and "
                              f"floor_extent > 0, got {floor_grid}, {floor_heights}, {floor_channels}, {floor_extent}")
