@@ -47,11 +47,16 @@ def sidecar_path(record_file: str | Path) -> Path | str:
     return split_dir.parent / SIDECAR_DIR / split_dir.name / (record_file.stem + SIDECAR_SUFFIX)
 
 
+def _record_name(record_file: str | Path) -> str:
+    """The file name of a record file (a path or a URL)."""
+    return str(record_file).rsplit("/", 1)[-1] if is_url(record_file) else Path(local_path(record_file)).name
+
+
 def exact_sidecar_path(record_file: str | Path) -> Path | str:
     """``{root}/{split}/NAME.tfrecord`` -> ``{root}/objects/{split}/NAME.tfrecord.npz``: the sidecar named after the
     whole record file, looked up before :func:`sidecar_path`'s ``NAME.npz``."""
     stem_form = sidecar_path(record_file)
-    name = str(record_file).rsplit("/", 1)[-1] if is_url(record_file) else Path(local_path(record_file)).name
+    name = _record_name(record_file)
     if is_url(stem_form):
         return f"{stem_form.rsplit('/', 1)[0]}/{name}{SIDECAR_SUFFIX}"
     return stem_form.with_name(name + SIDECAR_SUFFIX)
@@ -74,12 +79,14 @@ def write_sidecar(path: str | Path, offsets: np.ndarray, masks: np.ndarray, empt
     tmp.replace(path)
 
 
-def _read(path: Path | str):
-    """The sidecar at ``path`` as a source for ``np.load``, or None where there is none."""
+def _read(path: Path | str) -> bytes | None:
+    """The bytes of the sidecar at ``path`` (read whole: ``np.load`` would anyway), or None where there is none."""
     if is_url(path):
-        data = read_bytes(path)
-        return None if data is None else io.BytesIO(data)
-    return path if Path(path).is_file() else None
+        return read_bytes(path)
+    try:
+        return Path(path).read_bytes() if Path(path).is_file() else None
+    except OSError as err:  # a file we may not read
+        raise _unreadable(path, f"{type(err).__name__}: {err}".splitlines()[0]) from None
 
 
 def _record_exists(record_file: str, name: str) -> bool:
@@ -116,26 +123,20 @@ def load_sidecar(record_file: str) -> dict[int, tuple[np.ndarray, np.ndarray]] |
     (a twin: ``NAME.tfrecords`` beside ``NAME.tfrecord``; a name of no file there is a renamed pair, still this
     file's). A ``NAME.npz`` that names no file, beside a local twin without a sidecar of its own, is a
     :class:`GQNDataError`; so is a sidecar that cannot be read."""
-    name = str(record_file).rsplit("/", 1)[-1] if is_url(record_file) else Path(local_path(record_file)).name
-    exact = True
+    name = _record_name(record_file)
     path = exact_sidecar_path(record_file)
-    source = _read(path)
-    if source is None:
-        exact = False
+    data = _read(path)
+    exact = data is not None
+    if not exact:
         path = sidecar_path(record_file)
-        source = _read(path)
-    if source is None:
+        data = _read(path)
+    if data is None:
         return None
+    if data[:4] != b"PK\x03\x04":  # every .npz is a zip archive
+        raise _unreadable(path, f"not an .npz archive (it starts with {data[:4]!r})")
     try:
-        if not isinstance(source, io.BytesIO):  # read whole (np.load would anyway), no handle left open on errors
-            source = io.BytesIO(Path(source).read_bytes())
-        head = source.getvalue()[:4]
-        if head != b"PK\x03\x04":  # every .npz is a zip archive
-            raise _unreadable(path, f"not an .npz archive (it starts with {head!r})")
-        z = np.load(source)  # pickles refused (allow_pickle=False): a sidecar holds plain arrays
-    except GQNDataError:
-        raise
-    except Exception as err:  # a damaged archive, a file we may not read
+        z = np.load(io.BytesIO(data))  # pickles refused (allow_pickle=False): a sidecar holds plain arrays
+    except Exception as err:  # a damaged archive
         raise _unreadable(path, f"{type(err).__name__}: {err}".splitlines()[0]) from None
     with z:
         try:
@@ -164,8 +165,27 @@ def load_sidecar(record_file: str) -> dict[int, tuple[np.ndarray, np.ndarray]] |
     return {int(o): (m, e) for o, m, e in zip(offsets, masks, empty)}
 
 
-def _unreadable(path, problem: str) -> GQNDataError:
-    err = GQNDataError(f"object sidecar {path} cannot be read: {problem}")
-    err.fix = ("write it again (gqn-data synth writes sidecars beside the records it writes) or delete it; "
-               "without it the object-pixel metrics are left out")
+#: the remedy for a sidecar that cannot be read or does not match its records
+SIDECAR_FIX = ("write it again (gqn-data synth writes sidecars beside the records it writes) or delete it (without it "
+               "the object-pixel metrics are left out); gqn-data verify <dataset dir> checks every sidecar")
+
+
+def _sidecar_error(message: str) -> GQNDataError:
+    err = GQNDataError(message)
+    err.fix = SIDECAR_FIX
     return err
+
+
+def _unreadable(path, problem: str) -> GQNDataError:
+    return _sidecar_error(f"object sidecar {path} cannot be read: {problem}")
+
+
+def masks_of(table: dict, record_file: str, offset: int, view: int) -> tuple[np.ndarray, np.ndarray]:
+    """The masks and empty-room render of one view of one record from :func:`load_sidecar`'s ``table``; a
+    :class:`GQNDataError` where the sidecar has none for them (it was written for other records: pairing by byte
+    offset would hand the scene another scene's masks)."""
+    if offset not in table or view >= len(table[offset][0]):
+        which = "" if offset not in table else f" view {view}"
+        raise _sidecar_error(f"the object sidecar of {record_file} has no masks for the record at byte {offset}"
+                             f"{which}: it was written for other records")
+    return table[offset][0][view], table[offset][1][view]

@@ -23,7 +23,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from data_modules.datasets import DatasetInfo
 from data_modules.errors import CorruptRecordError, GQNDataError
-from data_modules.objects import load_sidecar
+from data_modules.objects import load_sidecar, masks_of
 from data_modules.records import JPEG_MAGIC, RECORD_NAMES, camera_to_pose, decode_frame, parse_scene, record_files
 from data_modules.remote import RemoteCache, is_url, iter_file_records, list_split, local_path
 
@@ -236,14 +236,7 @@ class SceneStream(IterableDataset):
             table = load_sidecar(path)
             if table is None:
                 return {}
-            if offset not in table or views[-1] >= len(table[offset][0]):  # a sidecar covers every record, view
-                err = GQNDataError(f"the object sidecar of {path} has no masks for the record at byte {offset}"
-                                   f"{'' if offset not in table else f' view {views[-1]}'}: it was written "
-                                   f"for other records")
-                err.fix = ("write it again or delete it (without it the object-pixel metrics are left out); "
-                           "gqn-data verify <dataset dir> checks every sidecar")
-                raise err
-            m, e = table[offset][0][views[-1]], table[offset][1][views[-1]]
+            m, e = masks_of(table, path, offset, views[-1])
             if m.shape[0] != self.image_size:  # resized like the frames
                 m = np.asarray(Image.fromarray(m).resize((self.image_size,) * 2, Image.BILINEAR))
                 e = np.asarray(Image.fromarray(e).resize((self.image_size,) * 2, Image.BILINEAR))

@@ -287,6 +287,23 @@ def test_verify_checks_sidecars_against_their_records(tmp_path, capsys):
     assert f"has 3 views of masks for the record at byte {offsets[0]}, which has 4 frames (4 such records)" in only
 
 
+def test_a_sidecar_without_the_query_views_masks_stops_the_reader(tmp_path):
+    """A sidecar that covers the record but not the query's view (masks of no views here) is an error in the
+    reader, not an IndexError or another view's masks."""
+    root = tmp_path / "synthetic_rooms"
+    synthesize(root, "rooms", train_scenes=2, test_scenes=2, seed=4, image_size=32, views=4, scenes_per_file=2,
+               workers=1, log=lambda *_: None)
+    side = sidecar_path(root / "test" / "001-of-001.tfrecord")
+    with np.load(side) as z:
+        arrays = {k: z[k] for k in z.files}
+    np.savez_compressed(side, **{**arrays, "masks": arrays["masks"][:, :0], "empty": arrays["empty"][:, :0]})
+    load_sidecar.cache_clear()
+    dm = GQNDataModule(str(tmp_path), "synthetic_rooms", batch_size=2, context_size=2, num_workers=0)
+    with pytest.raises(GQNDataError, match=r"has no masks for the record at byte 0 view \d: it was written for other"):
+        next(iter(dm.test_dataloader()))
+    load_sidecar.cache_clear()
+
+
 def test_data_without_sidecars_has_no_object_keys(tmp_path):
     synthesize(tmp_path / "synthetic_rooms", "rooms", train_scenes=2, test_scenes=2, image_size=32, views=4,
                scenes_per_file=1, workers=1, objects=False, samples=1, log=lambda *_: None)

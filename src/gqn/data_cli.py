@@ -142,7 +142,7 @@ def _sidecar_problems(path: Path, views: dict[int, int], unread: set[int] | None
     ``{offset: frames}`` and the offsets of the records it could not read (None: the file's framing broke, so its
     later records are unknown): unreadable, or not matching the records (written for other records, other views)."""
     from data_modules.errors import GQNDataError
-    from data_modules.objects import load_sidecar
+    from data_modules.objects import SIDECAR_FIX, load_sidecar
 
     load_sidecar.cache_clear()  # a file replaced since it was last read
     try:
@@ -157,11 +157,11 @@ def _sidecar_problems(path: Path, views: dict[int, int], unread: set[int] | None
         what = [f"no masks for {len(missing)} of its {len(views)} readable records"] if missing else []
         what += [f"masks for {len(extra)} record(s) it does not hold"] if extra else []
         return [f"the object sidecar of {path} has {' and '.join(what)} (first at byte {(missing or extra)[0]}): "
-                f"it was written for other records; write it again or delete it"]
+                f"it was written for other records; fix: {SIDECAR_FIX}"]
     if short := [o for o in views if len(table[o][0]) != views[o]]:
         o = short[0]
         return [f"the object sidecar of {path} has {len(table[o][0])} views of masks for the record at byte {o}, "
-                f"which has {views[o]} frames ({len(short)} such records); write it again or delete it"]
+                f"which has {views[o]} frames ({len(short)} such records); fix: {SIDECAR_FIX}"]
     return []
 
 
