@@ -209,7 +209,7 @@ def test_resume_after_sigkill(data_root, tmp_path):
     import csv
 
     (metrics,) = (resumed / "csv").rglob("metrics.csv")
-    rows = [r for r in csv.DictReader(metrics.open()) if r.get("train/sigma")]
+    rows = [r for r in csv.DictReader(metrics.read_text().splitlines()) if r.get("train/sigma")]
     first = rows[0]
     assert int(first["step"]) == step  # continues where the killed run stopped
     assert float(first["train/sigma"]) == pytest.approx(2.0 + (0.7 - 2.0) * step / 1000, rel=1e-6)

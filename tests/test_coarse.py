@@ -117,7 +117,7 @@ def test_a_run_trains_its_coarse_steps_then_full_size_steps_and_validates_at_the
     train(cfg)
     run = Path(cfg.hydra.runtime.output_dir)
     (metrics,) = run.rglob("metrics.csv")
-    rows = list(csv.DictReader(metrics.open()))
+    rows = list(csv.DictReader(metrics.read_text().splitlines()))
     sizes = {int(r["step"]): float(r["train/image_size"]) for r in rows if r.get("train/image_size")}
     assert sizes == {0: 16.0, 1: 16.0, 2: 16.0, 3: 32.0, 4: 32.0}
     # validation during the coarse steps (step 2) and after them, at the full size each time

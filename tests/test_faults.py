@@ -327,7 +327,7 @@ CASES = [
       "add model/geometry=plane_sweep or set module.depth_weight=0"]),
     ("floor-weight-without-floor-map", "gqn-train", lambda w: _train(w, "module.floor_weight=1"), 2,
      ["module.floor_weight=1 trains the floor map, but the model has none",
-      "set model.geometry.floor_grid (e.g. 16, with model.geometry.nearest_view=false) or module.floor_weight=0"]),
+      "set model.geometry.floor_grid (e.g. 16) or module.floor_weight=0"]),
     ("coarse-steps-negative", "gqn-train", lambda w: _train(w, "schedule.coarse_steps=-5"), 2,
      ["schedule.coarse_steps must be a whole number >= 0, got -5"]),
     ("coarse-factor-off-grid", "gqn-train", lambda w: _train(w, "schedule.coarse_steps=100",
@@ -732,8 +732,9 @@ def _last(cfg) -> Path:
 # ---------------------------------------------------------------------------------------- signals
 def _popen(args: list[str], cwd: Path, log: Path) -> subprocess.Popen:
     env = {**os.environ, "WANDB_MODE": "offline", "HYDRA_FULL_ERROR": "0", "OMP_NUM_THREADS": "1"}
-    return subprocess.Popen([str(BIN / "gqn-train"), *args], cwd=cwd, env=env, stdout=log.open("w"),
-                            stderr=subprocess.STDOUT, start_new_session=True)
+    with log.open("w") as out:  # the child keeps its own copy of the handle
+        return subprocess.Popen([str(BIN / "gqn-train"), *args], cwd=cwd, env=env, stdout=out,
+                                stderr=subprocess.STDOUT, start_new_session=True)
 
 
 def _signal_after_step(proc: subprocess.Popen, log: Path, step: int, signum: int, deadline: float = 240) -> int:

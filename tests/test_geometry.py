@@ -133,7 +133,7 @@ def test_consensus_weighs_down_the_view_that_disagrees():
     ctx[:, 0] = torch.tensor([1.0, 0.0, 1.0])[:, None, None]  # view 0 is all magenta: it disagrees everywhere
     plain = PlaneSweep(32, feature_channels=0)
     voting = PlaneSweep(32, feature_channels=0, consensus=True)
-    far = [(s._gather(ctx, frames, poses[-1:], depth)[0, :3].detach() - torch.tensor([1.0, 0, 1])[:, None])
+    far = [(s._gather(ctx, frames, poses[-1:], depth)[0][0, :3].detach() - torch.tensor([1.0, 0, 1])[:, None])
            .pow(2).sum(0).mean() for s in (plain, voting)]
     assert far[1] > far[0] + 0.05  # further from magenta with consensus
 
@@ -168,7 +168,7 @@ def test_visibility_leaves_out_the_views_that_do_not_see_the_point():
             sweep = PlaneSweep(32, feature_channels=0, fov_degrees=50, visibility=visibility, visibility_margin=0.05)
             features = torch.cat([ctx, own], dim=2) if visibility else ctx
             with torch.no_grad():
-                found = sweep._gather(features, camera_frames(ctx_poses), query, z[-1:])[0]
+                found = sweep._gather(features, camera_frames(ctx_poses), query, z[-1:])[0][0]
                 if visibility:  # the pixels some view sees (the same pixels scored for both)
                     seen = found[3] * 5 > 0.5
             errors[visibility].append((found[:3] - truth).pow(2).sum(0))
@@ -193,9 +193,9 @@ def test_occluder_colour_is_what_the_views_see_on_the_line_to_the_point():
     assert both.out_channels == seeing.out_channels + 3
     with torch.no_grad():
         frames = camera_frames(ctx_poses)
-        line = plain._gather(ctx, frames, query, z[-1:])[0, :3]
-        visible = seeing._gather(torch.cat([ctx, own], dim=2), frames, query, z[-1:])[0]
-        found = both._gather(torch.cat([ctx, own], dim=2), frames, query, z[-1:])[0]
+        line = plain._gather(ctx, frames, query, z[-1:])[0][0, :3]
+        visible = seeing._gather(torch.cat([ctx, own], dim=2), frames, query, z[-1:])[0][0]
+        found = both._gather(torch.cat([ctx, own], dim=2), frames, query, z[-1:])[0][0]
         assert torch.allclose(found[:-3], visible) and torch.allclose(found[-3:], line, atol=1e-6)
         assert (found[-3:] - found[:3]).abs().amax() > 0.1  # hidden views change the colour somewhere
         features = torch.cat([ctx, own], dim=2)
@@ -243,6 +243,85 @@ def test_nearest_view_is_the_baseline_view_and_a_third_colour_to_copy():
         assert torch.allclose(renders[1], read[:, -3:], atol=1e-6)  # the nearest view
         assert torch.allclose(renders[1], nearest_context_view(ci, cp, qp), atol=1e-6)
         assert (renders[2] - renders[0]).abs().mean() > 0.05 and (renders[2] - renders[1]).abs().mean() > 0.05
+
+
+def test_view_colours_are_the_nearest_views_at_the_found_depth_and_more_colours_to_copy():
+    """view_colours: the map ends with, for the K context views nearest the query in pose (nearest first, the
+    farthest repeated when there are fewer), each one's RGB at the depth the sweep chose and how much it sees the
+    point; the map before it is the read without the option. With the nearest view and the floor read too, every
+    colour is one the render copies alone when its weight -> 1."""
+    from gqn.model import GQN, Tower
+
+    images, poses, _, _ = _room(views=5)
+    torch.manual_seed(0)
+    kw = dict(feature_channels=2, depths=4, sweep_size=8, nearest_view=True, floor_grid=8, floor_heights=2)
+    plain = PlaneSweep(32, **kw)
+    views = PlaneSweep(32, view_colours=3, **kw)
+    views.load_state_dict(plain.state_dict())  # the option adds no parameters
+    assert views.out_channels == plain.out_channels + 12 and views.copies == 6
+    at = plain.out_channels
+    assert plain.copy_at == (0, at - 12, at - 3)  # found colour, nearest view, then the floor read's RGB (its last)
+    assert views.copy_at == plain.copy_at + (at, at + 4, at + 8)
+    colours = torch.tensor([[1.0, 0, 0], [0, 1, 0], [0, 0, 1], [1, 1, 0]])  # each context view a flat colour
+    ctx = colours[None, :, :, None, None].expand(2, 4, 3, 32, 32).clone()
+    ctx_poses = poses[None, :-1].repeat(2, 1, 1)
+    query = torch.stack([poses[-1], poses[2] + 0.01])
+    with torch.no_grad():
+        features = plain.view_features(ctx, ctx_poses)
+        out = views(features, ctx_poses, query)
+        assert torch.equal(out[:, :at], plain(features, ctx_poses, query))
+        assert torch.equal(views.floor_colour(out), plain.floor_colour(out[:, :at]))
+        order = (ctx_poses - query[:, None]).pow(2).sum(-1).argsort(dim=1)
+        assert order[1, 0] == 2
+        for b in range(2):
+            for k in range(3):
+                rgb, seen = out[b, at + 4 * k:at + 4 * k + 3], out[b, at + 4 * k + 3]
+                assert 0 <= seen.min() and seen.max() <= 1 + 1e-6
+                assert torch.allclose(rgb, colours[order[b, k]][:, None, None] * seen, atol=1e-5)
+        assert out[1, at + 3].mean() > 0.9  # the query sits at view 2: it sees (nearly) every point
+        few = views(features[:, :2], ctx_poses[:, :2], query)  # two views for three slots: the farther repeats
+        assert torch.equal(few[:, at + 8:], few[:, at + 4:at + 8])
+        assert not torch.equal(few[:, at:at + 4], few[:, at + 4:at + 8])
+
+    torch.manual_seed(0)
+    model = GQN(Tower(image_size=32, channels=8), image_size=32, hidden_channels=8, canvas_channels=8, num_steps=2,
+                core_sharing="shared", geometry=views)
+    assert model.generator.copy_at == views.copy_at
+    torch.manual_seed(0)
+    lower = PlaneSweep(32, view_colours=3, view_colours_logit=-3.0, **kw)
+    assert lower.copy_logits == (0.0, 0.0, 0.0, -3.0, -3.0, -3.0) and views.copy_logits == (0.0,) * 6
+    lower.load_state_dict(views.state_dict())
+    torch.manual_seed(0)
+    started = GQN(Tower(image_size=32, channels=8), image_size=32, hidden_channels=8, canvas_channels=8, num_steps=2,
+                  core_sharing="shared", geometry=lower)
+    shift = started.generator.geometry_skip[-1].bias - model.generator.geometry_skip[-1].bias
+    assert torch.allclose(shift, torch.tensor([0.0, 0, 0, -3, -3, -3, 0, 0, 0]))  # the copies' logits, not RGB's
+    ci, cp, qp = images[None, :-1], poses[None, :-1], poses[None, -1]
+    last = model.generator.geometry_skip[-1]
+    with torch.no_grad():
+        last.weight.zero_()
+        r, feats = model.encode(ci, cp)
+        read = model.read_geometry(qp, feats)
+        for i, start in enumerate(views.copy_at):
+            bias = torch.zeros(last.bias.shape)
+            bias[i] = 30.0
+            last.bias.copy_(bias)
+            assert torch.allclose(model.render(r, qp, mean=True, views=feats), read[:, start:start + 3], atol=1e-6)
+
+
+def test_the_generator_says_which_colours_to_copy_it_cannot_take():
+    """geometry_copies: a count (1 or 2) or where each colour starts; out of the map, or logits of another count:
+    a clear error."""
+    from gqn.model.generator import DRAWGenerator
+
+    kw = dict(r_channels=8, image_size=32, hidden_channels=8, canvas_channels=8, num_steps=1, geometry_channels=20)
+    assert DRAWGenerator(**kw, geometry_copies=2).copy_at == (0, 17)
+    assert DRAWGenerator(**kw, geometry_copies=[0, 5, 17]).geometry_copies == 3
+    for bad in (3, [0, 18], [], [-1]):
+        with pytest.raises(ValueError, match="geometry_copies must"):
+            DRAWGenerator(**kw, geometry_copies=bad)
+    with pytest.raises(ValueError, match=r"one logit per colour to copy \(2\), got 3"):
+        DRAWGenerator(**kw, geometry_copies=2, geometry_copy_logits=[0.0, 0.0, -1.0])
 
 
 def test_ray_profile_is_the_sweep_along_each_ray():
@@ -427,8 +506,6 @@ def test_floor_read_appends_a_rendered_colour_and_keeps_the_layout_before_it():
     out = floor(floor.view_features(ctx, ctx_poses), ctx_poses, query)
     floor.floor_colour(out).sum().backward()
     assert floor.floor_net[0].weight.grad.abs().sum() > 0 and floor.log_floor_extent.grad != 0
-    with pytest.raises(ValueError, match="choose one"):
-        PlaneSweep(32, floor_grid=8, nearest_view=True)
     with pytest.raises(ValueError, match="floor_grid must be >= 0"):
         PlaneSweep(32, floor_grid=-1)
     with pytest.raises(ValueError, match="floor_colour needs"):

@@ -400,7 +400,7 @@ def test_eval_on_the_validation_split_reproduces_training_validation(tmp_path, d
     run = tmp_path / "run"
     run_cli("gqn-train", *tiny(data_root, run, "callbacks=none", "trainer.precision=32-true", "seed=7",
                                "data.val_scenes=3", "data.eval_context_size=3"), cwd=tmp_path)
-    rows = list(csv.DictReader((run / "csv" / "version_0" / "metrics.csv").open()))
+    rows = list(csv.DictReader((run / "csv" / "version_0" / "metrics.csv").read_text().splitlines()))
     logged = next(r for r in rows if r.get("val/psnr_model"))
     reports, stdout = {}, {}
     for split in ("val", "test"):

@@ -15,6 +15,7 @@ import re
 import signal
 import threading
 import time
+from pathlib import Path
 
 import lightning as L
 import pytest
@@ -288,7 +289,7 @@ def test_a_remote_dataset_without_a_card_reads_its_frame_size_from_its_first_rec
     """Another writer's records on a bucket (no dataset.json): read as the same scenes; ``*.tfrecords`` names too."""
     for split in ("train", "test"):
         for path in split_files(data_root, NAME, split, ""):
-            blob, name = open(path, "rb").read(), path.rsplit("/", 1)[-1]
+            blob, name = Path(path).read_bytes(), path.rsplit("/", 1)[-1]
             gcs.put(f"other_rooms/{split}/{name}", blob)
             gcs.put(f"other_rooms_s/{split}/{name}s", blob)
     remote = GQNDataModule(gcs.url, "other_rooms", batch_size=4, context_size=(1, 5), num_workers=0, shuffle_buffer=8,

@@ -607,7 +607,6 @@ def test_floor_loss_adds_the_nll_of_the_floor_read_on_every_pixel(train_cfg):
     assert train_cfg().module.floor_weight == 0.0 and train_cfg().model.geometry.floor_grid == 0
     module, batch, logged, steps, read = _auxiliary_loss_steps(
         train_cfg, "floor_weight", lambda m: m.model.geometry.floor_net[0].weight, "model.geometry.floor_grid=8",
-        "model.geometry.nearest_view=false",
         "module.floor_weight=0.5")
     drawn = module.model.geometry.floor_colour(read)
     want = 0.5 * gaussian_nll(batch["query_images"], drawn, module.sigma())
@@ -617,8 +616,7 @@ def test_floor_loss_adds_the_nll_of_the_floor_read_on_every_pixel(train_cfg):
     with pytest.raises(InstantiationException, match="module.floor_weight=0.5 trains the floor map, but the model"):
         instantiate(train_cfg("module.floor_weight=0.5").module, _recursive_=False)
     with pytest.raises(InstantiationException, match="module.floor_weight must be a number >= 0, got -0.5"):
-        instantiate(train_cfg("model.geometry.floor_grid=8", "model.geometry.nearest_view=false",
-                              "module.floor_weight=-0.5").module, _recursive_=False)
+        instantiate(train_cfg("model.geometry.floor_grid=8", "module.floor_weight=-0.5").module, _recursive_=False)
 
 
 def test_throughput_monitor_logs_scenes_and_flops_per_step(train_cfg):
@@ -628,7 +626,7 @@ def test_throughput_monitor_logs_scenes_and_flops_per_step(train_cfg):
                     "callbacks.throughput.window_size=2", "trainer.val_check_interval=4")
     train(cfg)
     (metrics,) = Path(cfg.hydra.runtime.output_dir).rglob("metrics.csv")
-    rows = [r for r in csv.DictReader(metrics.open()) if r.get("train/device/samples_per_sec")]
+    rows = [r for r in csv.DictReader(metrics.read_text().splitlines()) if r.get("train/device/samples_per_sec")]
     assert [int(r["step"]) for r in rows] == [1, 2, 3]  # every step once the window of 2 batches is full
     from hydra.utils import instantiate
 
@@ -686,14 +684,14 @@ def test_after_fit_runs_the_test_split(train_cfg):
     cfg = train_cfg("logger=csv", "test_after_fit=true")
     train(cfg)
     (metrics,) = Path(cfg.hydra.runtime.output_dir).rglob("metrics.csv")
-    rows = [r for r in csv.DictReader(metrics.open()) if r.get("test/psnr_model")]
+    rows = [r for r in csv.DictReader(metrics.read_text().splitlines()) if r.get("test/psnr_model")]
     assert len(rows) == 1  # one row of test metrics, after the fit
     for key in ("test/elbo", "test/psnr_model", "test/psnr_nearest_view", "test/ssim_model"):
         assert math.isfinite(float(rows[0][key])), key
     without = train_cfg("logger=csv")  # the same run directory: its CSV logger writes the next version
     train(without)
     (newer,) = set(Path(without.hydra.runtime.output_dir).rglob("metrics.csv")) - {metrics}
-    rows = list(csv.DictReader(newer.open()))
+    rows = list(csv.DictReader(newer.read_text().splitlines()))
     assert rows and not any(r.get("test/psnr_model") for r in rows)
 
 

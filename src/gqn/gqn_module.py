@@ -104,7 +104,7 @@ def check_loss_weights(weights: dict, model, parts: bool = True, schedule=None) 
                              f"model/geometry=plane_sweep or set {name[key]}=0")
     if weights.get("floor_weight") and not getattr(geometry, "floor_grid", 0):
         raise ValueError(f"{name['floor_weight']}={weights['floor_weight']} trains the floor map, but the model has "
-                         f"none: set model.geometry.floor_grid (e.g. 16, with model.geometry.nearest_view=false) or "
+                         f"none: set model.geometry.floor_grid (e.g. 16) or "
                          f"{name['floor_weight']}=0")
 
 

@@ -16,6 +16,8 @@ resolution as a running sum of generator states). ``fast`` selects it; tests pro
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -107,7 +109,8 @@ class DRAWGenerator(nn.Module):
         geometry_core_channels: int = 32,
         geometry_mix_kernel: int = 1,
         canvas_kernel: int = GRID_SCALE,
-        geometry_copies: int = 1,
+        geometry_copies: int | Sequence[int] = 1,
+        geometry_copy_logits: Sequence[float] | None = None,
     ):
         """``canvas_kernel``: the kernel of the transposed convolution that writes each step's state onto the
         full-resolution canvas (stride 4): 4 (the paper) gives every latent-grid position its own 4x4 block, 8
@@ -118,9 +121,10 @@ class DRAWGenerator(nn.Module):
         :class:`gqn.model.geometry.PlaneSweep` read) that both cores take as a step-invariant input (each 4x4
         block of it mapped to ``geometry_core_channels`` channels of the latent grid) and the observation takes
         beside the canvas, through a small network whose first layer has ``geometry_mix_kernel`` x that kernel.
-        ``geometry_copies``: the colours of that map the observation may copy per pixel: its first three channels,
-        and with 2 also its last three (the nearest context view's, or the floor read's colour); a softmax weighs them
-        against the canvas."""
+        ``geometry_copies``: the colours of that map the observation may copy per pixel, as the channels where each
+        one's RGB starts (:attr:`gqn.model.geometry.PlaneSweep.copy_at`; the first is the found colour), or as a
+        count: 1, its first three channels; 2, also its last three. A softmax weighs them against the canvas, from
+        ``geometry_copy_logits`` (one per colour; default 0 each, the canvas's logit is 0)."""
         super().__init__()
         if num_steps < 1:
             raise ValueError(f"num_steps (L) must be >= 1, got {num_steps}")
@@ -176,15 +180,31 @@ class DRAWGenerator(nn.Module):
         self.canvas_down = nn.Conv2d(canvas_channels, hidden_channels, GRID_SCALE, stride=GRID_SCALE)
         self.observation = nn.Conv2d(canvas_channels, image_channels, 1)
         self.geometry_skip = None
-        if geometry_copies not in (1, 2):
-            raise ValueError(f"geometry_copies must be 1 or 2, got {geometry_copies}")
-        self.geometry_copies = geometry_copies
+        if isinstance(geometry_copies, int):  # a count: the first three channels, then the last three
+            if geometry_copies not in (1, 2):
+                raise ValueError(f"geometry_copies must be 1, 2 or the channels where each colour starts, got "
+                                 f"{geometry_copies}")
+            geometry_copies = (0, geometry_channels - image_channels)[:geometry_copies]
+        geometry_copies = tuple(int(at) for at in geometry_copies)
+        if geometry_channels and (not geometry_copies or any(
+                not 0 <= at <= geometry_channels - image_channels for at in geometry_copies)):
+            raise ValueError(f"geometry_copies must name where each colour to copy starts in the geometry's "
+                             f"{geometry_channels} channels, got {geometry_copies}")
+        #: where each colour the observation may copy starts in the geometric read
+        self.copy_at = geometry_copies
+        self.geometry_copies = len(geometry_copies)
         if geometry_channels:  # per pixel, canvas and geometric read together decide what to copy from the context
             width = 32
             k = geometry_mix_kernel
             self.geometry_skip = nn.Sequential(
                 nn.Conv2d(canvas_channels + geometry_channels, width, k, padding=k // 2), nn.ReLU(),
-                nn.Conv2d(width, geometry_copies + image_channels, 1))
+                nn.Conv2d(width, self.geometry_copies + image_channels, 1))
+            if geometry_copy_logits is not None:
+                if len(geometry_copy_logits) != self.geometry_copies:
+                    raise ValueError(f"geometry_copy_logits needs one logit per colour to copy "
+                                     f"({self.geometry_copies}), got {len(geometry_copy_logits)}")
+                with torch.no_grad():
+                    self.geometry_skip[-1].bias[:self.geometry_copies] += torch.tensor(geometry_copy_logits)
 
     # ------------------------------------------------------------------ helpers
     def _core(self, cores: nn.ModuleList, step: int) -> ConvLSTMCell:
@@ -234,9 +254,12 @@ class DRAWGenerator(nn.Module):
         if k == 1:
             alpha = torch.sigmoid(mix[:, :1])
             return alpha * found + (1 - alpha) * drawn
-        # the found colour, the nearest view's, the canvas: a softmax over (mix_0, mix_1, 0) per pixel
+        # the found colour, the others (the nearest view's, ...), the canvas: a softmax over (mix_0 .. mix_k-1, 0)
         w = torch.softmax(torch.cat([mix[:, :k], torch.zeros_like(mix[:, :1])], dim=1), dim=1)
-        return w[:, :1] * found + w[:, 1:2] * geometry[:, -c:].to(canvas.dtype) + w[:, 2:] * drawn
+        out = w[:, :1] * found + w[:, k:] * drawn
+        for i, at in enumerate(self.copy_at[1:], 1):
+            out = out + w[:, i:i + 1] * geometry[:, at:at + c].to(canvas.dtype)
+        return out
 
     # ------------------------------------------------------------------ API
     def forward(

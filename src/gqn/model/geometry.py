@@ -66,7 +66,13 @@ class PlaneSweep(nn.Module):
         learn_fov: learn the field of view (else it stays ``fov_degrees``).
         hidden: width of the network that scores each depth.
         nearest_view: also hand the generator the context view nearest the query in pose (7-d distance, as the
-            nearest-view baseline picks it), a second colour it may copy per pixel (cameras close together).
+            nearest-view baseline picks it), one more colour it may copy per pixel (cameras close together).
+        view_colours: also hand the generator, one by one, what the ``view_colours`` context views nearest the
+            query in pose (as ``nearest_view`` orders them) see at the depth the sweep chose: each view's RGB there
+            and how much it sees the point (4 channels each, last in the map; fewer views than that repeat the
+            farthest). Each RGB is one more colour the generator may copy per pixel: where the views' weighted mean
+            (the found colour) blurs a surface that the depth misplaces or one view's occlusion, the nearest
+            view that sees it keeps it sharp. 0: off.
         sweep_size: the query resolution of the sweep (None: the image size); the depth it finds is upsampled, and
             the views are sampled once more at that depth for every pixel of the full-resolution map.
         consensus: in that last sampling, weigh down a view whose colour disagrees with the other views' mean
@@ -111,7 +117,8 @@ class PlaneSweep(nn.Module):
                  visibility_grad: bool = False, occluder_colour: bool = False, ray_profile: bool = False,
                  nearest_view: bool = False, floor_grid: int = 0, floor_heights: int = 8, floor_channels: int = 16,
                  floor_extent: float = 1.5, ray_directions: bool = False, depth_from_cameras: bool = False,
-                 cost_filter: int = 0, cost_channels: int = 32):
+                 cost_filter: int = 0, cost_channels: int = 32, view_colours: int = 0,
+                 view_colours_logit: float = 0.0):
         super().__init__()
         if not 0 < near < far:
             raise ValueError(f"geometry needs 0 < near < far, got near={near}, far={far}")
@@ -139,15 +146,11 @@ class PlaneSweep(nn.Module):
         #: with nearest_view the map ends with the RGB of the context view whose pose is nearest the query's (the
         #: nearest-view baseline, as a second colour the generator may copy where the sweep found none)
         self.nearest_view = nearest_view
-        self.copies = 2 if nearest_view else 1
         if nearest_view:
             self.out_channels += 3
         self.ray_directions = ray_directions
         if ray_directions:  # the query pixels' unit rays in world space (elevation: where the horizon is)
             self.out_channels += 3
-        if floor_grid and nearest_view:
-            raise ValueError("geometry.floor_grid and geometry.nearest_view both end the map with a colour to copy; "
-                             "choose one (model.geometry.nearest_view=false turns the nearest view off)")
         if floor_grid < 0 or floor_heights < 1 or floor_channels < 1 or not floor_extent > 0:
             raise ValueError(f"geometry.floor_grid must be >= 0 (0: off), floor_heights and floor_channels >= 1 and "
                              f"floor_extent > 0, got {floor_grid}, {floor_heights}, {floor_channels}, {floor_extent}")
@@ -185,7 +188,6 @@ class PlaneSweep(nn.Module):
         # built last: with the same seed the parameters above start as without the option
         self.floor_grid = int(floor_grid)
         if floor_grid:  # the map of the room from above and the renderer that marches the query rays through it
-            self.copies = 2
             self.out_channels += self.floor_out
             self.floor_heights = int(floor_heights)
             lifted = (self.sample_channels + 6) * floor_heights + 2  # per height: the views' summary; then x, y
@@ -220,6 +222,27 @@ class PlaneSweep(nn.Module):
             nn.init.zeros_(layers[-1].weight)
             nn.init.zeros_(layers[-1].bias)
             self.cost_filter = nn.Sequential(*layers)
+        if view_colours < 0:
+            raise ValueError(f"geometry.view_colours must be >= 0 (0: off), got {view_colours}")
+        self.view_colours = int(view_colours)
+        # where the colours the generator may copy start in the map (forward's layout): the found colour first, then
+        # the nearest view's, the floor read's (its last three channels) and each near view's RGB (then how much it
+        # sees the point)
+        at = self.out_channels - 3 * nearest_view - (self.floor_out if floor_grid else 0)
+        self.copy_at = [0]
+        if nearest_view:
+            self.copy_at.append(at)
+            at += 3
+        if floor_grid:
+            at += self.floor_out
+            self.copy_at.append(at - 3)
+        self.out_channels += 4 * self.view_colours
+        self.copy_at += [at + 4 * i for i in range(self.view_colours)]
+        self.copy_at = tuple(self.copy_at)
+        #: how many colours the generator may copy per pixel
+        self.copies = len(self.copy_at)
+        #: the initial logit of each in the generator's softmax over them and its canvas (whose logit is 0)
+        self.copy_logits = (0.0,) * (self.copies - self.view_colours) + (float(view_colours_logit),) * self.view_colours
 
     #: :meth:`plane_nll`: a plane matches a query pixel whose colour lies within about this of the colour the views
     #: see there (per channel, colours in 0..1)
@@ -307,10 +330,11 @@ class PlaneSweep(nn.Module):
 
     def floor_colour(self, read: torch.Tensor) -> torch.Tensor:
         """The colour the floor read rendered for each pixel ``[B, 3, H, W]`` in a map of :meth:`forward` (with
-        ``floor_grid``: its last three channels)."""
+        ``floor_grid``: the last three channels of its part)."""
         if not self.floor_grid:
             raise ValueError("floor_colour needs a PlaneSweep with floor_grid > 0")
-        return read[:, -3:]
+        at = self.copy_at[1 + self.nearest_view]
+        return read[:, at:at + 3]
 
     def found_colour(self, read: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The colour the sweep found for each pixel ``[B, 3, H, W]`` in a map of :meth:`forward`, and the fraction of
@@ -384,7 +408,8 @@ class PlaneSweep(nn.Module):
                 coarse = F.interpolate(coarse, size=(H, W), mode="bilinear", align_corners=False)
                 disparity = F.interpolate(disparity, size=(H, W), mode="bilinear", align_corners=False)
             depth = self._depth(disparity)  # [B, 1, H, W]
-            fine = self._gather(features, frames, query_poses, depth.flatten(1))
+            fine, views = self._gather(features, frames, query_poses, depth.flatten(1),
+                                       self._nearest(context_poses, query_poses))
             fine = fine.view(B, -1, H, W)
             if self.occluder_colour:  # after the sweep's channels: the layout before it stays as without the option
                 out = [fine[:, :-3], coarse, fine[:, -3:]]
@@ -400,7 +425,19 @@ class PlaneSweep(nn.Module):
                 if self.sweep_size != H:
                     floor = F.interpolate(floor, size=(H, W), mode="bilinear", align_corners=False)
                 out.append(floor)
+            if views is not None:  # last: the layout before it stays as without the option
+                out.append(views.reshape(B, -1, H, W))
             return torch.cat(out, dim=1)
+
+    def _nearest(self, context_poses: torch.Tensor, query_poses: torch.Tensor) -> torch.Tensor | None:
+        """The indices ``[B, view_colours]`` of the context views nearest each query in pose (7-d distance, as
+        :func:`gqn.metrics.nearest_context_view`), nearest first; with fewer views the farthest repeats. None
+        without ``view_colours``."""
+        if not self.view_colours:
+            return None
+        order = (context_poses - query_poses[:, None]).pow(2).sum(dim=-1).argsort(dim=1)  # [B, M]
+        M = order.shape[1]
+        return order[:, [min(i, M - 1) for i in range(self.view_colours)]]
 
     def _floor_frame(self, context_poses):
         """The map's centre ``[B, 2]`` (the context cameras' mean x, y), reference height ``[B]`` (their mean z) and
@@ -597,11 +634,13 @@ class PlaneSweep(nn.Module):
             return out.view(B, out.shape[1], size, size), expected.view(B, 1, size, size), plane_stats
         return out.view(B, out.shape[1], size, size), expected.view(B, 1, size, size)
 
-    def _gather(self, features, frames, query_poses, depth):
+    def _gather(self, features, frames, query_poses, depth, nearest=None):
         """Every query pixel's point at its ``depth`` ``[B, P]``, seen by the context views: their samples weighted by
         how close each view's ray is to the query ray (a view from the same side sees the same occlusions), and
         the fraction of views that see it: ``[B, C + 1, P]``; with ``occluder_colour`` then the colour every view
-        that has the point in its image sees on the line to it, hidden or not, weighted alike: ``[B, C + 4, P]``."""
+        that has the point in its image sees on the line to it, hidden or not, weighted alike: ``[B, C + 4, P]``.
+        Second, for the views ``nearest`` ``[B, K]`` (indices; or None): each one's RGB there and how much it sees
+        the point, ``[B, K, 4, P]`` (None without)."""
         B, M = features.shape[:2]
         rays, origin, slope = self._project(frames, query_poses, int(math.isqrt(depth.shape[1])))
         cam = origin[:, :, None] + slope * depth[:, None, :, None]  # [B, M, P, 3]
@@ -624,4 +663,8 @@ class PlaneSweep(nn.Module):
             inside = raw[:, :, -1:, :, 0]  # [B, M, 1, P]: in the view's image, visible or not
             near = self.log_view_sharpness.exp() * cos[:, :, None] + torch.log(inside.clamp(min=1e-6))
             out.append((torch.softmax(near, dim=1) * samples[:, :, :3]).sum(dim=1))
-        return torch.cat(out, dim=1)
+        views = None
+        if nearest is not None:
+            pick = nearest[:, :, None, None].expand(-1, -1, 4, samples.shape[-1])
+            views = torch.cat([samples[:, :, :3], seen], dim=2).gather(1, pick)  # [B, K, 4, P]
+        return torch.cat(out, dim=1), views
