@@ -186,10 +186,10 @@ class DRAWGenerator(nn.Module):
                                  f"{geometry_copies}")
             geometry_copies = (0, geometry_channels - image_channels)[:geometry_copies]
         geometry_copies = tuple(int(at) for at in geometry_copies)
-        if geometry_channels and (not geometry_copies or any(
+        if geometry_channels and (not geometry_copies or geometry_copies[0] != 0 or any(
                 not 0 <= at <= geometry_channels - image_channels for at in geometry_copies)):
             raise ValueError(f"geometry_copies must name where each colour to copy starts in the geometry's "
-                             f"{geometry_channels} channels, got {geometry_copies}")
+                             f"{geometry_channels} channels, the found colour's (0) first, got {geometry_copies}")
         #: where each colour the observation may copy starts in the geometric read
         self.copy_at = geometry_copies
         self.geometry_copies = len(geometry_copies)
@@ -247,19 +247,20 @@ class DRAWGenerator(nn.Module):
         if self.geometry_skip is None:
             return torch.sigmoid(logits)
         c = self.observation.out_channels
-        mix = self.geometry_skip(torch.cat([canvas, geometry.to(canvas.dtype)], dim=1))
+        geometry = geometry.to(canvas.dtype)
+        mix = self.geometry_skip(torch.cat([canvas, geometry], dim=1))
         k = self.geometry_copies
-        found = geometry[:, :c].to(canvas.dtype)
+        found = geometry[:, :c]
         drawn = torch.sigmoid(logits + mix[:, k:])
         if k == 1:
             alpha = torch.sigmoid(mix[:, :1])
             return alpha * found + (1 - alpha) * drawn
         # the found colour, the others (the nearest view's, ...), the canvas: a softmax over (mix_0 .. mix_k-1, 0)
         w = torch.softmax(torch.cat([mix[:, :k], torch.zeros_like(mix[:, :1])], dim=1), dim=1)
-        out = w[:, :1] * found + w[:, k:] * drawn
-        for i, at in enumerate(self.copy_at[1:], 1):
-            out = out + w[:, i:i + 1] * geometry[:, at:at + c].to(canvas.dtype)
-        return out
+        out = w[:, :1] * found
+        for i, at in enumerate(self.copy_at[1:], 1):  # in this order, the sums of two copies as before
+            out = out + w[:, i:i + 1] * geometry[:, at:at + c]
+        return out + w[:, k:] * drawn
 
     # ------------------------------------------------------------------ API
     def forward(

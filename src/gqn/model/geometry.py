@@ -435,9 +435,10 @@ class PlaneSweep(nn.Module):
         without ``view_colours``."""
         if not self.view_colours:
             return None
-        order = (context_poses - query_poses[:, None]).pow(2).sum(dim=-1).argsort(dim=1)  # [B, M]
-        M = order.shape[1]
-        return order[:, [min(i, M - 1) for i in range(self.view_colours)]]
+        # stable: of views at the same distance the first, as nearest_context_view's argmin picks
+        order = (context_poses - query_poses[:, None]).pow(2).sum(dim=-1).argsort(dim=1, stable=True)  # [B, M]
+        order = order[:, :self.view_colours]
+        return torch.cat([order, order[:, -1:].expand(-1, self.view_colours - order.shape[1])], dim=1)
 
     def _floor_frame(self, context_poses):
         """The map's centre ``[B, 2]`` (the context cameras' mean x, y), reference height ``[B]`` (their mean z) and
