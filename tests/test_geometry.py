@@ -204,12 +204,20 @@ def test_occluder_colour_is_what_the_views_see_on_the_line_to_the_point():
         PlaneSweep(32, occluder_colour=True)
 
 
+def _tiny_gqn(geometry: PlaneSweep):
+    """A small GQN around ``geometry``, its weights from seed 0."""
+    from gqn.model import GQN, Tower
+
+    torch.manual_seed(0)
+    return GQN(Tower(image_size=32, channels=8), image_size=32, hidden_channels=8, canvas_channels=8, num_steps=2,
+               core_sharing="shared", geometry=geometry)
+
+
 def test_nearest_view_is_the_baseline_view_and_a_third_colour_to_copy():
     """nearest_view: the read ends with the context view the nearest-view baseline picks (and is otherwise the
     read without it); in the render a softmax weighs it against the colour the sweep found and the canvas: each
     weight -> 1 gives that image alone."""
     from gqn.metrics import nearest_context_view
-    from gqn.model import GQN, Tower
 
     images, poses, _, _ = _room(views=5)
     torch.manual_seed(0)
@@ -226,23 +234,13 @@ def test_nearest_view_is_the_baseline_view_and_a_third_colour_to_copy():
         assert torch.equal(out[:, -3:], nearest_context_view(ctx, ctx_poses, query))
         assert torch.equal(out[1, -3:], ctx[1, 1])
 
-    torch.manual_seed(0)
-    model = GQN(Tower(image_size=32, channels=8), image_size=32, hidden_channels=8, canvas_channels=8, num_steps=2,
-                core_sharing="shared", geometry=near)
     ci, cp, qp = images[None, :-1], poses[None, :-1], poses[None, -1]
-    last = model.generator.geometry_skip[-1]
-    with torch.no_grad():
-        last.weight.zero_()
-        r, views = model.encode(ci, cp)
-        read = model.read_geometry(qp, views)
-        renders = []
-        for bias in ([30.0, 0, 0, 0, 0], [0, 30.0, 0, 0, 0], [-30.0, -30.0, 0, 0, 0]):
-            last.bias.copy_(torch.tensor(bias))
-            renders.append(model.render(r, qp, mean=True, views=views))
-        assert torch.allclose(renders[0], read[:, :3], atol=1e-6)  # the colour the sweep found
-        assert torch.allclose(renders[1], read[:, -3:], atol=1e-6)  # the nearest view
-        assert torch.allclose(renders[1], nearest_context_view(ci, cp, qp), atol=1e-6)
-        assert (renders[2] - renders[0]).abs().mean() > 0.05 and (renders[2] - renders[1]).abs().mean() > 0.05
+    read, renders = _renders_by_bias(_tiny_gqn(near), ci, cp, qp,
+                                     ([30.0, 0, 0, 0, 0], [0, 30.0, 0, 0, 0], [-30.0, -30.0, 0, 0, 0]))
+    assert torch.allclose(renders[0], read[:, :3], atol=1e-6)  # the colour the sweep found
+    assert torch.allclose(renders[1], read[:, -3:], atol=1e-6)  # the nearest view
+    assert torch.allclose(renders[1], nearest_context_view(ci, cp, qp), atol=1e-6)
+    assert (renders[2] - renders[0]).abs().mean() > 0.05 and (renders[2] - renders[1]).abs().mean() > 0.05
 
 
 def test_view_colours_are_the_nearest_views_at_the_found_depth_and_more_colours_to_copy():
@@ -250,7 +248,6 @@ def test_view_colours_are_the_nearest_views_at_the_found_depth_and_more_colours_
     farthest repeated when there are fewer), each one's RGB at the depth the sweep chose and how much it sees the
     point; the map before it is the read without the option. With the nearest view and the floor read too, every
     colour is one the render copies alone when its weight -> 1."""
-    from gqn.model import GQN, Tower
 
     images, poses, _, _ = _room(views=5)
     torch.manual_seed(0)
@@ -283,30 +280,34 @@ def test_view_colours_are_the_nearest_views_at_the_found_depth_and_more_colours_
         assert torch.equal(few[:, at + 8:], few[:, at + 4:at + 8])
         assert not torch.equal(few[:, at:at + 4], few[:, at + 4:at + 8])
 
-    torch.manual_seed(0)
-    model = GQN(Tower(image_size=32, channels=8), image_size=32, hidden_channels=8, canvas_channels=8, num_steps=2,
-                core_sharing="shared", geometry=views)
+    model = _tiny_gqn(views)
     assert model.generator.copy_at == views.copy_at
     torch.manual_seed(0)
     lower = PlaneSweep(32, view_colours=3, view_colours_logit=-3.0, **kw)
     assert lower.copy_logits == (0.0, 0.0, 0.0, -3.0, -3.0, -3.0) and views.copy_logits == (0.0,) * 6
     lower.load_state_dict(views.state_dict())
-    torch.manual_seed(0)
-    started = GQN(Tower(image_size=32, channels=8), image_size=32, hidden_channels=8, canvas_channels=8, num_steps=2,
-                  core_sharing="shared", geometry=lower)
+    started = _tiny_gqn(lower)
     shift = started.generator.geometry_skip[-1].bias - model.generator.geometry_skip[-1].bias
     assert torch.allclose(shift, torch.tensor([0.0, 0, 0, -3, -3, -3, 0, 0, 0]))  # the copies' logits, not RGB's
     ci, cp, qp = images[None, :-1], poses[None, :-1], poses[None, -1]
+    biases = 30.0 * torch.eye(len(views.copy_at), len(model.generator.geometry_skip[-1].bias))
+    read, renders = _renders_by_bias(model, ci, cp, qp, biases)
+    for start, render in zip(views.copy_at, renders, strict=True):
+        assert torch.allclose(render, read[:, start:start + 3], atol=1e-6)
+
+
+def _renders_by_bias(model, context_images, context_poses, query_poses, biases):
+    """The model's geometric read of the query and its prior-mean render with the blend's last layer set to each of
+    ``biases`` and no weights (each a softmax logit per colour to copy, then the canvas's RGB residual)."""
     last = model.generator.geometry_skip[-1]
     with torch.no_grad():
         last.weight.zero_()
-        r, feats = model.encode(ci, cp)
-        read = model.read_geometry(qp, feats)
-        for i, start in enumerate(views.copy_at):
-            bias = torch.zeros(last.bias.shape)
-            bias[i] = 30.0
-            last.bias.copy_(bias)
-            assert torch.allclose(model.render(r, qp, mean=True, views=feats), read[:, start:start + 3], atol=1e-6)
+        r, views = model.encode(context_images, context_poses)
+        renders = []
+        for bias in biases:
+            last.bias.copy_(torch.as_tensor(bias))
+            renders.append(model.render(r, query_poses, mean=True, views=views))
+        return model.read_geometry(query_poses, views), renders
 
 
 def test_the_generator_says_which_colours_to_copy_it_cannot_take():
