@@ -419,7 +419,7 @@ class PlaneSweep(nn.Module):
                 out.append(F.normalize(self._rays(query_poses, H), dim=-1).transpose(1, 2).reshape(B, 3, H, W))
             if self.nearest_view:  # last: the layout before it stays as without the option
                 out.append(nearest_context_view(features[:, :, :3], context_poses, query_poses))
-            if self.floor_grid:  # last, RGB last (the second colour to copy)
+            if self.floor_grid:  # after the nearest view, RGB last (one more colour to copy)
                 floor = self._floor_render(*self._floor_map(features, context_poses, frames, amp), query_poses,
                                            planes[0], M, amp)
                 if self.sweep_size != H:
