@@ -296,6 +296,76 @@ def test_view_colours_are_the_nearest_views_at_the_found_depth_and_more_colours_
         assert torch.allclose(render, read[:, start:start + 3], atol=1e-6)
 
 
+def test_view_colours_with_visibility_are_sampled_inside_the_image_and_seen_through_it():
+    """With ``visibility``, each near view's RGB is its sample at the found depth (weighted by how much of it lies
+    inside the image, as every sample) and its ``seen`` is that times how little the view's own depth map hides
+    the point: never more, and less where the view's surface stands in front (big objects near a tight ring)."""
+    images, poses, _ = _room_depths(seed=5, views=6)
+    torch.manual_seed(0)
+    sweep = PlaneSweep(32, feature_channels=2, depths=8, sweep_size=8, visibility=True, view_colours=3)
+    at = sweep.copy_at[-3]
+    assert sweep.copy_at[-2:] == (at + 4, at + 8) and at + 12 == sweep.out_channels
+    colours = torch.tensor([[1.0, 0, 0], [0, 1, 0], [0, 0, 1], [1, 1, 0], [0, 1, 1]])
+    ctx, ctx_poses, query = images[None, :-1], poses[None, :-1], poses[None, -1]
+    with torch.no_grad():
+        features = sweep.view_features(ctx, ctx_poses)  # the views' depth maps from the real images
+        features[:, :, :3] = colours[None, :, :, None, None]  # then each view a flat colour, to tell them apart
+        out = sweep(features, ctx_poses, query)[0]
+    order = (ctx_poses[0] - query).pow(2).sum(-1).argsort(stable=True)
+    hidden = 0.0
+    for k in range(3):
+        rgb, seen = out[at + 4 * k:at + 4 * k + 3], out[at + 4 * k + 3]
+        inside = rgb.amax(dim=0)  # every colour has a channel at 1
+        assert torch.allclose(rgb, colours[order[k]][:, None, None] * inside, atol=1e-5)
+        assert (seen <= inside + 1e-5).all() and inside.mean() > 0.1
+        hidden = max(hidden, (inside - seen).amax().item())
+    assert hidden > 0.1  # some near view's own surface hides part of what the query sees
+
+
+@pytest.mark.parametrize("nearest_view", [False, True])
+@pytest.mark.parametrize("floor_grid", [0, 8])
+@pytest.mark.parametrize("extra", ["none", "ray_directions", "occluder_colour"])
+def test_copy_at_names_every_colour_to_copy_in_every_layout(nearest_view, floor_grid, extra):
+    """For every combination of the options that add channels, ``copy_at`` points at the found colour, the nearest
+    view, the floor read's colour and each near view's RGB, in that order, and the map without the nearest view and
+    the near views (neither adds parameters) is the read without those options."""
+    from gqn.metrics import nearest_context_view
+
+    _, poses, _, _ = _room(views=5)
+    kw = dict(feature_channels=2, depths=4, sweep_size=8, floor_grid=floor_grid, floor_heights=2,
+              ray_directions=extra == "ray_directions", visibility=extra == "occluder_colour",
+              occluder_colour=extra == "occluder_colour")
+    torch.manual_seed(0)
+    base = PlaneSweep(32, **kw)
+    full = PlaneSweep(32, nearest_view=nearest_view, view_colours=2, **kw)
+    full.load_state_dict(base.state_dict())
+    colours = torch.tensor([[1.0, 0, 0], [0, 1, 0], [0, 0, 1], [1, 1, 0]])  # each context view a flat colour
+    ctx = colours[None, :, :, None, None].expand(1, 4, 3, 32, 32).clone()
+    ctx_poses, query = poses[None, :-1], poses[None, 2] + 0.01
+    with torch.no_grad():
+        features = base.view_features(ctx, ctx_poses)
+        plain, out = base(features, ctx_poses, query), full(features, ctx_poses, query)
+    at = full.copy_at
+    assert out.shape[1] == full.out_channels and len(at) == full.copies == 1 + nearest_view + bool(floor_grid) + 2
+    assert at[0] == 0 and list(at) == sorted(set(at)) and at[-1] + 4 == full.out_channels
+    i = 1
+    if nearest_view:
+        assert torch.equal(out[:, at[1]:at[1] + 3], nearest_context_view(ctx, ctx_poses, query))
+        assert torch.equal(torch.cat([out[:, :at[1]], out[:, at[1] + 3:-8]], dim=1), plain)
+        i = 2
+    else:
+        assert torch.equal(out[:, :-8], plain)
+    if floor_grid:
+        assert torch.equal(out[:, at[i]:at[i] + 3], base.floor_colour(plain))
+        assert torch.equal(full.floor_colour(out), base.floor_colour(plain))
+    order = (ctx_poses[0] - query).pow(2).sum(-1).argsort(stable=True)
+    assert order[0] == 2
+    for k, start in enumerate(at[-2:]):
+        rgb, seen = out[0, start:start + 3], out[0, start + 3]
+        assert torch.allclose(rgb, colours[order[k]][:, None, None] * rgb.amax(dim=0), atol=1e-5)
+        assert (seen <= rgb.amax(dim=0) + 1e-5).all() and rgb.amax(dim=0).mean() > 0.1  # seen: inside x visible
+
+
 def _renders_by_bias(model, context_images, context_poses, query_poses, biases):
     """The model's geometric read of the query and its prior-mean render with the blend's last layer set to each of
     ``biases`` and no weights (each a softmax logit per colour to copy, then the canvas's RGB residual)."""
@@ -311,18 +381,19 @@ def _renders_by_bias(model, context_images, context_poses, query_poses, biases):
 
 
 def test_the_generator_says_which_colours_to_copy_it_cannot_take():
-    """geometry_copies: a count (1 or 2) or where each colour starts; out of the map, or logits of another count:
-    a clear error."""
+    """geometry_copies: where each colour starts, the found colour's (0) first; out of the map, not a sequence of
+    offsets, or logits of another count: a clear error."""
     from gqn.model.generator import DRAWGenerator
 
     kw = dict(r_channels=8, image_size=32, hidden_channels=8, canvas_channels=8, num_steps=1, geometry_channels=20)
-    assert DRAWGenerator(**kw, geometry_copies=2).copy_at == (0, 17)
+    assert DRAWGenerator(**kw).copy_at == (0,)
+    assert DRAWGenerator(**kw, geometry_copies=[0, 17]).copy_at == (0, 17)
     assert DRAWGenerator(**kw, geometry_copies=[0, 5, 17]).geometry_copies == 3
-    for bad in (3, [0, 18], [], [-1], [5, 0]):
+    for bad in (2, [0, 18], [], [-1], [5, 0]):
         with pytest.raises(ValueError, match="geometry_copies must"):
             DRAWGenerator(**kw, geometry_copies=bad)
     with pytest.raises(ValueError, match=r"one logit per colour to copy \(2\), got 3"):
-        DRAWGenerator(**kw, geometry_copies=2, geometry_copy_logits=[0.0, 0.0, -1.0])
+        DRAWGenerator(**kw, geometry_copies=[0, 17], geometry_copy_logits=[0.0, 0.0, -1.0])
 
 
 def test_ray_profile_is_the_sweep_along_each_ray():

@@ -109,7 +109,7 @@ class DRAWGenerator(nn.Module):
         geometry_core_channels: int = 32,
         geometry_mix_kernel: int = 1,
         canvas_kernel: int = GRID_SCALE,
-        geometry_copies: int | Sequence[int] = 1,
+        geometry_copies: Sequence[int] = (0,),
         geometry_copy_logits: Sequence[float] | None = None,
     ):
         """``canvas_kernel``: the kernel of the transposed convolution that writes each step's state onto the
@@ -122,8 +122,8 @@ class DRAWGenerator(nn.Module):
         block of it mapped to ``geometry_core_channels`` channels of the latent grid) and the observation takes
         beside the canvas, through a small network whose first layer has ``geometry_mix_kernel`` x that kernel.
         ``geometry_copies``: the colours of that map the observation may copy per pixel, as the channels where each
-        one's RGB starts (:attr:`gqn.model.geometry.PlaneSweep.copy_at`; the first is the found colour), or as a
-        count: 1, its first three channels; 2, also its last three. A softmax weighs them against the canvas, from
+        one's RGB starts (:attr:`gqn.model.geometry.PlaneSweep.copy_at`; the first is the found colour, at 0). A
+        softmax weighs them against the canvas, from
         ``geometry_copy_logits`` (one per colour; default 0 each, the canvas's logit is 0)."""
         super().__init__()
         if num_steps < 1:
@@ -180,11 +180,9 @@ class DRAWGenerator(nn.Module):
         self.canvas_down = nn.Conv2d(canvas_channels, hidden_channels, GRID_SCALE, stride=GRID_SCALE)
         self.observation = nn.Conv2d(canvas_channels, image_channels, 1)
         self.geometry_skip = None
-        if isinstance(geometry_copies, int):  # a count: the first three channels, then the last three
-            if geometry_copies not in (1, 2):
-                raise ValueError(f"geometry_copies must be 1, 2 or the channels where each colour starts, got "
-                                 f"{geometry_copies}")
-            geometry_copies = (0, geometry_channels - image_channels)[:geometry_copies]
+        if not isinstance(geometry_copies, Sequence):
+            raise ValueError(f"geometry_copies must be the channels where each colour to copy starts (a sequence, "
+                             f"the found colour's 0 first), got {geometry_copies!r}")
         geometry_copies = tuple(int(at) for at in geometry_copies)
         if geometry_channels and (not geometry_copies or geometry_copies[0] != 0 or any(
                 not 0 <= at <= geometry_channels - image_channels for at in geometry_copies)):

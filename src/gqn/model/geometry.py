@@ -408,8 +408,8 @@ class PlaneSweep(nn.Module):
                 coarse = F.interpolate(coarse, size=(H, W), mode="bilinear", align_corners=False)
                 disparity = F.interpolate(disparity, size=(H, W), mode="bilinear", align_corners=False)
             depth = self._depth(disparity)  # [B, 1, H, W]
-            fine, views = self._gather(features, frames, query_poses, depth.flatten(1),
-                                       self._nearest(context_poses, query_poses))
+            near = self._nearest(context_poses, query_poses)
+            fine, views = self._gather(features, frames, query_poses, depth.flatten(1), near)
             fine = fine.view(B, -1, H, W)
             if self.occluder_colour:  # after the sweep's channels: the layout before it stays as without the option
                 out = [fine[:, :-3], coarse, fine[:, -3:]]
@@ -418,7 +418,10 @@ class PlaneSweep(nn.Module):
             if self.ray_directions:  # after the sweep's channels, before the colours that end the map
                 out.append(F.normalize(self._rays(query_poses, H), dim=-1).transpose(1, 2).reshape(B, 3, H, W))
             if self.nearest_view:  # last: the layout before it stays as without the option
-                out.append(nearest_context_view(features[:, :, :3], context_poses, query_poses))
+                if near is None:
+                    out.append(nearest_context_view(features[:, :, :3], context_poses, query_poses))
+                else:  # the same view (the first of the stable order), without a second pose distance
+                    out.append(features[torch.arange(B, device=near.device), near[:, 0], :3])
             if self.floor_grid:  # after the nearest view, RGB last (one more colour to copy)
                 floor = self._floor_render(*self._floor_map(features, context_poses, frames, amp), query_poses,
                                            planes[0], M, amp)

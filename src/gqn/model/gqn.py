@@ -97,7 +97,7 @@ class GQN(nn.Module):
             attention=getattr(encoder, "attention", None),
             patch_channels=getattr(encoder, "patch_channels", None),
             geometry_channels=0 if geometry is None else geometry.out_channels,
-            geometry_copies=getattr(geometry, "copy_at", 1),
+            geometry_copies=getattr(geometry, "copy_at", (0,)),
             geometry_copy_logits=getattr(geometry, "copy_logits", None),
             geometry_core_channels=geometry_core_channels,
             geometry_mix_kernel=geometry_mix_kernel,
