@@ -364,6 +364,16 @@ def test_copy_at_names_every_colour_to_copy_in_every_layout(nearest_view, floor_
         rgb, seen = out[0, start:start + 3], out[0, start + 3]
         assert torch.allclose(rgb, colours[order[k]][:, None, None] * rgb.amax(dim=0), atol=1e-5)
         assert (seen <= rgb.amax(dim=0) + 1e-5).all() and rgb.amax(dim=0).mean() > 0.1  # seen: inside x visible
+        if extra != "occluder_colour":  # no visibility: seen is how much of the sample lies inside the image
+            assert torch.allclose(rgb, colours[order[k]][:, None, None] * seen, atol=1e-5)
+    if nearest_view:  # a context view at the nearest one's pose: both pick the first of the two, as the baseline
+        twin = torch.cat([ctx_poses[:, :2], ctx_poses[:, 2:3], ctx_poses[:, 2:3]], dim=1)
+        with torch.no_grad():
+            tied = full(features, twin, query)
+        first, second = tied[0, at[-2]:at[-2] + 3], tied[0, at[-1]:at[-1] + 3]
+        assert torch.equal(tied[:, at[1]:at[1] + 3], ctx[:, 2])  # view 2 (blue), not its twin 3 (yellow)
+        assert first[:2].abs().amax() == 0 and first[2].amax() > 0 and second[2].abs().amax() == 0
+        assert torch.equal(tied[:, at[1]:at[1] + 3], nearest_context_view(ctx, twin, query))
 
 
 def _renders_by_bias(model, context_images, context_poses, query_poses, biases):
@@ -389,7 +399,7 @@ def test_the_generator_says_which_colours_to_copy_it_cannot_take():
     assert DRAWGenerator(**kw).copy_at == (0,)
     assert DRAWGenerator(**kw, geometry_copies=[0, 17]).copy_at == (0, 17)
     assert DRAWGenerator(**kw, geometry_copies=[0, 5, 17]).geometry_copies == 3
-    for bad in (2, [0, 18], [], [-1], [5, 0]):
+    for bad in (2, "07", [0, 18], [], [-1], [5, 0]):
         with pytest.raises(ValueError, match="geometry_copies must"):
             DRAWGenerator(**kw, geometry_copies=bad)
     with pytest.raises(ValueError, match=r"one logit per colour to copy \(2\), got 3"):

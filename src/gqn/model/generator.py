@@ -180,7 +180,7 @@ class DRAWGenerator(nn.Module):
         self.canvas_down = nn.Conv2d(canvas_channels, hidden_channels, GRID_SCALE, stride=GRID_SCALE)
         self.observation = nn.Conv2d(canvas_channels, image_channels, 1)
         self.geometry_skip = None
-        if not isinstance(geometry_copies, Sequence):
+        if not isinstance(geometry_copies, Sequence) or isinstance(geometry_copies, str | bytes):
             raise ValueError(f"geometry_copies must be the channels where each colour to copy starts (a sequence, "
                              f"the found colour's 0 first), got {geometry_copies!r}")
         geometry_copies = tuple(int(at) for at in geometry_copies)
