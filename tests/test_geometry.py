@@ -376,6 +376,44 @@ def test_copy_at_names_every_colour_to_copy_in_every_layout(nearest_view, floor_
         assert torch.equal(tied[:, at[1]:at[1] + 3], nearest_context_view(ctx, twin, query))
 
 
+def test_plane_views_are_the_nearest_views_at_every_depth_plane_and_colours_to_copy():
+    """plane_views: the map ends with, for the K context views nearest the query, each one's RGB at every depth plane
+    of each query ray and how much of that sample lies inside its image (the map before it is the read without the
+    option). A query at a context view's own pose sees that view's image at every plane; another view's samples move
+    with the plane (parallax). Each is a colour the render copies alone when its weight -> 1."""
+    images, poses, _, _ = _room(views=5)
+    torch.manual_seed(0)
+    kw = dict(feature_channels=2, depths=4, sweep_size=8, nearest_view=True, view_colours=1)
+    plain = PlaneSweep(32, **kw)
+    planes = PlaneSweep(32, plane_views=2, plane_views_logit=-2.0, **kw)
+    planes.load_state_dict(plain.state_dict())  # the option adds no parameters
+    at = plain.out_channels
+    assert planes.out_channels == at + 2 * 4 * 4 and planes.copy_at == plain.copy_at + tuple(range(at, at + 32, 4))
+    assert planes.copy_logits == plain.copy_logits + (-2.0,) * 8
+    ctx, ctx_poses = images[None, :-1], poses[None, :-1]
+    with torch.no_grad():
+        features = plain.view_features(ctx, ctx_poses)
+        for q in (1, 3):
+            out = planes(features, ctx_poses, poses[None, q])
+            assert torch.equal(out[:, :at], plain(features, ctx_poses, poses[None, q]))
+            part = out[0, at:].view(2, 4, 4, 32, 32)  # [view, plane, RGB + inside, H, W]
+            order = (ctx_poses[0] - poses[q]).pow(2).sum(-1).argsort(stable=True)
+            assert order[0] == q
+            for d in range(4):  # the query's own view, through the same lens: its image at every depth
+                assert torch.allclose(part[0, d, :3], ctx[0, q], atol=1e-4) and part[0, d, 3].min() > 1 - 1e-4
+            other = part[1, :, :3] * part[1, :, 3:].gt(0.99)  # another view: where it lands moves with the depth
+            assert (other[0] - other[-1]).abs().mean() > 0.02
+    model = _tiny_gqn(planes)
+    assert model.generator.copy_at == planes.copy_at
+    ci, cp, qp = images[None, :-1], poses[None, :-1], poses[None, -1]
+    biases = 30.0 * torch.eye(len(planes.copy_at), len(model.generator.geometry_skip[-1].bias))
+    read, renders = _renders_by_bias(model, ci, cp, qp, biases[-8:])
+    for start, render in zip(planes.copy_at[-8:], renders, strict=True):
+        assert torch.allclose(render, read[:, start:start + 3], atol=1e-6)
+    with pytest.raises(ValueError, match="plane_views must be >= 0"):
+        PlaneSweep(32, plane_views=-1)
+
+
 def _renders_by_bias(model, context_images, context_poses, query_poses, biases):
     """The model's geometric read of the query and its prior-mean render with the blend's last layer set to each of
     ``biases`` and no weights (each a softmax logit per colour to copy, then the canvas's RGB residual)."""

@@ -73,6 +73,13 @@ class PlaneSweep(nn.Module):
             farthest). Each RGB is one more colour the generator may copy per pixel: where the views' weighted mean
             (the found colour) blurs a surface that the depth misplaces or one view's occlusion, the nearest
             view that sees it keeps it sharp. 0: off.
+        view_colours_logit: the starting logit of each of those colours in the generator's softmax (the canvas's
+            and the other colours' start at 0).
+        plane_views: also hand the generator, for the ``plane_views`` context views nearest the query in pose, each
+            one's RGB at *every* depth plane of the sweep along each query ray (and how much of that sample lies
+            inside its image; 4 channels per view and plane, after the view colours, at full resolution): one more
+            colour to copy per view and plane, so the generator's own blend, which sees its canvas, picks the depth
+            where the sweep's scores find none (flat colours). Each starts at ``plane_views_logit``. 0: off.
         sweep_size: the query resolution of the sweep (None: the image size); the depth it finds is upsampled, and
             the views are sampled once more at that depth for every pixel of the full-resolution map.
         consensus: in that last sampling, weigh down a view whose colour disagrees with the other views' mean
@@ -118,7 +125,7 @@ class PlaneSweep(nn.Module):
                  nearest_view: bool = False, floor_grid: int = 0, floor_heights: int = 8, floor_channels: int = 16,
                  floor_extent: float = 1.5, ray_directions: bool = False, depth_from_cameras: bool = False,
                  cost_filter: int = 0, cost_channels: int = 32, view_colours: int = 0,
-                 view_colours_logit: float = 0.0):
+                 view_colours_logit: float = 0.0, plane_views: int = 0, plane_views_logit: float = -3.0):
         super().__init__()
         if not 0 < near < far:
             raise ValueError(f"geometry needs 0 < near < far, got near={near}, far={far}")
@@ -225,6 +232,9 @@ class PlaneSweep(nn.Module):
         if view_colours < 0:
             raise ValueError(f"geometry.view_colours must be >= 0 (0: off), got {view_colours}")
         self.view_colours = int(view_colours)
+        if plane_views < 0:
+            raise ValueError(f"geometry.plane_views must be >= 0 (0: off), got {plane_views}")
+        self.plane_views = int(plane_views)
         # where the colours the generator may copy start in the map (forward's layout): the found colour first, then
         # the nearest view's, the floor read's (its last three channels) and each near view's RGB (then how much it
         # sees the point)
@@ -236,13 +246,15 @@ class PlaneSweep(nn.Module):
         if floor_grid:
             at += self.floor_out
             self.copy_at.append(at - 3)
-        self.out_channels += 4 * self.view_colours
-        self.copy_at += [at + 4 * i for i in range(self.view_colours)]
+        planes = self.plane_views * depths  # one colour per view and depth plane
+        self.out_channels += 4 * (self.view_colours + planes)
+        self.copy_at += [at + 4 * i for i in range(self.view_colours + planes)]
         self.copy_at = tuple(self.copy_at)
         #: how many colours the generator may copy per pixel
         self.copies = len(self.copy_at)
         #: the initial logit of each in the generator's softmax over them and its canvas (whose logit is 0)
-        self.copy_logits = (0.0,) * (self.copies - self.view_colours) + (float(view_colours_logit),) * self.view_colours
+        self.copy_logits = ((0.0,) * (self.copies - self.view_colours - planes)
+                            + (float(view_colours_logit),) * self.view_colours + (float(plane_views_logit),) * planes)
 
     #: :meth:`plane_nll`: a plane matches a query pixel whose colour lies within about this of the colour the views
     #: see there (per channel, colours in 0..1)
@@ -409,7 +421,8 @@ class PlaneSweep(nn.Module):
                 disparity = F.interpolate(disparity, size=(H, W), mode="bilinear", align_corners=False)
             depth = self._depth(disparity)  # [B, 1, H, W]
             near = self._nearest(context_poses, query_poses)
-            fine, views = self._gather(features, frames, query_poses, depth.flatten(1), near)
+            fine, views = self._gather(features, frames, query_poses, depth.flatten(1),
+                                       near[:, :self.view_colours] if self.view_colours else None)
             fine = fine.view(B, -1, H, W)
             if self.occluder_colour:  # after the sweep's channels: the layout before it stays as without the option
                 out = [fine[:, :-3], coarse, fine[:, -3:]]
@@ -428,20 +441,37 @@ class PlaneSweep(nn.Module):
                 if self.sweep_size != H:
                     floor = F.interpolate(floor, size=(H, W), mode="bilinear", align_corners=False)
                 out.append(floor)
-            if views is not None:  # last: the layout before it stays as without the option
+            if self.view_colours:  # last: the layout before it stays as without the option
                 out.append(views.reshape(B, -1, H, W))
+            if self.plane_views:  # after the view colours
+                out.append(self._plane_colours(features, frames, query_poses, near[:, :self.plane_views], H))
             return torch.cat(out, dim=1)
 
     def _nearest(self, context_poses: torch.Tensor, query_poses: torch.Tensor) -> torch.Tensor | None:
-        """The indices ``[B, view_colours]`` of the context views nearest each query in pose (7-d distance, as
-        :func:`gqn.metrics.nearest_context_view`), nearest first; with fewer views the farthest repeats. None
-        without ``view_colours``."""
-        if not self.view_colours:
+        """The indices ``[B, max(view_colours, plane_views)]`` of the context views nearest each query in pose
+        (7-d distance, as :func:`gqn.metrics.nearest_context_view`), nearest first; with fewer views the farthest
+        repeats. None without ``view_colours`` or ``plane_views``."""
+        k = max(self.view_colours, self.plane_views)
+        if not k:
             return None
         # stable: of views at the same distance the first, as nearest_context_view's argmin picks
         order = (context_poses - query_poses[:, None]).pow(2).sum(dim=-1).argsort(dim=1, stable=True)  # [B, M]
-        order = order[:, :self.view_colours]
-        return torch.cat([order, order[:, -1:].expand(-1, self.view_colours - order.shape[1])], dim=1)
+        order = order[:, :k]
+        return torch.cat([order, order[:, -1:].expand(-1, k - order.shape[1])], dim=1)
+
+    def _plane_colours(self, features, frames, query_poses, views, size):
+        """For the context views ``views`` ``[B, K]`` (indices), each one's RGB at every depth plane of each query
+        ray at ``size`` x ``size`` and how much of that sample lies inside its image: ``[B, K * depths * 4, s, s]``
+        (view by view, plane by plane, near to far)."""
+        B, K = views.shape
+        _, origin, slope = self._project(frames, query_poses, size)  # [B, M, 3], [B, M, P, 3]
+        origin = origin.gather(1, views[..., None].expand(-1, -1, 3))
+        slope = slope.gather(1, views[:, :, None, None].expand(-1, -1, *slope.shape[2:]))
+        images = features[:, :, :3].gather(1, views[:, :, None, None, None].expand(-1, -1, 3, *features.shape[-2:]))
+        depth = self.base_depths * self.log_depth_scale.exp()  # [D]
+        cam = origin[:, :, None, None] + slope[:, :, :, None] * depth[:, None]  # [B, K, P, D, 3]
+        samples = self._sample(images, cam)  # [B, K, 4, P, D]
+        return samples.permute(0, 1, 4, 2, 3).reshape(B, -1, size, size)
 
     def _floor_frame(self, context_poses):
         """The map's centre ``[B, 2]`` (the context cameras' mean x, y), reference height ``[B]`` (their mean z) and
