@@ -322,22 +322,24 @@ def test_view_colours_with_visibility_are_sampled_inside_the_image_and_seen_thro
     assert hidden > 0.1  # some near view's own surface hides part of what the query sees
 
 
+@pytest.mark.parametrize("view_colours", [0, 2])
 @pytest.mark.parametrize("nearest_view", [False, True])
 @pytest.mark.parametrize("floor_grid", [0, 8])
 @pytest.mark.parametrize("extra", ["none", "ray_directions", "occluder_colour"])
-def test_copy_at_names_every_colour_to_copy_in_every_layout(nearest_view, floor_grid, extra):
+def test_copy_at_names_every_colour_to_copy_in_every_layout(view_colours, nearest_view, floor_grid, extra):
     """For every combination of the options that add channels, ``copy_at`` points at the found colour, the nearest
-    view, the floor read's colour and each near view's RGB, in that order, and the map without the nearest view and
-    the near views (neither adds parameters) is the read without those options."""
+    view, the floor read's colour, each near view's RGB and the nearest view's RGB at every depth plane, in that
+    order, and the map without the nearest view, the near views and the planes (none adds parameters) is the read
+    without those options."""
     from gqn.metrics import nearest_context_view
 
     _, poses, _, _ = _room(views=5)
-    kw = dict(feature_channels=2, depths=4, sweep_size=8, floor_grid=floor_grid, floor_heights=2,
+    kw = dict(feature_channels=2, depths=3, sweep_size=8, floor_grid=floor_grid, floor_heights=2,
               ray_directions=extra == "ray_directions", visibility=extra == "occluder_colour",
               occluder_colour=extra == "occluder_colour")
     torch.manual_seed(0)
     base = PlaneSweep(32, **kw)
-    full = PlaneSweep(32, nearest_view=nearest_view, view_colours=2, **kw)
+    full = PlaneSweep(32, nearest_view=nearest_view, view_colours=view_colours, plane_views=1, **kw)
     full.load_state_dict(base.state_dict())
     colours = torch.tensor([[1.0, 0, 0], [0, 1, 0], [0, 0, 1], [1, 1, 0]])  # each context view a flat colour
     ctx = colours[None, :, :, None, None].expand(1, 4, 3, 32, 32).clone()
@@ -345,35 +347,43 @@ def test_copy_at_names_every_colour_to_copy_in_every_layout(nearest_view, floor_
     with torch.no_grad():
         features = base.view_features(ctx, ctx_poses)
         plain, out = base(features, ctx_poses, query), full(features, ctx_poses, query)
-    at = full.copy_at
-    assert out.shape[1] == full.out_channels and len(at) == full.copies == 1 + nearest_view + bool(floor_grid) + 2
+    at, tail = full.copy_at, 4 * (view_colours + 3)  # the near views' and the nearest view's planes end the map
+    assert out.shape[1] == full.out_channels == base.out_channels + 3 * nearest_view + tail
+    assert len(at) == full.copies == 1 + nearest_view + bool(floor_grid) + view_colours + 3
     assert at[0] == 0 and list(at) == sorted(set(at)) and at[-1] + 4 == full.out_channels
     i = 1
     if nearest_view:
         assert torch.equal(out[:, at[1]:at[1] + 3], nearest_context_view(ctx, ctx_poses, query))
-        assert torch.equal(torch.cat([out[:, :at[1]], out[:, at[1] + 3:-8]], dim=1), plain)
+        assert torch.equal(torch.cat([out[:, :at[1]], out[:, at[1] + 3:-tail]], dim=1), plain)
         i = 2
     else:
-        assert torch.equal(out[:, :-8], plain)
+        assert torch.equal(out[:, :-tail], plain)
     if floor_grid:
         assert torch.equal(out[:, at[i]:at[i] + 3], base.floor_colour(plain))
         assert torch.equal(full.floor_colour(out), base.floor_colour(plain))
     order = (ctx_poses[0] - query).pow(2).sum(-1).argsort(stable=True)
     assert order[0] == 2
-    for k, start in enumerate(at[-2:]):
+    views, planes = at[len(at) - 3 - view_colours:len(at) - 3], at[-3:]
+    for k, start in enumerate(views):
         rgb, seen = out[0, start:start + 3], out[0, start + 3]
         assert torch.allclose(rgb, colours[order[k]][:, None, None] * rgb.amax(dim=0), atol=1e-5)
         assert (seen <= rgb.amax(dim=0) + 1e-5).all() and rgb.amax(dim=0).mean() > 0.1  # seen: inside x visible
         if extra != "occluder_colour":  # no visibility: seen is how much of the sample lies inside the image
             assert torch.allclose(rgb, colours[order[k]][:, None, None] * seen, atol=1e-5)
-    if nearest_view:  # a context view at the nearest one's pose: both pick the first of the two, as the baseline
-        twin = torch.cat([ctx_poses[:, :2], ctx_poses[:, 2:3], ctx_poses[:, 2:3]], dim=1)
-        with torch.no_grad():
-            tied = full(features, twin, query)
-        first, second = tied[0, at[-2]:at[-2] + 3], tied[0, at[-1]:at[-1] + 3]
-        assert torch.equal(tied[:, at[1]:at[1] + 3], ctx[:, 2])  # view 2 (blue), not its twin 3 (yellow)
-        assert first[:2].abs().amax() == 0 and first[2].amax() > 0 and second[2].abs().amax() == 0
-        assert torch.equal(tied[:, at[1]:at[1] + 3], nearest_context_view(ctx, twin, query))
+    for start in planes:  # the nearest view (2, blue) at each plane, weighted by how much lies inside its image
+        rgb, inside = out[0, start:start + 3], out[0, start + 3]
+        assert torch.allclose(rgb, colours[2][:, None, None] * inside, atol=1e-5) and inside.mean() > 0.1
+    # a context view at the nearest one's pose: every read picks the first of the two, as the baseline does
+    twin = torch.cat([ctx_poses[:, :2], ctx_poses[:, 2:3], ctx_poses[:, 2:3]], dim=1)
+    with torch.no_grad():
+        tied = full(features, twin, query)[0]
+    assert all(tied[start:start + 2].abs().amax() == 0 and tied[start + 2].amax() > 0 for start in planes)  # blue
+    if view_colours:
+        first, second = tied[views[0]:views[0] + 3], tied[views[1]:views[1] + 3]
+        assert first[:2].abs().amax() == 0 and first[2].amax() > 0 and second[2].abs().amax() == 0  # then yellow
+    if nearest_view:
+        assert torch.equal(tied[at[1]:at[1] + 3], ctx[0, 2])  # view 2 (blue), not its twin 3 (yellow)
+        assert torch.equal(tied[None, at[1]:at[1] + 3], nearest_context_view(ctx, twin, query))
 
 
 def test_plane_views_are_the_nearest_views_at_every_depth_plane_and_colours_to_copy():
@@ -383,32 +393,38 @@ def test_plane_views_are_the_nearest_views_at_every_depth_plane_and_colours_to_c
     with the plane (parallax). Each is a colour the render copies alone when its weight -> 1."""
     images, poses, _, _ = _room(views=5)
     torch.manual_seed(0)
-    kw = dict(feature_channels=2, depths=4, sweep_size=8, nearest_view=True, view_colours=1)
+    kw = dict(feature_channels=2, depths=3, sweep_size=8, nearest_view=True, view_colours=1)
     plain = PlaneSweep(32, **kw)
     planes = PlaneSweep(32, plane_views=2, plane_views_logit=-2.0, **kw)
     planes.load_state_dict(plain.state_dict())  # the option adds no parameters
     at = plain.out_channels
-    assert planes.out_channels == at + 2 * 4 * 4 and planes.copy_at == plain.copy_at + tuple(range(at, at + 32, 4))
-    assert planes.copy_logits == plain.copy_logits + (-2.0,) * 8
+    assert planes.out_channels == at + 2 * 3 * 4 and planes.copy_at == plain.copy_at + tuple(range(at, at + 24, 4))
+    assert planes.copy_logits == plain.copy_logits + (-2.0,) * 6
+    depths = planes.base_depths * planes.log_depth_scale.exp()
     ctx, ctx_poses = images[None, :-1], poses[None, :-1]
     with torch.no_grad():
         features = plain.view_features(ctx, ctx_poses)
         for q in (1, 3):
             out = planes(features, ctx_poses, poses[None, q])
             assert torch.equal(out[:, :at], plain(features, ctx_poses, poses[None, q]))
-            part = out[0, at:].view(2, 4, 4, 32, 32)  # [view, plane, RGB + inside, H, W]
+            part = out[0, at:].view(2, 3, 4, 32, 32)  # [view, plane, RGB + inside, H, W]
             order = (ctx_poses[0] - poses[q]).pow(2).sum(-1).argsort(stable=True)
             assert order[0] == q
-            for d in range(4):  # the query's own view, through the same lens: its image at every depth
+            for d in range(3):
+                # the query's own view, through the same lens: its image at every depth
                 assert torch.allclose(part[0, d, :3], ctx[0, q], atol=1e-4) and part[0, d, 3].min() > 1 - 1e-4
+                # both views as the one-depth read samples them with every query pixel at this plane's depth
+                _, ref = planes._gather(features, camera_frames(ctx_poses), poses[None, q],
+                                        depths[d].expand(1, 32 * 32), order[None, :2])
+                assert torch.allclose(part[:, d], ref[0].view(2, 4, 32, 32), atol=1e-5)
             other = part[1, :, :3] * part[1, :, 3:].gt(0.99)  # another view: where it lands moves with the depth
             assert (other[0] - other[-1]).abs().mean() > 0.02
     model = _tiny_gqn(planes)
     assert model.generator.copy_at == planes.copy_at
     ci, cp, qp = images[None, :-1], poses[None, :-1], poses[None, -1]
     biases = 30.0 * torch.eye(len(planes.copy_at), len(model.generator.geometry_skip[-1].bias))
-    read, renders = _renders_by_bias(model, ci, cp, qp, biases[-8:])
-    for start, render in zip(planes.copy_at[-8:], renders, strict=True):
+    read, renders = _renders_by_bias(model, ci, cp, qp, biases[-6:])
+    for start, render in zip(planes.copy_at[-6:], renders, strict=True):
         assert torch.allclose(render, read[:, start:start + 3], atol=1e-6)
     with pytest.raises(ValueError, match="plane_views must be >= 0"):
         PlaneSweep(32, plane_views=-1)

@@ -240,7 +240,8 @@ class DRAWGenerator(nn.Module):
         With a geometric read, each pixel blends the context colour it found (its first channels) with the
         canvas's own: ``a * found + (1 - a) * sigmoid(obs(canvas) + residual)``, where ``a`` and the residual are
         computed per pixel from the canvas and the read (image-based rendering where the views saw the point,
-        the generator's guess where they did not)."""
+        the generator's guess where they did not); with more colours to copy (``copy_at``), a per-pixel softmax
+        weighs every one of them and the canvas's."""
         logits = self.observation(canvas)
         if self.geometry_skip is None:
             return torch.sigmoid(logits)

@@ -69,10 +69,10 @@ class PlaneSweep(nn.Module):
             nearest-view baseline picks it), one more colour it may copy per pixel (cameras close together).
         view_colours: also hand the generator, one by one, what the ``view_colours`` context views nearest the
             query in pose (as ``nearest_view`` orders them) see at the depth the sweep chose: each view's RGB there
-            and how much it sees the point (4 channels each, last in the map; fewer views than that repeat the
-            farthest). Each RGB is one more colour the generator may copy per pixel: where the views' weighted mean
-            (the found colour) blurs a surface that the depth misplaces or one view's occlusion, the nearest
-            view that sees it keeps it sharp. 0: off.
+            and how much it sees the point (4 channels each, after the rest of the read and before ``plane_views``;
+            fewer views than that repeat the farthest). Each RGB is one more colour the generator may copy per
+            pixel: where the views' weighted mean (the found colour) blurs a surface that the depth misplaces or one
+            view's occlusion, the nearest view that sees it keeps it sharp. 0: off.
         view_colours_logit: the starting logit of each of those colours in the generator's softmax (the canvas's
             and the other colours' start at 0).
         plane_views: also hand the generator, for the ``plane_views`` context views nearest the query in pose, each
@@ -236,8 +236,8 @@ class PlaneSweep(nn.Module):
             raise ValueError(f"geometry.plane_views must be >= 0 (0: off), got {plane_views}")
         self.plane_views = int(plane_views)
         # where the colours the generator may copy start in the map (forward's layout): the found colour first, then
-        # the nearest view's, the floor read's (its last three channels) and each near view's RGB (then how much it
-        # sees the point)
+        # the nearest view's, the floor read's (its last three channels), each near view's RGB (then how much it
+        # sees the point) and the plane views' RGB at each depth plane (then how much of the sample is inside)
         at = self.out_channels - 3 * nearest_view - (self.floor_out if floor_grid else 0)
         self.copy_at = [0]
         if nearest_view:
@@ -441,9 +441,9 @@ class PlaneSweep(nn.Module):
                 if self.sweep_size != H:
                     floor = F.interpolate(floor, size=(H, W), mode="bilinear", align_corners=False)
                 out.append(floor)
-            if self.view_colours:  # last: the layout before it stays as without the option
+            if self.view_colours:  # near the end: the layout before it stays as without the option
                 out.append(views.reshape(B, -1, H, W))
-            if self.plane_views:  # after the view colours
+            if self.plane_views:  # last, after the view colours
                 out.append(self._plane_colours(features, frames, query_poses, near[:, :self.plane_views], H))
             return torch.cat(out, dim=1)
 
