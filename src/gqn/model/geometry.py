@@ -27,8 +27,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from gqn.metrics import nearest_context_view
-
 
 def _autocast_dtype(device_type: str) -> torch.dtype | None:
     """The dtype of the autocast in force on ``device_type``, or None when there is none."""
@@ -431,10 +429,8 @@ class PlaneSweep(nn.Module):
             if self.ray_directions:  # after the sweep's channels, before the colours that end the map
                 out.append(F.normalize(self._rays(query_poses, H), dim=-1).transpose(1, 2).reshape(B, 3, H, W))
             if self.nearest_view:  # last: the layout before it stays as without the option
-                if near is None:
-                    out.append(nearest_context_view(features[:, :, :3], context_poses, query_poses))
-                else:  # the same view (the first of the stable order), without a second pose distance
-                    out.append(features[torch.arange(B, device=near.device), near[:, 0], :3])
+                # the view nearest_context_view picks (the first of the stable order; ties: the first view)
+                out.append(features[torch.arange(B, device=near.device), near[:, 0], :3])
             if self.floor_grid:  # after the nearest view, RGB last (one more colour to copy)
                 floor = self._floor_render(*self._floor_map(features, context_poses, frames, amp), query_poses,
                                            planes[0], M, amp)
@@ -448,10 +444,10 @@ class PlaneSweep(nn.Module):
             return torch.cat(out, dim=1)
 
     def _nearest(self, context_poses: torch.Tensor, query_poses: torch.Tensor) -> torch.Tensor | None:
-        """The indices ``[B, max(view_colours, plane_views)]`` of the context views nearest each query in pose
-        (7-d distance, as :func:`gqn.metrics.nearest_context_view`), nearest first; with fewer views the farthest
-        repeats. None without ``view_colours`` or ``plane_views``."""
-        k = max(self.view_colours, self.plane_views)
+        """The indices ``[B, max(nearest_view, view_colours, plane_views)]`` of the context views nearest each query
+        in pose (7-d distance, as :func:`gqn.metrics.nearest_context_view`), nearest first; with fewer views the
+        farthest repeats. None without any of those options."""
+        k = max(int(self.nearest_view), self.view_colours, self.plane_views)
         if not k:
             return None
         # stable: of views at the same distance the first, as nearest_context_view's argmin picks
