@@ -191,6 +191,10 @@ class DRAWGenerator(nn.Module):
         #: where each colour the observation may copy starts in the geometric read
         self.copy_at = geometry_copies
         self.geometry_copies = len(geometry_copies)
+        # every copy's channels, in order: one index_select reads them all (a slice per copy would, in the backward,
+        # fill and add a zero tensor of the whole read for each of them)
+        self.register_buffer("_copy_channels", torch.tensor(
+            [at + i for at in geometry_copies for i in range(image_channels)], dtype=torch.long), persistent=False)
         if geometry_channels:  # per pixel, canvas and geometric read together decide what to copy from the context
             width = 32
             k = geometry_mix_kernel
@@ -249,17 +253,14 @@ class DRAWGenerator(nn.Module):
         geometry = geometry.to(canvas.dtype)
         mix = self.geometry_skip(torch.cat([canvas, geometry], dim=1))
         k = self.geometry_copies
-        found = geometry[:, :c]
         drawn = torch.sigmoid(logits + mix[:, k:])
         if k == 1:
             alpha = torch.sigmoid(mix[:, :1])
-            return alpha * found + (1 - alpha) * drawn
+            return alpha * geometry[:, :c] + (1 - alpha) * drawn
         # the found colour, the others (the nearest view's, ...), the canvas: a softmax over (mix_0 .. mix_k-1, 0)
         w = torch.softmax(torch.cat([mix[:, :k], torch.zeros_like(mix[:, :1])], dim=1), dim=1)
-        out = w[:, :1] * found
-        for i, at in enumerate(self.copy_at[1:], 1):  # in this order, the sums of two copies as before
-            out = out + w[:, i:i + 1] * geometry[:, at:at + c]
-        return out + w[:, k:] * drawn
+        colours = geometry.index_select(1, self._copy_channels).unflatten(1, (k, c))  # [B, k, c, H, W]
+        return (w[:, :k, None] * colours).sum(dim=1) + w[:, k:] * drawn
 
     # ------------------------------------------------------------------ API
     def forward(

@@ -419,8 +419,9 @@ class PlaneSweep(nn.Module):
                 disparity = F.interpolate(disparity, size=(H, W), mode="bilinear", align_corners=False)
             depth = self._depth(disparity)  # [B, 1, H, W]
             near = self._nearest(context_poses, query_poses)
+            projection = self._project(frames, query_poses, H)  # the query pixels' rays into every view, once
             fine, views = self._gather(features, frames, query_poses, depth.flatten(1),
-                                       near[:, :self.view_colours] if self.view_colours else None)
+                                       near[:, :self.view_colours] if self.view_colours else None, projection)
             fine = fine.view(B, -1, H, W)
             if self.occluder_colour:  # after the sweep's channels: the layout before it stays as without the option
                 out = [fine[:, :-3], coarse, fine[:, -3:]]
@@ -440,7 +441,8 @@ class PlaneSweep(nn.Module):
             if self.view_colours:  # near the end: the layout before it stays as without the option
                 out.append(views.reshape(B, -1, H, W))
             if self.plane_views:  # last, after the view colours
-                out.append(self._plane_colours(features, frames, query_poses, near[:, :self.plane_views], H))
+                out.append(self._plane_colours(features, frames, query_poses, near[:, :self.plane_views], H,
+                                               projection))
             return torch.cat(out, dim=1)
 
     def _nearest(self, context_poses: torch.Tensor, query_poses: torch.Tensor) -> torch.Tensor | None:
@@ -455,12 +457,12 @@ class PlaneSweep(nn.Module):
         order = order[:, :k]
         return torch.cat([order, order[:, -1:].expand(-1, k - order.shape[1])], dim=1)
 
-    def _plane_colours(self, features, frames, query_poses, views, size):
+    def _plane_colours(self, features, frames, query_poses, views, size, projection=None):
         """For the context views ``views`` ``[B, K]`` (indices), each one's RGB at every depth plane of each query
         ray at ``size`` x ``size`` and how much of that sample lies inside its image: ``[B, K * depths * 4, s, s]``
-        (view by view, plane by plane, near to far)."""
+        (view by view, plane by plane, near to far). ``projection``: :meth:`_project` at ``size``, if already made."""
         B, K = views.shape
-        _, origin, slope = self._project(frames, query_poses, size)  # [B, M, 3], [B, M, P, 3]
+        _, origin, slope = projection or self._project(frames, query_poses, size)  # [B, M, 3], [B, M, P, 3]
         origin = origin.gather(1, views[..., None].expand(-1, -1, 3))
         slope = slope.gather(1, views[:, :, None, None].expand(-1, -1, *slope.shape[2:]))
         images = features[:, :, :3].gather(1, views[:, :, None, None, None].expand(-1, -1, 3, *features.shape[-2:]))
@@ -664,15 +666,15 @@ class PlaneSweep(nn.Module):
             return out.view(B, out.shape[1], size, size), expected.view(B, 1, size, size), plane_stats
         return out.view(B, out.shape[1], size, size), expected.view(B, 1, size, size)
 
-    def _gather(self, features, frames, query_poses, depth, nearest=None):
+    def _gather(self, features, frames, query_poses, depth, nearest=None, projection=None):
         """Every query pixel's point at its ``depth`` ``[B, P]``, seen by the context views: their samples weighted by
         how close each view's ray is to the query ray (a view from the same side sees the same occlusions), and
         the fraction of views that see it: ``[B, C + 1, P]``; with ``occluder_colour`` then the colour every view
         that has the point in its image sees on the line to it, hidden or not, weighted alike: ``[B, C + 4, P]``.
         Second, for the views ``nearest`` ``[B, K]`` (indices; or None): each one's RGB there and how much it sees
-        the point, ``[B, K, 4, P]`` (None without)."""
+        the point, ``[B, K, 4, P]`` (None without). ``projection``: :meth:`_project` at the depth's size, if made."""
         B, M = features.shape[:2]
-        rays, origin, slope = self._project(frames, query_poses, int(math.isqrt(depth.shape[1])))
+        rays, origin, slope = projection or self._project(frames, query_poses, int(math.isqrt(depth.shape[1])))
         cam = origin[:, :, None] + slope * depth[:, None, :, None]  # [B, M, P, 3]
         raw = self._sample(features, cam[:, :, :, None])
         samples, seen, _ = self._seen(raw, cam[:, :, :, None])
