@@ -378,6 +378,8 @@ CASES = [
      ["argument --camera: invalid choice: 'orbit' (choose from 'ring', 'free')"]),
     ("geometry-near-above-far", "gqn-train", lambda w: _train(w, "model.geometry.near=5", "model.geometry.far=1"), 2,
      ["geometry needs 0 < near < far, got near=5, far=1"]),
+    ("geometry-plane-views-negative", "gqn-train", lambda w: _train(w, "model.geometry.plane_views=-1"), 2,
+     ["geometry.plane_views must be >= 0 (0: off), got -1"]),
     ("geometry-visibility-margin-0", "gqn-train",
      lambda w: _train(w, "model.geometry.visibility=true", "model.geometry.visibility_margin=0"), 2,
      ["geometry.visibility_margin must be > 0, got 0"]),

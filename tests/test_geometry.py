@@ -253,7 +253,7 @@ def test_view_colours_are_the_nearest_views_at_the_found_depth_and_more_colours_
     torch.manual_seed(0)
     kw = dict(feature_channels=2, depths=4, sweep_size=8, nearest_view=True, floor_grid=8, floor_heights=2)
     plain = PlaneSweep(32, **kw)
-    views = PlaneSweep(32, view_colours=3, **kw)
+    views = PlaneSweep(32, view_colours=3, view_colours_logit=0.0, **kw)
     views.load_state_dict(plain.state_dict())  # the option adds no parameters
     assert views.out_channels == plain.out_channels + 12 and views.copies == 6
     at = plain.out_channels
@@ -283,7 +283,7 @@ def test_view_colours_are_the_nearest_views_at_the_found_depth_and_more_colours_
     model = _tiny_gqn(views)
     assert model.generator.copy_at == views.copy_at
     torch.manual_seed(0)
-    lower = PlaneSweep(32, view_colours=3, view_colours_logit=-3.0, **kw)
+    lower = PlaneSweep(32, view_colours=3, **kw)  # the class default, as the YAML's: -3
     assert lower.copy_logits == (0.0, 0.0, 0.0, -3.0, -3.0, -3.0) and views.copy_logits == (0.0,) * 6
     lower.load_state_dict(views.state_dict())
     started = _tiny_gqn(lower)

@@ -123,7 +123,7 @@ class PlaneSweep(nn.Module):
                  nearest_view: bool = False, floor_grid: int = 0, floor_heights: int = 8, floor_channels: int = 16,
                  floor_extent: float = 1.5, ray_directions: bool = False, depth_from_cameras: bool = False,
                  cost_filter: int = 0, cost_channels: int = 32, view_colours: int = 0,
-                 view_colours_logit: float = 0.0, plane_views: int = 0, plane_views_logit: float = -3.0):
+                 view_colours_logit: float = -3.0, plane_views: int = 0, plane_views_logit: float = -3.0):
         super().__init__()
         if not 0 < near < far:
             raise ValueError(f"geometry needs 0 < near < far, got near={near}, far={far}")
