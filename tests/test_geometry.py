@@ -460,6 +460,50 @@ def test_the_generator_says_which_colours_to_copy_it_cannot_take():
         DRAWGenerator(**kw, geometry_copies=[0, 17], geometry_copy_logits=[0.0, 0.0, -1.0])
 
 
+def test_geometry_match_weighs_the_colours_nearest_the_drawn_one():
+    """geometry_match: each colour's logit falls by the learned weight times its squared distance from the colour the
+    canvas draws there; off (0) no parameter and the plain softmax; negative, or without a read, a clear error."""
+    from gqn.model.generator import DRAWGenerator
+
+    kw = dict(r_channels=8, image_size=32, hidden_channels=8, canvas_channels=8, num_steps=1, geometry_channels=12,
+              geometry_copies=[0, 3, 6])
+    torch.manual_seed(0)
+    plain = DRAWGenerator(**kw)
+    assert plain.log_copy_match is None
+    matched = DRAWGenerator(**kw, geometry_match=50.0)
+    matched.load_state_dict(plain.state_dict(), strict=False)
+    assert matched.log_copy_match.item() == pytest.approx(math.log(50.0))
+    with torch.no_grad():  # the blend's logits all 0: only the distances tell the copies apart
+        for gen in (plain, matched):
+            gen.geometry_skip[-1].weight.zero_()
+            gen.geometry_skip[-1].bias.zero_()
+    canvas = torch.randn(2, 8, 32, 32)
+    drawn = torch.sigmoid(plain.observation(canvas))
+    geometry = torch.rand(2, 12, 32, 32)
+    geometry[:, 3:6] = (drawn + 0.05).clamp(0, 1)  # the second copy near the drawn colour, the others anywhere
+    d = torch.stack([(geometry[:, at:at + 3] - drawn).pow(2).sum(1) for at in (0, 3, 6)], 1)  # [B, 3, H, W]
+    w = torch.softmax(torch.cat([-50.0 * d, torch.zeros_like(d[:, :1])], 1), 1)
+    expect = sum(w[:, i:i + 1] * geometry[:, at:at + 3] for i, at in enumerate((0, 3, 6))) + w[:, 3:] * drawn
+    out = matched.observe(canvas, geometry)
+    assert torch.allclose(out, expect, atol=1e-5)
+    assert torch.allclose(plain.observe(canvas, geometry), (geometry[:, 0:3] + geometry[:, 3:6] + geometry[:, 6:9]
+                                                            + drawn) / 4, atol=1e-5)
+    near = geometry[:, 3:6]  # the blend moved to the copy nearest the drawn colour
+    assert (out - near).abs().mean() < 0.5 * (plain.observe(canvas, geometry) - near).abs().mean()
+    out.sum().backward()
+    assert matched.log_copy_match.grad is not None and matched.log_copy_match.grad.abs() > 0
+    one = DRAWGenerator(**{**kw, "geometry_copies": [0]}, geometry_match=50.0)  # one copy: the sigmoid's logit
+    with torch.no_grad():
+        one.geometry_skip[-1].weight.zero_()
+        one.geometry_skip[-1].bias.zero_()
+    drawn1 = torch.sigmoid(one.observation(canvas))
+    alpha = torch.sigmoid(-50.0 * (geometry[:, :3] - drawn1).pow(2).sum(1, keepdim=True))
+    assert torch.allclose(one.observe(canvas, geometry), alpha * geometry[:, :3] + (1 - alpha) * drawn1, atol=1e-5)
+    for bad in ({"geometry_match": -1.0}, {"geometry_match": 1.0, "geometry_channels": 0, "geometry_copies": [0]}):
+        with pytest.raises(ValueError, match="geometry_match must be >= 0"):
+            DRAWGenerator(**{**kw, **bad})
+
+
 def test_ray_profile_is_the_sweep_along_each_ray():
     """ray_profile: after the read without the option (the same parameters), every depth plane of each query ray:
     the mean colour of the context views whose image holds that point and their fraction. Checked against the

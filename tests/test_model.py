@@ -168,7 +168,8 @@ def _rel(a, b):
     + [(e, s, {"geometry": True}) for e, s in itertools.product(["tower", "attention"], SHARING)]
     + [("tower", "shared", {"geometry": "visibility"}), ("tower", "shared", {"geometry": "occluder"})]
     + [("tower", s, {"canvas_kernel": 8}) for s in SHARING]
-    + [("tower", "shared", {"canvas_kernel": 8, "geometry": True})],
+    + [("tower", "shared", {"canvas_kernel": 8, "geometry": True})]
+    + [("tower", "shared", {"geometry": True, "geometry_match": 10.0})],
 )
 def test_fast_path_equals_reference(encoder, sharing, options):
     """Outputs and gradients of the optimised DRAW loop within 1e-4 relative of the reference (float32)."""

@@ -16,6 +16,7 @@ resolution as a running sum of generator states). ``fast`` selects it; tests pro
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
@@ -111,6 +112,7 @@ class DRAWGenerator(nn.Module):
         canvas_kernel: int = GRID_SCALE,
         geometry_copies: Sequence[int] = (0,),
         geometry_copy_logits: Sequence[float] | None = None,
+        geometry_match: float = 0.0,
     ):
         """``canvas_kernel``: the kernel of the transposed convolution that writes each step's state onto the
         full-resolution canvas (stride 4): 4 (the paper) gives every latent-grid position its own 4x4 block, 8
@@ -124,7 +126,10 @@ class DRAWGenerator(nn.Module):
         ``geometry_copies``: the colours of that map the observation may copy per pixel, as the channels where each
         one's RGB starts (:attr:`gqn.model.geometry.PlaneSweep.copy_at`; the first is the found colour, at 0). A
         softmax weighs them against the canvas, from
-        ``geometry_copy_logits`` (one per colour; default 0 each, the canvas's logit is 0)."""
+        ``geometry_copy_logits`` (one per colour; default 0 each, the canvas's logit is 0). ``geometry_match`` (> 0;
+        0: off): each colour's logit also falls by this (learned) times its squared distance from the colour the
+        canvas draws there, so of the colours the read offers (a depth plane each, with ``plane_views``) the one the
+        generator's own guess is closest to weighs most."""
         super().__init__()
         if num_steps < 1:
             raise ValueError(f"num_steps (L) must be >= 1, got {num_steps}")
@@ -188,6 +193,11 @@ class DRAWGenerator(nn.Module):
                 not 0 <= at <= geometry_channels - image_channels for at in geometry_copies)):
             raise ValueError(f"geometry_copies must name where each colour to copy starts in the geometry's "
                              f"{geometry_channels} channels, the found colour's (0) first, got {geometry_copies}")
+        if geometry_match < 0 or (geometry_match and not geometry_channels):
+            raise ValueError(f"model.geometry_match must be >= 0 (0: off) and needs a geometric read "
+                             f"(model/geometry=plane_sweep), got {geometry_match}")
+        #: the learned weight of each copy's squared distance from the drawn colour in its logit (None: off)
+        self.log_copy_match = nn.Parameter(torch.tensor(math.log(geometry_match))) if geometry_match else None
         #: where each colour the observation may copy starts in the geometric read
         self.copy_at = geometry_copies
         self.geometry_copies = len(geometry_copies)
@@ -254,12 +264,15 @@ class DRAWGenerator(nn.Module):
         mix = self.geometry_skip(torch.cat([canvas, geometry], dim=1))
         k = self.geometry_copies
         drawn = torch.sigmoid(logits + mix[:, k:])
-        if k == 1:
-            alpha = torch.sigmoid(mix[:, :1])
-            return alpha * geometry[:, :c] + (1 - alpha) * drawn
-        # the found colour, the others (the nearest view's, ...), the canvas: a softmax over (mix_0 .. mix_k-1, 0)
-        w = torch.softmax(torch.cat([mix[:, :k], torch.zeros_like(mix[:, :1])], dim=1), dim=1)
+        copy = mix[:, :k]
         colours = geometry.index_select(1, self._copy_channels).unflatten(1, (k, c))  # [B, k, c, H, W]
+        if self.log_copy_match is not None:  # the colours nearest the drawn one weigh more
+            copy = copy - self.log_copy_match.exp() * (colours - drawn[:, None]).pow(2).sum(dim=2)
+        if k == 1:
+            alpha = torch.sigmoid(copy)
+            return alpha * colours[:, 0] + (1 - alpha) * drawn
+        # the found colour, the others (the nearest view's, ...), the canvas: a softmax over (mix_0 .. mix_k-1, 0)
+        w = torch.softmax(torch.cat([copy, torch.zeros_like(mix[:, :1])], dim=1), dim=1)
         return (w[:, :k, None] * colours).sum(dim=1) + w[:, k:] * drawn
 
     # ------------------------------------------------------------------ API

@@ -56,11 +56,14 @@ class GQN(nn.Module):
         geometry_core_channels: int = 32,
         geometry_mix_kernel: int = 1,
         canvas_kernel: int = 4,
+        geometry_match: float = 0.0,
     ):
         """``geometry``: a geometric read of the context views for each query view (``model/geometry=plane_sweep``,
         :class:`gqn.model.geometry.PlaneSweep`) that the generator takes beside r; None: the plain GQN.
         ``geometry_core_channels``: the channels of that read per latent-grid position that the cores take;
-        ``geometry_mix_kernel``: the kernel of the per-pixel network that blends the read into the image.
+        ``geometry_mix_kernel``: the kernel of the per-pixel network that blends the read into the image;
+        ``geometry_match``: with it, each colour the read offers weighs more the nearer it is to the colour the canvas
+        draws there (the starting weight of the squared distance, learned; 0: off; :class:`DRAWGenerator`).
         ``canvas_kernel``: 4 (the paper: each latent-grid position writes its own 4x4 block of the canvas) or 8
         (overlapping 8x8 blocks, no block edges in the render)."""
         super().__init__()
@@ -102,6 +105,7 @@ class GQN(nn.Module):
             geometry_core_channels=geometry_core_channels,
             geometry_mix_kernel=geometry_mix_kernel,
             canvas_kernel=canvas_kernel,
+            geometry_match=geometry_match,
         )
 
     @property
