@@ -76,3 +76,36 @@ def test_trainer_presets_resolve_to_a_lightning_precision(train_cfg):
         cfg = train_cfg(f"trainer={preset}")
         assert cfg.trainer.precision in ("bf16-mixed", "32-true", "16-mixed"), preset
     assert train_cfg("trainer.precision=32-true").trainer.precision == "32-true"
+
+
+def test_denormals_flush_to_zero_on_the_threads_started_after(tmp_path):
+    """flush_denormals, called first in a fresh process: a product in the denormal range is zero on every thread of
+    torch's OpenMP pool (started later, it inherits the mode); without it, not."""
+    import subprocess
+    import sys
+
+    code = ("import sys, torch\n"
+            "from gqn.precision import flush_denormals\n"
+            "ok = flush_denormals() if sys.argv[1] == '1' else None\n"
+            "torch.set_num_threads(2)\n"
+            "x = torch.full((1 << 22,), 1e-39)\n"
+            "print(ok, int((x * 1.0).count_nonzero()))\n")
+    runs = {flag: subprocess.run([sys.executable, "-c", code, flag], capture_output=True, text=True, timeout=120)
+            for flag in ("1", "0")}
+    assert runs["0"].stdout.split() == ["None", str(1 << 22)], runs["0"].stderr
+    assert runs["1"].stdout.split() == ["True", "0"], runs["1"].stderr
+
+
+def test_training_flushes_denormals(train_cfg):
+    """gqn-train's train() flushes denormals (first thing; gqn-eval, gqn-render and gqn-bench alike)."""
+    import torch
+
+    from gqn.train import train
+
+    torch.set_flush_denormal(False)
+    assert (torch.tensor([1e-39]) * 1.0).item() != 0.0
+    try:
+        train(train_cfg("logger=none", "callbacks=none", "trainer.max_steps=1", "trainer.limit_val_batches=0"))
+        assert (torch.tensor([1e-39]) * 1.0).item() == 0.0
+    finally:
+        torch.set_flush_denormal(False)

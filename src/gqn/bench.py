@@ -391,6 +391,9 @@ def bench_synth(scenes: int = 400, workers: int = 2, image_size: int = 64) -> di
 
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    from gqn.precision import flush_denormals
+
+    flush_denormals()  # as gqn-train: first, so that the OpenMP threads torch starts inherit the mode
     if argv[:1] == ["_train_child"]:
         name, path, batch, context, steps, ckpt, precision, compiled, device, backend = argv[1:11]
         spec = json.loads(argv[11]) if len(argv) > 11 else None

@@ -35,6 +35,7 @@ from gqn.cli import (
     resolve_ckpt,
 )
 from gqn.gqn_module import GQNModule
+from gqn.precision import flush_denormals
 
 
 def load_module(ckpt_path: str, output_dir: str = "outputs", key: str = "ckpt_path") -> GQNModule:
@@ -152,6 +153,7 @@ def evaluate(cfg: DictConfig) -> dict:
     """Metrics of a checkpoint on the test split (``split=val``: the validation split carved from the training
     files, as training validates): the mean over scenes of each metric (per scene first averaged over ``draws``
     draws of the context views), with its standard error and 95% interval over scenes."""
+    flush_denormals()  # first: the OpenMP threads torch starts later inherit the mode
     require_ckpt_path(cfg)
     if cfg.get("split") not in SPLITS:
         raise UserError(f"split must be one of {', '.join(SPLITS)} (val: the validation split carved from the "

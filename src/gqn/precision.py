@@ -29,6 +29,19 @@ CPUINFO = Path("/proc/cpuinfo")
 log = logging.getLogger(__name__)
 
 
+def flush_denormals() -> bool:
+    """Treat denormal floats (below ~1.2e-38 in fp32) as zero, on this thread and on every thread it starts from now
+    on (the CPU's flush-to-zero / denormals-are-zero modes, which new threads inherit: called before torch's first
+    parallel op, its OpenMP pool gets them too; TensorFlow runs its CPU kernels this way by default). Without it a run
+    whose weights drive gradients into the denormal range slows down by a large factor with nothing else to show for
+    it: session 29, a checkpoint of the default with the plane views' logit at 0 (ring proxy, step 350) took 2.87 s
+    per training step (batch 16, 2 threads, this Xeon) against 0.39 s with them flushed, its control 0.32 / 0.31 s
+    (nothing to flush). Returns False where the CPU has no such mode (then nothing changed)."""
+    import torch
+
+    return torch.set_flush_denormal(True)
+
+
 def cpu_fields() -> tuple[str, set[str]]:
     """CPU model name and flags (Linux /proc/cpuinfo; empty elsewhere)."""
     try:

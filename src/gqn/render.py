@@ -29,6 +29,7 @@ from gqn.cli import (
     require_ckpt_path,
 )
 from gqn.eval import load_module
+from gqn.precision import flush_denormals
 from gqn.trajectory import orbit, pose_from_camera
 
 
@@ -130,6 +131,7 @@ OPTIONS = {"scene_index": (int, 0), "num_context": (int, 1), "mean": (bool, None
 
 
 def render(cfg: DictConfig) -> dict:
+    flush_denormals()  # first: the OpenMP threads torch starts later inherit the mode
     require_ckpt_path(cfg)
     check_options(cfg, OPTIONS)
     if not cfg.context_file and cfg.split not in ("train", "test"):

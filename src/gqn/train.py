@@ -37,6 +37,7 @@ from gqn.cli import (
     resume_defaults,
     resume_differences,
 )
+from gqn.precision import flush_denormals
 
 CHECKED = ("trainer", "data", "model", "module", "callbacks", "logger")  # config sections with typed targets
 #: schedule=fast was tuned on short CPU runs of model=small (<= 28k steps); past this many steps say so.
@@ -85,6 +86,7 @@ def train(cfg: DictConfig, extra_callbacks: list | None = None) -> float | None:
     ``extra_callbacks`` are added to the configured ones (programmatic use, tests). A run stopped by
     SIGINT/SIGTERM saves ``last.ckpt`` and raises ``SystemExit(130 / 143)``.
     """
+    flush_denormals()  # first: the OpenMP threads torch starts later inherit the mode
     check_config_types(cfg, CHECKED)
     check_run(cfg)
     ckpt = resolve_ckpt(cfg.get("ckpt_path"), checkpoint_roots(cfg), announce="gqn-train")
