@@ -430,6 +430,46 @@ def test_plane_views_are_the_nearest_views_at_every_depth_plane_and_colours_to_c
         PlaneSweep(32, plane_views=-1)
 
 
+def test_plane_agreement_is_the_nearest_view_against_the_others_at_every_plane():
+    """plane_agreement: after every colour to copy (the map before it is the read without the option, copy_at
+    unchanged), per depth plane the squared distance between the nearest view's colour and the mean of the others that
+    hold the point, and the fraction of them that do. Views of one flat colour but the nearest view of another: that
+    colours' distance wherever both are inside, 0 where no other view is; needs plane_views."""
+    images, poses, _, _ = _room(views=5)
+    torch.manual_seed(0)
+    kw = dict(feature_channels=2, depths=3, sweep_size=8, plane_views=1)
+    plain = PlaneSweep(32, **kw)
+    agree = PlaneSweep(32, plane_agreement=True, **kw)
+    agree.load_state_dict(plain.state_dict())  # no parameters of its own
+    at = plain.out_channels
+    assert agree.out_channels == at + 2 * 3 and agree.copy_at == plain.copy_at
+    ctx_poses, q = poses[None, :-1], 2
+    a, b = torch.tensor([0.2, 0.4, 0.6]), torch.tensor([0.9, 0.1, 0.3])
+    flat = a[None, None, :, None, None].expand(1, 4, 3, 32, 32).clone()
+    order = (ctx_poses[0] - poses[q]).pow(2).sum(-1).argsort(stable=True)
+    flat[0, order[0]] = b[:, None, None]  # the nearest view in another colour
+    with torch.no_grad():
+        features = plain.view_features(flat, ctx_poses)
+        out = agree(features, ctx_poses, poses[None, q])
+        assert torch.equal(out[:, :at], plain(features, ctx_poses, poses[None, q]))
+        own_inside = out[0, at - 3 * 4:at].view(3, 4, 32, 32)[:, 3]  # the plane views' inside channel
+        part = out[0, at:].view(3, 2, 32, 32)  # [plane, distance | others' fraction, H, W]
+        far = (b - a).pow(2).sum()
+        for d in range(3):
+            distance, seen = part[d]
+            assert 0 <= seen.min() and seen.max() <= 1 + 1e-6
+            both = (own_inside[d] > 0.01) & (seen * 3 > 0.01)
+            assert both.sum() > 100
+            assert torch.allclose(distance[both], far.expand(int(both.sum())), atol=1e-4)
+            assert torch.all(distance[seen == 0] == 0)
+        assert part[:, 1].max() > 0.5  # a farther plane: more of the others hold it
+        same = agree(plain.view_features(a[None, None, :, None, None].expand(1, 4, 3, 32, 32), ctx_poses),
+                     ctx_poses, poses[None, q])[0, at:].view(3, 2, 32, 32)
+        assert same[:, 0][own_inside > 0.01].abs().max() < 1e-4  # one colour everywhere: they agree
+    with pytest.raises(ValueError, match="plane_agreement .* needs geometry.plane_views >= 1"):
+        PlaneSweep(32, plane_agreement=True)
+
+
 def _renders_by_bias(model, context_images, context_poses, query_poses, biases):
     """The model's geometric read of the query and its prior-mean render with the blend's last layer set to each of
     ``biases`` and no weights (each a softmax logit per colour to copy, then the canvas's RGB residual)."""

@@ -78,6 +78,11 @@ class PlaneSweep(nn.Module):
             inside its image; 4 channels per view and plane, after the view colours, at full resolution): one more
             colour to copy per view and plane, so the generator's own blend, which sees its canvas, picks the depth
             where the sweep's scores find none (flat colours). Each starts at ``plane_views_logit``. 0: off.
+        plane_agreement: with ``plane_views``, also how well the nearest view agrees with the others at every depth
+            plane of each query ray, at full resolution (two-view stereo where the sweep's 16 px scores are flat): per
+            plane the squared RGB distance between its sample and the mean of the other views' samples that lie
+            inside their images, and the fraction of the others that do (2 channels per plane, last in the map; not
+            colours to copy).
         sweep_size: the query resolution of the sweep (None: the image size); the depth it finds is upsampled, and
             the views are sampled once more at that depth for every pixel of the full-resolution map.
         consensus: in that last sampling, weigh down a view whose colour disagrees with the other views' mean
@@ -123,7 +128,8 @@ class PlaneSweep(nn.Module):
                  nearest_view: bool = False, floor_grid: int = 0, floor_heights: int = 8, floor_channels: int = 16,
                  floor_extent: float = 1.5, ray_directions: bool = False, depth_from_cameras: bool = False,
                  cost_filter: int = 0, cost_channels: int = 32, view_colours: int = 0,
-                 view_colours_logit: float = -3.0, plane_views: int = 0, plane_views_logit: float = -3.0):
+                 view_colours_logit: float = -3.0, plane_views: int = 0, plane_views_logit: float = -3.0,
+                 plane_agreement: bool = False):
         super().__init__()
         if not 0 < near < far:
             raise ValueError(f"geometry needs 0 < near < far, got near={near}, far={far}")
@@ -233,6 +239,10 @@ class PlaneSweep(nn.Module):
         if plane_views < 0:
             raise ValueError(f"geometry.plane_views must be >= 0 (0: off), got {plane_views}")
         self.plane_views = int(plane_views)
+        if plane_agreement and not self.plane_views:
+            raise ValueError("geometry.plane_agreement compares the nearest view's plane samples with the other "
+                             "views': it needs geometry.plane_views >= 1")
+        self.plane_agreement = bool(plane_agreement)
         # where the colours the generator may copy start in the map (forward's layout): the found colour first, then
         # the nearest view's, the floor read's (its last three channels), each near view's RGB (then how much it
         # sees the point) and the plane views' RGB at each depth plane (then how much of the sample is inside)
@@ -248,6 +258,7 @@ class PlaneSweep(nn.Module):
         self.out_channels += 4 * (self.view_colours + planes)
         self.copy_at += [at + 4 * i for i in range(self.view_colours + planes)]
         self.copy_at = tuple(self.copy_at)
+        self.out_channels += 2 * depths * self.plane_agreement  # last, after every colour to copy
         #: how many colours the generator may copy per pixel
         self.copies = len(self.copy_at)
         #: the initial logit of each in the generator's softmax over them and its canvas (whose logit is 0)
@@ -443,6 +454,8 @@ class PlaneSweep(nn.Module):
             if self.plane_views:  # last, after the view colours
                 out.append(self._plane_colours(features, frames, query_poses, near[:, :self.plane_views], H,
                                                projection))
+            if self.plane_agreement:  # last: not a colour to copy
+                out.append(self._plane_agreement(features, near[:, 0], H, projection))
             return torch.cat(out, dim=1)
 
     def _nearest(self, context_poses: torch.Tensor, query_poses: torch.Tensor) -> torch.Tensor | None:
@@ -470,6 +483,24 @@ class PlaneSweep(nn.Module):
         cam = origin[:, :, None, None] + slope[:, :, :, None] * depth[:, None]  # [B, K, P, D, 3]
         samples = self._sample(images, cam)  # [B, K, 4, P, D]
         return samples.permute(0, 1, 4, 2, 3).reshape(B, -1, size, size)
+
+    def _plane_agreement(self, features, nearest, size, projection):
+        """At every depth plane of each query ray (``size`` x ``size``, ``projection`` from :meth:`_project`): the
+        squared RGB distance between the view ``nearest`` ``[B]`` (index) and the mean of the other views whose image
+        holds the point (each sample divided by how much of it lies inside), and the fraction of those others:
+        ``[B, depths * 2, s, s]`` (plane by plane, near to far; with no other view inside, distance 0)."""
+        B, M = features.shape[:2]
+        _, origin, slope = projection
+        depth = self.base_depths * self.log_depth_scale.exp()  # [D]
+        cam = origin[:, :, None, None] + slope[:, :, :, None] * depth[:, None]  # [B, M, P, D, 3]
+        rgb, inside = self._sample(features[:, :, :3], cam).split([3, 1], dim=2)  # [B, M, 3 | 1, P, D]
+        own = F.one_hot(nearest, M).to(rgb.dtype)[:, :, None, None, None]  # [B, M, 1, 1, 1]
+        mine = (own * rgb).sum(1) / (own * inside).sum(1).clamp(min=1e-3)  # [B, 3, P, D]
+        seen = ((1 - own) * inside).sum(1)  # [B, 1, P, D]
+        others = ((1 - own) * rgb).sum(1) / seen.clamp(min=1e-3)
+        distance = (mine - others).pow(2).sum(1, keepdim=True) * (seen > 1e-3)
+        out = torch.cat([distance, seen / max(M - 1, 1)], dim=1)  # [B, 2, P, D]
+        return out.permute(0, 3, 1, 2).reshape(B, -1, size, size)
 
     def _floor_frame(self, context_poses):
         """The map's centre ``[B, 2]`` (the context cameras' mean x, y), reference height ``[B]`` (their mean z) and
