@@ -380,6 +380,10 @@ CASES = [
      ["geometry needs 0 < near < far, got near=5, far=1"]),
     ("geometry-plane-views-negative", "gqn-train", lambda w: _train(w, "model.geometry.plane_views=-1"), 2,
      ["geometry.plane_views must be >= 0 (0: off), got -1"]),
+    ("geometry-plane-agreement-without-plane-views", "gqn-train",
+     lambda w: _train(w, "model.geometry.plane_views=0", "model.geometry.plane_agreement=true"), 2,
+     ["geometry.plane_agreement compares the nearest view's plane samples with the other views': it needs "
+      "geometry.plane_views >= 1"]),
     ("geometry-visibility-margin-0", "gqn-train",
      lambda w: _train(w, "model.geometry.visibility=true", "model.geometry.visibility_margin=0"), 2,
      ["geometry.visibility_margin must be > 0, got 0"]),
