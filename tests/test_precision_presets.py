@@ -84,16 +84,21 @@ def test_denormals_flush_to_zero_on_the_threads_started_after(tmp_path):
     import subprocess
     import sys
 
+    # the denormals built from their bits (a float literal would already be flushed on the main thread), counted by
+    # their bits; "late": the pool started before the mode is set, so its threads keep denormals
     code = ("import sys, torch\n"
             "from gqn.precision import flush_denormals\n"
-            "ok = flush_denormals() if sys.argv[1] == '1' else None\n"
             "torch.set_num_threads(2)\n"
-            "x = torch.full((1 << 22,), 1e-39)\n"
-            "print(ok, int((x * 1.0).count_nonzero()))\n")
+            "if sys.argv[1] == 'late': torch.ones(1 << 22).mul(2.0)\n"
+            "ok = flush_denormals() if sys.argv[1] != 'off' else None\n"
+            "x = torch.full((1 << 22,), 700000, dtype=torch.int32).view(torch.float32)\n"
+            "print(ok, int((x * 1.0).view(torch.int32).count_nonzero()))\n")
     runs = {flag: subprocess.run([sys.executable, "-c", code, flag], capture_output=True, text=True, timeout=120)
-            for flag in ("1", "0")}
-    assert runs["0"].stdout.split() == ["None", str(1 << 22)], runs["0"].stderr
-    assert runs["1"].stdout.split() == ["True", "0"], runs["1"].stderr
+            for flag in ("first", "off", "late")}
+    assert runs["off"].stdout.split() == ["None", str(1 << 22)], runs["off"].stderr
+    assert runs["first"].stdout.split() == ["True", "0"], runs["first"].stderr
+    late = runs["late"].stdout.split()
+    assert late[0] == "True" and 0 < int(late[1]) < 1 << 22, runs["late"].stderr  # the main thread's share flushed
 
 
 def test_training_flushes_denormals(train_cfg):

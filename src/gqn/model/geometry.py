@@ -488,7 +488,8 @@ class PlaneSweep(nn.Module):
         """At every depth plane of each query ray (``size`` x ``size``, ``projection`` from :meth:`_project`): the
         squared RGB distance between the view ``nearest`` ``[B]`` (index) and the mean of the other views whose image
         holds the point (each sample divided by how much of it lies inside), and the fraction of those others:
-        ``[B, depths * 2, s, s]`` (plane by plane, near to far; with no other view inside, distance 0)."""
+        ``[B, depths * 2, s, s]`` (plane by plane, near to far; distance 0 where the nearest view or no other view
+        holds the point)."""
         B, M = features.shape[:2]
         _, origin, slope = projection
         depth = self.base_depths * self.log_depth_scale.exp()  # [D]
@@ -498,7 +499,8 @@ class PlaneSweep(nn.Module):
         mine = (own * rgb).sum(1) / (own * inside).sum(1).clamp(min=1e-3)  # [B, 3, P, D]
         seen = ((1 - own) * inside).sum(1)  # [B, 1, P, D]
         others = ((1 - own) * rgb).sum(1) / seen.clamp(min=1e-3)
-        distance = (mine - others).pow(2).sum(1, keepdim=True) * (seen > 1e-3)
+        mine_inside = (own * inside).sum(1)  # [B, 1, P, D]
+        distance = (mine - others).pow(2).sum(1, keepdim=True) * ((seen > 1e-3) & (mine_inside > 1e-3))
         out = torch.cat([distance, seen / max(M - 1, 1)], dim=1)  # [B, 2, P, D]
         return out.permute(0, 3, 1, 2).reshape(B, -1, size, size)
 
