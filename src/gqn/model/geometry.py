@@ -451,11 +451,11 @@ class PlaneSweep(nn.Module):
                 out.append(floor)
             if self.view_colours:  # near the end: the layout before it stays as without the option
                 out.append(views.reshape(B, -1, H, W))
-            if self.plane_views:  # last, after the view colours
-                out.append(self._plane_colours(features, frames, query_poses, near[:, :self.plane_views], H,
-                                               projection))
+            if self.plane_views:  # last, after the view colours: view by view, plane by plane, RGB + inside
+                samples = self._plane_samples(features, near[:, :self.plane_views], projection)  # [B, K, 4, P, D]
+                out.append(samples.permute(0, 1, 4, 2, 3).reshape(B, -1, H, W))
             if self.plane_agreement:  # last: not a colour to copy
-                out.append(self._plane_agreement(features, near[:, 0], H, projection))
+                out.append(self._plane_agreement(features, near[:, 0], samples[:, 0], H, projection))
             return torch.cat(out, dim=1)
 
     def _nearest(self, context_poses: torch.Tensor, query_poses: torch.Tensor) -> torch.Tensor | None:
@@ -470,36 +470,36 @@ class PlaneSweep(nn.Module):
         order = order[:, :k]
         return torch.cat([order, order[:, -1:].expand(-1, k - order.shape[1])], dim=1)
 
-    def _plane_colours(self, features, frames, query_poses, views, size, projection=None):
+    def _plane_samples(self, features, views, projection):
         """For the context views ``views`` ``[B, K]`` (indices), each one's RGB at every depth plane of each query
-        ray at ``size`` x ``size`` and how much of that sample lies inside its image: ``[B, K * depths * 4, s, s]``
-        (view by view, plane by plane, near to far). ``projection``: :meth:`_project` at ``size``, if already made."""
-        B, K = views.shape
-        _, origin, slope = projection or self._project(frames, query_poses, size)  # [B, M, 3], [B, M, P, 3]
+        ray (``projection``: :meth:`_project` of the query pixels) and how much of that sample lies inside its image:
+        ``[B, K, 4, P, depths]`` (planes near to far)."""
+        _, origin, slope = projection  # [B, M, 3], [B, M, P, 3]
         origin = origin.gather(1, views[..., None].expand(-1, -1, 3))
         slope = slope.gather(1, views[:, :, None, None].expand(-1, -1, *slope.shape[2:]))
         images = features[:, :, :3].gather(1, views[:, :, None, None, None].expand(-1, -1, 3, *features.shape[-2:]))
         depth = self.base_depths * self.log_depth_scale.exp()  # [D]
         cam = origin[:, :, None, None] + slope[:, :, :, None] * depth[:, None]  # [B, K, P, D, 3]
-        samples = self._sample(images, cam)  # [B, K, 4, P, D]
-        return samples.permute(0, 1, 4, 2, 3).reshape(B, -1, size, size)
+        return self._sample(images, cam)
 
-    def _plane_agreement(self, features, nearest, size, projection):
+    def _plane_agreement(self, features, nearest, own, size, projection):
         """At every depth plane of each query ray (``size`` x ``size``, ``projection`` from :meth:`_project`): the
-        squared RGB distance between the view ``nearest`` ``[B]`` (index) and the mean of the other views whose image
-        holds the point (each sample divided by how much of it lies inside), and the fraction of those others:
+        squared RGB distance between the view ``nearest`` ``[B]`` (index; ``own``: its :meth:`_plane_samples`
+        ``[B, 4, P, D]``, already made for the plane views) and the mean of the other views whose image holds the
+        point (each sample divided by how much of it lies inside), and the fraction of those others:
         ``[B, depths * 2, s, s]`` (plane by plane, near to far; distance 0 where the nearest view or no other view
         holds the point)."""
         B, M = features.shape[:2]
-        _, origin, slope = projection
-        depth = self.base_depths * self.log_depth_scale.exp()  # [D]
-        cam = origin[:, :, None, None] + slope[:, :, :, None] * depth[:, None]  # [B, M, P, D, 3]
-        rgb, inside = self._sample(features[:, :, :3], cam).split([3, 1], dim=2)  # [B, M, 3 | 1, P, D]
-        own = F.one_hot(nearest, M).to(rgb.dtype)[:, :, None, None, None]  # [B, M, 1, 1, 1]
-        mine = (own * rgb).sum(1) / (own * inside).sum(1).clamp(min=1e-3)  # [B, 3, P, D]
-        seen = ((1 - own) * inside).sum(1)  # [B, 1, P, D]
-        others = ((1 - own) * rgb).sum(1) / seen.clamp(min=1e-3)
-        mine_inside = (own * inside).sum(1)  # [B, 1, P, D]
+        mine, mine_inside = own.split([3, 1], dim=1)  # [B, 3 | 1, P, D]
+        if M == 1:  # no other view
+            seen, others = torch.zeros_like(mine_inside), torch.zeros_like(mine)
+        else:
+            index = torch.arange(M, device=nearest.device).expand(B, M)
+            rest = index[index != nearest[:, None]].view(B, M - 1)  # every view but the nearest
+            rgb, inside = self._plane_samples(features, rest, projection).split([3, 1], dim=2)  # [B, M-1, 3|1, P, D]
+            seen = inside.sum(1)  # [B, 1, P, D]
+            others = rgb.sum(1) / seen.clamp(min=1e-3)
+        mine = mine / mine_inside.clamp(min=1e-3)
         distance = (mine - others).pow(2).sum(1, keepdim=True) * ((seen > 1e-3) & (mine_inside > 1e-3))
         out = torch.cat([distance, seen / max(M - 1, 1)], dim=1)  # [B, 2, P, D]
         return out.permute(0, 3, 1, 2).reshape(B, -1, size, size)
