@@ -250,3 +250,19 @@ def test_slurm_launcher_config_composes(tmp_path):
     out = run_cli("gqn-train", "hydra/launcher=slurm", "--cfg", "hydra", "--package", "hydra.launcher",
                   cwd=tmp_path).stdout
     assert "SlurmLauncher" in out and "gpus_per_node: 1" in out
+
+
+def test_resume_defaults_fill_only_options_a_checkpoint_lacks_where_the_code_before_them_differs():
+    """A checkpoint from before an option resumes with the class default of that option (how the code behaved
+    before it existed) where this command's config differs; a YAML list equal to a tuple default is no difference."""
+    from gqn.cli import resume_defaults
+
+    cfg = {"_target_": "gqn.model.GQN", "geometry_mix_widths": [32], "geometry_match": 0.0,
+           "geometry": {"_target_": "gqn.model.geometry.PlaneSweep", "visibility": True, "depths": 8}}
+    old = {"hyper_parameters": {"model": {"_target_": "gqn.model.GQN",
+                                          "geometry": {"_target_": "gqn.model.geometry.PlaneSweep", "depths": 8}}}}
+    assert resume_defaults(old, cfg) == {"model.geometry.visibility": False}  # PlaneSweep's default, not the YAML's
+    cfg["geometry_mix_widths"] = [64, 64]
+    assert resume_defaults(old, cfg)["model.geometry_mix_widths"] == [32]
+    saved = {"hyper_parameters": {"model": {**old["hyper_parameters"]["model"], "geometry_mix_widths": [64, 64]}}}
+    assert "model.geometry_mix_widths" not in resume_defaults(saved, cfg)

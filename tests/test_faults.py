@@ -325,6 +325,9 @@ CASES = [
     ("depth-weight-without-read", "gqn-train", lambda w: _train(w, "~model/geometry", "module.depth_weight=1"), 2,
      ["module.depth_weight=1 trains the read's depth search, but the model has none",
       "add model/geometry=plane_sweep or set module.depth_weight=0"]),
+    ("drawn-weight-without-read", "gqn-train", lambda w: _train(w, "~model/geometry", "module.drawn_weight=1"), 2,
+     ["module.drawn_weight=1 trains the colour the canvas draws beside the read's copies, but the model has none",
+      "add model/geometry=plane_sweep or set module.drawn_weight=0"]),
     ("floor-weight-without-floor-map", "gqn-train", lambda w: _train(w, "module.floor_weight=1"), 2,
      ["module.floor_weight=1 trains the floor map, but the model has none",
       "set model.geometry.floor_grid (e.g. 16) or module.floor_weight=0"]),
@@ -384,6 +387,9 @@ CASES = [
      lambda w: _train(w, "model.geometry.plane_views=0", "model.geometry.plane_agreement=true"), 2,
      ["geometry.plane_agreement compares the nearest view's plane samples with the other views': it needs "
       "geometry.plane_views >= 1"]),
+    ("model-mix-widths-empty", "gqn-train", lambda w: _train(w, "model.geometry_mix_widths=[]"), 2,
+     ["model.geometry_mix_widths must be a non-empty list of integers >= 1 (the blending network's hidden layers), "
+      "got []"]),
     ("geometry-visibility-margin-0", "gqn-train",
      lambda w: _train(w, "model.geometry.visibility=true", "model.geometry.visibility_margin=0"), 2,
      ["geometry.visibility_margin must be > 0, got 0"]),

@@ -544,6 +544,41 @@ def test_geometry_match_weighs_the_colours_nearest_the_drawn_one():
             DRAWGenerator(**{**kw, **bad})
 
 
+def test_geometry_mix_widths_are_the_blend_networks_hidden_layers():
+    """geometry_mix_widths: the blending network's hidden layers, each a ReLU after it, the first with
+    geometry_mix_kernel and the rest 1x1; the default [32] has the parameters (names and shapes) of the network before
+    the option, so old checkpoints load; the blend computes exactly what its layers say; bad widths: a clear error."""
+    from torch import nn
+
+    from gqn.model.generator import DRAWGenerator
+
+    kw = dict(r_channels=8, image_size=32, hidden_channels=8, canvas_channels=8, num_steps=1, geometry_channels=12,
+              geometry_copies=[0, 3, 6])
+    torch.manual_seed(0)
+    one = DRAWGenerator(**kw)
+    assert {k: tuple(v.shape) for k, v in one.geometry_skip.state_dict().items()} == {
+        "0.weight": (32, 20, 1, 1), "0.bias": (32,), "2.weight": (6, 32, 1, 1), "2.bias": (6,)}
+    deep = DRAWGenerator(**kw, geometry_mix_widths=[16, 24], geometry_mix_kernel=3)
+    convs = [m for m in deep.geometry_skip if isinstance(m, nn.Conv2d)]
+    assert [(c.in_channels, c.out_channels, c.kernel_size) for c in convs] == [
+        (20, 16, (3, 3)), (16, 24, (1, 1)), (24, 6, (1, 1))]
+    assert sum(isinstance(m, nn.ReLU) for m in deep.geometry_skip) == 2
+    canvas, geometry = torch.randn(2, 8, 32, 32), torch.rand(2, 12, 32, 32)
+    h = torch.cat([canvas, geometry], 1)
+    for conv in convs[:-1]:
+        h = torch.relu(conv(h))
+    mix = convs[-1](h)
+    w = torch.softmax(torch.cat([mix[:, :3], torch.zeros_like(mix[:, :1])], 1), 1)
+    drawn = torch.sigmoid(deep.observation(canvas) + mix[:, 3:])
+    expect = sum(w[:, i:i + 1] * geometry[:, at:at + 3] for i, at in enumerate((0, 3, 6))) + w[:, 3:] * drawn
+    assert torch.allclose(deep.observe(canvas, geometry), expect, atol=1e-5)
+    mean, own = deep.observe(canvas, geometry, parts=True)  # the canvas's own colour beside the blend
+    assert torch.allclose(mean, expect, atol=1e-5) and torch.allclose(own, drawn, atol=1e-6)
+    for bad in ([], [0], [16, -1], [1.5], [True]):
+        with pytest.raises(ValueError, match="geometry_mix_widths must be a non-empty list of integers >= 1"):
+            DRAWGenerator(**kw, geometry_mix_widths=bad)
+
+
 def test_ray_profile_is_the_sweep_along_each_ray():
     """ray_profile: after the read without the option (the same parameters), every depth plane of each query ray:
     the mean colour of the context views whose image holds that point and their fraction. Checked against the

@@ -595,6 +595,30 @@ def test_depth_loss_adds_the_plane_nll_of_the_query_sweep(train_cfg):
         instantiate(train_cfg("~model/geometry", "module.depth_weight=0.5").module, _recursive_=False)
 
 
+def test_drawn_loss_adds_the_nll_of_the_canvas_colour_beside_the_copies(train_cfg):
+    """module.drawn_weight (schedule.drawn_weight): the loss adds that weight times the pixel NLL of the colour the
+    canvas draws on its own (the blend's fallback beside the read's copies), from the same posterior latents as the
+    ELBO's render; its gradient reaches the observation head. Off by default; an error without a geometric read."""
+    from hydra.errors import InstantiationException
+    from hydra.utils import instantiate
+
+    from gqn.model.distributions import gaussian_nll
+
+    assert train_cfg().module.drawn_weight == 0.0
+    module, batch, logged, steps, _ = _auxiliary_loss_steps(
+        train_cfg, "drawn_weight", lambda m: m.model.generator.observation.weight, "module.drawn_weight=0.5")
+    torch.manual_seed(0)  # the training step's posterior noise
+    with torch.no_grad():
+        out = module(batch)
+    assert not torch.allclose(out["drawn"], out["mean"], atol=1e-3)  # not the render: the canvas's colour alone
+    want = 0.5 * gaussian_nll(batch["query_images"], out["drawn"], module.sigma())
+    assert torch.allclose(steps[0.5][0] - steps[0.0][0], want.mean(), rtol=1e-4)
+    assert (steps[0.5][1] - steps[0.0][1]).abs().sum() > 0.05 * steps[0.0][1].abs().sum()  # it reaches the head
+    assert float(logged["train/drawn_nll"].detach()) == pytest.approx(want.mean().item() / 0.5, rel=1e-4)
+    with pytest.raises(InstantiationException, match="module.drawn_weight=0.5 trains the colour the canvas draws"):
+        instantiate(train_cfg("~model/geometry", "module.drawn_weight=0.5").module, _recursive_=False)
+
+
 def test_floor_loss_adds_the_nll_of_the_floor_read_on_every_pixel(train_cfg):
     """module.floor_weight with model.geometry.floor_grid: the loss adds that weight times the pixel NLL of the
     colour the floor read rendered, over every pixel; its gradient reaches the map's network. Off by default;

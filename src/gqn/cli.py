@@ -436,6 +436,7 @@ LOSS_SETTINGS = {
     "module.read_weight": "read_weight",
     "module.floor_weight": "floor_weight",
     "module.depth_weight": "depth_weight",
+    "module.drawn_weight": "drawn_weight",
     "module.kl_weight": "kl_weight", "module.kl_warmup_steps": "kl_warmup_steps",
     "module.sigma_warmup_steps": "sigma_warmup_steps", "schedule.sigma_init": "schedule.sigma_init",
     "schedule.sigma_final": "schedule.sigma_final", "schedule.sigma_steps": "schedule.sigma_steps",
@@ -495,8 +496,10 @@ def resume_defaults(ckpt: dict, model_cfg: dict) -> dict:
             name = f"{prefix}.{key}"
             if isinstance(value, dict):
                 walk(value, name)
-            elif key != "_target_" and name not in saved and key in defaults and defaults[key] != value:
-                out[name] = defaults[key]
+            elif key != "_target_" and name not in saved and key in defaults:
+                default = list(defaults[key]) if isinstance(defaults[key], tuple) else defaults[key]  # YAML lists
+                if default != value:
+                    out[name] = default
 
     walk(model_cfg, "model")
     return out

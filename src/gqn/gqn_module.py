@@ -98,7 +98,8 @@ def check_loss_weights(weights: dict, model, parts: bool = True, schedule=None) 
     if not parts:
         return
     geometry = getattr(model, "geometry", None)
-    for key, what in (("read_weight", "the geometric read"), ("depth_weight", "the read's depth search")):
+    for key, what in (("read_weight", "the geometric read"), ("depth_weight", "the read's depth search"),
+                      ("drawn_weight", "the colour the canvas draws beside the read's copies")):
         if weights.get(key) and geometry is None:
             raise ValueError(f"{name[key]}={weights[key]} trains {what}, but the model has none: add "
                              f"model/geometry=plane_sweep or set {name[key]}=0")
@@ -136,6 +137,10 @@ class GQNModule(L.LightningModule):
         depth_weight: weight of an auxiliary loss on the read's depth search (``model.geometry``): how little of its
             depth softmax lies on the planes whose colour, as the context views see it, matches the query image
             (:meth:`gqn.model.geometry.PlaneSweep.plane_nll`, nats summed over the sweep's pixels). 0: off.
+        drawn_weight: weight of an auxiliary loss on the colour the generator's canvas draws on its own, which the
+            blend weighs against the geometric read's copies (``model.geometry``): its pixel NLL (at the same sigma)
+            from the same latents as the ELBO's render. Trained only through the blend, that colour is worth little
+            where the blend leans on the copies; this trains it to render the view by itself. 0: off.
         compile: ``torch.compile`` the encoder and the generator in place (``True``: the inductor backend; a
             string names another backend, e.g. ``aot_eager`` traces without generating code). The first
             step of each new input shape pays the compile time; the checkpoint's keys are those of eager.
@@ -155,6 +160,7 @@ class GQNModule(L.LightningModule):
         read_weight: float = 0.0,
         floor_weight: float = 0.0,
         depth_weight: float = 0.0,
+        drawn_weight: float = 0.0,
         compile: bool | str = False,
     ):
         super().__init__()
@@ -164,11 +170,12 @@ class GQNModule(L.LightningModule):
                                    "kl_warmup_steps": kl_warmup_steps, "kl_weight": kl_weight,
                                    "prior_mean_weight": prior_mean_weight, "prior_mean_start": prior_mean_start,
                                    "read_weight": read_weight, "floor_weight": floor_weight,
-                                   "depth_weight": depth_weight, "compile": compile})
+                                   "depth_weight": depth_weight, "drawn_weight": drawn_weight,
+                                   "compile": compile})
         self.model: GQN = hydra.utils.instantiate(self.hparams.model)
         check_loss_weights({"kl_weight": kl_weight, "prior_mean_weight": prior_mean_weight,
                             "read_weight": read_weight, "floor_weight": floor_weight,
-                            "depth_weight": depth_weight}, self.model,
+                            "depth_weight": depth_weight, "drawn_weight": drawn_weight}, self.model,
                            parts=not GQNModule._loading, schedule=self.hparams.schedule)
         s = self.hparams.schedule
         check_schedule(s)
@@ -359,6 +366,11 @@ class GQNModule(L.LightningModule):
             plane_nll = self.model.geometry.plane_nll(images)
             loss = loss + depth_weight * plane_nll.mean()
             self.log("train/plane_nll", plane_nll.mean(), batch_size=B)
+        drawn_weight = self.hparams.get("drawn_weight", 0.0)
+        if drawn_weight and out.get("drawn") is not None:
+            drawn_nll = gaussian_nll(images, out["drawn"], self.sigma())
+            loss = loss + drawn_weight * pixel_scale * drawn_nll.mean()
+            self.log("train/drawn_nll", drawn_nll.mean(), batch_size=B)
         floor_weight = self.hparams.get("floor_weight", 0.0)
         if floor_weight and out["geometry"] is not None and getattr(self.model.geometry, "floor_grid", 0):
             drawn = self.model.geometry.floor_colour(out["geometry"])

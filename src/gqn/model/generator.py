@@ -113,6 +113,7 @@ class DRAWGenerator(nn.Module):
         geometry_copies: Sequence[int] = (0,),
         geometry_copy_logits: Sequence[float] | None = None,
         geometry_match: float = 0.0,
+        geometry_mix_widths: Sequence[int] = (32,),
     ):
         """``canvas_kernel``: the kernel of the transposed convolution that writes each step's state onto the
         full-resolution canvas (stride 4): 4 (the paper) gives every latent-grid position its own 4x4 block, 8
@@ -129,7 +130,8 @@ class DRAWGenerator(nn.Module):
         ``geometry_copy_logits`` (one per colour; default 0 each, the canvas's logit is 0). ``geometry_match`` (> 0;
         0: off): each colour's logit also falls by this (learned) times its squared distance from the colour the
         canvas draws there, so of the colours the read offers (a depth plane each, with ``plane_views``) the one the
-        generator's own guess is closest to weighs most."""
+        generator's own guess is closest to weighs most. ``geometry_mix_widths``: the hidden layers of that blending
+        network (their channels, each followed by a ReLU; the layers after the first are 1x1)."""
         super().__init__()
         if num_steps < 1:
             raise ValueError(f"num_steps (L) must be >= 1, got {num_steps}")
@@ -206,11 +208,16 @@ class DRAWGenerator(nn.Module):
         self.register_buffer("_copy_channels", torch.tensor(
             [at + i for at in geometry_copies for i in range(image_channels)], dtype=torch.long), persistent=False)
         if geometry_channels:  # per pixel, canvas and geometric read together decide what to copy from the context
-            width = 32
+            widths = list(geometry_mix_widths)
+            if not widths or any(not isinstance(w, int) or isinstance(w, bool) or w < 1 for w in widths):
+                raise ValueError(f"model.geometry_mix_widths must be a non-empty list of integers >= 1 (the blending "
+                                 f"network's hidden layers), got {geometry_mix_widths}")
             k = geometry_mix_kernel
-            self.geometry_skip = nn.Sequential(
-                nn.Conv2d(canvas_channels + geometry_channels, width, k, padding=k // 2), nn.ReLU(),
-                nn.Conv2d(width, self.geometry_copies + image_channels, 1))
+            layers: list[nn.Module] = []
+            for i, width in enumerate(widths):  # the first layer's kernel k, then 1x1: checkpoints of one layer load
+                layers += [nn.Conv2d(widths[i - 1] if i else canvas_channels + geometry_channels, width,
+                                     1 if i else k, padding=0 if i else k // 2), nn.ReLU()]
+            self.geometry_skip = nn.Sequential(*layers, nn.Conv2d(widths[-1], self.geometry_copies + image_channels, 1))
             if geometry_copy_logits is not None:
                 if len(geometry_copy_logits) != self.geometry_copies:
                     raise ValueError(f"geometry_copy_logits needs one logit per colour to copy "
@@ -247,9 +254,11 @@ class DRAWGenerator(nn.Module):
                 f"{self.image_size}x{self.image_size}; set data.image_size / model.image_size to match"
             )
 
-    def observe(self, canvas: torch.Tensor, geometry: torch.Tensor | None = None) -> torch.Tensor:
+    def observe(self, canvas: torch.Tensor, geometry: torch.Tensor | None = None,
+                parts: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor | None]:
         """Canvas ``[B, canvas, H, W]`` (and the geometric read ``[B, G, H, W]``) -> mean image ``[B, 3, H, W]``
-        in (0, 1).
+        in (0, 1); with ``parts``, ``(mean, drawn)``: drawn is the canvas's own colour that the blend weighs
+        against the copies (None without a geometric read).
 
         With a geometric read, each pixel blends the context colour it found (its first channels) with the
         canvas's own: ``a * found + (1 - a) * sigmoid(obs(canvas) + residual)``, where ``a`` and the residual are
@@ -258,7 +267,7 @@ class DRAWGenerator(nn.Module):
         weighs every one of them and the canvas's."""
         logits = self.observation(canvas)
         if self.geometry_skip is None:
-            return torch.sigmoid(logits)
+            return (torch.sigmoid(logits), None) if parts else torch.sigmoid(logits)
         c = self.observation.out_channels
         geometry = geometry.to(canvas.dtype)
         mix = self.geometry_skip(torch.cat([canvas, geometry], dim=1))
@@ -270,10 +279,11 @@ class DRAWGenerator(nn.Module):
             copy = copy - self.log_copy_match.exp() * (colours - drawn[:, None]).pow(2).sum(dim=2)
         if k == 1:
             alpha = torch.sigmoid(copy)
-            return alpha * colours[:, 0] + (1 - alpha) * drawn
-        # the found colour, the others (the nearest view's, ...), the canvas: a softmax over (mix_0 .. mix_k-1, 0)
-        w = torch.softmax(torch.cat([copy, torch.zeros_like(mix[:, :1])], dim=1), dim=1)
-        return (w[:, :k, None] * colours).sum(dim=1) + w[:, k:] * drawn
+            mean = alpha * colours[:, 0] + (1 - alpha) * drawn
+        else:  # the found colour, the others (the nearest view's, ...), the canvas: softmax over (mix_0 .. mix_k-1, 0)
+            w = torch.softmax(torch.cat([copy, torch.zeros_like(mix[:, :1])], dim=1), dim=1)
+            mean = (w[:, :k, None] * colours).sum(dim=1) + w[:, k:] * drawn
+        return (mean, drawn) if parts else mean
 
     # ------------------------------------------------------------------ API
     def forward(
@@ -296,7 +306,7 @@ class DRAWGenerator(nn.Module):
         With ``query_images`` the latents come from the posterior and ``kl`` ``[B, L]`` is returned;
         without, from the prior (a sample, or its mean when ``sample_prior`` is False). Returns
         ``mean`` ``[B, 3, H, W]``, optionally ``kl`` and ``sequence`` ``[B, L, 3, H, W]`` (the image after
-        each step).
+        each step); with a geometric read also ``drawn`` ``[B, 3, H, W]``, the canvas's own colour in the blend.
         """
         self._check(query_images, query_poses, representation)
         if (self.attention is not None) != (views is not None):
@@ -361,10 +371,12 @@ class DRAWGenerator(nn.Module):
             u = u + self.canvas_up(h_g)
             if return_sequence:
                 seq.append(self.observe(u, geo))
-        return self._outputs(self.observe(u, geo), kls, seq)
+        return self._outputs(*self.observe(u, geo, parts=True), kls, seq)
 
-    def _outputs(self, mean, kls, seq):
+    def _outputs(self, mean, drawn, kls, seq):
         out = {"mean": mean}
+        if drawn is not None:
+            out["drawn"] = drawn
         if kls:
             out["kl"] = torch.stack(kls, dim=1)
         if seq:
@@ -467,7 +479,7 @@ class DRAWGenerator(nn.Module):
                 kls.append(kl)
             if return_sequence:
                 seq.append(self.observe(self._canvas(h_sum, step + 1), geo))
-        return self._outputs(self.observe(self._canvas(h_sum, self.num_steps), geo), kls, seq)
+        return self._outputs(*self.observe(self._canvas(h_sum, self.num_steps), geo, parts=True), kls, seq)
 
     def _canvas(self, h_sum: torch.Tensor, steps: int) -> torch.Tensor:
         """The full-resolution canvas after ``steps`` steps, built from the running state sum."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -57,11 +58,13 @@ class GQN(nn.Module):
         geometry_mix_kernel: int = 1,
         canvas_kernel: int = 4,
         geometry_match: float = 0.0,
+        geometry_mix_widths: Sequence[int] = (32,),
     ):
         """``geometry``: a geometric read of the context views for each query view (``model/geometry=plane_sweep``,
         :class:`gqn.model.geometry.PlaneSweep`) that the generator takes beside r; None: the plain GQN.
         ``geometry_core_channels``: the channels of that read per latent-grid position that the cores take;
-        ``geometry_mix_kernel``: the kernel of the per-pixel network that blends the read into the image;
+        ``geometry_mix_kernel``: the kernel of the per-pixel network that blends the read into the image,
+        ``geometry_mix_widths`` its hidden layers' channels;
         ``geometry_match``: with it, each colour the read offers weighs more the nearer it is to the colour the canvas
         draws there (the starting weight of the squared distance, learned; 0: off; :class:`DRAWGenerator`).
         ``canvas_kernel``: 4 (the paper: each latent-grid position writes its own 4x4 block of the canvas) or 8
@@ -106,6 +109,7 @@ class GQN(nn.Module):
             geometry_mix_kernel=geometry_mix_kernel,
             canvas_kernel=canvas_kernel,
             geometry_match=geometry_match,
+            geometry_mix_widths=list(geometry_mix_widths),
         )
 
     @property
@@ -245,6 +249,7 @@ class GQN(nn.Module):
             "representation": r,
             "views": views,
             "geometry": geometry,  # the geometric read of these query poses (None without one)
+            "drawn": out.get("drawn"),  # with one: the canvas's own colour that the blend weighs against its copies
         }
 
     # ------------------------------------------------------------------ rendering
