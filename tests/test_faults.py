@@ -390,6 +390,10 @@ CASES = [
     ("model-mix-widths-empty", "gqn-train", lambda w: _train(w, "model.geometry_mix_widths=[]"), 2,
      ["model.geometry_mix_widths must be a non-empty list of integers >= 1 (the blending network's hidden layers), "
       "got []"]),
+    ("geometry-plane-resample-without-plane-views", "gqn-train",
+     lambda w: _train(w, "model.geometry.plane_views=0", "model.geometry.plane_resample=true"), 2,
+     ["geometry.plane_resample samples the nearest view between its depth planes: it needs geometry.plane_views >= 1 "
+      "and geometry.nearest_view=true"]),
     ("geometry-visibility-margin-0", "gqn-train",
      lambda w: _train(w, "model.geometry.visibility=true", "model.geometry.visibility_margin=0"), 2,
      ["geometry.visibility_margin must be > 0, got 0"]),

@@ -470,6 +470,49 @@ def test_plane_agreement_is_the_nearest_view_against_the_others_at_every_plane()
         PlaneSweep(32, plane_agreement=True)
 
 
+def test_plane_resample_samples_the_nearest_view_between_its_planes():
+    """plane_resample: the map ends with the nearest view's sample positions at every plane (the map before it is the
+    read without the option; no parameters of its own). In the render, all weight on one plane gives exactly that
+    plane's colour; weight split between two planes gives the view's sample at the mean of their positions (between
+    the planes), not the mean of their colours; the planes' summed weight carries it against the other copies."""
+    import torch.nn.functional as F
+
+    images, poses, _, _ = _room(views=5)
+    torch.manual_seed(0)
+    kw = dict(feature_channels=2, depths=3, sweep_size=8, nearest_view=True, plane_views=1)
+    plain = PlaneSweep(32, **kw)
+    resample = PlaneSweep(32, plane_resample=True, **kw)
+    resample.load_state_dict(plain.state_dict())
+    at = plain.out_channels
+    assert resample.out_channels == at + 2 * 3 and resample.copy_at == plain.copy_at
+    assert resample.resample == (plain.copy_at[1], at, len(plain.copy_at) - 3, 3)
+    ci, cp, q = images[None, :-1], poses[None, :-1], poses[None, -1]
+    model = _tiny_gqn(resample)
+    assert model.generator.resample == resample.resample
+    k = len(resample.copy_at)
+    planes = [k - 3 + d for d in range(3)]
+    one = [30.0 * torch.eye(k + 3)[i] for i in planes]  # all weight on one plane
+    half = torch.zeros(k + 3)
+    half[planes[0]] = half[planes[2]] = 30.0  # half on the nearest plane, half on the farthest
+    read, renders = _renders_by_bias(model, ci, cp, q, [*one, half])
+    with torch.no_grad():
+        assert torch.equal(read[:, :at], plain(plain.view_features(ci, cp), cp, q))
+        for start, render in zip(resample.copy_at[-3:], renders[:3], strict=True):
+            assert torch.allclose(render, read[:, start:start + 3], atol=1e-5)
+        positions = read[:, at:].view(1, 3, 2, 32, 32)
+        assert (positions[:, 0] - positions[:, 2]).abs().amax() > 0.1  # the planes land apart in the nearest view
+        middle = ((positions[:, 0] + positions[:, 2]) / 2).permute(0, 2, 3, 1)
+        nearest = read[:, resample.copy_at[1]:resample.copy_at[1] + 3]
+        between = F.grid_sample(nearest, middle, mode="bilinear", padding_mode="zeros", align_corners=False)
+        assert torch.allclose(renders[3], between, atol=1e-5)
+        mixed = (read[:, resample.copy_at[-3]:][:, :3] + read[:, resample.copy_at[-1]:][:, :3]) / 2
+        assert (renders[3] - mixed).abs().mean() > 0.01  # not the two planes' colours over each other
+    with pytest.raises(ValueError, match="plane_resample .* needs geometry.plane_views >= 1 and geometry.nearest_view"):
+        PlaneSweep(32, plane_resample=True, nearest_view=True)
+    with pytest.raises(ValueError, match="plane_resample .* needs"):
+        PlaneSweep(32, plane_resample=True, plane_views=1)
+
+
 def _renders_by_bias(model, context_images, context_poses, query_poses, biases):
     """The model's geometric read of the query and its prior-mean render with the blend's last layer set to each of
     ``biases`` and no weights (each a softmax logit per colour to copy, then the canvas's RGB residual)."""

@@ -23,8 +23,10 @@ def make_model(encoder="tower", sharing="shared", steps=2, size=32, **kw):
     if geometry:  # a small plane-sweep read ("visibility": with the views' own depth maps)
         kw["geometry"] = PlaneSweep(size, feature_channels=2, depths=4, sweep_size=size // 4,
                                     visibility=geometry in ("visibility", "occluder"), visibility_size=size // 8,
-                                    occluder_colour=geometry == "occluder", plane_views=int(geometry == "agreement"),
-                                    plane_agreement=geometry == "agreement")
+                                    occluder_colour=geometry == "occluder",
+                                    plane_views=int(geometry in ("agreement", "resample")),
+                                    plane_agreement=geometry == "agreement", nearest_view=geometry == "resample",
+                                    plane_resample=geometry == "resample")
     return GQN(enc, image_size=size, hidden_channels=kw.pop("h", 8), canvas_channels=kw.pop("canvas", 8),
                latent_channels=kw.pop("z", 3), num_steps=steps, core_sharing=sharing, **kw)
 
@@ -170,7 +172,8 @@ def _rel(a, b):
     + [("tower", "shared", {"geometry": "visibility"}), ("tower", "shared", {"geometry": "occluder"})]
     + [("tower", s, {"canvas_kernel": 8}) for s in SHARING]
     + [("tower", "shared", {"canvas_kernel": 8, "geometry": True})]
-    + [("tower", "shared", {"geometry": "agreement", "geometry_match": 10.0})],
+    + [("tower", "shared", {"geometry": "agreement", "geometry_match": 10.0})]
+    + [("tower", "unshared", {"geometry": "resample", "geometry_mix_widths": [8, 8]})],
 )
 def test_fast_path_equals_reference(encoder, sharing, options):
     """Outputs and gradients of the optimised DRAW loop within 1e-4 relative of the reference (float32)."""

@@ -114,6 +114,7 @@ class DRAWGenerator(nn.Module):
         geometry_copy_logits: Sequence[float] | None = None,
         geometry_match: float = 0.0,
         geometry_mix_widths: Sequence[int] = (32,),
+        geometry_resample: Sequence[int] | None = None,
     ):
         """``canvas_kernel``: the kernel of the transposed convolution that writes each step's state onto the
         full-resolution canvas (stride 4): 4 (the paper) gives every latent-grid position its own 4x4 block, 8
@@ -131,7 +132,12 @@ class DRAWGenerator(nn.Module):
         0: off): each colour's logit also falls by this (learned) times its squared distance from the colour the
         canvas draws there, so of the colours the read offers (a depth plane each, with ``plane_views``) the one the
         generator's own guess is closest to weighs most. ``geometry_mix_widths``: the hidden layers of that blending
-        network (their channels, each followed by a ReLU; the layers after the first are 1x1)."""
+        network (their channels, each followed by a ReLU; the layers after the first are 1x1).
+        ``geometry_resample``: ``(image_at, positions_at, first, depths)``
+        (:attr:`gqn.model.geometry.PlaneSweep.resample`): the colours to copy ``first .. first + depths - 1`` are one
+        view's samples at each depth plane; the render takes, for their summed weight, one sample of that view (its
+        RGB at ``image_at``) at the weighted mean of their positions (``positions_at``, x and y per plane) instead
+        of their weighted colours."""
         super().__init__()
         if num_steps < 1:
             raise ValueError(f"num_steps (L) must be >= 1, got {num_steps}")
@@ -202,6 +208,11 @@ class DRAWGenerator(nn.Module):
         self.log_copy_match = nn.Parameter(torch.tensor(math.log(geometry_match))) if geometry_match else None
         #: where each colour the observation may copy starts in the geometric read
         self.copy_at = geometry_copies
+        self.resample = tuple(int(i) for i in geometry_resample) if geometry_resample is not None else None
+        if self.resample is not None and (len(self.resample) != 4 or self.resample[2] < 1 or self.resample[3] < 2
+                                          or self.resample[2] + self.resample[3] > len(geometry_copies)):
+            raise ValueError(f"geometry_resample must be (image_at, positions_at, first, depths) with the planes "
+                             f"among the {len(geometry_copies)} colours to copy, got {geometry_resample}")
         self.geometry_copies = len(geometry_copies)
         # every copy's channels, in order: one index_select reads them all (a slice per copy would, in the backward,
         # fill and add a zero tensor of the whole read for each of them)
@@ -269,7 +280,7 @@ class DRAWGenerator(nn.Module):
         if self.geometry_skip is None:
             return (torch.sigmoid(logits), None) if parts else torch.sigmoid(logits)
         c = self.observation.out_channels
-        geometry = geometry.to(canvas.dtype)
+        read, geometry = geometry, geometry.to(canvas.dtype)
         mix = self.geometry_skip(torch.cat([canvas, geometry], dim=1))
         k = self.geometry_copies
         drawn = torch.sigmoid(logits + mix[:, k:])
@@ -282,8 +293,26 @@ class DRAWGenerator(nn.Module):
             mean = alpha * colours[:, 0] + (1 - alpha) * drawn
         else:  # the found colour, the others (the nearest view's, ...), the canvas: softmax over (mix_0 .. mix_k-1, 0)
             w = torch.softmax(torch.cat([copy, torch.zeros_like(mix[:, :1])], dim=1), dim=1)
+            if self.resample is not None:  # that view's planes: one sample between them, not their colours
+                colours = torch.cat([colours[:, :self.resample[2]], self._resample(read, w).to(colours.dtype)[:, None],
+                                     colours[:, sum(self.resample[2:]):]], dim=1)
+                first, depths = self.resample[2:]
+                w = torch.cat([w[:, :first], w[:, first:first + depths].sum(1, keepdim=True), w[:, first + depths:]], 1)
+                k = k - depths + 1
             mean = (w[:, :k, None] * colours).sum(dim=1) + w[:, k:] * drawn
         return (mean, drawn) if parts else mean
+
+    def _resample(self, read: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        """``geometry_resample``: the view's RGB ``[B, 3, H, W]`` sampled at the mean of its planes' positions in the
+        read ``[B, G, H, W]`` weighted by their blend weights (of ``w`` ``[B, k + 1, H, W]``); in fp32."""
+        image_at, at, first, depths = self.resample
+        planes = w[:, first:first + depths].float()
+        planes = planes / planes.sum(1, keepdim=True).clamp(min=1e-12)  # [B, D, H, W]
+        positions = read[:, at:at + 2 * depths].float().unflatten(1, (depths, 2))  # [B, D, 2, H, W]
+        grid = (planes[:, :, None] * positions).sum(1).permute(0, 2, 3, 1)  # [B, H, W, 2]
+        with torch.autocast(read.device.type, enabled=False):
+            return F.grid_sample(read[:, image_at:image_at + 3].float(), grid, mode="bilinear", padding_mode="zeros",
+                                 align_corners=False)
 
     # ------------------------------------------------------------------ API
     def forward(

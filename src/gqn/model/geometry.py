@@ -83,6 +83,12 @@ class PlaneSweep(nn.Module):
             plane the squared RGB distance between its sample and the mean of the other views' samples that lie
             inside their images, and the fraction of the others that do (2 channels per plane, last in the map; not
             colours to copy).
+        plane_resample: with ``plane_views`` and ``nearest_view``, the generator renders the nearest view's planes
+            not as the blend of their colours but as one sample of that view at the point their blend weights pick
+            on each query ray's line through it: the weighted mean of the planes' sample positions (a depth between
+            the planes instead of two misaligned copies over each other, the ghosts at occlusions). The map ends with
+            those positions (x, y in the view's image, -1 .. 1, per plane near to far; 2 channels per plane);
+            :attr:`resample` tells the generator where. Gradients reach the blend weights through the image.
         sweep_size: the query resolution of the sweep (None: the image size); the depth it finds is upsampled, and
             the views are sampled once more at that depth for every pixel of the full-resolution map.
         consensus: in that last sampling, weigh down a view whose colour disagrees with the other views' mean
@@ -129,7 +135,7 @@ class PlaneSweep(nn.Module):
                  floor_extent: float = 1.5, ray_directions: bool = False, depth_from_cameras: bool = False,
                  cost_filter: int = 0, cost_channels: int = 32, view_colours: int = 0,
                  view_colours_logit: float = -3.0, plane_views: int = 0, plane_views_logit: float = -3.0,
-                 plane_agreement: bool = False):
+                 plane_agreement: bool = False, plane_resample: bool = False):
         super().__init__()
         if not 0 < near < far:
             raise ValueError(f"geometry needs 0 < near < far, got near={near}, far={far}")
@@ -259,6 +265,16 @@ class PlaneSweep(nn.Module):
         self.copy_at += [at + 4 * i for i in range(self.view_colours + planes)]
         self.copy_at = tuple(self.copy_at)
         self.out_channels += 2 * depths * self.plane_agreement  # last, after every colour to copy
+        if plane_resample and not (self.plane_views and nearest_view):
+            raise ValueError("geometry.plane_resample samples the nearest view between its depth planes: it needs "
+                             "geometry.plane_views >= 1 and geometry.nearest_view=true")
+        self.plane_resample = bool(plane_resample)
+        #: with plane_resample, for the generator: (where the nearest view's RGB starts in the map, where its planes'
+        #: sample positions start, the index of its first plane among the colours to copy, how many planes)
+        self.resample = None
+        if plane_resample:
+            self.resample = (self.copy_at[1], self.out_channels, len(self.copy_at) - planes, depths)
+            self.out_channels += 2 * depths  # last of all
         #: how many colours the generator may copy per pixel
         self.copies = len(self.copy_at)
         #: the initial logit of each in the generator's softmax over them and its canvas (whose logit is 0)
@@ -456,6 +472,8 @@ class PlaneSweep(nn.Module):
                 out.append(samples.permute(0, 1, 4, 2, 3).reshape(B, -1, H, W))
             if self.plane_agreement:  # last: not a colour to copy
                 out.append(self._plane_agreement(features, near[:, 0], samples[:, 0], H, projection))
+            if self.plane_resample:  # last of all: the nearest view's sample positions at every plane
+                out.append(self._plane_positions(near[:, 0], projection).reshape(B, -1, H, W))
             return torch.cat(out, dim=1)
 
     def _nearest(self, context_poses: torch.Tensor, query_poses: torch.Tensor) -> torch.Tensor | None:
@@ -481,6 +499,16 @@ class PlaneSweep(nn.Module):
         depth = self.base_depths * self.log_depth_scale.exp()  # [D]
         cam = origin[:, :, None, None] + slope[:, :, :, None] * depth[:, None]  # [B, K, P, D, 3]
         return self._sample(images, cam)
+
+    def _plane_positions(self, nearest, projection):
+        """Where each query ray's point at every depth plane falls in the view ``nearest`` ``[B]`` (index), as
+        ``grid_sample`` reads positions (x, y; -1 .. 1 across the image, outside beyond): ``[B, depths, 2, P]``."""
+        _, origin, slope = projection
+        pick = nearest[:, None, None, None].expand(-1, 1, *slope.shape[2:])
+        depth = self.base_depths * self.log_depth_scale.exp()  # [D]
+        cam = origin.gather(1, nearest[:, None, None].expand(-1, 1, 3))[:, :, None, None] + (
+            slope.gather(1, pick)[:, :, :, None] * depth[:, None])  # [B, 1, P, D, 3]
+        return self._grid(cam)[:, 0].permute(0, 2, 3, 1)  # [B, D, 2, P]
 
     def _plane_agreement(self, features, nearest, own, size, projection):
         """At every depth plane of each query ray (``size`` x ``size``, ``projection`` from :meth:`_project`): the
@@ -609,6 +637,14 @@ class PlaneSweep(nn.Module):
         """Sample ``features`` ``[B, M, C, H, W]`` where the context-camera coordinates ``cam`` ``[B, M, P, N, 3]``
         fall: ``[B, M, C + 1, P, N]``, the last channel how much of the sample lies inside its view (0 .. 1)."""
         B, M = features.shape[:2]
+        grid = self._grid(cam).flatten(0, 1)  # [B*M, P, N, 2]
+        ones = features.new_ones(B, M, 1, *features.shape[-2:])
+        return F.grid_sample(torch.cat([features, ones], dim=2).flatten(0, 1), grid, mode="bilinear",
+                             padding_mode="zeros", align_corners=False).unflatten(0, (B, M))
+
+    def _grid(self, cam):
+        """Context-camera coordinates ``[..., 3]`` (z, x, y) -> where they fall in the image as ``grid_sample`` reads
+        it ``[..., 2]`` (x, y; -1 .. 1 across the image; behind the camera far outside)."""
         half = self.log_half_fov.exp()
         z = cam[..., 0]
         in_front = z > 1e-4
@@ -616,10 +652,7 @@ class PlaneSweep(nn.Module):
         # behind the camera: far outside the image, where zero padding samples nothing
         x = torch.where(in_front, cam[..., 1] * scale, 4.0).clamp(-4, 4)
         y = torch.where(in_front, -cam[..., 2] * scale, 4.0).clamp(-4, 4)  # image rows grow downwards
-        grid = torch.stack([x, y], dim=-1).flatten(0, 1)  # [B*M, P, N, 2]
-        ones = features.new_ones(B, M, 1, *features.shape[-2:])
-        return F.grid_sample(torch.cat([features, ones], dim=2).flatten(0, 1), grid, mode="bilinear",
-                             padding_mode="zeros", align_corners=False).unflatten(0, (B, M))
+        return torch.stack([x, y], dim=-1)
 
     def _seen(self, samples, cam):
         """Split sampled ``[B, M, C' + 1, ...]`` (``_sample`` of ``view_features``) into the samples ``[B, M, C, ...]``,

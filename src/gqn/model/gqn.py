@@ -110,6 +110,7 @@ class GQN(nn.Module):
             canvas_kernel=canvas_kernel,
             geometry_match=geometry_match,
             geometry_mix_widths=list(geometry_mix_widths),
+            geometry_resample=getattr(geometry, "resample", None),
         )
 
     @property
