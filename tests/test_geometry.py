@@ -492,25 +492,46 @@ def test_plane_resample_samples_the_nearest_view_between_its_planes():
     k = len(resample.copy_at)
     planes = [k - 3 + d for d in range(3)]
     one = [30.0 * torch.eye(k + 3)[i] for i in planes]  # all weight on one plane
-    half = torch.zeros(k + 3)
-    half[planes[0]] = half[planes[2]] = 30.0  # half on the nearest plane, half on the farthest
-    read, renders = _renders_by_bias(model, ci, cp, q, [*one, half])
+    halves = []
+    for a, b in ((1, 2), (0, 2)):  # half the weight on each of two planes
+        halves.append(torch.zeros(k + 3))
+        halves[-1][planes[a]] = halves[-1][planes[b]] = 30.0
+    read, renders = _renders_by_bias(model, ci, cp, q, [*one, *halves])
+    inside = read[0, [resample.copy_at[i] + 3 for i in planes]]  # how much of each plane's sample is inside the view
+    colour = [read[0, resample.copy_at[i]:resample.copy_at[i] + 3] for i in planes]
     with torch.no_grad():
         assert torch.equal(read[:, :at], plain(plain.view_features(ci, cp), cp, q))
         for start, render in zip(resample.copy_at[-3:], renders[:3], strict=True):
             assert torch.allclose(render, read[:, start:start + 3], atol=1e-5)
-        positions = read[:, at:].view(1, 3, 2, 32, 32)
-        assert (positions[:, 0] - positions[:, 2]).abs().amax() > 0.1  # the planes land apart in the nearest view
-        middle = ((positions[:, 0] + positions[:, 2]) / 2).permute(0, 2, 3, 1)
+        positions = read[0, at:].view(3, 2, 32, 32)
+        assert (positions[1] - positions[2]).abs().amax() > 0.1  # the planes land apart in the nearest view
+        middle = ((positions[1] + positions[2]) / 2).permute(1, 2, 0)[None]
         nearest = read[:, resample.copy_at[1]:resample.copy_at[1] + 3]
-        between = F.grid_sample(nearest, middle, mode="bilinear", padding_mode="zeros", align_corners=False)
-        assert torch.allclose(renders[3], between, atol=1e-5)
-        mixed = (read[:, resample.copy_at[-3]:][:, :3] + read[:, resample.copy_at[-1]:][:, :3]) / 2
-        assert (renders[3] - mixed).abs().mean() > 0.01  # not the two planes' colours over each other
+        between = F.grid_sample(torch.cat([nearest, torch.ones_like(nearest[:, :1])], 1), middle, mode="bilinear",
+                                padding_mode="zeros", align_corners=False)[0]
+        both = (inside[1] > 0.999) & (inside[2] > 0.999) & (between[3] > 0.999)
+        assert both.sum() > 100
+        assert torch.allclose(renders[3][0][:, both], between[:3, both], atol=1e-5)  # one sample between the planes
+        mixed = (colour[1] + colour[2]) / 2
+        assert (renders[3][0] - mixed)[:, both].abs().mean() > 0.01  # not the two planes' colours over each other
+        # one plane outside the view (the nearest: the view does not hold it), the other inside: that plane's colour
+        # at half strength (black for the one outside, as its copy is), not a sample halfway to a point outside
+        alone = (inside[0] == 0) & (inside[2] > 0.999)
+        assert alone.sum() > 50
+        assert torch.allclose(renders[4][0][:, alone], colour[2][:, alone] / 2, atol=1e-5)
+    # the resampled colour passes gradient to the blend's weights through the image
+    last = model.generator.geometry_skip[-1]
+    last.bias.data.copy_(halves[0])
+    r, views = model.encode(ci, cp)
+    model.generator(q, r, geometry=model.read_geometry(q, views), sample_prior=False)["mean"].sum().backward()
+    assert last.bias.grad[planes[1]].abs() > 0 and last.bias.grad[planes[2]].abs() > 0
     with pytest.raises(ValueError, match="plane_resample .* needs geometry.plane_views >= 1 and geometry.nearest_view"):
         PlaneSweep(32, plane_resample=True, nearest_view=True)
     with pytest.raises(ValueError, match="plane_resample .* needs"):
         PlaneSweep(32, plane_resample=True, plane_views=1)
+    # with two views' planes the nearest view's come first: they are the ones resampled
+    two = PlaneSweep(32, plane_resample=True, **{**kw, "plane_views": 2})
+    assert two.resample == (two.copy_at[1], two.out_channels - 6, len(two.copy_at) - 6, 3)
 
 
 def _renders_by_bias(model, context_images, context_poses, query_poses, biases):
@@ -620,6 +641,12 @@ def test_geometry_mix_widths_are_the_blend_networks_hidden_layers():
     for bad in ([], [0], [16, -1], [1.5], [True]):
         with pytest.raises(ValueError, match="geometry_mix_widths must be a non-empty list of integers >= 1"):
             DRAWGenerator(**kw, geometry_mix_widths=bad)
+    from gqn.model import GQN, Tower
+
+    for bad in (64, None, "64", []):  # the model says so before it builds anything (with a read or without)
+        with pytest.raises(ValueError, match="geometry_mix_widths must be a non-empty list of integers >= 1"):
+            GQN(Tower(image_size=32, channels=8), image_size=32, hidden_channels=8, canvas_channels=8,
+                geometry_mix_widths=bad)
 
 
 def test_ray_profile_is_the_sweep_along_each_ray():

@@ -22,6 +22,7 @@ from callbacks.throughput import FlopsSummary
 from gqn import CONF_DIR
 from gqn.cli import (
     UserError,
+    _override_text,
     check_config_types,
     check_resume,
     checked_overrides,
@@ -94,7 +95,8 @@ def train(cfg: DictConfig, extra_callbacks: list | None = None) -> float | None:
         saved, model_cfg = load_checkpoint(ckpt), OmegaConf.to_container(cfg.model, resolve=True)
         check_resume(saved, model_cfg, ckpt)
         for key, value in resume_defaults(saved, model_cfg).items():
-            print(f"gqn-train: {ckpt} is older than {key}: resuming with {key}={value}, as it was trained")
+            print(f"gqn-train: {ckpt} is older than {key}: resuming with {key}={_override_text(value)}, as it was "
+                  f"trained")
             OmegaConf.update(cfg, key, value, merge=False)
     L.seed_everything(cfg.seed, workers=True)
     datamodule = hydra.utils.instantiate(cfg.data)

@@ -209,15 +209,24 @@ class DRAWGenerator(nn.Module):
         #: where each colour the observation may copy starts in the geometric read
         self.copy_at = geometry_copies
         self.resample = tuple(int(i) for i in geometry_resample) if geometry_resample is not None else None
-        if self.resample is not None and (len(self.resample) != 4 or self.resample[2] < 1 or self.resample[3] < 2
-                                          or self.resample[2] + self.resample[3] > len(geometry_copies)):
+        if self.resample is not None and (
+                len(self.resample) != 4 or self.resample[2] < 1 or self.resample[3] < 2
+                or self.resample[2] + self.resample[3] > len(geometry_copies)
+                or self.resample[0] + 3 > geometry_channels
+                or self.resample[1] + 2 * self.resample[3] > geometry_channels):
             raise ValueError(f"geometry_resample must be (image_at, positions_at, first, depths) with the planes "
-                             f"among the {len(geometry_copies)} colours to copy, got {geometry_resample}")
+                             f"among the {len(geometry_copies)} colours to copy and the channels in the "
+                             f"{geometry_channels} of the read, got {geometry_resample}")
         self.geometry_copies = len(geometry_copies)
         # every copy's channels, in order: one index_select reads them all (a slice per copy would, in the backward,
         # fill and add a zero tensor of the whole read for each of them)
         self.register_buffer("_copy_channels", torch.tensor(
             [at + i for at in geometry_copies for i in range(image_channels)], dtype=torch.long), persistent=False)
+        if self.resample is not None:  # how much of each resampled plane's sample lies inside the view (after its RGB)
+            first, depths = self.resample[2:]
+            self.register_buffer("_plane_inside", torch.tensor(
+                [geometry_copies[first + d] + image_channels for d in range(depths)], dtype=torch.long),
+                persistent=False)
         if geometry_channels:  # per pixel, canvas and geometric read together decide what to copy from the context
             widths = list(geometry_mix_widths)
             if not widths or any(not isinstance(w, int) or isinstance(w, bool) or w < 1 for w in widths):
@@ -304,15 +313,22 @@ class DRAWGenerator(nn.Module):
 
     def _resample(self, read: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
         """``geometry_resample``: the view's RGB ``[B, 3, H, W]`` sampled at the mean of its planes' positions in the
-        read ``[B, G, H, W]`` weighted by their blend weights (of ``w`` ``[B, k + 1, H, W]``); in fp32."""
+        read ``[B, G, H, W]`` weighted by their blend weights (of ``w`` ``[B, k + 1, H, W]``) times how much of each
+        plane's sample lies inside the view, and scaled by that share of their weight (a plane outside the image adds
+        black, as its copy does, not a far-off position to the mean); in fp32."""
         image_at, at, first, depths = self.resample
-        planes = w[:, first:first + depths].float()
-        planes = planes / planes.sum(1, keepdim=True).clamp(min=1e-12)  # [B, D, H, W]
+        planes = w[:, first:first + depths].float()  # [B, D, H, W]
+        inside = planes * read.index_select(1, self._plane_inside).float()
+        share = inside.sum(1, keepdim=True)
         positions = read[:, at:at + 2 * depths].float().unflatten(1, (depths, 2))  # [B, D, 2, H, W]
-        grid = (planes[:, :, None] * positions).sum(1).permute(0, 2, 3, 1)  # [B, H, W, 2]
-        with torch.autocast(read.device.type, enabled=False):
-            return F.grid_sample(read[:, image_at:image_at + 3].float(), grid, mode="bilinear", padding_mode="zeros",
-                                 align_corners=False)
+        grid = (inside[:, :, None] * positions).sum(1) / share.clamp(min=1e-12)  # [B, 2, H, W]
+        image = read[:, image_at:image_at + 3].float()
+        with torch.autocast(read.device.type, enabled=False):  # RGB and how much of the sample lies inside
+            sample = F.grid_sample(torch.cat([image, torch.ones_like(image[:, :1])], dim=1), grid.permute(0, 2, 3, 1),
+                                   mode="bilinear", padding_mode="zeros", align_corners=False)
+        rgb, inside = sample.split([3, 1], dim=1)
+        # the colour inside, times the share of the planes' weight inside: as the planes' copies, black outside
+        return rgb / inside.clamp(min=1e-6) * share / planes.sum(1, keepdim=True).clamp(min=1e-12)
 
     # ------------------------------------------------------------------ API
     def forward(

@@ -468,12 +468,13 @@ class PlaneSweep(nn.Module):
             if self.view_colours:  # near the end: the layout before it stays as without the option
                 out.append(views.reshape(B, -1, H, W))
             if self.plane_views:  # last, after the view colours: view by view, plane by plane, RGB + inside
-                samples = self._plane_samples(features, near[:, :self.plane_views], projection)  # [B, K, 4, P, D]
+                cams = self._plane_cams(near[:, :self.plane_views], projection)  # [B, K, P, D, 3]
+                samples = self._plane_samples(features, near[:, :self.plane_views], cams)  # [B, K, 4, P, D]
                 out.append(samples.permute(0, 1, 4, 2, 3).reshape(B, -1, H, W))
             if self.plane_agreement:  # last: not a colour to copy
                 out.append(self._plane_agreement(features, near[:, 0], samples[:, 0], H, projection))
-            if self.plane_resample:  # last of all: the nearest view's sample positions at every plane
-                out.append(self._plane_positions(near[:, 0], projection).reshape(B, -1, H, W))
+            if self.plane_resample:  # last of all: where the nearest view's planes fall in its image (x, y per plane)
+                out.append(self._grid(cams[:, 0]).permute(0, 2, 3, 1).reshape(B, -1, H, W))
             return torch.cat(out, dim=1)
 
     def _nearest(self, context_poses: torch.Tensor, query_poses: torch.Tensor) -> torch.Tensor | None:
@@ -488,27 +489,21 @@ class PlaneSweep(nn.Module):
         order = order[:, :k]
         return torch.cat([order, order[:, -1:].expand(-1, k - order.shape[1])], dim=1)
 
-    def _plane_samples(self, features, views, projection):
+    def _plane_samples(self, features, views, cams):
         """For the context views ``views`` ``[B, K]`` (indices), each one's RGB at every depth plane of each query
-        ray (``projection``: :meth:`_project` of the query pixels) and how much of that sample lies inside its image:
+        ray (``cams``: :meth:`_plane_cams` of those views) and how much of that sample lies inside its image:
         ``[B, K, 4, P, depths]`` (planes near to far)."""
+        images = features[:, :, :3].gather(1, views[:, :, None, None, None].expand(-1, -1, 3, *features.shape[-2:]))
+        return self._sample(images, cams)
+
+    def _plane_cams(self, views, projection):
+        """Each query ray's point at every depth plane in the cameras of the context views ``views`` ``[B, K]``
+        (indices; ``projection`` from :meth:`_project`): ``[B, K, P, depths, 3]`` (z, x, y)."""
         _, origin, slope = projection  # [B, M, 3], [B, M, P, 3]
         origin = origin.gather(1, views[..., None].expand(-1, -1, 3))
         slope = slope.gather(1, views[:, :, None, None].expand(-1, -1, *slope.shape[2:]))
-        images = features[:, :, :3].gather(1, views[:, :, None, None, None].expand(-1, -1, 3, *features.shape[-2:]))
         depth = self.base_depths * self.log_depth_scale.exp()  # [D]
-        cam = origin[:, :, None, None] + slope[:, :, :, None] * depth[:, None]  # [B, K, P, D, 3]
-        return self._sample(images, cam)
-
-    def _plane_positions(self, nearest, projection):
-        """Where each query ray's point at every depth plane falls in the view ``nearest`` ``[B]`` (index), as
-        ``grid_sample`` reads positions (x, y; -1 .. 1 across the image, outside beyond): ``[B, depths, 2, P]``."""
-        _, origin, slope = projection
-        pick = nearest[:, None, None, None].expand(-1, 1, *slope.shape[2:])
-        depth = self.base_depths * self.log_depth_scale.exp()  # [D]
-        cam = origin.gather(1, nearest[:, None, None].expand(-1, 1, 3))[:, :, None, None] + (
-            slope.gather(1, pick)[:, :, :, None] * depth[:, None])  # [B, 1, P, D, 3]
-        return self._grid(cam)[:, 0].permute(0, 2, 3, 1)  # [B, D, 2, P]
+        return origin[:, :, None, None] + slope[:, :, :, None] * depth[:, None]  # [B, K, P, D, 3]
 
     def _plane_agreement(self, features, nearest, own, size, projection):
         """At every depth plane of each query ray (``size`` x ``size``, ``projection`` from :meth:`_project`): the
@@ -524,7 +519,8 @@ class PlaneSweep(nn.Module):
         else:
             index = torch.arange(M, device=nearest.device).expand(B, M)
             rest = index[index != nearest[:, None]].view(B, M - 1)  # every view but the nearest
-            rgb, inside = self._plane_samples(features, rest, projection).split([3, 1], dim=2)  # [B, M-1, 3|1, P, D]
+            rgb, inside = self._plane_samples(features, rest, self._plane_cams(rest, projection)).split(
+                [3, 1], dim=2)  # [B, M - 1, 3 | 1, P, D]
             seen = inside.sum(1)  # [B, 1, P, D]
             others = rgb.sum(1) / seen.clamp(min=1e-3)
         mine = mine / mine_inside.clamp(min=1e-3)

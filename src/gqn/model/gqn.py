@@ -74,6 +74,11 @@ class GQN(nn.Module):
                      latent_channels=latent_channels, canvas_channels=canvas_channels, kernel_size=kernel_size,
                      head_kernel_size=head_kernel_size, inference_kernel_size=inference_kernel_size,
                      geometry_core_channels=geometry_core_channels, geometry_mix_kernel=geometry_mix_kernel)
+        if (not isinstance(geometry_mix_widths, Sequence) or isinstance(geometry_mix_widths, str)
+                or not len(geometry_mix_widths)
+                or any(not isinstance(w, int) or isinstance(w, bool) or w < 1 for w in geometry_mix_widths)):
+            raise ValueError(f"model.geometry_mix_widths must be a non-empty list of integers >= 1 (the blending "
+                             f"network's hidden layers), got {geometry_mix_widths}")
         if getattr(encoder, "image_size", image_size) != image_size:
             raise ValueError(f"encoder built for {encoder.image_size}px images but model.image_size={image_size}")
         if checkpoint_steps and not fast:  # the reference path has no per-step checkpointing
