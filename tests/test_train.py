@@ -765,7 +765,7 @@ def test_resume_a_checkpoint_from_before_an_option_existed(train_cfg, tmp_path, 
     probe = Probe()
     train(second, extra_callbacks=[probe])
     assert probe.rows[0][0] == 2  # continued from step 2
-    assert "resuming with model.geometry.visibility=False, as it was trained" in capsys.readouterr().out
+    assert "resuming with model.geometry.visibility=false, as it was trained" in capsys.readouterr().out
 
 
 def test_progress_line_past_the_time_cap_says_no_time_left(capsys):
