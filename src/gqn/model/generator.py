@@ -86,6 +86,15 @@ class ViewAttention(nn.Module):
         return out.transpose(1, 2).reshape(B, G, G, self.value_channels).movedim(-1, 1)
 
 
+def check_mix_widths(widths) -> list[int]:
+    """``model.geometry_mix_widths`` as a list, or a one-line ValueError: a non-empty list of integers >= 1."""
+    if (not isinstance(widths, Sequence) or isinstance(widths, str) or not len(widths)
+            or any(not isinstance(w, int) or isinstance(w, bool) or w < 1 for w in widths)):
+        raise ValueError(f"model.geometry_mix_widths must be a non-empty list of integers >= 1 (the blending "
+                         f"network's hidden layers), got {widths}")
+    return list(widths)
+
+
 class DRAWGenerator(nn.Module):
     def __init__(
         self,
@@ -228,10 +237,7 @@ class DRAWGenerator(nn.Module):
                 [geometry_copies[first + d] + image_channels for d in range(depths)], dtype=torch.long),
                 persistent=False)
         if geometry_channels:  # per pixel, canvas and geometric read together decide what to copy from the context
-            widths = list(geometry_mix_widths)
-            if not widths or any(not isinstance(w, int) or isinstance(w, bool) or w < 1 for w in widths):
-                raise ValueError(f"model.geometry_mix_widths must be a non-empty list of integers >= 1 (the blending "
-                                 f"network's hidden layers), got {geometry_mix_widths}")
+            widths = check_mix_widths(geometry_mix_widths)
             k = geometry_mix_kernel
             layers: list[nn.Module] = []
             for i, width in enumerate(widths):  # the first layer's kernel k, then 1x1: checkpoints of one layer load

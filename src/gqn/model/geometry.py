@@ -352,6 +352,11 @@ class PlaneSweep(nn.Module):
         return self.depth_scale * self.lens_gain
 
     @property
+    def plane_depths(self) -> torch.Tensor:
+        """The depth planes along the view direction ``[depths]`` (near to far), with the learned depth scale."""
+        return self.base_depths * self.log_depth_scale.exp()
+
+    @property
     def fov_degrees(self) -> torch.Tensor:
         """The current full field of view in degrees, a tensor (reading it needs no device sync)."""
         return torch.rad2deg(2 * torch.atan(self.log_half_fov.exp()))
@@ -426,7 +431,7 @@ class PlaneSweep(nn.Module):
     def _depth(self, disparity: torch.Tensor) -> torch.Tensor:
         """Depth along the view direction of a disparity (1 at ``near``, ``near/far`` at ``far``), with the learned
         depth scale."""
-        return self.base_depths[0] * self.log_depth_scale.exp() / disparity.clamp(min=1e-3)
+        return self.plane_depths[0] / disparity.clamp(min=1e-3)
 
     def forward(self, features: torch.Tensor, context_poses: torch.Tensor, query_poses: torch.Tensor) -> torch.Tensor:
         """``features`` ``[B, M, C, H, W]`` (from :meth:`view_features`), poses ``[B, M, 7]`` and ``[B, 7]`` ->
@@ -502,7 +507,7 @@ class PlaneSweep(nn.Module):
         _, origin, slope = projection  # [B, M, 3], [B, M, P, 3]
         origin = origin.gather(1, views[..., None].expand(-1, -1, 3))
         slope = slope.gather(1, views[:, :, None, None].expand(-1, -1, *slope.shape[2:]))
-        depth = self.base_depths * self.log_depth_scale.exp()  # [D]
+        depth = self.plane_depths  # [D]
         return origin[:, :, None, None] + slope[:, :, :, None] * depth[:, None]  # [B, K, P, D, 3]
 
     def _plane_agreement(self, features, nearest, own, size, projection):
@@ -534,7 +539,7 @@ class PlaneSweep(nn.Module):
         pos = context_poses[..., :3]
         centre, height = pos[..., :2].mean(dim=1), pos[..., 2].mean(dim=1)
         spread = (pos[..., :2] - centre[:, None]).norm(dim=-1).amax(dim=1)
-        least = 5 * self.base_depths[0] * self.log_depth_scale.exp()
+        least = 5 * self.plane_depths[0]
         return centre, height, self.log_floor_extent.exp() * torch.maximum(spread, least)
 
     def _floor_map(self, features, context_poses, frames, amp):
@@ -588,7 +593,7 @@ class PlaneSweep(nn.Module):
         and those statistics; its colour is the views' where they see it, the network's where none does."""
         B, s, D = grid.shape[0], self.sweep_size, self.depths
         q_pos, rays = query_poses[..., :3], self._rays(query_poses, s)  # [B, 3], [B, P, 3]
-        depth = self.base_depths * self.log_depth_scale.exp()  # [D]
+        depth = self.plane_depths  # [D]
         points = q_pos[:, None, None] + rays[:, :, None] * depth[None, None, :, None]  # [B, P, D, 3]
         where = (points[..., :2] - centre[:, None, None]) / half[:, None, None, None]  # [B, P, D, 2]
         cell = F.grid_sample(grid, where, mode="bilinear", padding_mode="zeros", align_corners=False)  # [B, F, P, D]
@@ -696,7 +701,7 @@ class PlaneSweep(nn.Module):
         statistics of the samples, not coordinates; in bf16 on a CPU with bf16 units 2.2x faster)."""
         B, M = features.shape[:2]
         D, P = self.depths, size * size
-        depth = self.base_depths * self.log_depth_scale.exp()  # [D]
+        depth = self.plane_depths  # [D]
         _, origin, slope = self._project(frames, query_poses, size)
         cam = origin[:, :, None, None] + slope[:, :, :, None] * depth[None, None, None, :, None]  # [B, M, P, D, 3]
         samples, seen, visible = self._seen(self._sample(features, cam), cam)  # [B, M, C | 1 | 1, P, D]

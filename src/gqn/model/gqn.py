@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from gqn.model.distributions import fp32, gaussian_nll
-from gqn.model.generator import DRAWGenerator, grid_coordinates
+from gqn.model.generator import DRAWGenerator, check_mix_widths, grid_coordinates
 from gqn.model.representation import GRID_SCALE, _check_image_size, check_widths
 
 
@@ -74,11 +74,7 @@ class GQN(nn.Module):
                      latent_channels=latent_channels, canvas_channels=canvas_channels, kernel_size=kernel_size,
                      head_kernel_size=head_kernel_size, inference_kernel_size=inference_kernel_size,
                      geometry_core_channels=geometry_core_channels, geometry_mix_kernel=geometry_mix_kernel)
-        if (not isinstance(geometry_mix_widths, Sequence) or isinstance(geometry_mix_widths, str)
-                or not len(geometry_mix_widths)
-                or any(not isinstance(w, int) or isinstance(w, bool) or w < 1 for w in geometry_mix_widths)):
-            raise ValueError(f"model.geometry_mix_widths must be a non-empty list of integers >= 1 (the blending "
-                             f"network's hidden layers), got {geometry_mix_widths}")
+        check_mix_widths(geometry_mix_widths)  # also without a read, before anything is built
         if getattr(encoder, "image_size", image_size) != image_size:
             raise ValueError(f"encoder built for {encoder.image_size}px images but model.image_size={image_size}")
         if checkpoint_steps and not fast:  # the reference path has no per-step checkpointing
