@@ -636,8 +636,12 @@ def test_geometry_mix_widths_are_the_blend_networks_hidden_layers():
     drawn = torch.sigmoid(deep.observation(canvas) + mix[:, 3:])
     expect = sum(w[:, i:i + 1] * geometry[:, at:at + 3] for i, at in enumerate((0, 3, 6))) + w[:, 3:] * drawn
     assert torch.allclose(deep.observe(canvas, geometry), expect, atol=1e-5)
-    mean, own = deep.observe(canvas, geometry, parts=True)  # the canvas's own colour beside the blend
-    assert torch.allclose(mean, expect, atol=1e-5) and torch.allclose(own, drawn, atol=1e-6)
+    parts = deep.observe(canvas, geometry, parts=True)  # the canvas's own colour beside the blend, and the blend
+    assert torch.allclose(parts["mean"], expect, atol=1e-5) and torch.allclose(parts["drawn"], drawn, atol=1e-6)
+    assert torch.allclose(parts["weights"], w, atol=1e-6)
+    colours = torch.stack([geometry[:, 0:3], geometry[:, 3:6], geometry[:, 6:9], drawn], 1)
+    assert torch.allclose(parts["colours"], colours, atol=1e-6)
+    assert torch.allclose((parts["weights"][:, :, None] * parts["colours"]).sum(1), parts["mean"], atol=1e-5)
     for bad in ([], [0], [16, -1], [1.5], [True]):
         with pytest.raises(ValueError, match="geometry_mix_widths must be a non-empty list of integers >= 1"):
             DRAWGenerator(**kw, geometry_mix_widths=bad)

@@ -14,7 +14,7 @@ from omegaconf import DictConfig, OmegaConf
 from gqn import metrics
 from gqn.cli import UserError, finite_number
 from gqn.model import GQN
-from gqn.model.distributions import gaussian_nll
+from gqn.model.distributions import gaussian_nll, mixture_nll
 from gqn.model.representation import GRID_SCALE
 from gqn.schedules import LinearAnneal, max_time_left
 
@@ -99,7 +99,8 @@ def check_loss_weights(weights: dict, model, parts: bool = True, schedule=None) 
         return
     geometry = getattr(model, "geometry", None)
     for key, what in (("read_weight", "the geometric read"), ("depth_weight", "the read's depth search"),
-                      ("drawn_weight", "the colour the canvas draws beside the read's copies")):
+                      ("drawn_weight", "the colour the canvas draws beside the read's copies"),
+                      ("mixture_weight", "the blend of the read's copies")):
         if weights.get(key) and geometry is None:
             raise ValueError(f"{name[key]}={weights[key]} trains {what}, but the model has none: add "
                              f"model/geometry=plane_sweep or set {name[key]}=0")
@@ -141,6 +142,15 @@ class GQNModule(L.LightningModule):
             blend weighs against the geometric read's copies (``model.geometry``): its pixel NLL (at the same sigma)
             from the same latents as the ELBO's render. Trained only through the blend, that colour is worth little
             where the blend leans on the copies; this trains it to render the view by itself. 0: off.
+        mixture_weight: weight of an auxiliary loss on the blend (``model.geometry``): the NLL of the query image
+            under the per-pixel mixture whose components are the read's copies the blend weighs (detached: only their
+            weights learn from it), each a Gaussian of ``mixture_sigma``, weighted by their shares of the copies'
+            weight (the canvas's own colour and its weight are left to the render's loss). Its gradient on a pixel's
+            shares is the shares minus each copy's share of the likelihood there (which copy is nearest the truth),
+            where the squared error of the blended render gives a copy's weight a gradient as small as its difference
+            from the render. 0: off.
+        mixture_sigma: the standard deviation of those components (in pixel values 0..1; small: the copy nearest the
+            truth takes the share).
         compile: ``torch.compile`` the encoder and the generator in place (``True``: the inductor backend; a
             string names another backend, e.g. ``aot_eager`` traces without generating code). The first
             step of each new input shape pays the compile time; the checkpoint's keys are those of eager.
@@ -161,6 +171,8 @@ class GQNModule(L.LightningModule):
         floor_weight: float = 0.0,
         depth_weight: float = 0.0,
         drawn_weight: float = 0.0,
+        mixture_weight: float = 0.0,
+        mixture_sigma: float = 0.1,
         compile: bool | str = False,
     ):
         super().__init__()
@@ -171,12 +183,17 @@ class GQNModule(L.LightningModule):
                                    "prior_mean_weight": prior_mean_weight, "prior_mean_start": prior_mean_start,
                                    "read_weight": read_weight, "floor_weight": floor_weight,
                                    "depth_weight": depth_weight, "drawn_weight": drawn_weight,
+                                   "mixture_weight": mixture_weight, "mixture_sigma": mixture_sigma,
                                    "compile": compile})
         self.model: GQN = hydra.utils.instantiate(self.hparams.model)
         check_loss_weights({"kl_weight": kl_weight, "prior_mean_weight": prior_mean_weight,
                             "read_weight": read_weight, "floor_weight": floor_weight,
-                            "depth_weight": depth_weight, "drawn_weight": drawn_weight}, self.model,
+                            "depth_weight": depth_weight, "drawn_weight": drawn_weight,
+                            "mixture_weight": mixture_weight}, self.model,
                            parts=not GQNModule._loading, schedule=self.hparams.schedule)
+        if not finite_number(mixture_sigma) or mixture_sigma <= 0:
+            raise ValueError(f"module.mixture_sigma must be a number > 0 (a standard deviation in pixel values, e.g. "
+                             f"0.1), got {mixture_sigma!r}")
         s = self.hparams.schedule
         check_schedule(s)
         check_coarse(s, self.model)
@@ -371,6 +388,13 @@ class GQNModule(L.LightningModule):
             drawn_nll = gaussian_nll(images, out["drawn"], self.sigma())
             loss = loss + drawn_weight * pixel_scale * drawn_nll.mean()
             self.log("train/drawn_nll", drawn_nll.mean(), batch_size=B)
+        mixture_weight = self.hparams.get("mixture_weight", 0.0)
+        if mixture_weight and out.get("blend") is not None:
+            weights, colours = out["blend"]  # the copies only (the canvas's colour is last): their shares of weight
+            copies = weights[:, :-1] / weights[:, :-1].sum(dim=1, keepdim=True).clamp(min=1e-12)
+            mix_nll = mixture_nll(images, copies, colours[:, :-1].detach(), self.hparams.get("mixture_sigma", 0.1))
+            loss = loss + mixture_weight * pixel_scale * mix_nll.mean()
+            self.log("train/mixture_nll", mix_nll.mean(), batch_size=B)
         floor_weight = self.hparams.get("floor_weight", 0.0)
         if floor_weight and out["geometry"] is not None and getattr(self.model.geometry, "floor_grid", 0):
             drawn = self.model.geometry.floor_colour(out["geometry"])

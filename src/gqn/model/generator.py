@@ -281,10 +281,11 @@ class DRAWGenerator(nn.Module):
             )
 
     def observe(self, canvas: torch.Tensor, geometry: torch.Tensor | None = None,
-                parts: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor | None]:
+                parts: bool = False) -> torch.Tensor | dict[str, torch.Tensor]:
         """Canvas ``[B, canvas, H, W]`` (and the geometric read ``[B, G, H, W]``) -> mean image ``[B, 3, H, W]``
-        in (0, 1); with ``parts``, ``(mean, drawn)``: drawn is the canvas's own colour that the blend weighs
-        against the copies (None without a geometric read).
+        in (0, 1); with ``parts``, a dict of ``mean`` and, with a geometric read, ``drawn`` (the canvas's own colour
+        that the blend weighs against the copies, ``[B, 3, H, W]``), ``colours`` (every colour the blend weighs,
+        the copies then drawn, ``[B, n, 3, H, W]``) and ``weights`` (theirs, ``[B, n, H, W]``, summing to 1).
 
         With a geometric read, each pixel blends the context colour it found (its first channels) with the
         canvas's own: ``a * found + (1 - a) * sigmoid(obs(canvas) + residual)``, where ``a`` and the residual are
@@ -293,7 +294,7 @@ class DRAWGenerator(nn.Module):
         weighs every one of them and the canvas's."""
         logits = self.observation(canvas)
         if self.geometry_skip is None:
-            return (torch.sigmoid(logits), None) if parts else torch.sigmoid(logits)
+            return {"mean": torch.sigmoid(logits)} if parts else torch.sigmoid(logits)
         c = self.observation.out_channels
         read, geometry = geometry, geometry.to(canvas.dtype)
         mix = self.geometry_skip(torch.cat([canvas, geometry], dim=1))
@@ -306,6 +307,7 @@ class DRAWGenerator(nn.Module):
         if k == 1:
             alpha = torch.sigmoid(copy)
             mean = alpha * colours[:, 0] + (1 - alpha) * drawn
+            w = torch.cat([alpha, 1 - alpha], dim=1)
         else:  # the found colour, the others (the nearest view's, ...), the canvas: softmax over (mix_0 .. mix_k-1, 0)
             w = torch.softmax(torch.cat([copy, torch.zeros_like(mix[:, :1])], dim=1), dim=1)
             if self.resample is not None:  # that view's planes: one sample between them, not their colours
@@ -315,7 +317,9 @@ class DRAWGenerator(nn.Module):
                 w = torch.cat([w[:, :first], w[:, first:first + depths].sum(1, keepdim=True), w[:, first + depths:]], 1)
                 k = k - depths + 1
             mean = (w[:, :k, None] * colours).sum(dim=1) + w[:, k:] * drawn
-        return (mean, drawn) if parts else mean
+        if not parts:
+            return mean
+        return {"mean": mean, "drawn": drawn, "weights": w, "colours": torch.cat([colours, drawn[:, None]], dim=1)}
 
     def _resample(self, read: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
         """``geometry_resample``: the view's RGB ``[B, 3, H, W]`` sampled at the mean of its planes' positions in the
@@ -357,7 +361,8 @@ class DRAWGenerator(nn.Module):
         With ``query_images`` the latents come from the posterior and ``kl`` ``[B, L]`` is returned;
         without, from the prior (a sample, or its mean when ``sample_prior`` is False). Returns
         ``mean`` ``[B, 3, H, W]``, optionally ``kl`` and ``sequence`` ``[B, L, 3, H, W]`` (the image after
-        each step); with a geometric read also ``drawn`` ``[B, 3, H, W]``, the canvas's own colour in the blend.
+        each step); with a geometric read also ``drawn`` ``[B, 3, H, W]``, the canvas's own colour in the blend, and
+        the blend's ``colours`` ``[B, n, 3, H, W]`` and ``weights`` ``[B, n, H, W]`` (:meth:`observe`).
         """
         self._check(query_images, query_poses, representation)
         if (self.attention is not None) != (views is not None):
@@ -422,12 +427,10 @@ class DRAWGenerator(nn.Module):
             u = u + self.canvas_up(h_g)
             if return_sequence:
                 seq.append(self.observe(u, geo))
-        return self._outputs(*self.observe(u, geo, parts=True), kls, seq)
+        return self._outputs(self.observe(u, geo, parts=True), kls, seq)
 
-    def _outputs(self, mean, drawn, kls, seq):
-        out = {"mean": mean}
-        if drawn is not None:
-            out["drawn"] = drawn
+    def _outputs(self, parts, kls, seq):
+        out = dict(parts)
         if kls:
             out["kl"] = torch.stack(kls, dim=1)
         if seq:
@@ -530,7 +533,7 @@ class DRAWGenerator(nn.Module):
                 kls.append(kl)
             if return_sequence:
                 seq.append(self.observe(self._canvas(h_sum, step + 1), geo))
-        return self._outputs(*self.observe(self._canvas(h_sum, self.num_steps), geo, parts=True), kls, seq)
+        return self._outputs(self.observe(self._canvas(h_sum, self.num_steps), geo, parts=True), kls, seq)
 
     def _canvas(self, h_sum: torch.Tensor, steps: int) -> torch.Tensor:
         """The full-resolution canvas after ``steps`` steps, built from the running state sum."""
