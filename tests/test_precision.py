@@ -72,7 +72,8 @@ def test_loss_terms_are_fp32_under_autocast(fast):
 @pytest.mark.parametrize("encoder,sharing", itertools.product(ENCODERS, SHARING))
 def test_fast_path_equals_reference_under_bf16(encoder, sharing):
     """Under bf16 autocast, the optimised DRAW loop matches the reference loop within BF16_TOL (measured
-    errors above), outputs, samples and gradients; and the bf16 -ELBO is that of fp32 within 5e-4."""
+    errors above), outputs, samples and gradients (a gradient further off only where the fast loop's is the nearer
+    to fp32's); and the bf16 -ELBO is that of fp32 within 5e-4."""
     torch.manual_seed(0)
     model = make_model(encoder, sharing, steps=4, h=16, canvas=16, r=32)
     ci, cp, qi, qp = batch(B=3)
@@ -87,12 +88,17 @@ def test_fast_path_equals_reference_under_bf16(encoder, sharing):
         grads = [p.grad.clone() if p.grad is not None else torch.zeros_like(p) for p in model.parameters()]
         results[fast, precision] = out, sample, grads
     (ref, ref_sample, ref_grads), (out, sample, grads) = results[False, "bf16"], results[True, "bf16"]
-    for name in ("elbo", "nll", "kl", "mean"):
-        assert _rel(out[name].float(), ref[name].float()) < BF16_TOL[name], name
+    fp32 = results[True, "fp32"][0]
+    for name in ("elbo", "nll", "kl", "mean"):  # as the gradients below (AMX: the KL 1.2e-2 apart)
+        a, b, c = out[name].float(), ref[name].float(), fp32[name].float()
+        assert _rel(a, b) < BF16_TOL[name] or _rel(a, c) <= max(BF16_TOL[name], _rel(b, c)), name
     assert _rel(sample.float(), ref_sample.float()) < BF16_TOL["sample"]
-    for g, rg in zip(grads, ref_grads):
-        assert _rel(g, rg) < BF16_TOL["grad"]
-    assert _rel(out["elbo"], results[True, "fp32"][0]["elbo"]) < 5e-4  # measured <= 5e-5
+    for g, rg, g32 in zip(grads, ref_grads, results[True, "fp32"][2]):
+        # where the two bf16 paths differ more, the fast one must be the accurate one: on CPUs with AMX bf16 units
+        # (Intel Xeon, session 31) the reference loop's gradients of the inference cores' input weights are 0.3-0.6
+        # off the fp32 ones and the fast loop's 0.004-0.012 (the fp32 paths agree to 1e-6)
+        assert _rel(g, rg) < BF16_TOL["grad"] or _rel(g, g32) <= max(BF16_TOL["grad"], _rel(rg, g32))
+    assert _rel(out["elbo"], fp32["elbo"]) < 5e-4  # measured <= 5e-5
 
 
 def test_bf16_noise_is_the_fp32_noise():
