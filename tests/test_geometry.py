@@ -639,9 +639,10 @@ def test_geometry_mix_widths_are_the_blend_networks_hidden_layers():
     parts = deep.observe(canvas, geometry, parts=True)  # the canvas's own colour beside the blend, and the blend
     assert torch.allclose(parts["mean"], expect, atol=1e-5) and torch.allclose(parts["drawn"], drawn, atol=1e-6)
     assert torch.allclose(parts["weights"], w, atol=1e-6)
-    colours = torch.stack([geometry[:, 0:3], geometry[:, 3:6], geometry[:, 6:9], drawn], 1)
-    assert torch.allclose(parts["colours"], colours, atol=1e-6)
-    assert torch.allclose((parts["weights"][:, :, None] * parts["colours"]).sum(1), parts["mean"], atol=1e-5)
+    copies = torch.stack([geometry[:, 0:3], geometry[:, 3:6], geometry[:, 6:9]], 1)
+    assert torch.allclose(parts["copies"], copies, atol=1e-6)
+    colours = torch.cat([parts["copies"], parts["drawn"][:, None]], 1)
+    assert torch.allclose((parts["weights"][:, :, None] * colours).sum(1), parts["mean"], atol=1e-5)
     for bad in ([], [0], [16, -1], [1.5], [True]):
         with pytest.raises(ValueError, match="geometry_mix_widths must be a non-empty list of integers >= 1"):
             DRAWGenerator(**kw, geometry_mix_widths=bad)

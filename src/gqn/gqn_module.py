@@ -390,9 +390,7 @@ class GQNModule(L.LightningModule):
             self.log("train/drawn_nll", drawn_nll.mean(), batch_size=B)
         mixture_weight = self.hparams.get("mixture_weight", 0.0)
         if mixture_weight and out.get("blend") is not None:
-            weights, colours = out["blend"]  # the copies only (the canvas's colour is last): their shares of weight
-            copies = weights[:, :-1] / weights[:, :-1].sum(dim=1, keepdim=True).clamp(min=1e-12)
-            mix_nll = mixture_nll(images, copies, colours[:, :-1].detach(), self.hparams.get("mixture_sigma", 0.1))
+            mix_nll = self.mixture_nll(images, *out["blend"])
             loss = loss + mixture_weight * pixel_scale * mix_nll.mean()
             self.log("train/mixture_nll", mix_nll.mean(), batch_size=B)
         floor_weight = self.hparams.get("floor_weight", 0.0)
@@ -411,6 +409,13 @@ class GQNModule(L.LightningModule):
             self.log("train/fov_degrees", self.model.geometry.fov_degrees.detach(), batch_size=B)
             self.log("train/depth_scale", self.model.geometry.log_depth_scale.detach().exp(), batch_size=B)
         return loss
+
+    def mixture_nll(self, images: torch.Tensor, weights: torch.Tensor, copies: torch.Tensor) -> torch.Tensor:
+        """``module.mixture_weight``'s term ``[B]``: the NLL of ``images`` under the per-pixel mixture of the blend's
+        ``copies`` ``[B, n, 3, H, W]`` (detached), Gaussians of ``mixture_sigma``, weighted by their shares of the
+        copies' weight (``weights`` ``[B, n + 1, H, W]``; the last, the canvas's, is left out)."""
+        shares = weights[:, :-1] / weights[:, :-1].sum(dim=1, keepdim=True).clamp(min=1e-12)
+        return mixture_nll(images, shares, copies.detach(), self.hparams.get("mixture_sigma", 0.1))
 
     @torch.no_grad()
     def evaluation_metrics(self, batch: dict[str, torch.Tensor], out: dict | None = None) -> dict[str, torch.Tensor]:

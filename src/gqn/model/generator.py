@@ -284,8 +284,8 @@ class DRAWGenerator(nn.Module):
                 parts: bool = False) -> torch.Tensor | dict[str, torch.Tensor]:
         """Canvas ``[B, canvas, H, W]`` (and the geometric read ``[B, G, H, W]``) -> mean image ``[B, 3, H, W]``
         in (0, 1); with ``parts``, a dict of ``mean`` and, with a geometric read, ``drawn`` (the canvas's own colour
-        that the blend weighs against the copies, ``[B, 3, H, W]``), ``colours`` (every colour the blend weighs,
-        the copies then drawn, ``[B, n, 3, H, W]``) and ``weights`` (theirs, ``[B, n, H, W]``, summing to 1).
+        that the blend weighs against the copies, ``[B, 3, H, W]``), ``copies`` (the read's colours the blend weighs,
+        ``[B, n, 3, H, W]``) and ``weights`` (the copies' then drawn's, ``[B, n + 1, H, W]``, summing to 1).
 
         With a geometric read, each pixel blends the context colour it found (its first channels) with the
         canvas's own: ``a * found + (1 - a) * sigmoid(obs(canvas) + residual)``, where ``a`` and the residual are
@@ -319,7 +319,7 @@ class DRAWGenerator(nn.Module):
             mean = (w[:, :k, None] * colours).sum(dim=1) + w[:, k:] * drawn
         if not parts:
             return mean
-        return {"mean": mean, "drawn": drawn, "weights": w, "colours": torch.cat([colours, drawn[:, None]], dim=1)}
+        return {"mean": mean, "drawn": drawn, "weights": w, "copies": colours}
 
     def _resample(self, read: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
         """``geometry_resample``: the view's RGB ``[B, 3, H, W]`` sampled at the mean of its planes' positions in the
@@ -362,7 +362,7 @@ class DRAWGenerator(nn.Module):
         without, from the prior (a sample, or its mean when ``sample_prior`` is False). Returns
         ``mean`` ``[B, 3, H, W]``, optionally ``kl`` and ``sequence`` ``[B, L, 3, H, W]`` (the image after
         each step); with a geometric read also ``drawn`` ``[B, 3, H, W]``, the canvas's own colour in the blend, and
-        the blend's ``colours`` ``[B, n, 3, H, W]`` and ``weights`` ``[B, n, H, W]`` (:meth:`observe`).
+        the blend's ``copies`` ``[B, n, 3, H, W]`` and ``weights`` ``[B, n + 1, H, W]`` (:meth:`observe`).
         """
         self._check(query_images, query_poses, representation)
         if (self.attention is not None) != (views is not None):

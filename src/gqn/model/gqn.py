@@ -252,7 +252,7 @@ class GQN(nn.Module):
             "views": views,
             "geometry": geometry,  # the geometric read of these query poses (None without one)
             "drawn": out.get("drawn"),  # with one: the canvas's own colour that the blend weighs against its copies
-            "blend": (out["weights"], out["colours"]) if "weights" in out else None,  # with one: the blend's parts
+            "blend": (out["weights"], out["copies"]) if "weights" in out else None,  # with one: the blend's parts
         }
 
     # ------------------------------------------------------------------ rendering
