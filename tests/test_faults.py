@@ -333,6 +333,9 @@ CASES = [
       "add model/geometry=plane_sweep or set module.mixture_weight=0"]),
     ("mixture-sigma-not-positive", "gqn-train", lambda w: _train(w, "module.mixture_sigma=0"), 2,
      ["module.mixture_sigma must be a number > 0 (a standard deviation in pixel values, e.g. 0.1), got 0"]),
+    ("mixture-gate-negative", "gqn-train", lambda w: _train(w, "module.mixture_gate=-0.1"), 2,
+     ["module.mixture_gate must be a number >= 0 (a colour distance in pixel values, e.g. 0.1; 0: every pixel), "
+      "got -0.1"]),
     ("floor-weight-without-floor-map", "gqn-train", lambda w: _train(w, "module.floor_weight=1"), 2,
      ["module.floor_weight=1 trains the floor map, but the model has none",
       "set model.geometry.floor_grid (e.g. 16) or module.floor_weight=0"]),

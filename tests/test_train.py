@@ -662,6 +662,38 @@ def test_mixture_loss_trains_the_blend_weights_to_pick_the_copy_nearest_the_trut
         instantiate(train_cfg("module.mixture_sigma=0").module, _recursive_=False)
 
 
+def test_mixture_gate_counts_only_pixels_where_the_copies_disagree(train_cfg):
+    """module.mixture_gate: the mixture's NLL only at pixels where the copies' share-weighted spread (root of the
+    share-weighted squared RGB distance from their share-weighted mean) exceeds the gate; 0 (the default) counts
+    every pixel. An error for a negative gate."""
+    from hydra.errors import InstantiationException
+    from hydra.utils import instantiate
+
+    from gqn.model.distributions import mixture_nll
+
+    assert train_cfg().module.mixture_gate == 0.0
+    module = instantiate(train_cfg("module.mixture_weight=0.5", "module.mixture_gate=0.1").module, _recursive_=False)
+    torch.manual_seed(0)
+    B, n, H, W = 2, 3, 4, 4
+    images = torch.rand(B, 3, H, W)
+    copies = images[:, None].repeat(1, n, 1, 1, 1)  # every copy the same colour ...
+    copies[:, 0, :, :2] += 0.5  # ... but the first 0.5 off in the top two rows: a spread of 0.5 * sqrt(3 * 2/9)
+    weights = torch.full((B, n + 1, H, W), 1.0 / (n + 1))
+    got = module.mixture_nll(images, weights, copies)
+    shares = torch.full((B, n, H, W), 1.0 / n)
+    top = torch.zeros(B, H, W)
+    top[:, :2] = 1
+    assert torch.allclose(got, mixture_nll(images, shares, copies, 0.1, top), rtol=1e-5)
+    assert got.abs().min() > 0 and not torch.allclose(got, mixture_nll(images, shares, copies, 0.1), rtol=1e-3)
+    # a gate above the spread (0.5 * sqrt(2/3) = 0.41) counts nothing; at 0 every pixel
+    above = instantiate(train_cfg("module.mixture_weight=0.5", "module.mixture_gate=0.45").module, _recursive_=False)
+    assert torch.equal(above.mixture_nll(images, weights, copies), torch.zeros(B))
+    every = instantiate(train_cfg("module.mixture_weight=0.5").module, _recursive_=False)
+    assert torch.allclose(every.mixture_nll(images, weights, copies), mixture_nll(images, shares, copies, 0.1))
+    with pytest.raises(InstantiationException, match="module.mixture_gate must be a number >= 0"):
+        instantiate(train_cfg("module.mixture_gate=-0.1").module, _recursive_=False)
+
+
 def test_floor_loss_adds_the_nll_of_the_floor_read_on_every_pixel(train_cfg):
     """module.floor_weight with model.geometry.floor_grid: the loss adds that weight times the pixel NLL of the
     colour the floor read rendered, over every pixel; its gradient reaches the map's network. Off by default;

@@ -438,6 +438,7 @@ LOSS_SETTINGS = {
     "module.depth_weight": "depth_weight",
     "module.drawn_weight": "drawn_weight",
     "module.mixture_weight": "mixture_weight", "module.mixture_sigma": "mixture_sigma",
+    "module.mixture_gate": "mixture_gate",
     "module.kl_weight": "kl_weight", "module.kl_warmup_steps": "kl_warmup_steps",
     "module.sigma_warmup_steps": "sigma_warmup_steps", "schedule.sigma_init": "schedule.sigma_init",
     "schedule.sigma_final": "schedule.sigma_final", "schedule.sigma_steps": "schedule.sigma_steps",

@@ -14,7 +14,7 @@ from omegaconf import DictConfig, OmegaConf
 from gqn import metrics
 from gqn.cli import UserError, finite_number
 from gqn.model import GQN
-from gqn.model.distributions import gaussian_nll, mixture_nll
+from gqn.model.distributions import fp32, gaussian_nll, mixture_nll
 from gqn.model.representation import GRID_SCALE
 from gqn.schedules import LinearAnneal, max_time_left
 
@@ -151,6 +151,10 @@ class GQNModule(L.LightningModule):
             from the render. 0: off.
         mixture_sigma: the standard deviation of those components (in pixel values 0..1; small: the copy nearest the
             truth takes the share).
+        mixture_gate: count that loss only at pixels where the copies disagree: where the root of their
+            share-weighted squared RGB distance from their share-weighted mean exceeds this (pixel values 0..1;
+            e.g. 0.1). Where they agree within it (flat walls seen alike by every view), a hedge between them costs
+            the render little and the blend's weights are left to the render's loss. 0: every pixel.
         compile: ``torch.compile`` the encoder and the generator in place (``True``: the inductor backend; a
             string names another backend, e.g. ``aot_eager`` traces without generating code). The first
             step of each new input shape pays the compile time; the checkpoint's keys are those of eager.
@@ -173,6 +177,7 @@ class GQNModule(L.LightningModule):
         drawn_weight: float = 0.0,
         mixture_weight: float = 0.0,
         mixture_sigma: float = 0.1,
+        mixture_gate: float = 0.0,
         compile: bool | str = False,
     ):
         super().__init__()
@@ -184,7 +189,7 @@ class GQNModule(L.LightningModule):
                                    "read_weight": read_weight, "floor_weight": floor_weight,
                                    "depth_weight": depth_weight, "drawn_weight": drawn_weight,
                                    "mixture_weight": mixture_weight, "mixture_sigma": mixture_sigma,
-                                   "compile": compile})
+                                   "mixture_gate": mixture_gate, "compile": compile})
         self.model: GQN = hydra.utils.instantiate(self.hparams.model)
         check_loss_weights({"kl_weight": kl_weight, "prior_mean_weight": prior_mean_weight,
                             "read_weight": read_weight, "floor_weight": floor_weight,
@@ -194,6 +199,9 @@ class GQNModule(L.LightningModule):
         if not finite_number(mixture_sigma) or mixture_sigma <= 0:
             raise ValueError(f"module.mixture_sigma must be a number > 0 (a standard deviation in pixel values, e.g. "
                              f"0.1), got {mixture_sigma!r}")
+        if not finite_number(mixture_gate) or mixture_gate < 0:
+            raise ValueError(f"module.mixture_gate must be a number >= 0 (a colour distance in pixel values, e.g. 0.1; "
+                             f"0: every pixel), got {mixture_gate!r}")
         s = self.hparams.schedule
         check_schedule(s)
         check_coarse(s, self.model)
@@ -413,9 +421,17 @@ class GQNModule(L.LightningModule):
     def mixture_nll(self, images: torch.Tensor, weights: torch.Tensor, copies: torch.Tensor) -> torch.Tensor:
         """``module.mixture_weight``'s term ``[B]``: the NLL of ``images`` under the per-pixel mixture of the blend's
         ``copies`` ``[B, n, 3, H, W]`` (detached), Gaussians of ``mixture_sigma``, weighted by their shares of the
-        copies' weight (``weights`` ``[B, n + 1, H, W]``; the last, the canvas's, is left out)."""
+        copies' weight (``weights`` ``[B, n + 1, H, W]``; the last, the canvas's, is left out); with
+        ``mixture_gate``, only at pixels where the copies' share-weighted spread exceeds it."""
         shares = weights[:, :-1] / weights[:, :-1].sum(dim=1, keepdim=True).clamp(min=1e-12)
-        return mixture_nll(images, shares, copies.detach(), self.hparams.get("mixture_sigma", 0.1))
+        copies = copies.detach()
+        gate, mask = self.hparams.get("mixture_gate", 0.0), None
+        if gate:
+            with torch.no_grad():
+                s, c = fp32(shares)[:, :, None], fp32(copies)
+                spread = (s * (c - (s * c).sum(dim=1, keepdim=True)) ** 2).sum(dim=(1, 2))  # [B, H, W]
+                mask = (spread > gate ** 2).float()
+        return mixture_nll(images, shares, copies, self.hparams.get("mixture_sigma", 0.1), mask)
 
     @torch.no_grad()
     def evaluation_metrics(self, batch: dict[str, torch.Tensor], out: dict | None = None) -> dict[str, torch.Tensor]:

@@ -37,12 +37,16 @@ def gaussian_nll(x: torch.Tensor, mean: torch.Tensor, sigma: float | torch.Tenso
     return nll.flatten(1).sum(dim=1)
 
 
-def mixture_nll(x: torch.Tensor, weights: torch.Tensor, colours: torch.Tensor, sigma: float) -> torch.Tensor:
+def mixture_nll(x: torch.Tensor, weights: torch.Tensor, colours: torch.Tensor, sigma: float,
+                mask: torch.Tensor | None = None) -> torch.Tensor:
     """-log of ``x`` ``[B, C, H, W]`` under a per-pixel mixture of Gaussians: component ``j`` of pixel ``p`` has
     mean ``colours[:, j, :, p]`` (``[B, n, C, H, W]``), standard deviation ``sigma`` in every channel and weight
     ``weights[:, j, p]`` (``[B, n, H, W]``, summing to 1 over ``j``); summed over the pixels -> ``[B]`` (nats), in
-    float32."""
+    float32. ``mask`` ``[B, H, W]`` (optional) weighs each pixel's term (0: left out)."""
     x, weights, colours = fp32(x), fp32(weights), fp32(colours)
     log_normal = (-0.5 * ((x[:, None] - colours) / sigma) ** 2).sum(dim=2) - x.shape[1] * (
         math.log(sigma) + 0.5 * math.log(2 * math.pi))  # [B, n, H, W]
-    return -torch.logsumexp(weights.clamp(min=1e-30).log() + log_normal, dim=1).flatten(1).sum(dim=1)
+    nll = -torch.logsumexp(weights.clamp(min=1e-30).log() + log_normal, dim=1)  # [B, H, W]
+    if mask is not None:
+        nll = nll * fp32(mask)
+    return nll.flatten(1).sum(dim=1)
