@@ -336,6 +336,9 @@ CASES = [
     ("mixture-gate-negative", "gqn-train", lambda w: _train(w, "module.mixture_gate=-0.1"), 2,
      ["module.mixture_gate must be a number >= 0 (a colour distance in pixel values, e.g. 0.1; 0: every pixel), "
       "got -0.1"]),
+    ("mixture-gate-without-loss", "gqn-train", lambda w: _train(w, "module.mixture_gate=0.1"), 2,
+     ["module.mixture_gate=0.1 gates the mixture loss, but it is off: set module.mixture_weight (e.g. 0.1) or "
+      "module.mixture_gate=0"]),
     ("floor-weight-without-floor-map", "gqn-train", lambda w: _train(w, "module.floor_weight=1"), 2,
      ["module.floor_weight=1 trains the floor map, but the model has none",
       "set model.geometry.floor_grid (e.g. 16) or module.floor_weight=0"]),

@@ -685,13 +685,24 @@ def test_mixture_gate_counts_only_pixels_where_the_copies_disagree(train_cfg):
     top[:, :2] = 1
     assert torch.allclose(got, mixture_nll(images, shares, copies, 0.1, top), rtol=1e-5)
     assert got.abs().min() > 0 and not torch.allclose(got, mixture_nll(images, shares, copies, 0.1), rtol=1e-3)
-    # a gate above the spread (0.5 * sqrt(2/3) = 0.41) counts nothing; at 0 every pixel
-    above = instantiate(train_cfg("module.mixture_weight=0.5", "module.mixture_gate=0.45").module, _recursive_=False)
-    assert torch.equal(above.mixture_nll(images, weights, copies), torch.zeros(B))
+    # the gate is a distance (root of the spread 1/6: 0.41): 0.3 still counts the top rows, 0.45 nothing
+    gates = {g: instantiate(train_cfg("module.mixture_weight=0.5", f"module.mixture_gate={g}").module,
+                            _recursive_=False) for g in (0.3, 0.45)}
+    assert torch.allclose(gates[0.3].mixture_nll(images, weights, copies), got)
+    assert torch.equal(gates[0.45].mixture_nll(images, weights, copies), torch.zeros(B))
+    # weighted by the shares: copy 0 at a share of 0.1 moves the mean by 0.05, a spread of 0.5 * sqrt(3 * 0.09) = 0.26
+    uneven = torch.cat([torch.full((B, 1, H, W), 0.05), torch.full((B, n - 1, H, W), 0.225),
+                        torch.full((B, 1, H, W), 0.5)], 1)  # the canvas's half left out
+    assert torch.equal(gates[0.3].mixture_nll(images, uneven, copies), torch.zeros(B))
+    assert torch.allclose(module.mixture_nll(images, uneven, copies), mixture_nll(
+        images, torch.cat([torch.full((B, 1, H, W), 0.1), torch.full((B, n - 1, H, W), 0.45)], 1), copies, 0.1, top),
+        rtol=1e-5)
     every = instantiate(train_cfg("module.mixture_weight=0.5").module, _recursive_=False)
     assert torch.allclose(every.mixture_nll(images, weights, copies), mixture_nll(images, shares, copies, 0.1))
     with pytest.raises(InstantiationException, match="module.mixture_gate must be a number >= 0"):
         instantiate(train_cfg("module.mixture_gate=-0.1").module, _recursive_=False)
+    with pytest.raises(InstantiationException, match="module.mixture_gate=0.1 gates the mixture loss, but it is off"):
+        instantiate(train_cfg("module.mixture_gate=0.1").module, _recursive_=False)
 
 
 def test_floor_loss_adds_the_nll_of_the_floor_read_on_every_pixel(train_cfg):

@@ -202,6 +202,9 @@ class GQNModule(L.LightningModule):
         if not finite_number(mixture_gate) or mixture_gate < 0:
             raise ValueError(f"module.mixture_gate must be a number >= 0 (a colour distance in pixel values, e.g. 0.1; "
                              f"0: every pixel), got {mixture_gate!r}")
+        if mixture_gate and not mixture_weight:
+            raise ValueError(f"module.mixture_gate={mixture_gate} gates the mixture loss, but it is off: set "
+                             f"module.mixture_weight (e.g. 0.1) or module.mixture_gate=0")
         s = self.hparams.schedule
         check_schedule(s)
         check_coarse(s, self.model)
