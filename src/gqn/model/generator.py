@@ -304,9 +304,8 @@ class DRAWGenerator(nn.Module):
         colours = geometry.index_select(1, self._copy_channels).unflatten(1, (k, c))  # [B, k, c, H, W]
         if self.log_copy_match is not None:  # the colours nearest the drawn one weigh more
             copy = copy - self.log_copy_match.exp() * (colours - drawn[:, None]).pow(2).sum(dim=2)
-        if k == 1:
+        if k == 1:  # one copy: its weight a sigmoid, the canvas's the rest
             alpha = torch.sigmoid(copy)
-            mean = alpha * colours[:, 0] + (1 - alpha) * drawn
             w = torch.cat([alpha, 1 - alpha], dim=1)
         else:  # the found colour, the others (the nearest view's, ...), the canvas: softmax over (mix_0 .. mix_k-1, 0)
             w = torch.softmax(torch.cat([copy, torch.zeros_like(mix[:, :1])], dim=1), dim=1)
@@ -316,7 +315,7 @@ class DRAWGenerator(nn.Module):
                 first, depths = self.resample[2:]
                 w = torch.cat([w[:, :first], w[:, first:first + depths].sum(1, keepdim=True), w[:, first + depths:]], 1)
                 k = k - depths + 1
-            mean = (w[:, :k, None] * colours).sum(dim=1) + w[:, k:] * drawn
+        mean = (w[:, :k, None] * colours).sum(dim=1) + w[:, k:] * drawn
         if not parts:
             return mean
         return {"mean": mean, "drawn": drawn, "weights": w, "copies": colours}
