@@ -381,7 +381,19 @@ def test_resume_auto_picks_the_latest_run(train_cfg, tmp_path, capsys):
     assert latest.resolve() == Path(first.hydra.runtime.output_dir).resolve()
     probe = _resume_auto(first, tmp_path, max_steps=4)
     assert probe.rows[0][0] == 2  # continued from step 2 of the first run
-    assert "resuming with other" not in capsys.readouterr().err  # the same stream and loss: nothing to say
+    err = capsys.readouterr().err
+    assert "resuming with other" not in err  # the same stream and loss: nothing to say ...
+    # ... but the run's LR line was planned over its 2 steps (as a 4500-step default's resumed under today's 9000): an
+    # exact resume keeps it, so steps 2-3 train at lr_final, and one line says so and how to stop where it would have
+    assert ("resuming a run whose LR line ends at step 2 with schedule.lr_steps=4 here: the checkpoint's line goes on "
+            "(an exact resume), so steps past 2 train at lr_final; add trainer.max_steps=2 to stop where that run "
+            "would have" in err), err
+    assert [lr for _, lr, _ in probe.rows] == pytest.approx([first.schedule.lr_final] * 2)
+    from gqn.cli import lr_line_differs
+
+    line = {"lr_schedulers": [{"lr_lambdas": [{"steps": 4500.0}]}]}
+    assert lr_line_differs(line, 4500) is None and lr_line_differs({}, 9000) is None
+    assert "ends at step 4500 with schedule.lr_steps=9000" in lr_line_differs(line, 9000)
 
 
 def test_resume_of_another_dataset_names_its_data_group_where_it_has_one():

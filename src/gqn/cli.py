@@ -415,6 +415,23 @@ def resume_differences(saved: dict, current: dict, what: str, keep: str, prefix:
             f"command's; add {_keep_overrides(saved, keys, group)} to continue {keep}")
 
 
+def lr_line_differs(saved: dict, lr_steps) -> str | None:
+    """One line where a checkpoint's LR line (``saved``'s scheduler state: the steps its anneal was planned over) ends
+    elsewhere than this command's ``schedule.lr_steps`` (e.g. a run of the 4500-step default before session 32
+    resumed under today's 9000): the saved line goes on, as an exact resume must, so the steps past its end train at
+    ``lr_final``; None where they agree or the checkpoint has no such line."""
+    try:
+        steps = float(saved["lr_schedulers"][0]["lr_lambdas"][0]["steps"])
+    except (KeyError, IndexError, TypeError, ValueError):
+        return None
+    if lr_steps is None or steps == float(lr_steps):
+        return None
+    return (f"resuming a run whose LR line ends at step {steps:g} with schedule.lr_steps={float(lr_steps):g} here: the "
+            f"checkpoint's line goes on (an exact resume), so steps past {steps:g} train at lr_final; add "
+            f"trainer.max_steps={steps:g} to stop where that run would have (the schedules anneal over "
+            f"trainer.max_steps)")
+
+
 def _data_group(dataset) -> str | None:
     """``dataset`` where the ``data`` config group has a config of that name (the DeepMind datasets,
     ``synthetic_rooms``), else None (a directory of the user's own)."""

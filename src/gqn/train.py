@@ -32,6 +32,7 @@ from gqn.cli import (
     load_checkpoint,
     loss_defaults,
     loss_settings,
+    lr_line_differs,
     mark_latest,
     one_line_errors,
     resolve_ckpt,
@@ -101,13 +102,14 @@ def train(cfg: DictConfig, extra_callbacks: list | None = None) -> float | None:
     L.seed_everything(cfg.seed, workers=True)
     datamodule = hydra.utils.instantiate(cfg.data)
     module = hydra.utils.instantiate(cfg.module, _recursive_=False)
-    if ckpt is not None:  # a resume with other data or loss settings trains on, and says so
+    if ckpt is not None:  # a resume with other data or loss settings, or another LR line, trains on, and says so
         stream = {"dataset": datamodule.dataset, "seed": datamodule.seed, **datamodule.stream_settings()}
         for differs in (
             resume_differences(saved.get("GQNDataModule") or {}, stream, "data settings", "the run's own stream",
                                prefix="data"),
             resume_differences(loss_settings(saved["hyper_parameters"], loss_defaults(type(module))),
                                loss_settings(module.hparams), "loss settings", "the run's own loss"),
+            lr_line_differs(saved, cfg.schedule.get("lr_steps")),
         ):
             if differs:
                 _warn(differs)
