@@ -96,6 +96,18 @@ def test_checkpoint_steps_on_the_reference_path_is_refused(capsys):
         main(["memory"])  # the undocumented mode is gone: the flag above replaces it
 
 
+def test_bench_train_channels_last_variant_keeps_the_model_and_its_flops(tmp_path):
+    """--variant NAME BASE channels_last=true: the same model (parameters, FLOPs) with its weights channels-last
+    (module.channels_last of gqn-train), timed beside its base."""
+    proc = run_cli("gqn-bench", "train", "--configs", "tiny", "--paths", "fast", "--steps", "1", "--batch", "2",
+                   "--context", "2", "--variant", "nhwc", "tiny", "channels_last=true", "--out", str(tmp_path),
+                   cwd=tmp_path, timeout=600)
+    assert re.search(r"nhwc fast 32-true eager: [0-9.]+x the steps/s of tiny$", proc.stdout, re.M)
+    base, variant = json.loads((tmp_path / "train.json").read_text())["results"]
+    assert variant["variant_of"]["overrides"]["channels_last"] == "true"
+    assert variant["params"] == base["params"] and variant["gflop_per_step"] == pytest.approx(base["gflop_per_step"])
+
+
 def test_bench_train_times_a_variant_beside_its_base_in_rounds(tmp_path):
     """--variant NAME BASE KEY=VALUE: a row of BASE with those model settings, compared with BASE's row;
     --rounds N: every row's process runs N times, in turn, and its time is the median over all its steps."""
@@ -129,6 +141,7 @@ def test_bench_train_times_a_variant_beside_its_base_in_rounds(tmp_path):
     (["v", "tiny", "no_such_setting=3"], "--variant v: Could not override 'model.no_such_setting'"),
     (["v", "tiny", "num_steps=0"], "--variant v: the model cannot be built: num_steps (L) must be >= 1"),
     (["v", "tiny", "fast=false"], "--variant v: fast is set for every row by --paths"),
+    (["v", "tiny", "channels_last=yes"], "--variant v: channels_last is true or false"),
     (["v", "small", "num_steps=3"], "--variant v: its base 'small' is not among --configs"),
 ])
 def test_a_malformed_variant_is_one_clear_line_before_any_timing(tmp_path, capsys, words, message):

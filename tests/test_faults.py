@@ -336,6 +336,8 @@ CASES = [
     ("mixture-gate-negative", "gqn-train", lambda w: _train(w, "module.mixture_gate=-0.1"), 2,
      ["module.mixture_gate must be a number >= 0 (a colour distance in pixel values, e.g. 0.1; 0: every pixel), "
       "got -0.1"]),
+    ("channels-last-not-bool", "gqn-train", lambda w: _train(w, "module.channels_last=yes"), 2,
+     ["module.channels_last must be true or false, got 'yes' (str)"]),
     ("mixture-gate-without-loss", "gqn-train", lambda w: _train(w, "module.mixture_gate=0.1"), 2,
      ["module.mixture_gate=0.1 gates the mixture loss, but it is off: set module.mixture_weight (e.g. 0.1) or "
       "module.mixture_gate=0"]),

@@ -245,3 +245,62 @@ def test_unknown_compile_backend_is_one_clear_error():
 
     with pytest.raises(UserError, match="module.compile='fast_please' is neither true/false nor a torch.compile"):
         compile_model(make_model(), "fast_please")
+
+
+# ---------------------------------------------------------------------------------------------- channels-last
+def test_channels_last_default_model_equals_contiguous():
+    """The default model (small, plane-sweep read, 32 px) with its 4-D weights channels-last (module.channels_last)
+    gives the contiguous model's -ELBO terms, gradients, prior-mean render and seeded sample in fp32 (within
+    COMPILE_TOL); every spatial convolution's weight is channels-last (and no longer contiguous NCHW)."""
+    import copy
+
+    from gqn.bench import build_model
+
+    torch.manual_seed(0)
+    model = build_model("small", image_size=32, geometry="plane_sweep")
+    data = batch(B=2, M=3, size=32)
+    nhwc = copy.deepcopy(model).to(memory_format=torch.channels_last)
+    convs = [m.weight for m in nhwc.modules() if isinstance(m, torch.nn.Conv2d)]
+    assert convs and all(w.is_contiguous(memory_format=torch.channels_last) and not w.is_contiguous() for w in convs
+                         if w.shape[-1] > 1 or w.shape[-2] > 1)
+
+    def outputs(m):
+        m.zero_grad()
+        out = m(*data, generator=torch.Generator().manual_seed(3))
+        out["elbo"].mean().backward()
+        grads = [p.grad.clone() if p.grad is not None else torch.zeros_like(p) for p in m.parameters()]
+        ci, cp, _, qp = data
+        renders = [m.sample(ci, cp, qp, mean=True), m.sample(ci, cp, qp, generator=torch.Generator().manual_seed(4))]
+        return out, grads, renders
+
+    eager, cl = outputs(model), outputs(nhwc)
+    for name in ("elbo", "nll", "kl", "mean"):
+        assert _rel(cl[0][name], eager[0][name]) < COMPILE_TOL, name
+    # gradients against the largest of them: two sum to ~0 in both layouts (a softmax's shared bias: 6e-7 against
+    # 1.5e-6) and the depth scale's sum of many terms rounds 9e-4 apart (relative to itself)
+    scale = max(float(eg.abs().max()) for eg in eager[1])
+    assert max(float((g - eg).abs().max()) for g, eg in zip(cl[1], eager[1])) < COMPILE_TOL * scale
+    for r, er in zip(cl[2], eager[2]):
+        assert _rel(r, er) < COMPILE_TOL
+
+
+def test_channels_last_module_trains_and_its_checkpoint_loads_either_way(train_cfg):
+    """module.channels_last=true trains (bf16 autocast), validates and checkpoints; the checkpoint loads into a
+    module with and without it, and both render the same prior mean."""
+    cfg = train_cfg("logger=none", "callbacks=none", "trainer.precision=bf16-mixed", "trainer.log_every_n_steps=1",
+                    "module.channels_last=true")
+    record = Record()
+    train(cfg, extra_callbacks=[record])
+    assert len(record.losses) == 2 and all(math.isfinite(x.item()) for x in record.losses)
+    assert math.isfinite(record.val["val/psnr_model"])
+    conv = next(m for m in record.module.model.modules() if isinstance(m, torch.nn.Conv2d) and m.kernel_size[0] > 1)
+    assert conv.weight.is_contiguous(memory_format=torch.channels_last) and not conv.weight.is_contiguous()
+    ckpt = torch.load(Path(cfg.hydra.runtime.output_dir) / "checkpoints" / "last.ckpt", weights_only=False)
+    assert ckpt["hyper_parameters"]["channels_last"] is True
+    plain = GQNModule(**{**ckpt["hyper_parameters"], "channels_last": False})
+    plain.load_state_dict(ckpt["state_dict"])
+    nhwc = GQNModule(**ckpt["hyper_parameters"])
+    nhwc.load_state_dict(ckpt["state_dict"])
+    ci, cp, _, qp = batch(B=2, M=2)
+    b = {"context_images": ci, "context_poses": cp, "query_poses": qp}
+    assert _rel(nhwc.sample(b, mean=True), plain.sample(b, mean=True)) < COMPILE_TOL

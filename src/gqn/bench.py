@@ -149,6 +149,9 @@ def parse_variant(words: list[str]) -> tuple[str, dict]:
         key = key.removeprefix("model.")
         if not eq or not key:
             raise ValueError(f"--variant {name}: {setting!r} is not KEY=VALUE (e.g. geometry.sweep_size=8)")
+        if key == "channels_last" and value.lower() not in ("true", "false"):
+            raise ValueError(f"--variant {name}: channels_last is true or false (the weights channels-last, as "
+                             f"module.channels_last), got {value!r}")
         if key in ("fast", "checkpoint_steps"):
             raise ValueError(f"--variant {name}: {key} is set for every row by "
                              f"{'--paths' if key == 'fast' else '--checkpoint-steps'}, not per variant")
@@ -171,12 +174,17 @@ def _train_child(name: str, fast: bool, batch: int, context: int, steps: int, ch
     from gqn.gqn_module import compile_model
 
     preset, overrides = spec or TRAIN_CONFIGS[name]
+    overrides = dict(overrides)
+    # channels_last (module.channels_last of gqn-train): the weights NHWC, the images as the loader gives them
+    channels_last = str(overrides.pop("channels_last", "false")).lower() == "true"
     torch.manual_seed(0)
-    model = build_model(preset, fast=fast, checkpoint_steps=checkpoint, **dict(overrides)).to(device)
+    model = build_model(preset, fast=fast, checkpoint_steps=checkpoint, **overrides).to(device)
+    if channels_last:
+        model.to(memory_format=torch.channels_last)
     opt = torch.optim.Adam(model.parameters(), lr=1e-4)
     size = model.image_size
-    data = [t.to(device) for t in (torch.rand(batch, context, 3, size, size), torch.randn(batch, context, 7),
-                                   torch.rand(batch, 3, size, size), torch.randn(batch, 7))]
+    images = [torch.rand(*shape, size, size, 3).movedim(-1, -3) for shape in ((batch, context), (batch,))]
+    data = [t.to(device) for t in (images[0], torch.randn(batch, context, 7), images[1], torch.randn(batch, 7))]
 
     def step():
         with _autocast(device, precision):
@@ -423,7 +431,8 @@ def main(argv=None) -> int:
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="train: where the model runs")
     p.add_argument("--variant", nargs="+", action="append", default=[], metavar="WORD",
                    help="train: NAME BASE KEY=VALUE...: also time BASE (a --configs name) with these model settings "
-                        "(e.g. --variant sweep8 default geometry.sweep_size=8); repeatable")
+                        "(e.g. --variant sweep8 default geometry.sweep_size=8; channels_last=true: the weights "
+                        "channels-last, as module.channels_last); repeatable")
     p.add_argument("--rounds", type=int, default=1,
                    help="train: run every row this many times, the rows in turn, and report the median (a machine "
                         "whose speed drifts then slows every row alike)")
@@ -454,7 +463,8 @@ def main(argv=None) -> int:
                     "two are timed in one run")
         if args.what in ("all", "train"):  # a setting the model does not take: one line now, not after the timing
             try:
-                build_model(variant["preset"], **variant["overrides"])
+                settings = {k: v for k, v in variant["overrides"].items() if k != "channels_last"}
+                build_model(variant["preset"], **settings)
             except ConfigCompositionException as err:
                 p.error(f"--variant {name}: {hydra_message(err)}")
             except Exception as err:

@@ -158,6 +158,9 @@ class GQNModule(L.LightningModule):
         compile: ``torch.compile`` the encoder and the generator in place (``True``: the inductor backend; a
             string names another backend, e.g. ``aot_eager`` traces without generating code). The first
             step of each new input shape pays the compile time; the checkpoint's keys are those of eager.
+        channels_last: keep the model's 4-D weights channels-last (NHWC), so that its convolutions take and give
+            channels-last tensors (the loader's images already are); the same values, another memory layout. A
+            checkpoint loads either way.
     """
 
     def __init__(
@@ -179,6 +182,7 @@ class GQNModule(L.LightningModule):
         mixture_sigma: float = 0.1,
         mixture_gate: float = 0.0,
         compile: bool | str = False,
+        channels_last: bool = False,
     ):
         super().__init__()
         self.save_hyperparameters({"model": _plain(model), "optimizer": _plain(optimizer),
@@ -189,7 +193,8 @@ class GQNModule(L.LightningModule):
                                    "read_weight": read_weight, "floor_weight": floor_weight,
                                    "depth_weight": depth_weight, "drawn_weight": drawn_weight,
                                    "mixture_weight": mixture_weight, "mixture_sigma": mixture_sigma,
-                                   "mixture_gate": mixture_gate, "compile": compile})
+                                   "mixture_gate": mixture_gate, "compile": compile,
+                                   "channels_last": channels_last})
         self.model: GQN = hydra.utils.instantiate(self.hparams.model)
         check_loss_weights({"kl_weight": kl_weight, "prior_mean_weight": prior_mean_weight,
                             "read_weight": read_weight, "floor_weight": floor_weight,
@@ -211,6 +216,11 @@ class GQNModule(L.LightningModule):
         self.sigma_schedule = LinearAnneal(s["sigma_init"], s["sigma_final"], s["sigma_steps"], sigma_warmup_steps)
         self.kl_weight = LinearAnneal(0.0, kl_weight, kl_warmup_steps) if kl_warmup_steps else (lambda step: kl_weight)
         self.prior_mean_weight = LinearAnneal(0.0, prior_mean_weight, 0, delay=prior_mean_start)
+        if not isinstance(channels_last, bool):
+            raise ValueError(f"module.channels_last must be true or false (keep the convolutions' weights "
+                             f"channels-last), got {channels_last!r}")
+        if channels_last:  # 4-D weights NHWC: the convolutions take and give channels-last tensors
+            self.model.to(memory_format=torch.channels_last)
         if compile:
             compile_model(self.model, "inductor" if compile is True else str(compile))
         self._step_kind: tuple | None = None  # (train?, B, M, auxiliary loss on?) of the last step
