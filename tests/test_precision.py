@@ -185,6 +185,20 @@ def test_compiled_equals_eager_presets(preset):
     _assert_compiled_equals_eager(model, batch(B=2, M=3, size=size))
 
 
+def _assert_checkpoint_loads_both_ways(cfg, option: str, value, other) -> None:
+    """The run's last checkpoint saved ``option=value``; it loads into a module with it and one with ``other`` (the
+    same state-dict keys), and both render the same prior mean."""
+    ckpt = torch.load(Path(cfg.hydra.runtime.output_dir) / "checkpoints" / "last.ckpt", weights_only=False)
+    assert ckpt["hyper_parameters"][option] == value
+    modules = [GQNModule(**{**ckpt["hyper_parameters"], option: v}) for v in (value, other)]
+    assert list(ckpt["state_dict"]) == list(modules[1].state_dict())
+    for module in modules:
+        module.load_state_dict(ckpt["state_dict"])
+    ci, cp, _, qp = batch(B=2, M=2)
+    b = {"context_images": ci, "context_poses": cp, "query_poses": qp}
+    assert _rel(modules[0].sample(b, mean=True), modules[1].sample(b, mean=True)) < COMPILE_TOL
+
+
 def _train_compiled(train_cfg, *overrides):
     cfg = train_cfg("logger=none", "trainer.log_every_n_steps=1", *overrides)
     record = Record()
@@ -200,16 +214,7 @@ def test_compiled_module_trains_validates_samples_and_checkpoints(train_cfg, pre
     cfg, record = _train_compiled(train_cfg, "module.compile=aot_eager", f"trainer.precision={precision}")
     assert len(record.losses) == 2 and all(math.isfinite(x.item()) for x in record.losses)
     assert math.isfinite(record.val["val/psnr_model"])
-    ckpt = torch.load(Path(cfg.hydra.runtime.output_dir) / "checkpoints" / "last.ckpt", weights_only=False)
-    assert ckpt["hyper_parameters"]["compile"] == "aot_eager"
-    eager = GQNModule(**{**ckpt["hyper_parameters"], "compile": False})
-    assert list(ckpt["state_dict"]) == list(eager.state_dict())
-    eager.load_state_dict(ckpt["state_dict"])
-    compiled = GQNModule(**ckpt["hyper_parameters"])
-    compiled.load_state_dict(ckpt["state_dict"])
-    ci, cp, _, qp = batch(B=2, M=2)
-    b = {"context_images": ci, "context_poses": cp, "query_poses": qp}
-    assert _rel(compiled.sample(b, mean=True), eager.sample(b, mean=True)) < COMPILE_TOL
+    _assert_checkpoint_loads_both_ways(cfg, "compile", "aot_eager", False)
 
 
 @pytest.mark.parametrize("compiled", [False, pytest.param(True, marks=pytest.mark.slow)])
@@ -295,12 +300,4 @@ def test_channels_last_module_trains_and_its_checkpoint_loads_either_way(train_c
     assert math.isfinite(record.val["val/psnr_model"])
     conv = next(m for m in record.module.model.modules() if isinstance(m, torch.nn.Conv2d) and m.kernel_size[0] > 1)
     assert conv.weight.is_contiguous(memory_format=torch.channels_last) and not conv.weight.is_contiguous()
-    ckpt = torch.load(Path(cfg.hydra.runtime.output_dir) / "checkpoints" / "last.ckpt", weights_only=False)
-    assert ckpt["hyper_parameters"]["channels_last"] is True
-    plain = GQNModule(**{**ckpt["hyper_parameters"], "channels_last": False})
-    plain.load_state_dict(ckpt["state_dict"])
-    nhwc = GQNModule(**ckpt["hyper_parameters"])
-    nhwc.load_state_dict(ckpt["state_dict"])
-    ci, cp, _, qp = batch(B=2, M=2)
-    b = {"context_images": ci, "context_poses": cp, "query_poses": qp}
-    assert _rel(nhwc.sample(b, mean=True), plain.sample(b, mean=True)) < COMPILE_TOL
+    _assert_checkpoint_loads_both_ways(cfg, "channels_last", True, False)
