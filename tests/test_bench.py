@@ -105,6 +105,7 @@ def test_bench_train_channels_last_variant_keeps_the_model_and_its_flops(tmp_pat
     assert re.search(r"nhwc fast 32-true eager: [0-9.]+x the steps/s of tiny$", proc.stdout, re.M)
     base, variant = json.loads((tmp_path / "train.json").read_text())["results"]
     assert variant["variant_of"]["overrides"]["channels_last"] == "true"
+    assert variant["channels_last"] is True and base["channels_last"] is False  # the weights' layout after the steps
     assert variant["params"] == base["params"] and variant["gflop_per_step"] == pytest.approx(base["gflop_per_step"])
 
 

@@ -220,6 +220,9 @@ def _train_child(name: str, fast: bool, batch: int, context: int, steps: int, ch
         "gflops_per_s": flops / median / 1e9, "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
         "peak_gpu_memory_gb": torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else None,
         "compile_seconds": compile_seconds, "compile_backend": backend if compiled else None,
+        # after the timed steps: whether the weights are (still) channels-last, not only what was asked
+        "channels_last": any(p.dim() == 4 and p.shape[-2:] != (1, 1) and not p.is_contiguous()
+                             and p.is_contiguous(memory_format=torch.channels_last) for p in model.parameters()),
     }
 
 

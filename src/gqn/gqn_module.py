@@ -216,9 +216,6 @@ class GQNModule(L.LightningModule):
         self.sigma_schedule = LinearAnneal(s["sigma_init"], s["sigma_final"], s["sigma_steps"], sigma_warmup_steps)
         self.kl_weight = LinearAnneal(0.0, kl_weight, kl_warmup_steps) if kl_warmup_steps else (lambda step: kl_weight)
         self.prior_mean_weight = LinearAnneal(0.0, prior_mean_weight, 0, delay=prior_mean_start)
-        if not isinstance(channels_last, bool):
-            raise ValueError(f"module.channels_last must be true or false (keep the convolutions' weights "
-                             f"channels-last), got {channels_last!r}")
         if channels_last:  # 4-D weights NHWC: the convolutions take and give channels-last tensors
             self.model.to(memory_format=torch.channels_last)
         if compile:
