@@ -221,6 +221,8 @@ CASES = [
     ("max-skipped-steps-negative", "gqn-train",
      lambda w: _train(w, "callbacks.nonfinite_guard.max_skipped_steps=-1"), 2,
      ["callbacks.nonfinite_guard.max_skipped_steps must be an int >= 0, got -1"]),
+    ("ema-decay-1", "gqn-train", lambda w: _train(w, "callbacks.ema.decay=1.0"), 2,
+     ["callbacks.ema.decay must be a number between 0 and 1 (e.g. 0.99), got 1.0"]),
     ("wrong-frame-size-with-workers", "gqn-train",
      lambda w: _train(w, f"paths.data_dir={w['wrong']}", "data=rooms_ring_camera", "data.num_workers=2"), 2,
      ["rooms_ring_camera/train/", "at byte", "is 32x32 but this dataset has 64x64 frames",
@@ -285,6 +287,9 @@ CASES = [
      ["limit_batches must be an integer >= 1 or null, got 'abc'"]),
     ("eval-split-unknown", "gqn-eval", lambda w: _eval(w, f"ckpt_path={w['ckpt']}", "split=train"), 2,
      ["split must be one of test, val (val: the validation split carved from the training files), got 'train'"]),
+    ("eval-weights-unknown", "gqn-eval", lambda w: _eval(w, f"ckpt_path={w['ckpt']}", "weights=best"), 2,
+     ["weights must be one of average, trained (average: the checkpoint's state_dict, a moving average where the "
+      "run kept one; trained: the weights as trained), got 'best'"]),
     ("eval-draws-0", "gqn-eval", lambda w: _eval(w, f"ckpt_path={w['ckpt']}", "draws=0"), 2,
      ["draws must be an integer >= 1, got 0"]),
     ("eval-seed-text", "gqn-eval", lambda w: _eval(w, f"ckpt_path={w['ckpt']}", "seed=abc"), 2,

@@ -6,6 +6,7 @@ directory.
     gqn-eval ckpt_path=... data=rooms_ring_camera context_size=3
     gqn-eval ckpt_path=... draws=5            # average every scene over 5 draws of its context views
     gqn-eval ckpt_path=A baseline_ckpt_path=B split=val   # A - B on the same scenes and views, paired
+    gqn-eval ckpt_path=A baseline_ckpt_path=A baseline_weights=trained split=val  # what the weights' average buys
 """
 
 from __future__ import annotations
@@ -37,8 +38,13 @@ from gqn.cli import (
 from gqn.gqn_module import GQNModule
 from gqn.precision import flush_denormals
 
+#: gqn-eval weights=... / baseline_weights=...: a checkpoint's ``state_dict`` (where the run kept a moving average of
+#: its weights, ``callbacks.ema``, that average), or the trained weights it keeps beside it (``current_model_state``)
+WEIGHTS = ("average", "trained")
 
-def load_module(ckpt_path: str, output_dir: str = "outputs", key: str = "ckpt_path") -> GQNModule:
+
+def load_module(ckpt_path: str, output_dir: str = "outputs", key: str = "ckpt_path",
+                weights: str = "average") -> GQNModule:
     """The GQNModule of a checkpoint, in eval mode, on the CPU, through Lightning's own
     ``GQNModule.load_from_checkpoint`` (rebuilt from the checkpoint's hyperparameters; a checkpoint
     written on a GPU loads on a CPU-only machine).
@@ -51,7 +57,10 @@ def load_module(ckpt_path: str, output_dir: str = "outputs", key: str = "ckpt_pa
     if path is None:
         raise UserError(f"no checkpoint at {ckpt_path!r}; train first (make train) or give {key}=...")
     ckpt = load_checkpoint(path)
-    bad = non_finite_tensors(ckpt["state_dict"])
+    state = ckpt["state_dict"]
+    if weights == "trained" and isinstance(ckpt.get("current_model_state"), dict):
+        state = ckpt["current_model_state"]
+    bad = non_finite_tensors(state)
     if bad:  # a diverged run: its renders and metrics would be garbage
         more = f" and {len(bad) - 1} more tensors" if len(bad) > 1 else ""
         raise UserError(f"checkpoint {path} holds non-finite weights ({bad[0]}{more}): it comes from a diverged "
@@ -60,6 +69,8 @@ def load_module(ckpt_path: str, output_dir: str = "outputs", key: str = "ckpt_pa
         module = GQNModule.load_from_checkpoint(path, map_location="cpu")
     except Exception as err:  # a file that is not a Lightning checkpoint of this model
         raise UserError(f"cannot load checkpoint {path}: {type(err).__name__}: {err}".splitlines()[0]) from None
+    if state is not ckpt["state_dict"]:
+        module.load_state_dict(state)
     return module.eval()
 
 
@@ -160,7 +171,7 @@ def evaluate(cfg: DictConfig) -> dict:
                         f"training files), got {cfg.get('split')!r}")
     check_options(cfg, {"draws": (int, 1), "seed": ((int,), None), "limit_batches": ((int,), 1),
                         "num_workers": (int, 0)})
-    module = load_module(cfg.ckpt_path, cfg.paths.output_dir)
+    module = load_module(cfg.ckpt_path, cfg.paths.output_dir, weights=cfg.get("weights", "average"))
     overridden = {o.split("=", 1)[0].lstrip("+~") for o in HydraConfig.get().overrides.task}
     data_settings, seed, n, origin = split_settings(cfg, getattr(module, "data_state_loaded", None), overridden)
     cfg.seed = seed  # the data group's seed interpolates it (null until resolved here)
@@ -175,7 +186,8 @@ def evaluate(cfg: DictConfig) -> dict:
     module.to(device)
     baseline = None
     if cfg.get("baseline_ckpt_path") is not None:  # scored on the same batches: differences paired by scene
-        baseline = load_module(cfg.baseline_ckpt_path, cfg.paths.output_dir, "baseline_ckpt_path").to(device)
+        baseline = load_module(cfg.baseline_ckpt_path, cfg.paths.output_dir, "baseline_ckpt_path",
+                               cfg.get("baseline_weights", "average")).to(device)
     draws = []
     for draw in range(int(cfg.draws)):  # draw d: the views of every scene drawn with seed + d
         datamodule = hydra.utils.instantiate(
@@ -198,10 +210,12 @@ def evaluate(cfg: DictConfig) -> dict:
             scenes[f"paired/{key}"] = scenes[key] - scenes[f"baseline/{key}"]
     stats = {k: spread(v) for k, v in scenes.items()}
     report = {
-        "checkpoint": str(Path(cfg.ckpt_path)), "dataset": datamodule.dataset, "split": cfg.split,
+        "checkpoint": str(Path(cfg.ckpt_path)), "weights": cfg.get("weights", "average"),
+        "dataset": datamodule.dataset, "split": cfg.split,
         "context_size": n, "seed": seed, "draws": int(cfg.draws), "split_settings": origin,
         "scenes": len(draws[0]["elbo"]), "global_step": module.global_step_loaded,
         "baseline": None if baseline is None else {"checkpoint": str(Path(cfg.baseline_ckpt_path)),
+                                                   "weights": cfg.get("baseline_weights", "average"),
                                                    "global_step": baseline.global_step_loaded},
         "metrics": {k: s["mean"] for k, s in stats.items()},
         "spread": {k: {"se": s["se"], "ci95": s["ci95"], "n": s["n"]} for k, s in stats.items()},
@@ -244,7 +258,8 @@ def summary_lines(stats: dict, report: dict) -> list[str]:
                  f"{f('bits_per_pixel', 3)} bits/pixel")
     if report.get("baseline"):
         base = report["baseline"]
-        lines.append(f"baseline {base['checkpoint']} (step {base['global_step']}): PSNR "
+        which = " (trained weights)" if base.get("weights") == "trained" else ""
+        lines.append(f"baseline {base['checkpoint']}{which} (step {base['global_step']}): PSNR "
                      f"{f('baseline/psnr_model')} dB | object pixels {f('baseline/object_psnr_model')} | "
                      f"SSIM {f('baseline/ssim_model', 3)} | -ELBO {f('baseline/elbo', 1)}")
         lines.append(f"this - baseline, paired by scene: PSNR {f('paired/psnr_model')} dB | object pixels "

@@ -1,0 +1,136 @@
+"""callbacks.WeightEMA: the average it checkpoints, where it starts, and resumes from its checkpoints."""
+
+from __future__ import annotations
+
+import lightning as L
+import pytest
+import torch
+
+from callbacks import WeightEMA
+from gqn.train import train
+
+
+class WeightLog(L.Callback):
+    """The trained weights after every optimizer step (before any averaging callback sees them)."""
+
+    def __init__(self):
+        self.after_step: dict[int, dict[str, torch.Tensor]] = {}
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self.after_step[trainer.global_step] = {n: p.detach().clone() for n, p in pl_module.named_parameters()}
+
+
+def _ema(train_cfg, *overrides):
+    log = WeightLog()
+    cfg = train_cfg("logger=none", "trainer.val_check_interval=1000", *overrides)
+    train(cfg, extra_callbacks=[log])
+    ckpt = torch.load(f"{cfg.hydra.runtime.output_dir}/checkpoints/last.ckpt", map_location="cpu", weights_only=False)
+    return log, ckpt
+
+
+def test_the_checkpoint_holds_the_average_of_the_steps_from_start_step_and_the_trained_weights(train_cfg):
+    log, ckpt = _ema(train_cfg, "trainer.max_steps=4", "callbacks.ema.decay=0.5", "callbacks.ema.start_step=1")
+    steps = log.after_step
+    assert sorted(steps) == [1, 2, 3, 4]
+    names = list(steps[4])
+    # the first update (after step index 1, i.e. global step 2) copies, every later one lerps by 1 - decay
+    expected = {n: 0.5 * (0.5 * steps[2][n] + 0.5 * steps[3][n]) + 0.5 * steps[4][n] for n in names}
+    moved = [n for n in names if not torch.equal(steps[2][n], steps[4][n])]
+    assert len(moved) > len(names) // 2  # the weights trained, so the average differs from them
+    for n in names:
+        torch.testing.assert_close(ckpt["state_dict"][n], expected[n], rtol=1e-5, atol=1e-7)
+        # where training ends the trained weights are kept for a resume, not the average copied into the model
+        torch.testing.assert_close(ckpt["current_model_state"][n], steps[4][n], rtol=0, atol=0)
+    assert any(not torch.allclose(ckpt["state_dict"][n], steps[4][n]) for n in moved)
+    assert int(ckpt["averaging_state"]["n_averaged"]) == 3
+
+
+def test_before_start_step_the_weights_are_the_trained_ones(train_cfg):
+    """Lightning's averaging validated and checkpointed the copy it made at setup (the untrained weights) until its
+    first update; here nothing is averaged before start_step."""
+    log, ckpt = _ema(train_cfg, "trainer.max_steps=3", "callbacks.ema.start_step=100")
+    for n, trained in log.after_step[3].items():
+        torch.testing.assert_close(ckpt["state_dict"][n], trained, rtol=0, atol=0)
+    assert int(ckpt["averaging_state"]["n_averaged"]) == 0
+
+
+def test_a_resume_restores_the_trained_weights_and_the_average(train_cfg, tmp_path):
+    _, first = _ema(train_cfg, "trainer.max_steps=3", "callbacks.ema.decay=0.5")
+    path = tmp_path / "first.ckpt"
+    torch.save(first, path)
+    seen = {}
+
+    class AtResume(L.Callback):
+        def on_train_start(self, trainer, pl_module):
+            ema = next(c for c in trainer.callbacks if isinstance(c, WeightEMA))
+            seen["model"] = {n: p.detach().clone() for n, p in pl_module.named_parameters()}
+            seen["average"] = {n: p.detach().clone() for n, p in ema._average_model.module.named_parameters()}
+            seen["n"] = int(ema._average_model.n_averaged)
+
+    cfg = train_cfg("logger=none", "trainer.val_check_interval=1000", "trainer.max_steps=4", "callbacks.ema.decay=0.5",
+                    f"ckpt_path={path}")
+    train(cfg, extra_callbacks=[AtResume()])
+    assert seen["n"] == 3
+    for n in seen["model"]:
+        torch.testing.assert_close(seen["model"][n], first["current_model_state"][n], rtol=0, atol=0)
+        torch.testing.assert_close(seen["average"][n], first["state_dict"][n], rtol=0, atol=0)
+    assert any(not torch.equal(seen["model"][n], seen["average"][n]) for n in seen["model"])
+
+
+def test_validation_scores_the_average(train_cfg):
+    """val/* are the averaged weights' scores: the same batch scored by each gives the logged value for the average."""
+    from lightning.pytorch.callbacks import Callback
+
+    got = {}
+
+    class AtValidation(Callback):
+        def on_validation_batch_start(self, trainer, pl_module, batch, batch_idx, dataloader_idx=0):
+            if "weights" not in got:
+                got["weights"] = {n: p.detach().clone() for n, p in pl_module.named_parameters()}
+
+    log = WeightLog()
+    cfg = train_cfg("logger=none", "trainer.max_steps=3", "trainer.val_check_interval=3", "callbacks.ema.decay=0.5")
+    train(cfg, extra_callbacks=[log, AtValidation()])
+    names = list(log.after_step[3])
+    expected = {n: 0.5 * (0.5 * log.after_step[1][n] + 0.5 * log.after_step[2][n]) + 0.5 * log.after_step[3][n]
+                for n in names}
+    for n in names:
+        torch.testing.assert_close(got["weights"][n], expected[n], rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("kwargs, fragment", [
+    ({"decay": 1.0}, "callbacks.ema.decay must be a number between 0 and 1"),
+    ({"decay": 0}, "callbacks.ema.decay must be a number between 0 and 1"),
+    ({"start_step": -1}, "callbacks.ema.start_step must be an int >= 0"),
+    ({"every_n_steps": 0}, "callbacks.ema.every_n_steps must be an int >= 1"),
+])
+def test_bad_settings_are_one_line_errors(kwargs, fragment):
+    from gqn.cli import UserError
+
+    with pytest.raises(UserError, match=fragment):
+        WeightEMA(**kwargs)
+
+
+def test_gqn_eval_reads_the_average_or_the_trained_weights_and_pairs_them(train_cfg, data_root, tmp_path):
+    import json
+
+    from conftest import run_cli
+    from gqn.eval import load_module
+
+    _, ckpt = _ema(train_cfg, "trainer.max_steps=3", "callbacks.ema.decay=0.5")
+    path = tmp_path / "ema.ckpt"
+    torch.save(ckpt, path)
+    average, trained = load_module(str(path)), load_module(str(path), weights="trained")
+    for n, p in average.named_parameters():
+        torch.testing.assert_close(p.detach(), ckpt["state_dict"][n], rtol=0, atol=0)
+    for n, p in trained.named_parameters():
+        torch.testing.assert_close(p.detach(), ckpt["current_model_state"][n], rtol=0, atol=0)
+    out = tmp_path / "ev"
+    proc = run_cli("gqn-eval", f"ckpt_path={path}", f"baseline_ckpt_path={path}", "baseline_weights=trained",
+                   f"paths.data_dir={data_root}", "data.image_size=32", "num_workers=0", "limit_batches=1",
+                   f"hydra.run.dir={out}", cwd=tmp_path)
+    assert "(trained weights)" in proc.stdout
+    report = json.loads((out / "metrics.json").read_text())
+    assert report["weights"] == "average" and report["baseline"]["weights"] == "trained"
+    # two sets of weights, so the paired differences are not all zero (the same weights would give exactly 0)
+    assert report["metrics"]["paired/elbo"] != 0.0
