@@ -1,4 +1,5 @@
-"""callbacks.WeightEMA: the average it checkpoints, where it starts, and resumes from its checkpoints."""
+"""callbacks.WeightEMA (``callbacks=ema``): the average it checkpoints, where it starts, and resumes from its
+checkpoints; gqn-eval's ``weights`` / ``baseline_weights``."""
 
 from __future__ import annotations
 
@@ -22,7 +23,7 @@ class WeightLog(L.Callback):
 
 def _ema(train_cfg, *overrides):
     log = WeightLog()
-    cfg = train_cfg("logger=none", "trainer.val_check_interval=1000", *overrides)
+    cfg = train_cfg("logger=none", "callbacks=ema", "trainer.val_check_interval=1000", *overrides)
     train(cfg, extra_callbacks=[log])
     ckpt = torch.load(f"{cfg.hydra.runtime.output_dir}/checkpoints/last.ckpt", map_location="cpu", weights_only=False)
     return log, ckpt
@@ -67,8 +68,8 @@ def test_a_resume_restores_the_trained_weights_and_the_average(train_cfg, tmp_pa
             seen["average"] = {n: p.detach().clone() for n, p in ema._average_model.module.named_parameters()}
             seen["n"] = int(ema._average_model.n_averaged)
 
-    cfg = train_cfg("logger=none", "trainer.val_check_interval=1000", "trainer.max_steps=4", "callbacks.ema.decay=0.5",
-                    f"ckpt_path={path}")
+    cfg = train_cfg("logger=none", "callbacks=ema", "trainer.val_check_interval=1000", "trainer.max_steps=4",
+                    "callbacks.ema.decay=0.5", f"ckpt_path={path}")
     train(cfg, extra_callbacks=[AtResume()])
     assert seen["n"] == 3
     for n in seen["model"]:
@@ -89,7 +90,8 @@ def test_validation_scores_the_average(train_cfg):
                 got["weights"] = {n: p.detach().clone() for n, p in pl_module.named_parameters()}
 
     log = WeightLog()
-    cfg = train_cfg("logger=none", "trainer.max_steps=3", "trainer.val_check_interval=3", "callbacks.ema.decay=0.5")
+    cfg = train_cfg("logger=none", "callbacks=ema", "trainer.max_steps=3", "trainer.val_check_interval=3",
+                    "callbacks.ema.decay=0.5")
     train(cfg, extra_callbacks=[log, AtValidation()])
     names = list(log.after_step[3])
     expected = {n: 0.5 * (0.5 * log.after_step[1][n] + 0.5 * log.after_step[2][n]) + 0.5 * log.after_step[3][n]
@@ -115,6 +117,7 @@ def test_gqn_eval_reads_the_average_or_the_trained_weights_and_pairs_them(train_
     import json
 
     from conftest import run_cli
+
     from gqn.eval import load_module
 
     _, ckpt = _ema(train_cfg, "trainer.max_steps=3", "callbacks.ema.decay=0.5")

@@ -221,7 +221,7 @@ CASES = [
     ("max-skipped-steps-negative", "gqn-train",
      lambda w: _train(w, "callbacks.nonfinite_guard.max_skipped_steps=-1"), 2,
      ["callbacks.nonfinite_guard.max_skipped_steps must be an int >= 0, got -1"]),
-    ("ema-decay-1", "gqn-train", lambda w: _train(w, "callbacks.ema.decay=1.0"), 2,
+    ("ema-decay-1", "gqn-train", lambda w: _train(w, "callbacks=ema", "callbacks.ema.decay=1.0"), 2,
      ["callbacks.ema.decay must be a number between 0 and 1 (e.g. 0.99), got 1.0"]),
     ("wrong-frame-size-with-workers", "gqn-train",
      lambda w: _train(w, f"paths.data_dir={w['wrong']}", "data=rooms_ring_camera", "data.num_workers=2"), 2,

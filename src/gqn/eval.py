@@ -51,8 +51,13 @@ def load_module(ckpt_path: str, output_dir: str = "outputs", key: str = "ckpt_pa
 
     ``ckpt_path`` is a path or ``"auto"`` (the latest run's ``last.ckpt``); a missing or unreadable file is
     a one-line :class:`UserError` naming the option ``key``. ``module.global_step_loaded`` holds the step the
-    checkpoint was written at.
+    checkpoint was written at. ``weights="trained"``: the trained weights of a run that kept a moving average of them
+    (``callbacks=ema``) instead of the average (a checkpoint without one holds only the trained weights).
     """
+    if weights not in WEIGHTS:
+        raise UserError(f"{key.replace('ckpt_path', 'weights')} must be one of {', '.join(WEIGHTS)} (average: the "
+                        f"checkpoint's state_dict, a moving average where the run kept one; trained: the weights as "
+                        f"trained), got {weights!r}")
     path = resolve_ckpt(ckpt_path, output_dir, key=key)
     if path is None:
         raise UserError(f"no checkpoint at {ckpt_path!r}; train first (make train) or give {key}=...")
