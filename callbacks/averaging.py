@@ -7,23 +7,25 @@ import copy
 from lightning.pytorch.callbacks import WeightAveraging
 from torch.optim.swa_utils import get_ema_multi_avg_fn
 
-from gqn.cli import UserError
+from callbacks.guards import NonFiniteLossError
+from gqn.cli import UserError, non_finite_tensors
 
 
 class WeightEMA(WeightAveraging):
     """Keep ``decay``-weighted running averages of the weights from step ``start_step`` on; validate, checkpoint
     (``state_dict``: what ``gqn-eval``, ``gqn-render`` and ``load_from_checkpoint`` read) and end training with them.
 
-    Lightning's ``WeightAveraging`` as its ``EMAWeightAveraging`` sets it up, with three changes:
+    Lightning's ``WeightAveraging`` as its ``EMAWeightAveraging`` sets it up, with these changes:
 
     - before its first update (``start_step``, e.g. the end of the coarse 16 px steps) it is not there: validation
       and checkpoints use the weights as they are (Lightning's swapped in the copy made at setup, the untrained
       initial weights, from step 0);
     - the buffers are not averaged but copied (``use_buffers=False``): integer index buffers and the geometry's
       ``cameras_measured`` flag stay what they are;
-    - the checkpoint written where training ends keeps the trained (not averaged) weights as
-      ``current_model_state``, so a run resumed from it to train longer continues exactly as if never stopped
-      (Lightning's wrote the average there, having copied it into the model at the end of training).
+    - every checkpoint holds the average as ``state_dict`` and the trained weights as ``current_model_state``, also
+      one written where training ends (Lightning's wrote the average as both, having copied it into the model) and
+      one a SIGINT/SIGTERM writes in the middle of a validation, while the two are swapped (Lightning's wrote them
+      the wrong way round), so a resume (with ``callbacks=ema``; gqn-train refuses one without) continues exactly.
 
     The averages are updated with one fused ``torch._foreach_lerp_`` per step (``get_ema_multi_avg_fn``).
     """
@@ -39,6 +41,7 @@ class WeightEMA(WeightAveraging):
         self.start_step = start_step
         self.every_n_steps = every_n_steps
         self._trained_state: dict | None = None  # the trained weights, kept where training ends
+        self._swapped = False  # whether the model holds the average (validation) and the average the trained weights
 
     def should_update(self, step_idx: int | None = None, epoch_idx: int | None = None) -> bool:
         if step_idx is None or step_idx < self.start_step:
@@ -50,13 +53,18 @@ class WeightEMA(WeightAveraging):
         """Whether the average holds anything yet (its first update copies the weights)."""
         return self._average_model is not None and int(self._average_model.n_averaged) > 0
 
+    def on_train_start(self, trainer, pl_module) -> None:
+        self._trained_state, self._swapped = None, False
+
     def on_validation_epoch_start(self, trainer, pl_module) -> None:
         if self.started:
             super().on_validation_epoch_start(trainer, pl_module)
+            self._swapped = True
 
     def on_validation_epoch_end(self, trainer, pl_module) -> None:
-        if self.started:
+        if self._swapped:
             super().on_validation_epoch_end(trainer, pl_module)
+            self._swapped = False
 
     def on_train_end(self, trainer, pl_module) -> None:
         if self.started:
@@ -69,5 +77,13 @@ class WeightEMA(WeightAveraging):
             return
         if not self.started:  # nothing averaged yet: the checkpoint's weights are the model's own
             checkpoint["state_dict"] = checkpoint["current_model_state"]
+        elif self._swapped:  # saved mid-validation (SIGINT/SIGTERM stop there): the model holds the average
+            checkpoint["state_dict"], checkpoint["current_model_state"] = (checkpoint["current_model_state"],
+                                                                          checkpoint["state_dict"])
         elif self._trained_state is not None:  # after on_train_end copied the average into the model
             checkpoint["current_model_state"] = self._trained_state
+        # NonFiniteGuard checked the model's weights before this hook replaced them: check what is written
+        bad = non_finite_tensors(checkpoint["state_dict"]) + non_finite_tensors(checkpoint["current_model_state"])
+        if bad:
+            raise NonFiniteLossError(f"the weights or their average are not finite ({bad[0]}) at step "
+                                     f"{trainer.global_step}; stopped without saving them")

@@ -187,7 +187,9 @@ class GracefulStop(L.Callback):
         if self.signum is None or not isinstance(exception, SIGTERMException) or trainer.global_step == 0:
             return
         path = last_checkpoint_path(trainer)
-        trainer.save_checkpoint(path)  # at a step boundary: Lightning raised SIGTERMException between steps
+        # Lightning raised SIGTERMException between steps or between validation batches (then callbacks.WeightEMA
+        # writes its two weight sets the right way round)
+        trainer.save_checkpoint(path)
         self.saved = (trainer.global_step, str(path))
 
     def on_train_end(self, trainer, pl_module) -> None:

@@ -12,7 +12,7 @@ from gqn.train import train
 
 
 class WeightLog(L.Callback):
-    """The trained weights after every optimizer step (before any averaging callback sees them)."""
+    """The trained weights after every optimizer step (the averaging callback leaves the model alone there)."""
 
     def __init__(self):
         self.after_step: dict[int, dict[str, torch.Tensor]] = {}
@@ -21,21 +21,21 @@ class WeightLog(L.Callback):
         self.after_step[trainer.global_step] = {n: p.detach().clone() for n, p in pl_module.named_parameters()}
 
 
-def _ema(train_cfg, *overrides):
+def _ema(train_cfg, *overrides, callbacks=()):
     log = WeightLog()
     cfg = train_cfg("logger=none", "callbacks=ema", "trainer.val_check_interval=1000", *overrides)
-    train(cfg, extra_callbacks=[log])
+    train(cfg, extra_callbacks=[log, *callbacks])
     ckpt = torch.load(f"{cfg.hydra.runtime.output_dir}/checkpoints/last.ckpt", map_location="cpu", weights_only=False)
     return log, ckpt
 
 
 def test_the_checkpoint_holds_the_average_of_the_steps_from_start_step_and_the_trained_weights(train_cfg):
-    log, ckpt = _ema(train_cfg, "trainer.max_steps=4", "callbacks.ema.decay=0.5", "callbacks.ema.start_step=1")
+    log, ckpt = _ema(train_cfg, "trainer.max_steps=4", "callbacks.ema.decay=0.75", "callbacks.ema.start_step=1")
     steps = log.after_step
     assert sorted(steps) == [1, 2, 3, 4]
     names = list(steps[4])
     # the first update (after step index 1, i.e. global step 2) copies, every later one lerps by 1 - decay
-    expected = {n: 0.5 * (0.5 * steps[2][n] + 0.5 * steps[3][n]) + 0.5 * steps[4][n] for n in names}
+    expected = {n: 0.75 * (0.75 * steps[2][n] + 0.25 * steps[3][n]) + 0.25 * steps[4][n] for n in names}
     moved = [n for n in names if not torch.equal(steps[2][n], steps[4][n])]
     assert len(moved) > len(names) // 2  # the weights trained, so the average differs from them
     for n in names:
@@ -49,7 +49,18 @@ def test_the_checkpoint_holds_the_average_of_the_steps_from_start_step_and_the_t
 def test_before_start_step_the_weights_are_the_trained_ones(train_cfg):
     """Lightning's averaging validated and checkpointed the copy it made at setup (the untrained weights) until its
     first update; here nothing is averaged before start_step."""
-    log, ckpt = _ema(train_cfg, "trainer.max_steps=3", "callbacks.ema.start_step=100")
+    validated = {}
+
+    class AtValidation(L.Callback):
+        def on_validation_batch_start(self, trainer, pl_module, batch, batch_idx, dataloader_idx=0):
+            validated[trainer.global_step] = {n: p.detach().clone() for n, p in pl_module.named_parameters()}
+
+    log, ckpt = _ema(train_cfg, "trainer.max_steps=3", "trainer.val_check_interval=2", "callbacks.ema.start_step=100",
+                     callbacks=[AtValidation()])
+    assert sorted(validated) == [2, 3]
+    for step, weights in validated.items():
+        for n, trained in log.after_step[step].items():
+            torch.testing.assert_close(weights[n], trained, rtol=0, atol=0)
     for n, trained in log.after_step[3].items():
         torch.testing.assert_close(ckpt["state_dict"][n], trained, rtol=0, atol=0)
     assert int(ckpt["averaging_state"]["n_averaged"]) == 0
@@ -79,7 +90,7 @@ def test_a_resume_restores_the_trained_weights_and_the_average(train_cfg, tmp_pa
 
 
 def test_validation_scores_the_average(train_cfg):
-    """val/* are the averaged weights' scores: the same batch scored by each gives the logged value for the average."""
+    """Validation (val/*, images, the best checkpoint) runs on the averaged weights."""
     from lightning.pytorch.callbacks import Callback
 
     got = {}
@@ -91,10 +102,10 @@ def test_validation_scores_the_average(train_cfg):
 
     log = WeightLog()
     cfg = train_cfg("logger=none", "callbacks=ema", "trainer.max_steps=3", "trainer.val_check_interval=3",
-                    "callbacks.ema.decay=0.5")
+                    "callbacks.ema.decay=0.75")
     train(cfg, extra_callbacks=[log, AtValidation()])
     names = list(log.after_step[3])
-    expected = {n: 0.5 * (0.5 * log.after_step[1][n] + 0.5 * log.after_step[2][n]) + 0.5 * log.after_step[3][n]
+    expected = {n: 0.75 * (0.75 * log.after_step[1][n] + 0.25 * log.after_step[2][n]) + 0.25 * log.after_step[3][n]
                 for n in names}
     for n in names:
         torch.testing.assert_close(got["weights"][n], expected[n], rtol=1e-5, atol=1e-7)
@@ -137,3 +148,45 @@ def test_gqn_eval_reads_the_average_or_the_trained_weights_and_pairs_them(train_
     assert report["weights"] == "average" and report["baseline"]["weights"] == "trained"
     # two sets of weights, so the paired differences are not all zero (the same weights would give exactly 0)
     assert report["metrics"]["paired/elbo"] != 0.0
+
+
+def test_a_checkpoint_written_mid_validation_keeps_the_average_and_the_trained_weights_apart(train_cfg, tmp_path):
+    """SIGINT/SIGTERM stop a run between validation batches, while the model holds the average: the checkpoint
+    written there still has the average as state_dict and the trained weights as current_model_state."""
+    saved = {}
+
+    class SaveMidValidation(L.Callback):
+        def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0):
+            if not saved:
+                path = tmp_path / "mid.ckpt"
+                trainer.save_checkpoint(path)
+                saved.update(torch.load(path, map_location="cpu", weights_only=False))
+
+    log, _ = _ema(train_cfg, "trainer.max_steps=3", "trainer.val_check_interval=3", "callbacks.ema.decay=0.75",
+                  callbacks=[SaveMidValidation()])
+    steps = log.after_step
+    for n, trained in steps[3].items():
+        average = 0.75 * (0.75 * steps[1][n] + 0.25 * steps[2][n]) + 0.25 * trained
+        torch.testing.assert_close(saved["state_dict"][n], average, rtol=1e-5, atol=1e-7)
+        torch.testing.assert_close(saved["current_model_state"][n], trained, rtol=0, atol=0)
+
+
+def test_every_n_steps_averages_only_those_steps(train_cfg):
+    log, ckpt = _ema(train_cfg, "trainer.max_steps=5", "callbacks.ema.decay=0.75", "callbacks.ema.every_n_steps=2")
+    steps = log.after_step  # updates after step indices 0, 2, 4: global steps 1, 3, 5
+    for n in steps[5]:
+        average = 0.75 * (0.75 * steps[1][n] + 0.25 * steps[3][n]) + 0.25 * steps[5][n]
+        torch.testing.assert_close(ckpt["state_dict"][n], average, rtol=1e-5, atol=1e-7)
+    assert int(ckpt["averaging_state"]["n_averaged"]) == 3
+
+
+def test_resuming_an_averaged_run_without_callbacks_ema_is_refused(train_cfg, tmp_path):
+    from gqn.cli import UserError
+
+    _, first = _ema(train_cfg, "trainer.max_steps=2")
+    path = tmp_path / "first.ckpt"
+    torch.save(first, path)
+    cfg = train_cfg("logger=none", "trainer.max_steps=3", f"ckpt_path={path}")
+    with pytest.raises(UserError, match="was trained with a moving average of its weights \\(callbacks=ema\\): "
+                                        "resume it with callbacks=ema"):
+        train(cfg)

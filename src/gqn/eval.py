@@ -43,6 +43,12 @@ from gqn.precision import flush_denormals
 WEIGHTS = ("average", "trained")
 
 
+def check_weights(weights, key: str = "weights") -> None:
+    if weights not in WEIGHTS:
+        raise UserError(f"{key} must be one of {', '.join(WEIGHTS)} (average: the checkpoint's state_dict, a moving "
+                        f"average where the run kept one; trained: the weights as trained), got {weights!r}")
+
+
 def load_module(ckpt_path: str, output_dir: str = "outputs", key: str = "ckpt_path",
                 weights: str = "average") -> GQNModule:
     """The GQNModule of a checkpoint, in eval mode, on the CPU, through Lightning's own
@@ -54,10 +60,7 @@ def load_module(ckpt_path: str, output_dir: str = "outputs", key: str = "ckpt_pa
     checkpoint was written at. ``weights="trained"``: the trained weights of a run that kept a moving average of them
     (``callbacks=ema``) instead of the average (a checkpoint without one holds only the trained weights).
     """
-    if weights not in WEIGHTS:
-        raise UserError(f"{key.replace('ckpt_path', 'weights')} must be one of {', '.join(WEIGHTS)} (average: the "
-                        f"checkpoint's state_dict, a moving average where the run kept one; trained: the weights as "
-                        f"trained), got {weights!r}")
+    check_weights(weights, key.replace("ckpt_path", "weights"))
     path = resolve_ckpt(ckpt_path, output_dir, key=key)
     if path is None:
         raise UserError(f"no checkpoint at {ckpt_path!r}; train first (make train) or give {key}=...")
@@ -176,6 +179,8 @@ def evaluate(cfg: DictConfig) -> dict:
                         f"training files), got {cfg.get('split')!r}")
     check_options(cfg, {"draws": (int, 1), "seed": ((int,), None), "limit_batches": ((int,), 1),
                         "num_workers": (int, 0)})
+    for key in ("weights", "baseline_weights"):  # both before any checkpoint loads
+        check_weights(cfg.get(key, "average"), key)
     module = load_module(cfg.ckpt_path, cfg.paths.output_dir, weights=cfg.get("weights", "average"))
     overridden = {o.split("=", 1)[0].lstrip("+~") for o in HydraConfig.get().overrides.task}
     data_settings, seed, n, origin = split_settings(cfg, getattr(module, "data_state_loaded", None), overridden)
@@ -246,8 +251,9 @@ def summary_lines(stats: dict, report: dict) -> list[str]:
         sign = "+" if "gain" in key or key.startswith("paired/") else ""
         return f"{s['mean']:{sign}.{digits}f}" + (f" ±{s['se']:.{digits}f}" if s["se"] is not None else "")
 
+    trained = " (the checkpoint's trained weights, not their average)" if report.get("weights") == "trained" else ""
     lines = [f"{report['scenes']} {report['split']} scenes x {report['draws']} context draw(s), "
-             f"{report['context_size']} context views; mean ± standard error over scenes",
+             f"{report['context_size']} context views; mean ± standard error over scenes{trained}",
              f"PSNR  model {f('psnr_model')} dB | nearest view {f('psnr_nearest_view')} | mean view "
              f"{f('psnr_mean_view')}  (gain over nearest {f('psnr_gain_over_nearest_view_db')}, over mean view "
              f"{f('psnr_gain_over_mean_view_db')})",

@@ -17,6 +17,7 @@ from lightning.pytorch.callbacks import LearningRateMonitor, ModelSummary
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
+from callbacks.averaging import WeightEMA
 from callbacks.guards import GracefulStop
 from callbacks.throughput import FlopsSummary
 from gqn import CONF_DIR
@@ -116,6 +117,10 @@ def train(cfg: DictConfig, extra_callbacks: list | None = None) -> float | None:
     callbacks = instantiate_dict(cfg.get("callbacks")) + list(extra_callbacks or [])
     if cfg.trainer.get("enable_model_summary", True) and not any(isinstance(c, ModelSummary) for c in callbacks):
         callbacks.append(FlopsSummary())  # Lightning's summary, its "Total FLOPs" counted (not 0)
+    if ckpt is not None and isinstance(saved.get("current_model_state"), dict) \
+            and not any(isinstance(c, WeightEMA) for c in callbacks):  # its state_dict is the average
+        raise UserError(f"{ckpt} was trained with a moving average of its weights (callbacks=ema): resume it with "
+                        f"callbacks=ema, or it would train on from the average")
     stop = next((c for c in callbacks if isinstance(c, GracefulStop)), None)
     if stop is None:  # Ctrl-C / SIGTERM save a checkpoint whatever the callbacks group
         callbacks.append(stop := GracefulStop())
