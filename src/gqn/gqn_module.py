@@ -250,7 +250,11 @@ class GQNModule(L.LightningModule):
         return self.sigma_schedule(self.global_step if step is None else step)
 
     def configure_optimizers(self):
-        opt = hydra.utils.instantiate(self.hparams.optimizer)(params=self.parameters())
+        try:
+            opt = hydra.utils.instantiate(self.hparams.optimizer)(params=self.parameters())
+        except TypeError as err:  # e.g. another optimizer than Adam with Adam's fused / betas options left set
+            raise UserError(f"module.optimizer: {err}; remove what it does not take, e.g. ~module.optimizer.fused "
+                            f"(and ~module.optimizer.betas for an optimizer without betas)") from None
         if self.hparams.lr_scheduler is None:
             return opt
         sched = hydra.utils.instantiate(self.hparams.lr_scheduler)(opt)
