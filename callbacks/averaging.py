@@ -37,7 +37,6 @@ class WeightEMA(WeightAveraging):
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
                 raise UserError(f"callbacks.ema.{key} must be an int >= {low}, got {value!r}")
         super().__init__(use_buffers=False, multi_avg_fn=get_ema_multi_avg_fn(float(decay)))
-        self.decay = float(decay)
         self.start_step = start_step
         self.every_n_steps = every_n_steps
         self._trained_state: dict | None = None  # the trained weights, kept where training ends

@@ -190,3 +190,28 @@ def test_resuming_an_averaged_run_without_callbacks_ema_is_refused(train_cfg, tm
     with pytest.raises(UserError, match="was trained with a moving average of its weights \\(callbacks=ema\\): "
                                         "resume it with callbacks=ema"):
         train(cfg)
+
+
+def test_non_finite_weights_behind_the_average_are_not_written():
+    """NonFiniteGuard checks the model's weights before WeightEMA replaces the checkpoint's: trained weights that
+    went non-finite after the last update (``every_n_steps``) must still stop the save."""
+    from types import SimpleNamespace
+
+    from callbacks.guards import NonFiniteLossError
+
+    class Tiny(L.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.layer = torch.nn.Linear(2, 2)
+
+    module, ema = Tiny(), WeightEMA(decay=0.75)
+    ema.setup(SimpleNamespace(), module, "fit")
+    ema._average_model.update_parameters(module)
+    trainer = SimpleNamespace(global_step=5)
+    checkpoint = {"state_dict": module.state_dict()}
+    ema.on_save_checkpoint(trainer, module, checkpoint)  # finite: written as is
+    assert set(checkpoint) >= {"state_dict", "current_model_state", "averaging_state"}
+    with torch.no_grad():
+        module.layer.weight[0, 0] = float("nan")
+    with pytest.raises(NonFiniteLossError, match="not finite \\(layer.weight\\) at step 5"):
+        ema.on_save_checkpoint(trainer, module, {"state_dict": module.state_dict()})
