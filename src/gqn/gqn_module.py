@@ -39,15 +39,26 @@ def compile_model(model: GQN, backend: str = "inductor") -> GQN:
     return model
 
 
-def check_schedule(schedule) -> None:
+def check_schedule(schedule, lines: bool = True) -> None:
     """A ValueError (one line from the CLI) for an LR or pixel sigma that cannot train: LR and sigma must be
-    positive numbers (0 would divide by zero in the LR line or the likelihood; a negative LR ascends)."""
+    positive numbers (0 would divide by zero in the LR line or the likelihood; a negative LR ascends); with
+    ``lines``, the LR line's length (``lr_steps`` >= 1) and sigma's (>= 0), which only training reads (a checkpoint
+    loaded for evaluation is not refused for them)."""
     for key, least in (("lr_init", "> 0"), ("lr_final", ">= 0"), ("sigma_init", "> 0"), ("sigma_final", "> 0")):
         value = schedule.get(key)
         if value is None:
             continue
         if not finite_number(value) or (value <= 0 if least == "> 0" else value < 0):
             raise ValueError(f"schedule.{key} must be a number {least}, got {value!r}")
+    if not lines:
+        return
+    steps = schedule.get("lr_steps")  # schedule=fast: ${trainer.max_steps}, which may be -1 (no limit)
+    if steps is not None and (not finite_number(steps) or steps < 1):
+        raise ValueError(f"schedule.lr_steps must be a number >= 1 (the steps the LR line takes from lr_init to "
+                         f"lr_final), got {steps!r}; with trainer.max_steps=-1 (no limit) set schedule.lr_steps=N")
+    steps = schedule.get("sigma_steps")
+    if steps is not None and (not finite_number(steps) or steps < 0):
+        raise ValueError(f"schedule.sigma_steps must be a number >= 0, got {steps!r}")
 
 
 def check_coarse(schedule, model) -> None:
@@ -210,8 +221,11 @@ class GQNModule(L.LightningModule):
         if mixture_gate and not mixture_weight:
             raise ValueError(f"module.mixture_gate={mixture_gate} gates the mixture loss, but it is off: set "
                              f"module.mixture_weight (e.g. 0.1) or module.mixture_gate=0")
+        for key, value in (("sigma_warmup_steps", sigma_warmup_steps), ("kl_warmup_steps", kl_warmup_steps)):
+            if not GQNModule._loading and (not finite_number(value) or value < 0):
+                raise ValueError(f"module.{key} must be a number of steps >= 0, got {value!r}")
         s = self.hparams.schedule
-        check_schedule(s)
+        check_schedule(s, lines=not GQNModule._loading)
         check_coarse(s, self.model)
         self.sigma_schedule = LinearAnneal(s["sigma_init"], s["sigma_final"], s["sigma_steps"], sigma_warmup_steps)
         self.kl_weight = LinearAnneal(0.0, kl_weight, kl_warmup_steps) if kl_warmup_steps else (lambda step: kl_weight)

@@ -62,6 +62,11 @@ def check_run(cfg: DictConfig) -> None:
     if steps == 0 or steps < -1:  # 0 would exit 0 with no checkpoint, and make train would evaluate an older run
         raise UserError(f"trainer.max_steps must be >= 1 (or -1: no limit, then trainer.max_epochs or "
                         f"trainer.max_time ends the run), got {steps}")
+    interval = cfg.trainer.get("val_check_interval")
+    if interval is not None and (isinstance(interval, bool) or not isinstance(interval, (int, float))
+                                 or not interval > 0 or (isinstance(interval, float) and interval > 1)):
+        raise UserError(f"trainer.val_check_interval must be a whole number >= 1 (validate every N training steps) or "
+                        f"a fraction in (0, 1] of an epoch, got {interval!r}")
     if choices.get("schedule") == "fast" and (steps > FAST_SCHEDULE_MAX_STEPS or model in ("paper", "tf_gqn")):
         _warn(f"schedule=fast (tuned for short CPU runs of model=small) with model={model} for {steps} steps; "
               "the paper's setup is experiment=<dataset>, e.g. gqn-train experiment=rooms_ring_camera trainer=gpu")

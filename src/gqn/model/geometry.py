@@ -149,6 +149,10 @@ class PlaneSweep(nn.Module):
         #: at the depth the sweep chose and how many views see that point; then from the sweep (at ``sweep_size``,
         #: upsampled) the depth-weighted sample mean, the expected disparity, the confidence (largest depth
         #: weight) and the fraction of views that see the chosen points
+        for key, value in (("sweep_size", sweep_size), ("visibility_size", visibility_size)):
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+                raise ValueError(f"geometry.{key} must be a whole number >= 1 (a resolution; null: "
+                                 f"{'the image size' if key == 'sweep_size' else 'sweep_size'}), got {value!r}")
         self.sweep_size = sweep_size or image_size
         self.out_channels = 2 * self.sample_channels + 4
         if occluder_colour and not visibility:
