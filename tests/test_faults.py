@@ -378,7 +378,8 @@ CASES = [
      ["trainer.max_steps must be >= 1", "got 0"]),
     ("max-steps-unlimited-lr-line", "gqn-train",
      lambda w: _train(w, "trainer.max_steps=-1", "trainer.max_time=00:00:00:30"), 2,
-     ["schedule.lr_steps must be a number >= 1", "got -1", "with trainer.max_steps=-1 (no limit) set schedule.lr_steps=N"]),
+     ["schedule.lr_steps must be a number >= 1", "got -1",
+      "with trainer.max_steps=-1 (no limit) set schedule.lr_steps=N"]),
     ("val-check-interval-0", "gqn-train", lambda w: _train(w, "trainer.val_check_interval=0"), 2,
      ["trainer.val_check_interval must be a whole number >= 1 (validate every N training steps) or a fraction in "
       "(0, 1] of an epoch, got 0"]),
