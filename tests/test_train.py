@@ -98,6 +98,18 @@ def test_run_length_belongs_to_the_experiment_not_the_hardware(tmp_path):
         check_run(compose_train(["~experiment"], tmp_path / "e"))
 
 
+@pytest.mark.parametrize("interval,ok", [(500, True), (1, True), (0.5, True), (1.0, True), (None, True), (0, False),
+                                         (-3, False), (1.5, False), (0.0, False), (True, False), ("abc", False)])
+def test_val_check_interval_is_whole_steps_or_a_fraction_of_an_epoch(tmp_path, interval, ok):
+    cfg = compose_train([], tmp_path / "run")
+    cfg.trainer.val_check_interval = interval
+    if ok:
+        check_run(cfg)
+    else:
+        with pytest.raises(UserError, match="trainer.val_check_interval must be a whole number >= 1"):
+            check_run(cfg)
+
+
 def test_fast_schedule_on_a_paper_scale_run_warns_in_one_line(tmp_path, capsys):
     for overrides, warned in ((["model=paper"], True), (["trainer.max_steps=200000"], True), ([], False),
                               (["experiment=rooms_ring_camera"], False), (["trainer.max_steps=28000"], False)):
@@ -904,6 +916,37 @@ def test_a_checkpoint_with_a_loss_weight_its_model_ignored_still_loads(train_cfg
     assert all(torch.equal(a, b) for a, b in zip(loaded.state_dict().values(), module.state_dict().values()))
     with pytest.raises(InstantiationException, match="module.floor_weight=0.5 trains the floor map"):
         instantiate(train_cfg("module.floor_weight=0.5").module, _recursive_=False)
+
+
+@pytest.mark.parametrize("hparam,override,message", [
+    ("schedule.lr_steps", -1, "schedule.lr_steps must be a number >= 1"),
+    ("schedule.sigma_steps", -2, "schedule.sigma_steps must be a number >= 0"),
+    ("sigma_warmup_steps", -5, "module.sigma_warmup_steps must be a number of steps >= 0"),
+    ("kl_warmup_steps", -5, "module.kl_warmup_steps must be a number of steps >= 0"),
+])
+def test_a_checkpoint_with_a_line_that_cannot_train_still_loads(train_cfg, tmp_path, hparam, override, message):
+    """The lengths of the LR and sigma lines and the warm-ups are checked for training only: a checkpoint that holds
+    one that cannot train (e.g. a run from before the check, lr_steps=-1 from trainer.max_steps=-1) loads for
+    gqn-eval and gqn-render, while building a module that way is an error."""
+    import lightning
+    from hydra.errors import InstantiationException
+    from hydra.utils import instantiate
+
+    module = instantiate(train_cfg().module, _recursive_=False)
+    hparams = OmegaConf.to_container(OmegaConf.create(dict(module.hparams)), resolve=True)
+    *parents, key = hparam.split(".")
+    node = hparams
+    for parent in parents:
+        node = node[parent]
+    node[key] = override
+    path = tmp_path / "old.ckpt"
+    torch.save({"state_dict": module.state_dict(), "hyper_parameters": hparams, "global_step": 7,
+                "pytorch-lightning_version": lightning.__version__}, path)
+    loaded = GQNModule.load_from_checkpoint(path, map_location="cpu")
+    assert OmegaConf.select(OmegaConf.create(dict(loaded.hparams)), hparam) == override and not GQNModule._loading
+    option = hparam if hparam.startswith("schedule.") else f"module.{hparam}"
+    with pytest.raises(InstantiationException, match=re.escape(message)):
+        instantiate(train_cfg(f"{option}={override}").module, _recursive_=False)
 
 
 def test_depth_from_cameras_starts_the_depth_scale_at_the_first_batchs_camera_spread(train_cfg):

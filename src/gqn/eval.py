@@ -184,9 +184,10 @@ def evaluate(cfg: DictConfig) -> dict:
     overridden = {o.split("=", 1)[0].lstrip("+~") for o in HydraConfig.get().overrides.task}
     for key in ("data.eval_context_size", "data.context_size"):  # gqn-train's; gqn-eval would ignore them silently
         if key in overridden:
+            use = (f"context_size={cfg.data.eval_context_size}" if key == "data.eval_context_size"
+                   else "context_size=N, one number for every scene")
             raise UserError(f"gqn-eval sets the context views per scene with context_size=N (the same N for every "
-                            f"scene), not {key} (gqn-train's setting, which gqn-eval does not read): "
-                            f"use context_size={cfg.data.get(key.split('.', 1)[1])}")
+                            f"scene), not {key} (gqn-train's setting, which gqn-eval does not read): use {use}")
     module = load_module(cfg.ckpt_path, cfg.paths.output_dir, weights=cfg.get("weights", "average"))
     data_settings, seed, n, origin = split_settings(cfg, getattr(module, "data_state_loaded", None), overridden)
     cfg.seed = seed  # the data group's seed interpolates it (null until resolved here)
