@@ -161,3 +161,19 @@ def test_variant_and_rounds_are_refused_where_no_training_step_is_timed(tmp_path
         assert exit_info.value.code == 2
         assert "--variant and --rounds time training steps: use them with gqn-bench train, not data" in \
             capsys.readouterr().err
+
+
+def test_the_default_row_times_the_default_experiments_model(tmp_path):
+    """gqn-bench's ``default`` config is what ``gqn-train`` (experiment=default) builds: the same modules, shapes
+    and DRAW steps (session 38: the small preset's L is 2 with a geometric read, 4 without)."""
+    import hydra
+    from conftest import compose_train
+
+    from gqn.bench import TRAIN_CONFIGS, build_model
+
+    trained = hydra.utils.instantiate(compose_train([], tmp_path / "run").model)
+    preset, overrides = TRAIN_CONFIGS["default"]
+    benched = build_model(preset, **dict(overrides))
+    assert benched.generator.num_steps == trained.generator.num_steps
+    assert repr(benched) == repr(trained)
+    assert {k: v.shape for k, v in benched.state_dict().items()} == {k: v.shape for k, v in trained.state_dict().items()}
