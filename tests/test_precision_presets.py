@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from unittest.mock import patch
 
 import pytest
@@ -68,7 +69,9 @@ def test_speedup_cache_is_keyed_by_cpu_and_threads_and_survives_garbage(fresh):
 
 
 def test_the_probe_measures_a_positive_ratio():
-    assert 0.05 < precision.measure_bf16_speedup(repeats=1) < 20
+    # on a CPU without bf16 units bf16 is emulated: a 2-core AMD EPYC without AVX-512 measured 0.024 (session 38)
+    ratio = precision.measure_bf16_speedup(repeats=1)
+    assert math.isfinite(ratio) and 0 < ratio < 20, ratio
 
 
 def test_trainer_presets_resolve_to_a_lightning_precision(train_cfg):
