@@ -164,8 +164,8 @@ def test_variant_and_rounds_are_refused_where_no_training_step_is_timed(tmp_path
 
 
 def test_the_default_row_times_the_default_experiments_model(tmp_path):
-    """gqn-bench's ``default`` config is what ``gqn-train`` (experiment=default) builds: the same modules, shapes
-    and DRAW steps (session 38: the small preset's L is 2 with a geometric read, 4 without)."""
+    """gqn-bench's ``default`` config is what ``gqn-train`` (experiment=default) builds: the same modules (the read
+    included), shapes and DRAW steps."""
     import hydra
     from conftest import compose_train
 
@@ -178,3 +178,16 @@ def test_the_default_row_times_the_default_experiments_model(tmp_path):
     assert repr(benched) == repr(trained)
     shapes = [{k: v.shape for k, v in model.state_dict().items()} for model in (benched, trained)]
     assert shapes[0] == shapes[1]
+
+
+@pytest.mark.parametrize("overrides,steps", [([], 2), (["~model/geometry"], 4), (["model=paper"], 12),
+                                             (["model.num_steps=6"], 6)])
+def test_the_small_presets_draw_steps_follow_the_read(tmp_path, overrides, steps):
+    """conf/model/small.yaml: L 2 with a geometric read (the default experiment, session 38), 4 without; another
+    preset keeps its own and model.num_steps wins."""
+    import hydra
+    from conftest import compose_train
+
+    cfg = compose_train(overrides, tmp_path / "run")
+    assert cfg.model.num_steps == steps
+    assert hydra.utils.instantiate(cfg.model).generator.num_steps == steps
