@@ -12,7 +12,7 @@ import pytest
 import torch
 from conftest import run_cli
 
-from gqn.bench import main
+from gqn.bench import conv_peak_gflops, main
 
 #: keys every row of train.json's results had before precision/compile were added (scripts rely on them)
 ROW_KEYS = {"config", "path", "batch", "context", "checkpoint_steps", "params", "gflop_per_step", "seconds_per_step",
@@ -191,3 +191,22 @@ def test_the_small_presets_draw_steps_follow_the_read(tmp_path, overrides, steps
     cfg = compose_train(overrides, tmp_path / "run")
     assert cfg.model.num_steps == steps
     assert hydra.utils.instantiate(cfg.model).generator.num_steps == steps
+
+
+def test_the_conv_peak_probe_stops_at_its_time_budget(monkeypatch):
+    """A CPU that emulates bf16 takes seconds per probe call: once the budget is spent the probe stops (the warm-up
+    call is then the measurement); with time to spare it makes the warm-up and every timed call, and reports the
+    fastest timed one."""
+    import torch.nn.functional as F
+
+    calls = []
+    real = F.conv2d
+
+    def counting(*args, **kwargs):
+        calls.append(1)
+        return real(*args[:2], padding=2)
+
+    monkeypatch.setattr(F, "conv2d", counting)
+    assert conv_peak_gflops(repeats=3, budget_s=0.0) > 0 and len(calls) == 1
+    calls.clear()
+    assert conv_peak_gflops(repeats=3, budget_s=1e9) > 0 and len(calls) == 4
