@@ -165,15 +165,19 @@ def test_variant_and_rounds_are_refused_where_no_training_step_is_timed(tmp_path
 
 def test_the_default_row_times_the_default_experiments_model(tmp_path):
     """gqn-bench's ``default`` config is what ``gqn-train`` (experiment=default) builds: the same modules (the read
-    included), shapes and DRAW steps."""
+    included), shapes and DRAW steps, its weights channels-last as module.channels_last trains them."""
     import hydra
     from conftest import compose_train
 
     from gqn.bench import TRAIN_CONFIGS, build_model
 
-    trained = hydra.utils.instantiate(compose_train([], tmp_path / "run").model)
+    cfg = compose_train([], tmp_path / "run")
+    trained = hydra.utils.instantiate(cfg.model)
     preset, overrides = TRAIN_CONFIGS["default"]
     benched = build_model(preset, **dict(overrides))
+    convs = [m.weight for m in benched.modules() if isinstance(m, torch.nn.Conv2d) and m.weight.shape[-1] > 1]
+    assert cfg.module.channels_last is True
+    assert convs and all(w.is_contiguous(memory_format=torch.channels_last) and not w.is_contiguous() for w in convs)
     assert benched.generator.num_steps == trained.generator.num_steps
     assert repr(benched) == repr(trained)
     shapes = [{k: v.shape for k, v in model.state_dict().items()} for model in (benched, trained)]

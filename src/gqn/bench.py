@@ -38,7 +38,8 @@ TRAIN_CONFIGS = {
     "tf_gqn": ("tf_gqn", {}),
     "small": ("small", {}),
     "small-32": ("small", {"image_size": 32}),  # the default experiment's GQN on its 32 px data, without the read
-    "default": ("small", {"image_size": 32, "geometry": "plane_sweep"}),  # the default experiment's model
+    # the default experiment's model, its weights channels-last as it trains them (module.channels_last)
+    "default": ("small", {"image_size": 32, "geometry": "plane_sweep", "channels_last": "true"}),
     # a few-second model for smoke tests of the bench itself (not a meaningful speed)
     "tiny": ("small", {"hidden_channels": 8, "canvas_channels": 8, "num_steps": 2, "encoder.channels": 8}),
 }
@@ -46,8 +47,10 @@ TRAIN_CONFIGS = {
 
 def build_model(preset: str, image_size: int = 64, **overrides):
     """Build a GQN from a model preset of conf/model (the same YAML users select); without a geometric read
-    unless ``geometry`` names a conf/model/geometry option (experiment=default adds one)."""
+    unless ``geometry`` names a conf/model/geometry option (experiment=default adds one). ``channels_last``
+    ("true"/"false", as module.channels_last of gqn-train): the 4-D weights NHWC."""
     import hydra
+    import torch
     from hydra import compose, initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
 
@@ -60,9 +63,11 @@ def build_model(preset: str, image_size: int = 64, **overrides):
         args.append(f"model/encoder={overrides.pop('encoder')}")
     geometry = overrides.pop("geometry", None)
     args.append(f"model/geometry={geometry}" if geometry else "~model/geometry")
+    channels_last = str(overrides.pop("channels_last", "false")).lower() == "true"
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         cfg = compose(config_name="train", overrides=args + [f"model.{k}={v}" for k, v in overrides.items()])
-    return hydra.utils.instantiate(cfg.model)
+    model = hydra.utils.instantiate(cfg.model)
+    return model.to(memory_format=torch.channels_last) if channels_last else model
 
 
 #: --precision names (Lightning's) -> autocast dtype (None: plain fp32)
@@ -180,13 +185,9 @@ def _train_child(name: str, fast: bool, batch: int, context: int, steps: int, ch
     from gqn.gqn_module import compile_model
 
     preset, overrides = spec or TRAIN_CONFIGS[name]
-    overrides = dict(overrides)
-    # channels_last (module.channels_last of gqn-train): the weights NHWC, the images as the loader gives them
-    channels_last = str(overrides.pop("channels_last", "false")).lower() == "true"
     torch.manual_seed(0)
-    model = build_model(preset, fast=fast, checkpoint_steps=checkpoint, **overrides).to(device)
-    if channels_last:
-        model.to(memory_format=torch.channels_last)
+    # channels_last (module.channels_last of gqn-train): the weights NHWC, the images as the loader gives them
+    model = build_model(preset, fast=fast, checkpoint_steps=checkpoint, **dict(overrides)).to(device)
     opt = torch.optim.Adam(model.parameters(), lr=1e-4, fused=True)  # as gqn-train (module.optimizer.fused)
     size = model.image_size
     images = [torch.rand(*shape, size, size, 3).movedim(-1, -3) for shape in ((batch, context), (batch,))]

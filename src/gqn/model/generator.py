@@ -374,6 +374,10 @@ class DRAWGenerator(nn.Module):
                                      or tuple(geometry.shape[1:]) != (self.geometry_channels, *(self.image_size,) * 2)):
             raise ValueError(f"geometry must be [{query_poses.shape[0]}, {self.geometry_channels}, {self.image_size}, "
                              f"{self.image_size}], got {tuple(geometry.shape)}")
+        if geometry is not None and self.geometry_in.weight.is_contiguous(memory_format=torch.channels_last):
+            # weights channels-last (module.channels_last): the read too, once, so the convs and the blend's
+            # concatenation with the canvas take it as it is (else each converts a copy, forward and backward)
+            geometry = geometry.contiguous(memory_format=torch.channels_last)
         noise = self._noise(query_poses.shape[0], representation, generator)
         attend = self._attention_reader(query_poses, views)
         run = self._run_fast if self.fast else self._run_reference
