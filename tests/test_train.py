@@ -246,7 +246,14 @@ def test_the_lr_line_ends_where_the_time_cap_stops_training(train_cfg, capsys):
     cfg = train_cfg("trainer.max_steps=100000", "trainer.max_time=00:00:00:07", "trainer.val_check_interval=200",
                     "logger=none", "callbacks=none", "+callbacks.lines._target_=callbacks.LineProgress",
                     "+callbacks.lines.every_n_steps=50")
-    probe = Probe()
+    horizons = []  # the line's end in force at each batch (the last bend's, before this batch's own)
+
+    class LineProbe(Probe):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            super().on_train_batch_start(trainer, pl_module, batch, batch_idx)
+            horizons.append(pl_module.lr_schedulers().lr_lambdas[0].horizon)
+
+    probe = LineProbe()
     with patch.object(GQNModule, "LR_FIT_EVERY", 5):  # the pace from step 25 (in a run of the default: 125)
         train(cfg, extra_callbacks=[probe])
     lines = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("step ")]
@@ -258,7 +265,14 @@ def test_the_lr_line_ends_where_the_time_cap_stops_training(train_cfg, capsys):
     assert lrs[20] == pytest.approx(1e-3 + (1e-4 - 1e-3) * 20 / 100000)  # the configured line until the pace is known
     assert lrs[-1] < 1e-4 + 0.15 * (1e-3 - 1e-4), lrs[-1]  # annealed by the stop (the configured line: 0.998e-3)
     drops = [a - b for a, b in zip(lrs, lrs[1:])]
-    assert min(drops) >= 0 and max(drops) < 0.05 * (1e-3 - 1e-4)  # never up, no jump
+    assert min(drops) >= 0  # never up
+    # no jump: every step moves along a straight line from the LR it was at to lr_final at the horizon in force, so a
+    # bend keeps the LR where it was (a line restarted from step 0 at the new horizon would drop by ~40 % of the
+    # range at once). Near the cap the steps left are few and the slope steep: a fixed bound on the drop (5 % of
+    # the range until session 39) failed there once on a slow shared CPU (5.8 %), with the line intact.
+    steps = [s for s, _, _ in probe.rows]
+    for s, lr, drop, h in zip(steps, lrs, drops, horizons[1:]):
+        assert drop <= (lr - 1e-4) / max(h - s, 1.0) * (1 + 1e-6) + 1e-12, (s, lr, drop, h)
     last = Path(cfg.hydra.runtime.output_dir) / "checkpoints" / "last.ckpt"  # saved where the cap stopped it
     assert torch.load(last, map_location="cpu", weights_only=False)["global_step"] == probe.rows[-1][0] + 1
 
