@@ -187,7 +187,7 @@ def _train_child(name: str, fast: bool, batch: int, context: int, steps: int, ch
     preset, overrides = spec or TRAIN_CONFIGS[name]
     torch.manual_seed(0)
     # channels_last (module.channels_last of gqn-train): the weights NHWC, the images as the loader gives them
-    model = build_model(preset, fast=fast, checkpoint_steps=checkpoint, **dict(overrides)).to(device)
+    model = build_model(preset, fast=fast, checkpoint_steps=checkpoint, **overrides).to(device)
     opt = torch.optim.Adam(model.parameters(), lr=1e-4, fused=True)  # as gqn-train (module.optimizer.fused)
     size = model.image_size
     images = [torch.rand(*shape, size, size, 3).movedim(-1, -3) for shape in ((batch, context), (batch,))]
@@ -473,8 +473,7 @@ def main(argv=None) -> int:
                     "two are timed in one run")
         if args.what in ("all", "train"):  # a setting the model does not take: one line now, not after the timing
             try:
-                settings = {k: v for k, v in variant["overrides"].items() if k != "channels_last"}
-                build_model(variant["preset"], **settings)
+                build_model(variant["preset"], **variant["overrides"])
             except ConfigCompositionException as err:
                 p.error(f"--variant {name}: {hydra_message(err)}")
             except Exception as err:
