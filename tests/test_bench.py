@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import run_cli
+from conftest import run_main
 
 from gqn.bench import conv_peak_gflops, main
 
@@ -25,10 +25,18 @@ def _cpu_flags() -> set[str]:
     return next((set(ln.split(":", 1)[1].split()) for ln in lines if ln.startswith("flags")), set())
 
 
-def _bench(tmp_path, *extra, backend="aot_eager", timeout=900):
-    run_cli("gqn-bench", "train", "--configs", "tiny", "--paths", "fast", "--precision", "32", "bf16-mixed",
-            "--compile", "both", "--compile-backend", backend, "--steps", "1", "--batch", "2", "--context", "2",
-            "--out", str(tmp_path), *extra, cwd=tmp_path, timeout=timeout)
+def _bench_here(capsys, *args) -> str:
+    """gqn-bench in this process (its rows still run in their own processes, as they time them); its stdout.
+    Every call gives ``--out`` (absolute), so nothing is written to the working directory."""
+    code, out, err = run_main("gqn-bench", list(args), capsys)
+    assert code == 0, err
+    return out
+
+
+def _bench(tmp_path, capsys, *extra, backend="aot_eager"):
+    _bench_here(capsys, "train", "--configs", "tiny", "--paths", "fast", "--precision", "32", "bf16-mixed",
+                "--compile", "both", "--compile-backend", backend, "--steps", "1", "--batch", "2", "--context", "2",
+                "--out", str(tmp_path), *extra)
     return json.loads((tmp_path / "train.json").read_text())
 
 
@@ -52,35 +60,43 @@ def _check(report, backend):
     assert machine["cpu_has_bf16_units"] == bool({"avx512_bf16", "amx_bf16"} & _cpu_flags()) or not _cpu_flags()
 
 
-def test_bench_train_every_precision_and_compile_mode(tmp_path):
+def test_bench_train_every_precision_and_compile_mode(tmp_path, capsys):
     """fp32 / bf16-mixed x eager / compiled (aot_eager: tracing without code generation, to stay fast)."""
-    _check(_bench(tmp_path), "aot_eager")
+    _check(_bench(tmp_path, capsys), "aot_eager")
 
 
 @pytest.mark.slow
-def test_bench_train_with_inductor(tmp_path):
-    _check(_bench(tmp_path, backend="inductor", timeout=1800), "inductor")
+@pytest.mark.timeout(1800)
+def test_bench_train_with_inductor(tmp_path, capsys):
+    _check(_bench(tmp_path, capsys, backend="inductor"), "inductor")
+
+
+def _refused(argv, capsys) -> str:
+    """gqn-bench's main in this process (the console script exits with what it returns; a subprocess would add
+    ~5 s of imports to check the same status and line): status 2, one line on stderr."""
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1, err
+    return err
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
-def test_bench_cuda_without_a_gpu_is_one_clear_line(tmp_path):
-    proc = run_cli("gqn-bench", "train", "--device", "cuda", "--configs", "tiny", "--out", str(tmp_path),
-                   cwd=tmp_path, check=False, timeout=120)
-    assert proc.returncode == 2
-    assert proc.stderr.strip().splitlines() == [proc.stderr.strip()] and "--device cuda" in proc.stderr
+def test_bench_cuda_without_a_gpu_is_one_clear_line(tmp_path, capsys):
+    assert "--device cuda" in _refused(["train", "--device", "cuda", "--configs", "tiny", "--out", str(tmp_path)],
+                                       capsys)
     assert not (tmp_path / "train.json").exists()
 
 
-def test_bench_unknown_compile_backend_is_one_clear_line(tmp_path):
-    proc = run_cli("gqn-bench", "train", "--compile", "on", "--compile-backend", "turbo", "--configs", "tiny",
-                   "--out", str(tmp_path), cwd=tmp_path, check=False, timeout=120)
-    assert proc.returncode == 2 and "'turbo' is not a torch.compile backend" in proc.stderr
-    assert len(proc.stderr.strip().splitlines()) == 1
+def test_bench_unknown_compile_backend_is_one_clear_line(tmp_path, capsys):
+    err = _refused(["train", "--compile", "on", "--compile-backend", "turbo", "--configs", "tiny",
+                    "--out", str(tmp_path)], capsys)
+    assert "'turbo' is not a torch.compile backend" in err
+    assert not (tmp_path / "train.json").exists()
 
 
-def test_train_benchmark_with_activation_checkpointing_writes_json(tmp_path):
-    run_cli("gqn-bench", "train", "--configs", "small", "--steps", "1", "--batch", "1", "--context", "1",
-            "--paths", "fast", "--checkpoint-steps", "--out", str(tmp_path), cwd=tmp_path)
+def test_train_benchmark_with_activation_checkpointing_writes_json(tmp_path, capsys):
+    _bench_here(capsys, "train", "--configs", "small", "--steps", "1", "--batch", "1", "--context", "1",
+                "--paths", "fast", "--checkpoint-steps", "--out", str(tmp_path))
     result = json.loads((tmp_path / "train.json").read_text())
     (row,) = result["results"]
     assert row["config"] == "small" and row["path"] == "fast" and row["checkpoint_steps"] is True
@@ -96,28 +112,27 @@ def test_checkpoint_steps_on_the_reference_path_is_refused(capsys):
         main(["memory"])  # the undocumented mode is gone: the flag above replaces it
 
 
-def test_bench_train_channels_last_variant_keeps_the_model_and_its_flops(tmp_path):
+def test_bench_train_channels_last_variant_keeps_the_model_and_its_flops(tmp_path, capsys):
     """--variant NAME BASE channels_last=true: the same model (parameters, FLOPs) with its weights channels-last
     (module.channels_last of gqn-train), timed beside its base."""
-    proc = run_cli("gqn-bench", "train", "--configs", "tiny", "--paths", "fast", "--steps", "1", "--batch", "2",
-                   "--context", "2", "--variant", "nhwc", "tiny", "channels_last=true", "--out", str(tmp_path),
-                   cwd=tmp_path, timeout=600)
-    assert re.search(r"nhwc fast 32-true eager: [0-9.]+x the steps/s of tiny$", proc.stdout, re.M)
+    stdout = _bench_here(capsys, "train", "--configs", "tiny", "--paths", "fast", "--steps", "1", "--batch", "2",
+                         "--context", "2", "--variant", "nhwc", "tiny", "channels_last=true", "--out", str(tmp_path))
+    assert re.search(r"nhwc fast 32-true eager: [0-9.]+x the steps/s of tiny$", stdout, re.M)
     base, variant = json.loads((tmp_path / "train.json").read_text())["results"]
     assert variant["variant_of"]["overrides"]["channels_last"] == "true"
     assert variant["channels_last"] is True and base["channels_last"] is False  # the weights' layout after the steps
     assert variant["params"] == base["params"] and variant["gflop_per_step"] == pytest.approx(base["gflop_per_step"])
 
 
-def test_bench_train_times_a_variant_beside_its_base_in_rounds(tmp_path):
+def test_bench_train_times_a_variant_beside_its_base_in_rounds(tmp_path, capsys):
     """--variant NAME BASE KEY=VALUE: a row of BASE with those model settings, compared with BASE's row;
     --rounds N: every row's process runs N times, in turn, and its time is the median over all its steps."""
-    proc = run_cli("gqn-bench", "train", "--configs", "tiny", "--paths", "fast", "--steps", "2", "--batch", "2",
-                   "--context", "2", "--rounds", "2", "--variant", "tiny16", "tiny", "model.hidden_channels=16",
-                   "--out", str(tmp_path), cwd=tmp_path, timeout=600)
+    stdout = _bench_here(capsys, "train", "--configs", "tiny", "--paths", "fast", "--steps", "2", "--batch", "2",
+                         "--context", "2", "--rounds", "2", "--variant", "tiny16", "tiny", "model.hidden_channels=16",
+                         "--out", str(tmp_path))
     # in turn: the first round timed both rows before the second began, and its line says so
-    assert re.search(r"^round 1/2: tiny/fast/32-true [0-9.]+, tiny16/fast/32-true [0-9.]+ s/step$", proc.stdout, re.M)
-    assert re.search(r"tiny16 fast 32-true eager: [0-9.]+x the steps/s of tiny$", proc.stdout, re.M)
+    assert re.search(r"^round 1/2: tiny/fast/32-true [0-9.]+, tiny16/fast/32-true [0-9.]+ s/step$", stdout, re.M)
+    assert re.search(r"tiny16 fast 32-true eager: [0-9.]+x the steps/s of tiny$", stdout, re.M)
     report = json.loads((tmp_path / "train.json").read_text())
     assert report["rounds"] == 2
     base, variant = report["results"]
@@ -198,22 +213,32 @@ def test_the_small_presets_draw_steps_follow_the_read(tmp_path, overrides, steps
 
 
 def test_the_conv_peak_probe_stops_at_its_time_budget(monkeypatch):
-    """A CPU that emulates bf16 takes seconds per probe call: once the budget is spent the probe stops (the warm-up
-    call is then the measurement); with time to spare it makes the warm-up and every timed call, and reports the
-    fastest timed one, not the slow warm-up. The conv is replaced by sleeps: 50 ms the first call, 5 ms after."""
+    """A CPU that emulates bf16 takes seconds per probe call. The probe times one scene first: where that alone
+    takes an eighth of the budget, its rate is the measurement (one call); else the batch of 8: once the budget is
+    spent the probe stops (the warm-up call is then the measurement); with time to spare it makes the warm-up and
+    every timed call, and reports the fastest timed one, not the slow warm-up. The conv is replaced by sleeps of
+    ``per_scene`` seconds a scene, ``warm_up`` more on the first call of the batch."""
     import time
 
     import torch.nn.functional as F
 
     calls = []
 
-    def sleeping(x, *args, **kwargs):
-        calls.append(1)
-        time.sleep(0.05 if len(calls) == 1 else 0.005)
-        return x
+    def probe(per_scene, warm_up, **kwargs):
+        calls.clear()
 
-    monkeypatch.setattr(F, "conv2d", sleeping)
+        def sleeping(x, *args, **kw):
+            calls.append(x.shape[0])
+            time.sleep(per_scene * x.shape[0] + (warm_up if calls.count(8) == 1 and x.shape[0] == 8 else 0.0))
+            return x
+
+        monkeypatch.setattr(F, "conv2d", sleeping)
+        return conv_peak_gflops(repeats=3, **kwargs)
+
     gflop = 2 * 8 * 512 * 391 * 25 * 16 * 16 / 1e9
-    assert 0 < conv_peak_gflops(repeats=3, budget_s=0.0) <= gflop / 0.05 and len(calls) == 1  # the warm-up alone
-    calls.clear()
-    assert conv_peak_gflops(repeats=3, budget_s=1e9) > gflop / 0.03 and len(calls) == 4
+    # slow: one scene takes 0.2 s, so the batch would take 1.6 s of a 1 s budget: the scene's rate
+    assert 0 < probe(0.2, 0.0, budget_s=1.0) <= gflop / 8 / 0.2 and calls == [1]
+    # the scene fits (0.04 s for 8 of them) but the warm-up of the batch spends the budget: the warm-up's rate
+    assert 0 < probe(0.005, 0.1, budget_s=0.1) <= gflop / 0.14 and calls == [1, 8]
+    # time to spare: the scene, the warm-up and three timed calls; the fastest timed one, not the warm-up
+    assert probe(0.001, 0.05, budget_s=1e9) > gflop / 0.03 and calls == [1, 8, 8, 8, 8]
