@@ -9,6 +9,7 @@ import subprocess
 import sys
 import tempfile
 from pathlib import Path
+from unittest.mock import patch
 
 # the bf16 speed-up that the tests' runs measure (under the other tests' load, at their thread count) stays out of
 # the user's ~/.cache/gqn/precision.json, which later runs at that thread count would trust
@@ -115,3 +116,40 @@ def module_with_batch(cfg):
     logged = {}
     module.log = lambda name, value, **k: logged.__setitem__(name, value)
     return module, next(iter(dm.val_dataloader())), logged
+
+
+#: Hydra overrides of in-process runs (run_main): no log files, no .hydra/ directory
+QUIET = ["hydra/job_logging=none", "hydra/hydra_logging=none", "hydra.output_subdir=null"]
+
+
+def run_main(prog: str, args: list[str], capsys) -> tuple[int, str, str]:
+    """Run a console script in-process; returns (exit code, stdout, stderr). Hydra's programs run with their
+    logging and .hydra/ output off (QUIET). In-process saves the ~5 s of imports a subprocess pays (run_cli);
+    use run_cli where the process itself is under test (its exit, signals, environment). Hydra's argparse takes
+    the overrides as one run of positionals, so in ``args`` flags (``-m``, ``--cfg``) come before the overrides.
+    It runs in the caller's working directory: pass absolute paths (or chdir to a temporary one)."""
+    capsys.readouterr()
+    if prog in ("gqn-bench", "gqn-data"):  # argparse programs: main(argv) returns the code or exits
+        from gqn import bench, data_cli
+
+        with patch.object(sys, "argv", [prog, *args]):
+            try:
+                code = (bench.main if prog == "gqn-bench" else data_cli.main)(args)
+            except SystemExit as exc:
+                code = exc.code
+    else:
+        import gqn.eval
+        import gqn.render
+        import gqn.train
+
+        main = {"gqn-train": gqn.train.main, "gqn-eval": gqn.eval.main, "gqn-render": gqn.render.main}[prog]
+        GlobalHydra.instance().clear()
+        with patch.object(sys, "argv", [prog, *args, *QUIET]):
+            try:
+                main()
+                code = 0
+            except SystemExit as exc:
+                code = exc.code
+        GlobalHydra.instance().clear()
+    out = capsys.readouterr()
+    return (0 if code is None else code), out.out, out.err

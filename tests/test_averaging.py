@@ -124,10 +124,11 @@ def test_bad_settings_are_one_line_errors(kwargs, fragment):
         WeightEMA(**kwargs)
 
 
-def test_gqn_eval_reads_the_average_or_the_trained_weights_and_pairs_them(train_cfg, data_root, tmp_path):
+def test_gqn_eval_reads_the_average_or_the_trained_weights_and_pairs_them(train_cfg, data_root, tmp_path, capsys,
+                                                                          monkeypatch):
     import json
 
-    from conftest import run_cli
+    from conftest import run_main
 
     from gqn.eval import load_module
 
@@ -140,10 +141,13 @@ def test_gqn_eval_reads_the_average_or_the_trained_weights_and_pairs_them(train_
     for n, p in trained.named_parameters():
         torch.testing.assert_close(p.detach(), ckpt["current_model_state"][n], rtol=0, atol=0)
     out = tmp_path / "ev"
-    proc = run_cli("gqn-eval", f"ckpt_path={path}", f"baseline_ckpt_path={path}", "baseline_weights=trained",
-                   f"paths.data_dir={data_root}", "data.image_size=32", "num_workers=0", "limit_batches=1",
-                   f"hydra.run.dir={out}", cwd=tmp_path)
-    assert "(trained weights)" in proc.stdout
+    monkeypatch.chdir(tmp_path)  # in-process: its relative defaults (paths.output_dir) under tmp_path
+    code, stdout, err = run_main("gqn-eval", [f"ckpt_path={path}", f"baseline_ckpt_path={path}",
+                                              "baseline_weights=trained", f"paths.data_dir={data_root}",
+                                              "data.image_size=32", "num_workers=0", "limit_batches=1",
+                                              f"hydra.run.dir={out}"], capsys)
+    assert code == 0, err
+    assert "(trained weights)" in stdout
     report = json.loads((out / "metrics.json").read_text())
     assert report["weights"] == "average" and report["baseline"]["weights"] == "trained"
     # two sets of weights, so the paired differences are not all zero (the same weights would give exactly 0)

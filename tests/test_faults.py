@@ -14,26 +14,21 @@ import re
 import shutil
 import signal
 import subprocess
-import sys
 import time
 import warnings
 from pathlib import Path
-from unittest.mock import patch
 
 import numpy as np
 import pytest
 import torch
-from conftest import BIN, TINY, Probe, compose_train
-from hydra.core.global_hydra import GlobalHydra
+from conftest import BIN, TINY, Probe, compose_train, run_main
 from omegaconf import open_dict
 from records_helper import make_example, record_offsets, write_dataset, write_file
 
 from data_modules import GQNDataError, SceneStream, dataset_info
-from gqn import data_cli
 from gqn.train import train
 
 DOCS = Path(__file__).resolve().parents[1] / "docs" / "errors.md"
-QUIET = ["hydra/job_logging=none", "hydra/hydra_logging=none", "hydra.output_subdir=null"]
 pytestmark = pytest.mark.timeout(300)
 
 
@@ -41,7 +36,8 @@ pytestmark = pytest.mark.timeout(300)
 @pytest.fixture(scope="module")
 def world(data_root, tmp_path_factory) -> dict:
     """Files the cases point at: a plain file, a garbage .ckpt, a tiny trained checkpoint and a NaN copy
-    of it, a dataset with a damaged record, 32 px frames under a DeepMind name, broken dataset dirs."""
+    of it, a dataset with a damaged record, 32 px frames under a DeepMind name, broken dataset dirs, gqn-render
+    context files with bad images, cameras and YAML."""
     tmp = tmp_path_factory.mktemp("faults")
     (tmp / "plain_file").write_text("not a directory\n")
     (tmp / "garbage.ckpt").write_bytes(b"\x00not a checkpoint" * 10)
@@ -100,38 +96,16 @@ def world(data_root, tmp_path_factory) -> dict:
     (tmp / "not_an_image.png").write_text("not a png\n")
     (tmp / "ctx_bad_image.yaml").write_text("images: [not_an_image.png]\ncameras: [[0, 0, 0.5, 0, 0]]\n")
     (tmp / "ctx_nan_camera.yaml").write_text("images: [not_an_image.png]\ncameras: [[.nan, 0, 0.5, 0, 0]]\n")
+    # ... an image of another size than the model's; a camera of three numbers; YAML cut short; a good file
+    Image.new("RGB", (16, 16)).save(tmp / "small.png")
+    Image.new("RGB", (32, 32)).save(tmp / "black.png")
+    (tmp / "ctx_small_image.yaml").write_text("images: [small.png]\ncameras: [[1, 0, 0.5, 0, 0]]\n")
+    (tmp / "ctx_short_camera.yaml").write_text("images: [black.png]\ncameras: [[1, 0, 0.5]]\n")
+    (tmp / "ctx_cut.yaml").write_text("images: [black.png")
+    (tmp / "ctx_good.yaml").write_text("images: [black.png]\ncameras: [[1.0, 0.0, 0.5, 3.14, -0.2]]\n")
     return {"tmp": tmp, "data": data_root, "file": tmp / "plain_file", "garbage": tmp / "garbage.ckpt",
             "ckpt": good, "nan_ckpt": tmp / "nan.ckpt", "corrupt": corrupt, "corrupt_file": first,
             "corrupt_offset": offset, "wrong": wrong, "twins": twins}
-
-
-def run_main(prog: str, args: list[str], capsys) -> tuple[int, str, str]:
-    """Run a console script in-process; returns (exit code, stdout, stderr)."""
-    capsys.readouterr()
-    if prog in ("gqn-bench", "gqn-data"):  # argparse programs: main(argv) returns the code or exits
-        from gqn import bench
-
-        with patch.object(sys, "argv", [prog, *args]):
-            try:
-                code = (bench.main if prog == "gqn-bench" else data_cli.main)(args)
-            except SystemExit as exc:
-                code = exc.code
-    else:
-        import gqn.eval
-        import gqn.render
-        import gqn.train
-
-        main = {"gqn-train": gqn.train.main, "gqn-eval": gqn.eval.main, "gqn-render": gqn.render.main}[prog]
-        GlobalHydra.instance().clear()
-        with patch.object(sys, "argv", [prog, *args, *QUIET]):
-            try:
-                main()
-                code = 0
-            except SystemExit as exc:
-                code = exc.code
-        GlobalHydra.instance().clear()
-    out = capsys.readouterr()
-    return (0 if code is None else code), out.out, out.err
 
 
 def error_line(prog: str, err: str) -> str:
@@ -273,6 +247,20 @@ CASES = [
     ("render-context-camera-nan", "gqn-render",
      lambda w: _render(w, f"context_file={w['tmp']}/ctx_nan_camera.yaml"), 2,
      ["camera 0 must be 5 finite numbers"]),
+    ("render-ckpt-missing", "gqn-render",
+     lambda w: [*_render(w, f"context_file={w['tmp']}/ctx_good.yaml")[1:], f"ckpt_path={w['tmp']}/none.ckpt"], 2,
+     ["checkpoint not found:", "none.ckpt (give ckpt_path=<run>/checkpoints/last.ckpt)"]),
+    ("render-context-image-size", "gqn-render",
+     lambda w: _render(w, f"context_file={w['tmp']}/ctx_small_image.yaml"), 2,
+     ["small.png is 16x16 but the model takes 32x32"]),
+    ("render-context-camera-short", "gqn-render",
+     lambda w: _render(w, f"context_file={w['tmp']}/ctx_short_camera.yaml"), 2,
+     ["ctx_short_camera.yaml: camera 0 must be 5 finite numbers [x, y, z, yaw, pitch], got [1, 0, 0.5]"]),
+    ("render-context-not-yaml", "gqn-render", lambda w: _render(w, f"context_file={w['tmp']}/ctx_cut.yaml"), 2,
+     ["context_file", "ctx_cut.yaml is not valid YAML/JSON: while parsing a flow sequence"]),
+    ("render-trajectory-unknown", "gqn-render",
+     lambda w: _render(w, f"context_file={w['tmp']}/ctx_good.yaml", "trajectory.kind=spiral"), 2,
+     ["trajectory.kind must be 'orbit' or 'poses', got 'spiral'"]),
     ("eval-no-ckpt", "gqn-eval", lambda w: _eval(w), 2, ["give the checkpoint: ckpt_path="]),
     ("eval-sidecar-damaged", "gqn-eval",
      lambda w: _eval(w, f"ckpt_path={w['ckpt']}", f"paths.data_dir={w['tmp']}/cutsidecar"), 2,

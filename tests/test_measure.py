@@ -6,11 +6,12 @@ from __future__ import annotations
 import json
 import math
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from conftest import run_cli
+from conftest import run_main
 from records_helper import scenes_views, write_dataset
 
 from data_modules import GQNDataModule
@@ -364,15 +365,16 @@ def test_object_psnr_on_constructed_images(render, monkeypatch):
     assert torch.allclose(values["object_fraction"], torch.tensor([9 / 64] * 3 + [0.0]))
 
 
-def test_eval_reports_object_metrics_with_spreads_and_draws(tmp_path, data_root):
+def test_eval_reports_object_metrics_with_spreads_and_draws(tmp_path, data_root, capsys, monkeypatch):
     """gqn-eval on data with sidecars: object-pixel PSNRs, standard errors, strict JSON, context draws."""
+    monkeypatch.chdir(tmp_path)  # in-process runs: their relative defaults (paths.output_dir) under tmp_path
     from test_cli import tiny
 
     run = tmp_path / "run"
-    run_cli("gqn-train", *tiny(data_root, run, "trainer.max_steps=2", "callbacks=none"), cwd=tmp_path)
+    _train_here(capsys, *tiny(data_root, run, "trainer.max_steps=2", "callbacks=none"))
     out = tmp_path / "eval"
-    proc = run_cli("gqn-eval", f"ckpt_path={run / 'checkpoints' / 'last.ckpt'}", f"paths.data_dir={data_root}",
-                   f"hydra.run.dir={out}", "num_workers=0", "draws=2", cwd=tmp_path)
+    _, stdout = _eval_here(capsys, f"ckpt_path={run / 'checkpoints' / 'last.ckpt'}", f"paths.data_dir={data_root}",
+                           f"hydra.run.dir={out}", "num_workers=0", "draws=2")
     text = (out / "metrics.json").read_text()
     report = json.loads(text, parse_constant=lambda c: pytest.fail(f"non-strict JSON constant {c}"))
     m, spread = report["metrics"], report["spread"]
@@ -385,29 +387,44 @@ def test_eval_reports_object_metrics_with_spreads_and_draws(tmp_path, data_root)
         assert lo < m[key] < hi
     assert m["object_psnr_gain_over_mean_view_db"] == pytest.approx(
         m["object_psnr_model"] - m["object_psnr_mean_view"], abs=1e-6)
-    assert "object-pixel PSNR" in proc.stdout
+    assert "object-pixel PSNR" in stdout
 
 
-def test_eval_on_the_validation_split_reproduces_training_validation(tmp_path, data_root):
+def _train_here(capsys, *args) -> None:
+    """gqn-train in this process (run_main: ~5 s of imports less than a subprocess)."""
+    code, _, err = run_main("gqn-train", list(args), capsys)
+    assert code == 0, err
+
+
+def _eval_here(capsys, *args) -> tuple[dict, str]:
+    """gqn-eval in this process: its metrics.json and stdout."""
+    code, out, err = run_main("gqn-eval", list(args), capsys)
+    assert code == 0, err
+    run_dir = next(a.split("=", 1)[1] for a in args if a.startswith("hydra.run.dir="))
+    return json.loads((Path(run_dir) / "metrics.json").read_text()), out
+
+
+def test_eval_on_the_validation_split_reproduces_training_validation(tmp_path, data_root, capsys, monkeypatch):
     """gqn-eval split=val scores the scenes training validated on, with the same fixed views: its PSNRs are the
     ones the training run logged (fp32 both), with no option repeated: the checkpoint carries the run's seed and
     validation carve-out and context size. The test split's scores differ (5 views drawn with seed 0). Then a baseline
     checkpoint scored on the same scenes and views, paired by scene."""
+    monkeypatch.chdir(tmp_path)  # in-process runs: their relative defaults (paths.output_dir) under tmp_path
     import csv
 
     from test_cli import tiny
 
     run = tmp_path / "run"
-    run_cli("gqn-train", *tiny(data_root, run, "callbacks=none", "trainer.precision=32-true", "seed=7",
-                               "data.val_scenes=3", "data.eval_context_size=3"), cwd=tmp_path)
+    _train_here(capsys, *tiny(data_root, run, "callbacks=none", "trainer.precision=32-true", "seed=7",
+                              "data.val_scenes=3", "data.eval_context_size=3"))
     rows = list(csv.DictReader((run / "csv" / "version_0" / "metrics.csv").read_text().splitlines()))
     logged = next(r for r in rows if r.get("val/psnr_model"))
     reports, stdout = {}, {}
     for split in ("val", "test"):
         out = tmp_path / f"eval_{split}"
-        proc = run_cli("gqn-eval", f"ckpt_path={run / 'checkpoints' / 'last.ckpt'}", f"paths.data_dir={data_root}",
-                       f"hydra.run.dir={out}", "num_workers=0", f"split={split}", cwd=tmp_path)
-        reports[split], stdout[split] = json.loads((out / "metrics.json").read_text()), proc.stdout
+        reports[split], stdout[split] = _eval_here(capsys, f"ckpt_path={run / 'checkpoints' / 'last.ckpt'}",
+                                                   f"paths.data_dir={data_root}", f"hydra.run.dir={out}",
+                                                   "num_workers=0", f"split={split}")
     val, test = reports["val"], reports["test"]
     assert stdout["val"].startswith("the training run's validation split (val_files=2, val_fraction=0.02, "
                                     "split_seed=0, val_scenes=3), 3 context views drawn with seed 7\n"
@@ -419,9 +436,8 @@ def test_eval_on_the_validation_split_reproduces_training_validation(tmp_path, d
     assert val["metrics"]["psnr_nearest_view"] != pytest.approx(test["metrics"]["psnr_nearest_view"], abs=1e-3)
     # another seed draws other views of the same three scenes; an option on the command line wins
     out = tmp_path / "eval_val_seed"
-    run_cli("gqn-eval", f"ckpt_path={run / 'checkpoints' / 'last.ckpt'}", f"paths.data_dir={data_root}",
-            f"hydra.run.dir={out}", "num_workers=0", "split=val", "seed=8", "data.val_scenes=2", cwd=tmp_path)
-    other = json.loads((out / "metrics.json").read_text())
+    other, _ = _eval_here(capsys, f"ckpt_path={run / 'checkpoints' / 'last.ckpt'}", f"paths.data_dir={data_root}",
+                          f"hydra.run.dir={out}", "num_workers=0", "split=val", "seed=8", "data.val_scenes=2")
     assert (other["seed"], other["scenes"]) == (8, 2)
     assert "val_scenes" not in other["split_settings"] and "seed 8" in other["split_settings"]
 
@@ -429,15 +445,13 @@ def test_eval_on_the_validation_split_reproduces_training_validation(tmp_path, d
     # numbers are its own (as gqn-eval of it alone on those views gives them), the paired differences are this
     # minus the baseline scene by scene, and a checkpoint against itself differs by exactly nothing
     base = tmp_path / "base"
-    run_cli("gqn-train", *tiny(data_root, base, "callbacks=none", "trainer.precision=32-true", "seed=2",
-                               "data.val_scenes=3"), cwd=tmp_path)
+    _train_here(capsys, *tiny(data_root, base, "callbacks=none", "trainer.precision=32-true", "seed=2",
+                              "data.val_scenes=3"))
     ckpt, base_ckpt = run / "checkpoints" / "last.ckpt", base / "checkpoints" / "last.ckpt"
 
     def evaluate(name, *args):
-        out = tmp_path / name
-        proc = run_cli("gqn-eval", f"paths.data_dir={data_root}", f"hydra.run.dir={out}", "num_workers=0",
-                       "split=val", *args, cwd=tmp_path)
-        return json.loads((out / "metrics.json").read_text()), proc.stdout
+        return _eval_here(capsys, f"paths.data_dir={data_root}", f"hydra.run.dir={tmp_path / name}", "num_workers=0",
+                          "split=val", *args)
 
     alone, _ = evaluate("alone", f"ckpt_path={base_ckpt}", "seed=7", "context_size=3")  # this run's views
     paired, stdout = evaluate("paired", f"ckpt_path={ckpt}", f"baseline_ckpt_path={base_ckpt}")

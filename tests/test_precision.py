@@ -12,8 +12,9 @@ import pytest
 import torch
 from test_model import ENCODERS, SHARING, _rel, batch, make_model
 
-from gqn.gqn_module import GQNModule, compile_model
+from gqn.gqn_module import GQNModule
 from gqn.model.distributions import gaussian_nll, kl_gaussian
+from gqn.model.gqn import compile_model
 from gqn.train import train
 
 LOSS_TERMS = ("elbo", "nll", "kl", "kl_steps", "bits_per_pixel", "mse")

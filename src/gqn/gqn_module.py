@@ -15,28 +15,13 @@ from gqn import metrics
 from gqn.cli import UserError, finite_number
 from gqn.model import GQN
 from gqn.model.distributions import fp32, gaussian_nll, mixture_nll
+from gqn.model.gqn import compile_model
 from gqn.model.representation import GRID_SCALE
 from gqn.schedules import LinearAnneal, max_time_left
 
 
 def _plain(cfg):
     return OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else cfg
-
-
-def compile_model(model: GQN, backend: str = "inductor") -> GQN:
-    """``torch.compile`` the encoder and the generator of ``model`` in place (``nn.Module.compile``).
-
-    Everything that runs them -- the training forward, validation, sampling, rendering, the prior-mean
-    loss -- then runs compiled, and the state dict keeps the keys of the eager model (no ``_orig_mod``).
-    """
-    if backend not in torch._dynamo.list_backends(exclude_tags=()):
-        raise UserError(f"module.compile={backend!r} is neither true/false nor a torch.compile backend "
-                        "(e.g. inductor, aot_eager)")
-    model.encoder.compile(backend=backend)
-    model.generator.compile(backend=backend)
-    if model.geometry is not None:
-        model.geometry.compile(backend=backend)
-    return model
 
 
 def check_schedule(schedule, lines: bool = True) -> None:
