@@ -122,12 +122,13 @@ def module_with_batch(cfg):
 QUIET = ["hydra/job_logging=none", "hydra/hydra_logging=none", "hydra.output_subdir=null"]
 
 
-def run_main(prog: str, args: list[str], capsys) -> tuple[int, str, str]:
+def run_main(prog: str, args: list[str], capsys, check: bool = False) -> tuple[int, str, str]:
     """Run a console script in-process; returns (exit code, stdout, stderr). Hydra's programs run with their
     logging and .hydra/ output off (QUIET). In-process saves the ~5 s of imports a subprocess pays (run_cli);
     use run_cli where the process itself is under test (its exit, signals, environment). Hydra's argparse takes
     the overrides as one run of positionals, so in ``args`` flags (``-m``, ``--cfg``) come before the overrides.
-    It runs in the caller's working directory: pass absolute paths (or chdir to a temporary one)."""
+    It runs in the caller's working directory: pass absolute paths (or chdir to a temporary one). ``check``: a
+    non-zero exit fails the test with its stderr (as run_cli's)."""
     capsys.readouterr()
     if prog in ("gqn-bench", "gqn-data"):  # argparse programs: main(argv) returns the code or exits
         from gqn import bench, data_cli
@@ -151,5 +152,7 @@ def run_main(prog: str, args: list[str], capsys) -> tuple[int, str, str]:
             except SystemExit as exc:
                 code = exc.code
         GlobalHydra.instance().clear()
-    out = capsys.readouterr()
-    return (0 if code is None else code), out.out, out.err
+    out, code = capsys.readouterr(), 0 if code is None else code
+    if check and code != 0:
+        raise AssertionError(f"{prog} {' '.join(args)} failed ({code}):\n{out.out}\n{out.err}")
+    return code, out.out, out.err

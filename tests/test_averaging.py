@@ -142,11 +142,9 @@ def test_gqn_eval_reads_the_average_or_the_trained_weights_and_pairs_them(train_
         torch.testing.assert_close(p.detach(), ckpt["current_model_state"][n], rtol=0, atol=0)
     out = tmp_path / "ev"
     monkeypatch.chdir(tmp_path)  # in-process: its relative defaults (paths.output_dir) under tmp_path
-    code, stdout, err = run_main("gqn-eval", [f"ckpt_path={path}", f"baseline_ckpt_path={path}",
-                                              "baseline_weights=trained", f"paths.data_dir={data_root}",
-                                              "data.image_size=32", "num_workers=0", "limit_batches=1",
-                                              f"hydra.run.dir={out}"], capsys)
-    assert code == 0, err
+    _, stdout, _ = run_main("gqn-eval", [f"ckpt_path={path}", f"baseline_ckpt_path={path}", "baseline_weights=trained",
+                                         f"paths.data_dir={data_root}", "data.image_size=32", "num_workers=0",
+                                         "limit_batches=1", f"hydra.run.dir={out}"], capsys, check=True)
     assert "(trained weights)" in stdout
     report = json.loads((out / "metrics.json").read_text())
     assert report["weights"] == "average" and report["baseline"]["weights"] == "trained"

@@ -28,9 +28,7 @@ def _cpu_flags() -> set[str]:
 def _bench_here(capsys, *args) -> str:
     """gqn-bench in this process (its rows still run in their own processes, as they time them); its stdout.
     Every call gives ``--out`` (absolute), so nothing is written to the working directory."""
-    code, out, err = run_main("gqn-bench", list(args), capsys)
-    assert code == 0, err
-    return out
+    return run_main("gqn-bench", list(args), capsys, check=True)[1]
 
 
 def _bench(tmp_path, capsys, *extra, backend="aot_eager"):

@@ -36,8 +36,7 @@ def trained(data_root, tmp_path_factory) -> Path:
 
 
 def test_train_help_lists_config_groups(capsys):
-    code, out, _ = run_main("gqn-train", ["--help"], capsys)  # in-process: Hydra prints the help and exits 0
-    assert code == 0
+    out = run_main("gqn-train", ["--help"], capsys, check=True)[1]  # in-process: Hydra prints the help and exits 0
     for group in ("data:", "model:", "model/encoder:", "model/core:", "schedule:", "trainer:", "logger:",
                   "callbacks:", "experiment:", "debug:"):
         assert group in out, group
@@ -234,9 +233,8 @@ def test_optuna_sweep_runs_two_trials(data_root, tmp_path):
 def test_slurm_launcher_config_composes(capsys):
     pytest.importorskip("hydra_plugins.hydra_submitit_launcher")
     # the overrides last: run_main appends its own, and Hydra's argparse takes them as one run of positionals
-    code, out, _ = run_main("gqn-train", ["--cfg", "hydra", "--package", "hydra.launcher", "hydra/launcher=slurm"],
-                            capsys)
-    assert code == 0
+    out = run_main("gqn-train", ["--cfg", "hydra", "--package", "hydra.launcher", "hydra/launcher=slurm"], capsys,
+                   check=True)[1]
     assert "SlurmLauncher" in out and "gpus_per_node: 1" in out
 
 

@@ -371,10 +371,10 @@ def test_eval_reports_object_metrics_with_spreads_and_draws(tmp_path, data_root,
     from test_cli import tiny
 
     run = tmp_path / "run"
-    _train_here(capsys, *tiny(data_root, run, "trainer.max_steps=2", "callbacks=none"))
+    run_main("gqn-train", tiny(data_root, run, "trainer.max_steps=2", "callbacks=none"), capsys, check=True)
     out = tmp_path / "eval"
-    _, stdout = _eval_here(capsys, f"ckpt_path={run / 'checkpoints' / 'last.ckpt'}", f"paths.data_dir={data_root}",
-                           f"hydra.run.dir={out}", "num_workers=0", "draws=2")
+    _, stdout = _eval_here(capsys, out, f"ckpt_path={run / 'checkpoints' / 'last.ckpt'}", f"paths.data_dir={data_root}",
+                           "num_workers=0", "draws=2")
     text = (out / "metrics.json").read_text()
     report = json.loads(text, parse_constant=lambda c: pytest.fail(f"non-strict JSON constant {c}"))
     m, spread = report["metrics"], report["spread"]
@@ -390,18 +390,11 @@ def test_eval_reports_object_metrics_with_spreads_and_draws(tmp_path, data_root,
     assert "object-pixel PSNR" in stdout
 
 
-def _train_here(capsys, *args) -> None:
-    """gqn-train in this process (run_main: ~5 s of imports less than a subprocess)."""
-    code, _, err = run_main("gqn-train", list(args), capsys)
-    assert code == 0, err
-
-
-def _eval_here(capsys, *args) -> tuple[dict, str]:
-    """gqn-eval in this process: its metrics.json and stdout."""
-    code, out, err = run_main("gqn-eval", list(args), capsys)
-    assert code == 0, err
-    run_dir = next(a.split("=", 1)[1] for a in args if a.startswith("hydra.run.dir="))
-    return json.loads((Path(run_dir) / "metrics.json").read_text()), out
+def _eval_here(capsys, out: Path, *args) -> tuple[dict, str]:
+    """gqn-eval in this process (run_main: ~5 s of imports less than a subprocess), its run directory ``out``: its
+    metrics.json and stdout."""
+    _, stdout, _ = run_main("gqn-eval", [f"hydra.run.dir={out}", *args], capsys, check=True)
+    return json.loads((out / "metrics.json").read_text()), stdout
 
 
 def test_eval_on_the_validation_split_reproduces_training_validation(tmp_path, data_root, capsys, monkeypatch):
@@ -415,16 +408,15 @@ def test_eval_on_the_validation_split_reproduces_training_validation(tmp_path, d
     from test_cli import tiny
 
     run = tmp_path / "run"
-    _train_here(capsys, *tiny(data_root, run, "callbacks=none", "trainer.precision=32-true", "seed=7",
-                              "data.val_scenes=3", "data.eval_context_size=3"))
+    run_main("gqn-train", tiny(data_root, run, "callbacks=none", "trainer.precision=32-true", "seed=7",
+                               "data.val_scenes=3", "data.eval_context_size=3"), capsys, check=True)
     rows = list(csv.DictReader((run / "csv" / "version_0" / "metrics.csv").read_text().splitlines()))
     logged = next(r for r in rows if r.get("val/psnr_model"))
     reports, stdout = {}, {}
     for split in ("val", "test"):
         out = tmp_path / f"eval_{split}"
-        reports[split], stdout[split] = _eval_here(capsys, f"ckpt_path={run / 'checkpoints' / 'last.ckpt'}",
-                                                   f"paths.data_dir={data_root}", f"hydra.run.dir={out}",
-                                                   "num_workers=0", f"split={split}")
+        reports[split], stdout[split] = _eval_here(capsys, out, f"ckpt_path={run / 'checkpoints' / 'last.ckpt'}",
+                                                   f"paths.data_dir={data_root}", "num_workers=0", f"split={split}")
     val, test = reports["val"], reports["test"]
     assert stdout["val"].startswith("the training run's validation split (val_files=2, val_fraction=0.02, "
                                     "split_seed=0, val_scenes=3), 3 context views drawn with seed 7\n"
@@ -436,8 +428,8 @@ def test_eval_on_the_validation_split_reproduces_training_validation(tmp_path, d
     assert val["metrics"]["psnr_nearest_view"] != pytest.approx(test["metrics"]["psnr_nearest_view"], abs=1e-3)
     # another seed draws other views of the same three scenes; an option on the command line wins
     out = tmp_path / "eval_val_seed"
-    other, _ = _eval_here(capsys, f"ckpt_path={run / 'checkpoints' / 'last.ckpt'}", f"paths.data_dir={data_root}",
-                          f"hydra.run.dir={out}", "num_workers=0", "split=val", "seed=8", "data.val_scenes=2")
+    other, _ = _eval_here(capsys, out, f"ckpt_path={run / 'checkpoints' / 'last.ckpt'}", f"paths.data_dir={data_root}",
+                          "num_workers=0", "split=val", "seed=8", "data.val_scenes=2")
     assert (other["seed"], other["scenes"]) == (8, 2)
     assert "val_scenes" not in other["split_settings"] and "seed 8" in other["split_settings"]
 
@@ -445,13 +437,12 @@ def test_eval_on_the_validation_split_reproduces_training_validation(tmp_path, d
     # numbers are its own (as gqn-eval of it alone on those views gives them), the paired differences are this
     # minus the baseline scene by scene, and a checkpoint against itself differs by exactly nothing
     base = tmp_path / "base"
-    _train_here(capsys, *tiny(data_root, base, "callbacks=none", "trainer.precision=32-true", "seed=2",
-                              "data.val_scenes=3"))
+    run_main("gqn-train", tiny(data_root, base, "callbacks=none", "trainer.precision=32-true", "seed=2",
+                               "data.val_scenes=3"), capsys, check=True)
     ckpt, base_ckpt = run / "checkpoints" / "last.ckpt", base / "checkpoints" / "last.ckpt"
 
     def evaluate(name, *args):
-        return _eval_here(capsys, f"paths.data_dir={data_root}", f"hydra.run.dir={tmp_path / name}", "num_workers=0",
-                          "split=val", *args)
+        return _eval_here(capsys, tmp_path / name, f"paths.data_dir={data_root}", "num_workers=0", "split=val", *args)
 
     alone, _ = evaluate("alone", f"ckpt_path={base_ckpt}", "seed=7", "context_size=3")  # this run's views
     paired, stdout = evaluate("paired", f"ckpt_path={ckpt}", f"baseline_ckpt_path={base_ckpt}")
