@@ -14,14 +14,12 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import hydra
-import lightning as L
-import torch
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
-from data_modules.datasets import dataset_info
 from gqn import CONF_DIR
 from gqn.cli import (
     UserError,
@@ -35,8 +33,12 @@ from gqn.cli import (
     require_ckpt_path,
     resolve_ckpt,
 )
-from gqn.gqn_module import GQNModule
 from gqn.precision import flush_denormals
+
+if TYPE_CHECKING:  # torch, Lightning and the model load where they are used: `gqn-eval --help` answers in ~1 s
+    import torch
+
+    from gqn.gqn_module import GQNModule
 
 #: gqn-eval weights=... / baseline_weights=...: a checkpoint's ``state_dict`` (where the run kept a moving average of
 #: its weights, ``callbacks.ema``, that average), or the trained weights it keeps beside it (``current_model_state``)
@@ -73,6 +75,8 @@ def load_module(ckpt_path: str, output_dir: str = "outputs", key: str = "ckpt_pa
         more = f" and {len(bad) - 1} more tensors" if len(bad) > 1 else ""
         raise UserError(f"checkpoint {path} holds non-finite weights ({bad[0]}{more}): it comes from a diverged "
                         f"run; use an earlier checkpoint")
+    from gqn.gqn_module import GQNModule
+
     try:
         module = GQNModule.load_from_checkpoint(path, map_location="cpu")
     except Exception as err:  # a file that is not a Lightning checkpoint of this model
@@ -153,6 +157,8 @@ def per_scene_metrics(module: GQNModule, loader, limit_batches: int | None, devi
                       split: str = "test", baseline: GQNModule | None = None) -> dict:
     """``{metric: [S]}`` over the scenes of one pass of ``loader`` (see GQNModule.evaluation_metrics); with a
     ``baseline`` module, also its metrics on the same batches, as ``baseline/<metric>``."""
+    import torch
+
     values: dict[str, list[torch.Tensor]] = {}
     scored = {"": module} if baseline is None else {"": module, "baseline/": baseline}
     with torch.inference_mode():
@@ -173,6 +179,11 @@ def evaluate(cfg: DictConfig) -> dict:
     files, as training validates): the mean over scenes of each metric (per scene first averaged over ``draws``
     draws of the context views), with its standard error and 95% interval over scenes."""
     flush_denormals()  # first: the OpenMP threads torch starts later inherit the mode
+    import lightning as L
+    import torch
+
+    from data_modules.datasets import dataset_info
+
     require_ckpt_path(cfg)
     if cfg.get("split") not in SPLITS:
         raise UserError(f"split must be one of {', '.join(SPLITS)} (val: the validation split carved from the "

@@ -8,16 +8,11 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import hydra
-import imageio.v3 as iio
-import numpy as np
-import torch
-import yaml
 from omegaconf import DictConfig, OmegaConf
-from PIL import Image
 
-from callbacks.media import to_uint8
 from gqn import CONF_DIR
 from gqn.cli import (
     UserError,
@@ -30,11 +25,16 @@ from gqn.cli import (
 )
 from gqn.eval import load_module
 from gqn.precision import flush_denormals
-from gqn.trajectory import orbit, pose_from_camera
+
+if TYPE_CHECKING:  # torch, numpy and the media libraries load where they are used: `gqn-render --help` answers fast
+    import numpy as np
+    import torch
 
 
 def _uint8(img: torch.Tensor, scale: int = 1) -> np.ndarray:
     """``[3, H, W]`` in [0, 1] -> uint8 ``[H*scale, W*scale, 3]`` (nearest-neighbour upscaling)."""
+    from callbacks.media import to_uint8
+
     a = to_uint8(img)
     return a.repeat(scale, 0).repeat(scale, 1) if scale > 1 else a
 
@@ -46,6 +46,13 @@ def _is_camera(value) -> bool:
 
 def context_from_file(path: str, image_size: int):
     """Context from a YAML/JSON file ``{images: [...], cameras: [[x, y, z, yaw, pitch], ...]}``."""
+    import numpy as np
+    import torch
+    import yaml
+    from PIL import Image
+
+    from gqn.trajectory import pose_from_camera
+
     p = Path(path)
     if not p.is_file():
         raise UserError(f"context_file {path} does not exist")
@@ -86,6 +93,9 @@ def context_from_file(path: str, image_size: int):
 
 def context_from_dataset(cfg: DictConfig, image_size: int):
     """Context views (and the remaining views as ground truth) of one dataset scene."""
+    import numpy as np
+    import torch
+
     from data_modules.records import camera_to_pose, iter_records, parse_scene
 
     dm = hydra.utils.instantiate(cfg.data, num_workers=0)
@@ -110,6 +120,10 @@ def context_from_dataset(cfg: DictConfig, image_size: int):
 
 
 def trajectory_poses(cfg: DictConfig, context_poses: torch.Tensor) -> torch.Tensor:
+    import torch
+
+    from gqn.trajectory import orbit, pose_from_camera
+
     t = cfg.trajectory
     if t.kind == "orbit":
         return orbit(context_poses, frames=t.frames, radius=t.radius, height=t.height, pitch=t.pitch,
@@ -132,6 +146,10 @@ OPTIONS = {"scene_index": (int, 0), "num_context": (int, 1), "mean": (bool, None
 
 def render(cfg: DictConfig) -> dict:
     flush_denormals()  # first: the OpenMP threads torch starts later inherit the mode
+    import imageio.v3 as iio
+    import numpy as np
+    from PIL import Image
+
     require_ckpt_path(cfg)
     check_options(cfg, OPTIONS)
     if not cfg.context_file and cfg.split not in ("train", "test"):

@@ -8,18 +8,13 @@
 
 from __future__ import annotations
 
+import functools
 import sys
 
 import hydra
-import lightning as L
 from hydra.core.hydra_config import HydraConfig
-from lightning.pytorch.callbacks import LearningRateMonitor, ModelSummary
-from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
-from callbacks.averaging import WeightEMA
-from callbacks.guards import GracefulStop
-from callbacks.throughput import FlopsSummary
 from gqn import CONF_DIR
 from gqn.cli import (
     UserError,
@@ -42,9 +37,23 @@ from gqn.cli import (
 )
 from gqn.precision import flush_denormals
 
+# Lightning, torch and the callbacks are imported where training starts, not here: `gqn-train --help` and `--cfg job`
+# answer without them (~1 s instead of ~7-10 s on a 2-core CPU)
 CHECKED = ("trainer", "data", "model", "module", "callbacks", "logger")  # config sections with typed targets
 #: schedule=fast was tuned on short CPU runs of model=small (<= 28k steps); past this many steps say so.
 FAST_SCHEDULE_MAX_STEPS = 100_000
+
+
+def rank_zero_only(fn):
+    """Lightning's ``rank_zero_only``, imported at the call: ``fn`` runs on the process of global rank 0 only."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        from lightning.pytorch.utilities import rank_zero_only as on_rank_zero
+
+        return on_rank_zero(fn)(*args, **kwargs)
+
+    return wrapper
 
 
 def instantiate_dict(cfg: DictConfig | None) -> list:
@@ -95,6 +104,13 @@ def train(cfg: DictConfig, extra_callbacks: list | None = None) -> float | None:
     SIGINT/SIGTERM saves ``last.ckpt`` and raises ``SystemExit(130 / 143)``.
     """
     flush_denormals()  # first: the OpenMP threads torch starts later inherit the mode
+    import lightning as L
+    from lightning.pytorch.callbacks import LearningRateMonitor, ModelSummary
+
+    from callbacks.averaging import WeightEMA
+    from callbacks.guards import GracefulStop
+    from callbacks.throughput import FlopsSummary
+
     check_config_types(cfg, CHECKED)
     check_run(cfg)
     ckpt = resolve_ckpt(cfg.get("ckpt_path"), checkpoint_roots(cfg), announce="gqn-train")
