@@ -46,7 +46,7 @@ def test_train_help_lists_config_groups(capsys):
 
 def test_help_and_cfg_do_not_import_torch_or_lightning():
     """`--help` and `--cfg job` of gqn-train/eval/render only print: they answer without importing torch or Lightning
-    (~1-2 s on 2 cores instead of 7-16 s). One fresh interpreter, as a console script starts."""
+    (~1 s on 2 cores instead of 7-10 s). One fresh interpreter, as a console script starts."""
     code = """
 import sys
 from gqn import eval, render, train
