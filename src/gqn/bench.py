@@ -421,8 +421,8 @@ def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     from gqn.precision import flush_denormals
 
-    flush_denormals()  # as gqn-train: first, so that the OpenMP threads torch starts inherit the mode
     if argv[:1] == ["_train_child"]:
+        flush_denormals()  # as gqn-train: first, so that the OpenMP threads torch starts inherit the mode
         name, path, batch, context, steps, ckpt, precision, compiled, device, backend = argv[1:11]
         spec = json.loads(argv[11]) if len(argv) > 11 else None
         print(json.dumps(_train_child(name, path == "fast", int(batch), int(context), int(steps), bool(int(ckpt)),
@@ -458,6 +458,7 @@ def main(argv=None) -> int:
                         "whose speed drifts then slows every row alike)")
     p.add_argument("--out", default="bench", help="directory for the JSON results")
     args = p.parse_args(argv)
+    flush_denormals()  # after parsing (--help answers without torch), before torch's first op starts its threads
     if args.checkpoint_steps and "reference" in args.paths:
         p.error("--checkpoint-steps needs --paths fast (the reference path has no activation checkpointing)")
     precisions = list(dict.fromkeys(PRECISION_ALIASES.get(x, x) for x in args.precision))
