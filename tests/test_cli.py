@@ -46,8 +46,8 @@ def test_train_help_lists_config_groups(capsys):
 
 def test_help_and_cfg_do_not_import_torch_or_lightning():
     """`--help` and `--cfg job` of gqn-train/eval/render, and `--help` of gqn-data/bench, only print: they answer
-    without importing torch or Lightning (~1 s on 2 cores instead of 7-10 s; gqn-bench 2.5 s). One fresh interpreter,
-    as a console script starts."""
+    without importing torch or Lightning (~1 s on 2 cores instead of 7-10 s; gqn-bench's took 2.5 s). One fresh
+    interpreter, as a console script starts."""
     code = """
 import sys
 from gqn import bench, data_cli, eval, render, train

@@ -80,6 +80,16 @@ def test_fast_schedule_adds_the_prior_mean_loss_only_without_the_geometric_read(
     assert compose_train([], tmp_path / "s").module.prior_mean_start == 1000
 
 
+def test_small_preset_is_narrower_and_shorter_only_with_the_geometric_read(tmp_path):
+    """model=small: h 48 and L 2 with the plane-sweep read (the default experiment), h 64 and L 4 for the plain GQN
+    (~model/geometry); explicit values win either way."""
+    cases = {(): (48, 2), ("~model/geometry",): (64, 4), ("model.hidden_channels=64",): (64, 2),
+             ("~model/geometry", "model.hidden_channels=48", "model.num_steps=2"): (48, 2)}
+    for i, (overrides, (width, steps)) in enumerate(cases.items()):
+        cfg = compose_train(list(overrides), tmp_path / str(i))
+        assert (cfg.model.hidden_channels, cfg.model.num_steps) == (width, steps), overrides
+
+
 def test_run_length_belongs_to_the_experiment_not_the_hardware(tmp_path):
     default = compose_train([], tmp_path / "a")
     gpu = compose_train(["trainer=gpu"], tmp_path / "b")
