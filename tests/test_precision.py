@@ -329,9 +329,8 @@ def test_under_autocast_the_read_is_cast_once_and_the_colours_copied_in_fp32():
     """Under bf16 autocast the generator casts the geometric read (fp32) to bf16 once, in the weights' layout, for
     both convolutions that take it (each cast its own copy before, and its gradients were cast back and summed one
     by one; with the blend's concatenation ~14 % of the default's bf16 step in a profile, and without them the step
-    took 0.93x the time on an EPYC with bf16 units), and copies
-    the colours it blends from the fp32 read itself; the blend's first layer, the sum of its convs of the canvas and
-    of the read, is the conv of the two concatenated."""
+    took 0.93x the time on an EPYC with bf16 units), and copies the colours it blends from the fp32 read itself; the
+    blend's first layer, the sum of its convs of the canvas and of the read, is the conv of the two concatenated."""
     from torch.utils._python_dispatch import TorchDispatchMode
 
     from gqn.bench import build_model

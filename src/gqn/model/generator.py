@@ -26,6 +26,7 @@ from torch.utils.checkpoint import checkpoint
 
 from gqn.model.convlstm import ConvLSTMCell, broadcast_conv
 from gqn.model.distributions import kl_gaussian, split_gaussian
+from gqn.model.geometry import _autocast_dtype
 from gqn.model.representation import GRID_SCALE, _check_image_size
 
 CORE_SHARING = ("unshared", "shared", "shared_inference_generation")
@@ -386,8 +387,7 @@ class DRAWGenerator(nn.Module):
             # the read in the autocast's dtype (if any) once, for the convs that take it: else each casts its own copy,
             # forward and backward. With the weights channels-last (module.channels_last) in that layout too, in the
             # same copy. The colours to copy come from the read as it is (fp32; observe)
-            device = geometry.device.type
-            dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else geometry.dtype
+            dtype = _autocast_dtype(geometry.device.type) or geometry.dtype
             channels_last = self.geometry_in.weight.is_contiguous(memory_format=torch.channels_last)
             geometry = geometry.to(dtype, memory_format=torch.channels_last if channels_last else torch.preserve_format)
         noise = self._noise(query_poses.shape[0], representation, generator)
