@@ -216,6 +216,65 @@ def test_a_resume_of_a_checkpoint_from_before_a_loss_setting_compares_it_with_th
     assert "schedule.coarse_steps=2000 here but 0 in the checkpoint" in line and "add schedule.coarse_steps=0" in line
 
 
+def test_lr_warmup_scales_the_first_steps_and_a_bend_keeps_it():
+    """schedule.lr_warmup_steps=N: the line's factor times min(1, (step + 1) / N); a bend during the warm-up
+    continues the line itself (not the warmed-up factor); a line saved before the warm-up existed loads as none."""
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1e-3)
+    sched = linear_lr(opt, 1e-3, 1e-4, 1000, warmup_steps=100)
+    line = sched.lr_lambdas[0]
+    assert line(0) == pytest.approx(0.01 * 1.0)
+    assert line(49) == pytest.approx(0.5 * (1 - 0.9 * 49 / 1000))
+    assert line(99) == pytest.approx(1 - 0.9 * 99 / 1000) and line(500) == pytest.approx(0.55)
+    assert line.retarget(50, 500) == 500
+    assert line(50) == pytest.approx(0.51 * (1 - 0.9 * 50 / 1000))
+    assert line(500) == pytest.approx(0.1) and line(275) == pytest.approx((0.955 + 0.1) / 2)
+    state = sched.state_dict()
+    del state["lr_lambdas"][0]["warmup"]  # a checkpoint from before the option
+    old = linear_lr(torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1e-3), 1e-3, 1e-4, 1000)
+    old.load_state_dict(state)
+    assert old.lr_lambdas[0](0) == pytest.approx(0.955) and old.lr_lambdas[0](500) == pytest.approx(0.1)
+    for bad in (-1, float("nan"), True, "ten"):
+        with pytest.raises(UserError, match="schedule.lr_warmup_steps must be a number >= 0"):
+            linear_lr(torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1e-3), 1e-3, 1e-4, 1000, bad)
+
+
+def test_lr_warmup_reaches_the_optimizer(train_cfg):
+    """gqn-train schedule.lr_warmup_steps=4: the LR of the steps trained is the line scaled by (step + 1) / 4."""
+    cfg = train_cfg("schedule=paper", "schedule.lr_steps=8", "+schedule.lr_warmup_steps=4", "trainer.max_steps=6",
+                    "trainer.val_check_interval=6")
+    probe = Probe()
+    train(cfg, extra_callbacks=[probe])
+    rows = {step: lr for step, lr, _ in probe.rows}
+    for step in (0, 1, 3, 5):
+        want = (5e-4 + (5e-5 - 5e-4) * step / 8) * min(1.0, (step + 1) / 4)
+        assert rows[step] == pytest.approx(want, rel=1e-9), step
+
+
+def test_gradient_clipping_runs_with_the_fused_adam_under_bf16(train_cfg, capsys):
+    """trainer.gradient_clip_val with module.optimizer.fused (the default) under bf16-mixed: Lightning would
+    refuse the fused optimizer's gradients; gqn-train says it runs the unfused Adam, whose steps see clipped ones."""
+    cfg = train_cfg("trainer.gradient_clip_val=1e-3", "trainer.precision=bf16-mixed", "trainer.max_steps=2")
+    assert cfg.module.optimizer.fused
+    before, at_step = [], []
+
+    def total_norm(module):
+        return float(torch.nn.utils.get_total_norm([p.grad for p in module.parameters() if p.grad is not None]))
+
+    class Norms(L.Callback):
+        def on_train_start(self, trainer, module):
+            optimizer = trainer.optimizers[0]
+            assert optimizer.defaults["fused"] is False
+            optimizer.register_step_post_hook(lambda *_: at_step.append(total_norm(module)))  # the grads it stepped on
+
+        def on_before_optimizer_step(self, trainer, module, optimizer):  # Lightning clips after this hook
+            before.append(total_norm(module))
+
+    train(cfg, extra_callbacks=[Norms()])
+    assert "module.optimizer runs unfused" in capsys.readouterr().out
+    assert len(before) == len(at_step) == 2
+    assert all(n > 1e-2 for n in before) and at_step == pytest.approx([1e-3, 1e-3], rel=1e-3)
+
+
 def test_every_rank_bends_the_lr_line_to_rank_0s_horizon():
     """schedule.lr_fit_max_time under DDP: each rank measures its own pace, but all take the horizon rank 0
     broadcasts (ranks with different LRs would train different models). Here this rank's own pace gives a

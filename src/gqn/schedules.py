@@ -25,7 +25,8 @@ class LinearAnneal:
 
 
 class LinearToHorizon:
-    """An LR factor for ``LambdaLR``: 1 linearly to ``final`` at step ``horizon`` (at most ``steps``), then held.
+    """An LR factor for ``LambdaLR``: 1 linearly to ``final`` at step ``horizon`` (at most ``steps``), then held;
+    with ``warmup`` > 0, scaled by ``min(1, (step + 1) / warmup)`` (a linear warm-up over the first steps).
 
     ``retarget(step, horizon)`` bends the line at ``step`` (the factor there kept, so the LR is continuous) to
     reach ``final`` at the new horizon instead; a run that the wall-clock cap will stop early still ends its
@@ -33,13 +34,19 @@ class LinearToHorizon:
     continues the bent line.
     """
 
-    def __init__(self, final: float, steps: float):
+    def __init__(self, final: float, steps: float, warmup: float = 0):
         self.final = float(final)
+        self.warmup = float(warmup)
         self.steps = float(steps)  # the configured length of the anneal: a retarget never goes beyond it
         self.horizon = float(steps)
         self.anchor_step, self.anchor = 0.0, 1.0
 
     def __call__(self, step: int) -> float:
+        warmup = getattr(self, "warmup", 0.0)  # a checkpoint's line from before the warm-up existed has none
+        return self.line(step) * (min(1.0, (step + 1) / warmup) if warmup > 0 else 1.0)
+
+    def line(self, step: int) -> float:
+        """The factor without the warm-up."""
         if step >= self.horizon:
             return self.final
         if step <= self.anchor_step:
@@ -50,7 +57,7 @@ class LinearToHorizon:
     def retarget(self, step: int, horizon: float) -> float:
         """Reach ``final`` at ``min(horizon, steps)`` from ``step`` on; returns the horizon taken."""
         horizon = max(min(float(horizon), self.steps), float(step))
-        self.anchor, self.anchor_step, self.horizon = self(step), float(step), horizon
+        self.anchor, self.anchor_step, self.horizon = self.line(step), float(step), horizon
         return horizon
 
 
@@ -63,8 +70,9 @@ def max_time_left(trainer) -> float | None:
 
 
 def linear_lr(optimizer: torch.optim.Optimizer, lr_init: float, lr_final: float,
-              steps: float) -> torch.optim.lr_scheduler.LambdaLR:
-    """The LR from ``lr_init`` linearly to ``lr_final`` over ``steps`` optimizer steps, then held.
+              steps: float, warmup_steps: float = 0) -> torch.optim.lr_scheduler.LambdaLR:
+    """The LR from ``lr_init`` linearly to ``lr_final`` over ``steps`` optimizer steps, then held; with
+    ``warmup_steps`` > 0 the LR of the first steps is scaled from ``1 / warmup_steps`` up to 1 (linear warm-up).
 
     A ``LambdaLR`` over a :class:`LinearToHorizon` (its step count and line are saved in checkpoints, so a
     resumed run continues the line; ``schedule.lr_fit_max_time`` may end the line earlier). The
@@ -79,4 +87,6 @@ def linear_lr(optimizer: torch.optim.Optimizer, lr_init: float, lr_final: float,
                 f"module.optimizer.lr={group['lr']:g} but the LR schedule starts at schedule.lr_init={lr_init:g}: "
                 f"the LR lives in the schedule group, set schedule.lr_init (and schedule.lr_final) instead"
             )
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, LinearToHorizon(lr_final / lr_init, steps))
+    if not isinstance(warmup_steps, (int, float)) or isinstance(warmup_steps, bool) or not 0 <= warmup_steps < math.inf:
+        raise UserError(f"schedule.lr_warmup_steps must be a number >= 0 (0: no warm-up), got {warmup_steps!r}")
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, LinearToHorizon(lr_final / lr_init, steps, warmup_steps))

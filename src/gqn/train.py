@@ -93,6 +93,11 @@ def _say_precision(name: str) -> None:
 
 
 @rank_zero_only
+def _say(message: str) -> None:
+    print(f"gqn-train: {message}", flush=True)
+
+
+@rank_zero_only
 def _warn(message: str) -> None:
     print(f"gqn-train: warning: {message}", file=sys.stderr, flush=True)
 
@@ -123,6 +128,11 @@ def train(cfg: DictConfig, extra_callbacks: list | None = None) -> float | None:
             OmegaConf.update(cfg, key, value, merge=False)
     L.seed_everything(cfg.seed, workers=True)
     datamodule = hydra.utils.instantiate(cfg.data)
+    if cfg.trainer.get("gradient_clip_val") and (cfg.module.get("optimizer") or {}).get("fused"):
+        # Lightning refuses to clip a fused optimizer's gradients under mixed precision (it would unscale them
+        # itself); the unfused Adam makes the same update
+        _say("trainer.gradient_clip_val is set, so module.optimizer runs unfused (the same update)")
+        OmegaConf.update(cfg, "module.optimizer.fused", False, merge=False)
     module = hydra.utils.instantiate(cfg.module, _recursive_=False)
     if ckpt is not None:  # a resume with other data or loss settings, or another LR line, trains on, and says so
         stream = {"dataset": datamodule.dataset, "seed": datamodule.seed, **datamodule.stream_settings()}
