@@ -375,6 +375,8 @@ CASES = [
     ("val-check-interval-0", "gqn-train", lambda w: _train(w, "trainer.val_check_interval=0"), 2,
      ["trainer.val_check_interval must be a whole number >= 1 (validate every N training steps) or a fraction in "
       "(0, 1] of an epoch, got 0"]),
+    ("lr-warmup-negative", "gqn-train", lambda w: _train(w, "schedule.lr_warmup_steps=-5"), 2,
+     ["schedule.lr_warmup_steps must be a number >= 0 (the steps the LR warms up over; 0: none), got -5"]),
     ("sigma-warmup-negative", "gqn-train", lambda w: _train(w, "module.sigma_warmup_steps=-5"), 2,
      ["module.sigma_warmup_steps must be a number of steps >= 0, got -5"]),
     ("geometry-sweep-size-0", "gqn-train", lambda w: _train(w, "model.geometry.sweep_size=0"), 2,

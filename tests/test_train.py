@@ -233,9 +233,6 @@ def test_lr_warmup_scales_the_first_steps_and_a_bend_keeps_it():
     old = linear_lr(torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1e-3), 1e-3, 1e-4, 1000)
     old.load_state_dict(state)
     assert old.lr_lambdas[0](0) == pytest.approx(0.955) and old.lr_lambdas[0](500) == pytest.approx(0.1)
-    for bad in (-1, float("nan"), True, "ten"):
-        with pytest.raises(UserError, match="schedule.lr_warmup_steps must be a number >= 0"):
-            linear_lr(torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1e-3), 1e-3, 1e-4, 1000, bad)
 
 
 def test_lr_warmup_reaches_the_optimizer(train_cfg):

@@ -41,9 +41,10 @@ def check_schedule(schedule, lines: bool = True) -> None:
     if steps is not None and (not finite_number(steps) or steps < 1):
         raise ValueError(f"schedule.lr_steps must be a number >= 1 (the steps the LR line takes from lr_init to "
                          f"lr_final), got {steps!r}; with trainer.max_steps=-1 (no limit) set schedule.lr_steps=N")
-    steps = schedule.get("sigma_steps")
-    if steps is not None and (not finite_number(steps) or steps < 0):
-        raise ValueError(f"schedule.sigma_steps must be a number >= 0, got {steps!r}")
+    for key, what in (("sigma_steps", ""), ("lr_warmup_steps", " (the steps the LR warms up over; 0: none)")):
+        steps = schedule.get(key)
+        if steps is not None and (not finite_number(steps) or steps < 0):
+            raise ValueError(f"schedule.{key} must be a number >= 0{what}, got {steps!r}")
 
 
 def check_coarse(schedule, model) -> None:

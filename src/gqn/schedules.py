@@ -87,6 +87,4 @@ def linear_lr(optimizer: torch.optim.Optimizer, lr_init: float, lr_final: float,
                 f"module.optimizer.lr={group['lr']:g} but the LR schedule starts at schedule.lr_init={lr_init:g}: "
                 f"the LR lives in the schedule group, set schedule.lr_init (and schedule.lr_final) instead"
             )
-    if not isinstance(warmup_steps, (int, float)) or isinstance(warmup_steps, bool) or not 0 <= warmup_steps < math.inf:
-        raise UserError(f"schedule.lr_warmup_steps must be a number >= 0 (0: no warm-up), got {warmup_steps!r}")
     return torch.optim.lr_scheduler.LambdaLR(optimizer, LinearToHorizon(lr_final / lr_init, steps, warmup_steps))
