@@ -42,8 +42,7 @@ class LinearToHorizon:
         self.anchor_step, self.anchor = 0.0, 1.0
 
     def __call__(self, step: int) -> float:
-        warmup = getattr(self, "warmup", 0.0)  # a checkpoint's line from before the warm-up existed has none
-        return self.line(step) * (min(1.0, (step + 1) / warmup) if warmup > 0 else 1.0)
+        return self.line(step) * (min(1.0, (step + 1) / self.warmup) if self.warmup > 0 else 1.0)
 
     def line(self, step: int) -> float:
         """The factor without the warm-up."""
