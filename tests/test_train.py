@@ -222,7 +222,7 @@ def test_lr_warmup_scales_the_first_steps_and_a_bend_keeps_it():
     opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1e-3)
     sched = linear_lr(opt, 1e-3, 1e-4, 1000, warmup_steps=100)
     line = sched.lr_lambdas[0]
-    assert line(0) == pytest.approx(0.01 * 1.0)
+    assert line(0) == pytest.approx(0.01)
     assert line(49) == pytest.approx(0.5 * (1 - 0.9 * 49 / 1000))
     assert line(99) == pytest.approx(1 - 0.9 * 99 / 1000) and line(500) == pytest.approx(0.55)
     assert line.retarget(50, 500) == 500
@@ -237,7 +237,7 @@ def test_lr_warmup_scales_the_first_steps_and_a_bend_keeps_it():
 
 def test_lr_warmup_reaches_the_optimizer(train_cfg):
     """gqn-train schedule.lr_warmup_steps=4: the LR of the steps trained is the line scaled by (step + 1) / 4."""
-    cfg = train_cfg("schedule=paper", "schedule.lr_steps=8", "+schedule.lr_warmup_steps=4", "trainer.max_steps=6",
+    cfg = train_cfg("schedule=paper", "schedule.lr_steps=8", "schedule.lr_warmup_steps=4", "trainer.max_steps=6",
                     "trainer.val_check_interval=6")
     probe = Probe()
     train(cfg, extra_callbacks=[probe])
