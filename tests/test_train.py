@@ -272,6 +272,19 @@ def test_gradient_clipping_runs_with_the_fused_adam_under_bf16(train_cfg, capsys
     assert all(n > 1e-2 for n in before) and at_step == pytest.approx([1e-3, 1e-3], rel=1e-3)
 
 
+def test_gradient_clipping_in_full_precision_keeps_the_fused_adam(train_cfg, capsys):
+    """Only mixed precision makes Lightning refuse a fused optimizer's clipping: in 32-true it stays fused."""
+    cfg = train_cfg("trainer.gradient_clip_val=1e-3", "trainer.precision=32-true", "trainer.max_steps=1")
+    fused = []
+
+    class Fused(L.Callback):
+        def on_train_start(self, trainer, module):
+            fused.append(trainer.optimizers[0].defaults["fused"])
+
+    train(cfg, extra_callbacks=[Fused()])
+    assert fused == [True] and "runs unfused" not in capsys.readouterr().out
+
+
 def test_every_rank_bends_the_lr_line_to_rank_0s_horizon():
     """schedule.lr_fit_max_time under DDP: each rank measures its own pace, but all take the horizon rank 0
     broadcasts (ranks with different LRs would train different models). Here this rank's own pace gives a

@@ -89,12 +89,12 @@ def _say_precision(name: str) -> None:
     why = ""
     if precision.cpu_bf16_speedup.cache_info().currsize:  # ${gqn_precision:} measured (or read) it in this run
         why = f" (bf16 autocast measured {precision.cpu_bf16_speedup():.2f}x the fp32 speed on this CPU)"
-    print(f"gqn-train: precision {name}{why}", flush=True)  # stdout: stderr is for the one-line errors
+    _say(f"precision {name}{why}")
 
 
 @rank_zero_only
 def _say(message: str) -> None:
-    print(f"gqn-train: {message}", flush=True)
+    print(f"gqn-train: {message}", flush=True)  # stdout: stderr is for the one-line errors
 
 
 @rank_zero_only
@@ -128,10 +128,12 @@ def train(cfg: DictConfig, extra_callbacks: list | None = None) -> float | None:
             OmegaConf.update(cfg, key, value, merge=False)
     L.seed_everything(cfg.seed, workers=True)
     datamodule = hydra.utils.instantiate(cfg.data)
-    if cfg.trainer.get("gradient_clip_val") and (cfg.module.get("optimizer") or {}).get("fused"):
+    if cfg.trainer.get("gradient_clip_val") and (cfg.module.get("optimizer") or {}).get("fused") \
+            and "mixed" in str(cfg.trainer.get("precision")):
         # Lightning refuses to clip a fused optimizer's gradients under mixed precision (it would unscale them
-        # itself); the unfused Adam makes the same update
-        _say("trainer.gradient_clip_val is set, so module.optimizer runs unfused (the same update)")
+        # itself); the unfused Adam makes the same update. Full precision clips the fused one.
+        _say("trainer.gradient_clip_val is set under mixed precision, so module.optimizer runs unfused (the same "
+             "update)")
         OmegaConf.update(cfg, "module.optimizer.fused", False, merge=False)
     module = hydra.utils.instantiate(cfg.module, _recursive_=False)
     if ckpt is not None:  # a resume with other data or loss settings, or another LR line, trains on, and says so
