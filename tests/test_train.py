@@ -247,42 +247,51 @@ def test_lr_warmup_reaches_the_optimizer(train_cfg):
         assert rows[step] == pytest.approx(want, rel=1e-9), step
 
 
+class ClipProbe(L.Callback):
+    """The gradients' total norm before Lightning clips them and as the optimizer steps on them (a step post-hook),
+    and whether the optimizer trained is the fused one."""
+
+    def __init__(self):
+        self.before, self.at_step, self.fused = [], [], None
+
+    @staticmethod
+    def total_norm(module):
+        return float(torch.nn.utils.get_total_norm([p.grad for p in module.parameters() if p.grad is not None]))
+
+    def on_train_start(self, trainer, module):
+        optimizer = trainer.optimizers[0]
+        self.fused = optimizer.defaults["fused"]
+        optimizer.register_step_post_hook(lambda *_: self.at_step.append(self.total_norm(module)))
+
+    def on_before_optimizer_step(self, trainer, module, optimizer):  # Lightning clips after this hook
+        self.before.append(self.total_norm(module))
+
+    def assert_clipped(self, steps, clip):
+        assert len(self.before) == len(self.at_step) == steps
+        assert all(n > 10 * clip for n in self.before) and self.at_step == pytest.approx([clip] * steps, rel=1e-3)
+
+
 def test_gradient_clipping_runs_with_the_fused_adam_under_bf16(train_cfg, capsys):
     """trainer.gradient_clip_val with module.optimizer.fused (the default) under bf16-mixed: Lightning would
     refuse the fused optimizer's gradients; gqn-train says it runs the unfused Adam, whose steps see clipped ones."""
     cfg = train_cfg("trainer.gradient_clip_val=1e-3", "trainer.precision=bf16-mixed", "trainer.max_steps=2")
     assert cfg.module.optimizer.fused
-    before, at_step = [], []
-
-    def total_norm(module):
-        return float(torch.nn.utils.get_total_norm([p.grad for p in module.parameters() if p.grad is not None]))
-
-    class Norms(L.Callback):
-        def on_train_start(self, trainer, module):
-            optimizer = trainer.optimizers[0]
-            assert optimizer.defaults["fused"] is False
-            optimizer.register_step_post_hook(lambda *_: at_step.append(total_norm(module)))  # the grads it stepped on
-
-        def on_before_optimizer_step(self, trainer, module, optimizer):  # Lightning clips after this hook
-            before.append(total_norm(module))
-
-    train(cfg, extra_callbacks=[Norms()])
+    probe = ClipProbe()
+    train(cfg, extra_callbacks=[probe])
     assert "module.optimizer runs unfused" in capsys.readouterr().out
-    assert len(before) == len(at_step) == 2
-    assert all(n > 1e-2 for n in before) and at_step == pytest.approx([1e-3, 1e-3], rel=1e-3)
+    assert probe.fused is False
+    probe.assert_clipped(2, 1e-3)
 
 
 def test_gradient_clipping_in_full_precision_keeps_the_fused_adam(train_cfg, capsys):
-    """Only mixed precision makes Lightning refuse a fused optimizer's clipping: in 32-true it stays fused."""
-    cfg = train_cfg("trainer.gradient_clip_val=1e-3", "trainer.precision=32-true", "trainer.max_steps=1")
-    fused = []
-
-    class Fused(L.Callback):
-        def on_train_start(self, trainer, module):
-            fused.append(trainer.optimizers[0].defaults["fused"])
-
-    train(cfg, extra_callbacks=[Fused()])
-    assert fused == [True] and "runs unfused" not in capsys.readouterr().out
+    """Only mixed precision makes Lightning refuse a fused optimizer's clipping: in 32-true it stays fused, and
+    the fused steps see clipped gradients."""
+    cfg = train_cfg("trainer.gradient_clip_val=1e-3", "trainer.precision=32-true", "trainer.max_steps=2")
+    probe = ClipProbe()
+    train(cfg, extra_callbacks=[probe])
+    assert "runs unfused" not in capsys.readouterr().out
+    assert probe.fused is True
+    probe.assert_clipped(2, 1e-3)
 
 
 def test_every_rank_bends_the_lr_line_to_rank_0s_horizon():
