@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from gqn.model import GQN, AttentionTower, Pool, Pyramid, Tower
-from gqn.model.convlstm import broadcast_conv
+from gqn.model.convlstm import ConvLSTMCell, broadcast_conv
 from gqn.model.distributions import kl_gaussian
 from gqn.model.geometry import PlaneSweep
 
@@ -157,6 +157,33 @@ def test_broadcast_conv_is_exact():
     code, w = torch.randn(3, 6, generator=g), torch.randn(10, 6, 5, 5, generator=g)
     ref = torch.nn.functional.conv2d(code[:, :, None, None].expand(-1, -1, 7, 7), w, padding=2)
     assert torch.allclose(broadcast_conv(code, w, 7), ref, atol=1e-5)
+    for dilation in (2, 3):  # the taps dilation apart, zero padding dilation * 2
+        ref = F.conv2d(code[:, :, None, None].expand(-1, -1, 7, 7), w, padding=2 * dilation, dilation=dilation)
+        assert torch.allclose(broadcast_conv(code, w, 7, dilation), ref, atol=1e-5)
+
+
+def test_cell_group_kernels_and_dilation():
+    """A cell with per-group kernels convolves each group with its own kernel (the smaller ones zero-padded, not
+    cropped: the same as separate convolutions), and its dilation spaces the taps: a 3x3 kernel at dilation 2
+    reaches two grid positions away and not one."""
+    torch.manual_seed(0)
+    cell = ConvLSTMCell({"v": 2, "z": 3}, 4, kernel_size=5, kernel_sizes={"h": 3, "z": 3, "a": 3})
+    assert {n: w.shape[-1] for n, w in cell.weight.items()} == {"v": 5, "z": 3, "h": 3}  # no "a" group: ignored
+    v, z, h = torch.randn(2, 2, 6, 6), torch.randn(2, 3, 6, 6), torch.randn(2, 4, 6, 6)
+    ref = (F.conv2d(v, cell.weight["v"], padding=2) + F.conv2d(z, cell.weight["z"], padding=1)
+           + F.conv2d(h, cell.weight["h"], padding=1))
+    assert torch.allclose(cell.conv(torch.cat([v, z, h], 1), ["v", "z", "h"]), ref, atol=1e-5)
+    assert torch.allclose(cell.conv(torch.cat([z, h], 1), ["z", "h"]), ref - F.conv2d(v, cell.weight["v"], padding=2),
+                          atol=1e-5)
+    dilated = ConvLSTMCell({"v": 1}, 1, kernel_size=3, dilation=2)
+    impulse = torch.zeros(1, 1, 9, 9)
+    impulse[0, 0, 4, 4] = 1
+    reach = dilated.conv(impulse, ["v"])[0].abs().sum(0)
+    assert reach.shape == (9, 9) and (reach != 0).nonzero().tolist() == [[y, x] for y in (2, 4, 6) for x in (2, 4, 6)]
+    with pytest.raises(ValueError, match="dilation must be >= 1"):
+        ConvLSTMCell({"v": 1}, 1, dilation=0)
+    with pytest.raises(ValueError, match="must be odd"):
+        ConvLSTMCell({"v": 1}, 1, kernel_sizes={"h": 4})
 
 
 def _rel(a, b):
@@ -173,7 +200,10 @@ def _rel(a, b):
     + [("tower", s, {"canvas_kernel": 8}) for s in SHARING]
     + [("tower", "shared", {"canvas_kernel": 8, "geometry": True})]
     + [("tower", "shared", {"geometry": "agreement", "geometry_match": 10.0})]
-    + [("tower", "unshared", {"geometry": "resample", "geometry_mix_widths": [8, 8]})],
+    + [("tower", "unshared", {"geometry": "resample", "geometry_mix_widths": [8, 8]})]
+    + [(e, s, {"step_kernel_size": 3, "dilation": 2}) for e, s in itertools.product(["tower", "attention"], SHARING)]
+    + [("pool", "shared", {"step_kernel_size": 3, "dilation": 2, "geometry": True})]
+    + [("tower", "unshared", {"dilation": 2})],
 )
 def test_fast_path_equals_reference(encoder, sharing, options):
     """Outputs and gradients of the optimised DRAW loop within 1e-4 relative of the reference (float32)."""
@@ -271,6 +301,21 @@ def test_grid_coords_and_inference_kernel_reach_the_output(fast):
         assert not torch.allclose(elbo, elbo_off)
         elbo = elbo_off
     assert not torch.allclose(render, render_off)  # the prior path sees the generation core's coords
+
+
+def test_step_kernel_and_dilation_reach_only_the_generation_core():
+    """model.step_kernel_size gives the generation core's per-step inputs (h, z) their own kernel while v and r keep
+    kernel_size; model.dilation spaces the generation core's taps (the same weights render differently), and the
+    inference core keeps its own kernel, undilated."""
+    torch.manual_seed(0)
+    model = make_model("tower", "shared", steps=2, step_kernel_size=3, dilation=2, inference_kernel_size=3)
+    gen, inf = model.generator.generation_cores[0], model.generator.inference_cores[0]
+    assert {n: w.shape[-1] for n, w in gen.weight.items()} == {"v": 5, "r": 5, "z": 3, "h": 3}
+    assert gen.dilation == 2 and inf.dilation == 1 and {w.shape[-1] for w in inf.weight.values()} == {3}
+    ci, cp, qi, qp = batch()
+    render = model.sample(ci, cp, qp, mean=True)
+    gen.dilation = 1
+    assert not torch.allclose(render, model.sample(ci, cp, qp, mean=True))
 
 
 def test_attention_reads_the_views_not_only_their_sum():

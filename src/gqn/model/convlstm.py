@@ -15,40 +15,55 @@ import torch.nn.functional as F
 from torch import nn
 
 
-def broadcast_conv(code: torch.Tensor, weight: torch.Tensor, size: int) -> torch.Tensor:
-    """Exact ``conv2d(code broadcast over size x size, weight, padding=k//2)`` without the convolution.
+def broadcast_conv(code: torch.Tensor, weight: torch.Tensor, size: int, dilation: int = 1) -> torch.Tensor:
+    """Exact ``conv2d(code broadcast over size x size, weight, padding=dilation*(k//2), dilation=dilation)``
+    without the convolution.
 
     code ``[B, C]``, weight ``[O, C, k, k]`` -> ``[B, O, size, size]``. Each output pixel sums the kernel
     offsets that fall inside the zero-padded grid, so the result is one small matrix product per offset
     (``[B, O, k, k]``) followed by a separable border mask.
     """
     k = weight.shape[-1]
-    pad = k // 2
+    pad = dilation * (k // 2)
     per_offset = torch.einsum("bc,ocyx->boyx", code, weight)  # [B, O, k, k]
     pos = torch.arange(size, device=code.device)
-    offs = torch.arange(k, device=code.device)
+    offs = torch.arange(k, device=code.device) * dilation
     src = pos[None, :] + offs[:, None] - pad  # [k, size] input row read by offset y at output row i
     valid = ((src >= 0) & (src < size)).to(code.dtype)  # [k, size]
     return torch.einsum("boyx,yi,xj->boij", per_offset, valid, valid)
 
 
 class ConvLSTMCell(nn.Module):
-    """A ConvLSTM cell with inputs given as a dict of named groups (see module docstring)."""
+    """A ConvLSTM cell with inputs given as a dict of named groups (see module docstring).
 
-    def __init__(self, input_channels: dict[str, int], hidden_channels: int, kernel_size: int = 5):
+    ``kernel_sizes`` gives some groups (``"h"`` among them) their own kernel instead of ``kernel_size``; a
+    convolution over several groups pads the smaller kernels with zeros (centred), so it stays exact.
+    ``dilation`` spaces every kernel's taps (padding ``dilation * (k // 2)``: the grid keeps its size).
+    """
+
+    def __init__(self, input_channels: dict[str, int], hidden_channels: int, kernel_size: int = 5,
+                 kernel_sizes: dict[str, int] | None = None, dilation: int = 1):
         super().__init__()
-        if kernel_size % 2 != 1:
-            raise ValueError(f"ConvLSTM kernel_size must be odd, got {kernel_size}")
+        groups = {**dict(input_channels), "h": hidden_channels}
+        sizes = {name: kernel_size for name in groups}
+        for name, k in (kernel_sizes or {}).items():
+            if name in sizes:  # a group this cell does not take (e.g. no attention read) is ignored
+                sizes[name] = k
+        for k in {kernel_size, *sizes.values()}:
+            if k % 2 != 1 or k < 1:
+                raise ValueError(f"ConvLSTM kernel sizes must be odd and >= 1, got {k}")
+        if dilation < 1:
+            raise ValueError(f"ConvLSTM dilation must be >= 1, got {dilation}")
         self.input_channels = dict(input_channels)
         self.hidden_channels = hidden_channels
-        self.kernel_size = kernel_size
+        self.kernel_size = max(sizes.values())
+        self.kernel_sizes, self.dilation = sizes, dilation
         gates = 4 * hidden_channels
-        groups = {**self.input_channels, "h": hidden_channels}
         self.weight = nn.ParameterDict(
-            {name: nn.Parameter(torch.empty(gates, c, kernel_size, kernel_size)) for name, c in groups.items()}
+            {name: nn.Parameter(torch.empty(gates, c, sizes[name], sizes[name])) for name, c in groups.items()}
         )
         self.bias = nn.Parameter(torch.zeros(gates))
-        fan_in = sum(groups.values()) * kernel_size * kernel_size
+        fan_in = sum(c * sizes[name] ** 2 for name, c in groups.items())
         bound = 1.0 / math.sqrt(fan_in)  # as nn.Conv2d for the concatenated input
         for w in self.weight.values():
             nn.init.uniform_(w, -bound, bound)
@@ -60,12 +75,20 @@ class ConvLSTMCell(nn.Module):
 
     def conv(self, x: torch.Tensor, names: list[str], bias: bool = False) -> torch.Tensor:
         """Gate pre-activations from the input groups ``names`` (already concatenated in ``x``)."""
-        w = torch.cat([self.weight[n] for n in names], dim=1) if len(names) > 1 else self.weight[names[0]]
-        return F.conv2d(x, w, self.bias if bias else None, padding=self.kernel_size // 2)
+        k = max(self.kernel_sizes[n] for n in names)
+        ws = [self._padded(n, k) for n in names]
+        w = torch.cat(ws, dim=1) if len(ws) > 1 else ws[0]
+        return F.conv2d(x, w, self.bias if bias else None, padding=self.dilation * (k // 2), dilation=self.dilation)
+
+    def _padded(self, name: str, k: int) -> torch.Tensor:
+        """Group ``name``'s weight, its kernel zero-padded (centred) to k x k."""
+        w = self.weight[name]
+        p = (k - w.shape[-1]) // 2
+        return F.pad(w, (p, p, p, p)) if p else w
 
     def conv_broadcast(self, code: torch.Tensor, name: str, size: int) -> torch.Tensor:
         """Gate pre-activations of a code ``[B, C]`` that is constant over the grid (closed form)."""
-        return broadcast_conv(code, self.weight[name], size)
+        return broadcast_conv(code, self.weight[name], size, self.dilation)
 
     def update(self, gates: torch.Tensor, cell: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """LSTM state update from gate pre-activations ``[B, 4h, s, s]`` (bias not yet added)."""

@@ -125,8 +125,14 @@ class DRAWGenerator(nn.Module):
         geometry_match: float = 0.0,
         geometry_mix_widths: Sequence[int] = (32,),
         geometry_resample: Sequence[int] | None = None,
+        step_kernel_size: int | None = None,
+        dilation: int = 1,
     ):
-        """``canvas_kernel``: the kernel of the transposed convolution that writes each step's state onto the
+        """``step_kernel_size``: the generation core's kernel for the inputs that change every DRAW step (its
+        state h, the latent z, the attention read); None: ``kernel_size``, which the step-invariant inputs (v, r,
+        the geometric read) keep. ``dilation``: the generation core's dilation (every kernel's taps ``dilation``
+        grid positions apart).
+        ``canvas_kernel``: the kernel of the transposed convolution that writes each step's state onto the
         full-resolution canvas (stride 4): 4 (the paper) gives every latent-grid position its own 4x4 block, 8
         overlapping 8x8 blocks (each pixel mixes its 2x2 nearest positions, no block edges).
         ``attention``: ``{key_channels, value_channels, heads}`` to read the context views' patches at every
@@ -184,8 +190,10 @@ class DRAWGenerator(nn.Module):
             self.geometry_in = nn.Conv2d(geometry_channels, geometry_core_channels, GRID_SCALE, stride=GRID_SCALE)
             inf["g"] = gen["g"] = geometry_core_channels
         n_cores = num_steps if core_sharing == "unshared" else 1
+        gen_kernels = None if step_kernel_size is None else dict.fromkeys(("h", "z", "a"), step_kernel_size)
+        gen_core = {"kernel_sizes": gen_kernels, "dilation": dilation}
         if core_sharing == "shared_inference_generation":
-            cell = ConvLSTMCell({**inf, "z": latent_channels}, hidden_channels, kernel_size)
+            cell = ConvLSTMCell({**inf, "z": latent_channels}, hidden_channels, kernel_size, **gen_core)
             self.inference_cores = nn.ModuleList([cell])
             self.generation_cores = nn.ModuleList([cell])  # the very same weights
         else:
@@ -193,7 +201,7 @@ class DRAWGenerator(nn.Module):
                 ConvLSTMCell(inf, hidden_channels, inference_kernel_size) for _ in range(n_cores)
             )
             self.generation_cores = nn.ModuleList(
-                ConvLSTMCell(gen, hidden_channels, kernel_size) for _ in range(n_cores)
+                ConvLSTMCell(gen, hidden_channels, kernel_size, **gen_core) for _ in range(n_cores)
             )
         pad = head_kernel_size // 2
         self.prior_head = nn.Conv2d(hidden_channels, 2 * latent_channels, head_kernel_size, padding=pad)
@@ -465,9 +473,9 @@ class DRAWGenerator(nn.Module):
         for name, value in inputs.items():
             if value.dim() == 2:
                 w = torch.cat([c.weight[name] for c in cores]) if len(cores) > 1 else cores[0].weight[name]
-                parts = broadcast_conv(value, w, self.grid).chunk(len(cores), dim=1)
+                parts = broadcast_conv(value, w, self.grid, cores[0].dilation).chunk(len(cores), dim=1)
             else:
-                parts = [F.conv2d(value, c.weight[name], padding=c.kernel_size // 2) for c in cores]
+                parts = [c.conv(value, [name]) for c in cores]
             per_core = [p if acc is None else acc + p for acc, p in zip(per_core, parts)]
         return per_core
 

@@ -59,8 +59,12 @@ class GQN(nn.Module):
         canvas_kernel: int = 4,
         geometry_match: float = 0.0,
         geometry_mix_widths: Sequence[int] = (32,),
+        step_kernel_size: int | None = None,
+        dilation: int = 1,
     ):
-        """``geometry``: a geometric read of the context views for each query view (``model/geometry=plane_sweep``,
+        """``step_kernel_size``, ``dilation``: the generation core's kernel for the inputs that change every DRAW
+        step (None: ``kernel_size``) and its dilation (:class:`DRAWGenerator`).
+        ``geometry``: a geometric read of the context views for each query view (``model/geometry=plane_sweep``,
         :class:`gqn.model.geometry.PlaneSweep`) that the generator takes beside r; None: the plain GQN.
         ``geometry_core_channels``: the channels of that read per latent-grid position that the cores take;
         ``geometry_mix_kernel``: the kernel of the per-pixel network that blends the read into the image,
@@ -73,7 +77,12 @@ class GQN(nn.Module):
         check_widths("model", image_channels=image_channels, pose_dim=pose_dim, hidden_channels=hidden_channels,
                      latent_channels=latent_channels, canvas_channels=canvas_channels, kernel_size=kernel_size,
                      head_kernel_size=head_kernel_size, inference_kernel_size=inference_kernel_size,
+                     step_kernel_size=step_kernel_size, dilation=dilation,
                      geometry_core_channels=geometry_core_channels, geometry_mix_kernel=geometry_mix_kernel)
+        for name, k in (("kernel_size", kernel_size), ("step_kernel_size", step_kernel_size),
+                        ("inference_kernel_size", inference_kernel_size)):
+            if k is not None and k % 2 != 1:  # an even kernel would shift the grid by half a position
+                raise ValueError(f"model.{name} must be odd (3, 5, ...), got {k}")
         check_mix_widths(geometry_mix_widths)  # also without a read, before anything is built
         if getattr(encoder, "image_size", image_size) != image_size:
             raise ValueError(f"encoder built for {encoder.image_size}px images but model.image_size={image_size}")
@@ -95,6 +104,8 @@ class GQN(nn.Module):
             canvas_channels=canvas_channels,
             num_steps=num_steps,
             kernel_size=kernel_size,
+            step_kernel_size=step_kernel_size,
+            dilation=dilation,
             head_kernel_size=head_kernel_size,
             core_sharing=core_sharing,
             fast=fast,
