@@ -191,9 +191,21 @@ class SceneStream(IterableDataset):
             images.share_memory_()  # decoded straight into shared memory: no copy on the way to the trainer
         return images
 
-    def make_batch(self, recs: list[Record], rng: np.random.Generator) -> dict | None:
+    def context_draw(self, worker: int, batch: int) -> int:
+        """The context size M of a worker's ``batch``-th batch (counted from where the stream started), shared by
+        the whole batch. Drawn from (seed, starting epoch, worker, batch) and not from the shard: every DDP rank
+        draws the same M for the same step (rank r's step i is its worker i mod W's batch i div W), so no rank's
+        step waits for another's larger draw."""
         lo, hi = self.context_range
-        m = int(rng.integers(lo, hi + 1))  # shared by the whole batch
+        if lo == hi:
+            return lo
+        return int(np.random.default_rng([self.seed, self.epoch, worker, batch, 2]).integers(lo, hi + 1))
+
+    def make_batch(self, recs: list[Record], rng: np.random.Generator, m: int | None = None) -> dict | None:
+        """A batch of ``recs``: M context views (``m``, or one draw of ``rng``) and the queries of each scene."""
+        if m is None:
+            lo, hi = self.context_range
+            m = int(rng.integers(lo, hi + 1))  # shared by the whole batch
         scenes, errors = [], {}
         for i, rec in enumerate(recs):
             try:
@@ -279,6 +291,7 @@ class SceneStream(IterableDataset):
     def _batches(self):
         shard, num_shards = self._shard()
         epoch = self.epoch
+        worker, count = shard - self.rank * (num_shards // self.world_size), 0  # batches made: M's draw
         pass_size, failed = None, 0  # records per pass; records in whole batches lost to corruption since a good one
         while True:
             self._pass = epoch
@@ -291,8 +304,8 @@ class SceneStream(IterableDataset):
                 batch.append(rec)
                 read += 1
                 if len(batch) == self.batch_size:
-                    out = self.make_batch(batch, rng)
-                    made += 1
+                    out = self.make_batch(batch, rng, self.context_draw(worker, count))
+                    made, count = made + 1, count + 1
                     failed = failed + len(batch) if out is None else 0
                     batch = []
                     if out is not None:
@@ -303,7 +316,8 @@ class SceneStream(IterableDataset):
                             f"corrupt ({self.skipped} skipped): check the files with gqn-data verify"
                         )
             if batch and not self.drop_last:
-                out = self.make_batch(batch, rng)
+                out = self.make_batch(batch, rng, self.context_draw(worker, count))
+                count += 1
                 if out is not None:
                     yield out
             if not self.repeat:

@@ -197,6 +197,25 @@ def test_worker_batches_equal_in_process_batches(rooms):
             assert a[key].dtype == b[key].dtype and torch.equal(a[key], b[key]), key
 
 
+@pytest.mark.parametrize("workers", [0, 2])
+def test_ranks_draw_the_same_context_size_per_step(tmp_path, workers):
+    """DDP: every rank's i-th batch has the same M (a step waits for the slowest rank: independent draws would make
+    each step as slow as the largest of them), over pass ends that come at different batches on different ranks
+    (13 scenes in 2 files: shards of unequal size), while the ranks still read different scenes."""
+    paths = write_split(tmp_path, ROOMS, "train", [list(range(0, 7)), list(range(7, 13))])
+    per_rank = []
+    for rank in range(2):
+        stream = SceneStream([str(p) for p in paths], DATASETS[ROOMS], batch_size=2, context_size=(1, 5),
+                             shuffle=True, shuffle_buffer=4, repeat=True, drop_last=True, rank=rank, world_size=2)
+        stream.epoch = 7  # as a resumed run sets it (its global step)
+        loader = DataLoader(stream, batch_size=None, num_workers=workers)
+        per_rank.append([to_float(b) for b in islice(loader, 24)])
+    ms = [[b["context_images"].shape[1] for b in batches] for batches in per_rank]
+    assert ms[0] == ms[1] and len(set(ms[0])) >= 3, ms
+    scenes = [[s for b in batches[:2] for s, _ in scenes_views(b)] for batches in per_rank]
+    assert not set(scenes[0]) & set(scenes[1]), scenes
+
+
 def test_sharding_with_a_scene_cap(tmp_path):
     # validation's max_scenes: exactly the first N scenes, each once, however many shards
     paths = write_split(tmp_path, ROOMS, "test", [list(range(0, 5)), list(range(5, 9)), list(range(9, 14))])
