@@ -201,11 +201,9 @@ class SceneStream(IterableDataset):
             return lo
         return int(np.random.default_rng([self.seed, self.epoch, worker, batch, 2]).integers(lo, hi + 1))
 
-    def make_batch(self, recs: list[Record], rng: np.random.Generator, m: int | None = None) -> dict | None:
-        """A batch of ``recs``: M context views (``m``, or one draw of ``rng``) and the queries of each scene."""
-        if m is None:
-            lo, hi = self.context_range
-            m = int(rng.integers(lo, hi + 1))  # shared by the whole batch
+    def make_batch(self, recs: list[Record], rng: np.random.Generator, m: int) -> dict | None:
+        """A batch of ``recs``: ``m`` context views (:meth:`context_draw`) and the queries of each scene, whose views
+        ``rng`` draws."""
         scenes, errors = [], {}
         for i, rec in enumerate(recs):
             try:
