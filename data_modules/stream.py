@@ -192,7 +192,8 @@ class SceneStream(IterableDataset):
         return images
 
     def context_draw(self, worker: int, batch: int) -> int:
-        """The context size M of a worker's ``batch``-th batch (counted from where the stream started), shared by
+        """The context size M of a worker's ``batch``-th batch (counted from where the stream started, batches lost
+        to corruption not counted), shared by
         the whole batch. Drawn from (seed, starting epoch, worker, batch) and not from the shard: every DDP rank
         draws the same M for the same step (rank r's step i is its worker i mod W's batch i div W), so no rank's
         step waits for another's larger draw."""
@@ -303,7 +304,7 @@ class SceneStream(IterableDataset):
                 read += 1
                 if len(batch) == self.batch_size:
                     out = self.make_batch(batch, rng, self.context_draw(worker, count))
-                    made, count = made + 1, count + 1
+                    made, count = made + 1, count + (out is not None)  # (a batch lost to corruption: draw again)
                     failed = failed + len(batch) if out is None else 0
                     batch = []
                     if out is not None:
@@ -315,7 +316,7 @@ class SceneStream(IterableDataset):
                         )
             if batch and not self.drop_last:
                 out = self.make_batch(batch, rng, self.context_draw(worker, count))
-                count += 1
+                count += out is not None
                 if out is not None:
                     yield out
             if not self.repeat:

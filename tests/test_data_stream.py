@@ -2,13 +2,23 @@
 
 from __future__ import annotations
 
+import contextlib
 from collections import Counter
 from itertools import islice
 from pathlib import Path
 
 import pytest
 import torch
-from records_helper import check_contract, scenes_views, write_dataset, write_split
+from records_helper import (
+    camera,
+    check_contract,
+    make_example,
+    scene_example,
+    scenes_views,
+    write_dataset,
+    write_file,
+    write_split,
+)
 from torch.utils.data import DataLoader
 
 from data_modules import DATASETS, GQNDataModule, SceneStream, to_float
@@ -214,6 +224,22 @@ def test_ranks_draw_the_same_context_size_per_step(tmp_path, workers):
     assert ms[0] == ms[1] and len(set(ms[0])) >= 3, ms
     scenes = [[s for b in batches[:2] for s, _ in scenes_views(b)] for batches in per_rank]
     assert not set(scenes[0]) & set(scenes[1]), scenes
+
+
+def test_a_batch_lost_to_corruption_keeps_the_ranks_draws_together(tmp_path):
+    """A batch one rank loses to corrupt scenes (data.skip_corrupt) does not use up a draw: that rank's next batch
+    has the M the other rank's next batch has."""
+    bad = make_example([b"not a jpeg"] * 10, [c for v in range(10) for c in camera(99, v)])
+    good = write_split(tmp_path, ROOMS, "train", [list(range(0, 12))])[0]
+    lossy = write_file(tmp_path / "lossy" / "2-of-2.tfrecord", [bad, bad] + [scene_example(s, 10, 64)
+                                                                             for s in range(20, 32)])
+    ms = []
+    for rank in range(2):
+        stream = SceneStream([str(good), str(lossy)], DATASETS[ROOMS], batch_size=2, context_size=(1, 5),
+                             skip_corrupt=True, rank=rank, world_size=2)
+        with pytest.warns(UserWarning, match="skipping corrupt scene") if rank else contextlib.nullcontext():
+            ms.append([b["context_images"].shape[1] for b in stream])
+    assert len(ms[0]) == 6 and ms[0] == ms[1] and len(set(ms[0])) >= 2, ms
 
 
 def test_sharding_with_a_scene_cap(tmp_path):

@@ -175,6 +175,10 @@ def test_cell_group_kernels_and_dilation():
     assert torch.allclose(cell.conv(torch.cat([v, z, h], 1), ["v", "z", "h"]), ref, atol=1e-5)
     assert torch.allclose(cell.conv(torch.cat([z, h], 1), ["z", "h"]), ref - F.conv2d(v, cell.weight["v"], padding=2),
                           atol=1e-5)
+    both = ConvLSTMCell({"v": 2, "z": 3}, 4, kernel_size=5, kernel_sizes={"h": 3, "z": 3}, dilation=2)
+    ref = (F.conv2d(v, both.weight["v"], padding=4, dilation=2) + F.conv2d(z, both.weight["z"], padding=2, dilation=2)
+           + F.conv2d(h, both.weight["h"], padding=2, dilation=2))
+    assert torch.allclose(both.conv(torch.cat([v, z, h], 1), ["v", "z", "h"]), ref, atol=1e-5)
     dilated = ConvLSTMCell({"v": 1}, 1, kernel_size=3, dilation=2)
     impulse = torch.zeros(1, 1, 9, 9)
     impulse[0, 0, 4, 4] = 1
@@ -316,6 +320,10 @@ def test_step_kernel_and_dilation_reach_only_the_generation_core():
     render = model.sample(ci, cp, qp, mean=True)
     gen.dilation = 1
     assert not torch.allclose(render, model.sample(ci, cp, qp, mean=True))
+    attention = make_model("attention", "shared", step_kernel_size=3).generator.generation_cores[0]
+    assert attention.weight["a"].shape[-1] == 3 and attention.weight["r"].shape[-1] == 5  # the read of every step
+    with pytest.raises(ValueError, match="model.dilation must be less than the 8x8 latent grid of 32 px images"):
+        make_model(dilation=8)
 
 
 def test_attention_reads_the_views_not_only_their_sum():

@@ -131,7 +131,8 @@ class DRAWGenerator(nn.Module):
         """``step_kernel_size``: the generation core's kernel for the inputs that change every DRAW step (its
         state h, the latent z, the attention read); None: ``kernel_size``, which the step-invariant inputs (v, r,
         the geometric read) keep. ``dilation``: the generation core's dilation (every kernel's taps ``dilation``
-        grid positions apart).
+        grid positions apart; less than the grid). With ``core_sharing="shared_inference_generation"`` the one core
+        takes both.
         ``canvas_kernel``: the kernel of the transposed convolution that writes each step's state onto the
         full-resolution canvas (stride 4): 4 (the paper) gives every latent-grid position its own 4x4 block, 8
         overlapping 8x8 blocks (each pixel mixes its 2x2 nearest positions, no block edges).
@@ -190,6 +191,9 @@ class DRAWGenerator(nn.Module):
             self.geometry_in = nn.Conv2d(geometry_channels, geometry_core_channels, GRID_SCALE, stride=GRID_SCALE)
             inf["g"] = gen["g"] = geometry_core_channels
         n_cores = num_steps if core_sharing == "unshared" else 1
+        if dilation >= self.grid:  # every tap but the centre would read only the zero padding
+            raise ValueError(f"model.dilation must be less than the {self.grid}x{self.grid} latent grid of "
+                             f"{image_size} px images, got {dilation}")
         gen_kernels = None if step_kernel_size is None else dict.fromkeys(("h", "z", "a"), step_kernel_size)
         gen_core = {"kernel_sizes": gen_kernels, "dilation": dilation}
         if core_sharing == "shared_inference_generation":
