@@ -49,15 +49,14 @@ class ConvLSTMCell(nn.Module):
         for name, k in (kernel_sizes or {}).items():
             if name in sizes:  # a group this cell does not take (e.g. no attention read) is ignored
                 sizes[name] = k
-        for k in {kernel_size, *sizes.values()}:
+        for k in set(sizes.values()):
             if k % 2 != 1 or k < 1:
                 raise ValueError(f"ConvLSTM kernel sizes must be odd and >= 1, got {k}")
         if dilation < 1:
             raise ValueError(f"ConvLSTM dilation must be >= 1, got {dilation}")
         self.input_channels = dict(input_channels)
         self.hidden_channels = hidden_channels
-        self.kernel_size = max(sizes.values())
-        self.kernel_sizes, self.dilation = sizes, dilation
+        self.dilation = dilation  # (each group's kernel is its weight's last dimension)
         gates = 4 * hidden_channels
         self.weight = nn.ParameterDict(
             {name: nn.Parameter(torch.empty(gates, c, sizes[name], sizes[name])) for name, c in groups.items()}
@@ -75,7 +74,7 @@ class ConvLSTMCell(nn.Module):
 
     def conv(self, x: torch.Tensor, names: list[str], bias: bool = False) -> torch.Tensor:
         """Gate pre-activations from the input groups ``names`` (already concatenated in ``x``)."""
-        k = max(self.kernel_sizes[n] for n in names)
+        k = max(self.weight[n].shape[-1] for n in names)
         ws = [self._padded(n, k) for n in names]
         w = torch.cat(ws, dim=1) if len(ws) > 1 else ws[0]
         return F.conv2d(x, w, self.bias if bias else None, padding=self.dilation * (k // 2), dilation=self.dilation)
