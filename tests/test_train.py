@@ -247,6 +247,50 @@ def test_lr_warmup_reaches_the_optimizer(train_cfg):
         assert rows[step] == pytest.approx(want, rel=1e-9), step
 
 
+class GroupProbe(L.Callback):
+    """Every optimizer group's LR at every training batch, and which parameters each group holds."""
+
+    def __init__(self):
+        self.lrs, self.groups = [], None
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        opt = trainer.optimizers[0]
+        self.lrs.append([g["lr"] for g in opt.param_groups])
+        names = {id(p): n for n, p in pl_module.model.named_parameters()}
+        self.groups = [{names[id(p)] for p in g["params"]} for g in opt.param_groups]
+
+
+def test_lr_scales_train_a_part_of_the_model_at_its_own_lr(train_cfg, tmp_path, capsys):
+    """module.lr_scales={generator.generation_cores:0.5,generator:2}: the generation cores at half the LR line, the
+    rest of the generator (the longest prefix wins) at twice it, everything else on the line; a resume with other
+    scales is one line saying which to resume with (the optimizer's groups load from the checkpoint)."""
+    cfg = train_cfg("schedule=paper", "schedule.lr_steps=4", "trainer.max_steps=3", "trainer.val_check_interval=3",
+                    "logger=none", "module.lr_scales={generator.generation_cores:0.5,generator:2}")
+    probe = GroupProbe()
+    train(cfg, extra_callbacks=[probe])
+    from hydra.utils import instantiate
+
+    names = {n for n, _ in instantiate(cfg.module, _recursive_=False).model.named_parameters()}
+    scale = {0.5: {n for n in names if n.startswith("generator.generation_cores.")},
+             2.0: {n for n in names if n.startswith("generator.") and not n.startswith("generator.generation_cores.")}}
+    scale[1.0] = names - scale[0.5] - scale[2.0]
+    assert all(scale.values())
+    for step, lrs in enumerate(probe.lrs):
+        line = 5e-4 + (5e-5 - 5e-4) * step / 4
+        got = {lr / line: group for lr, group in zip(lrs, probe.groups)}
+        assert sorted(got) == pytest.approx([0.5, 1.0, 2.0], rel=1e-9), step
+        for factor, group in got.items():
+            assert group == scale[round(factor, 6)], (step, factor)
+    with pytest.raises(SystemExit):
+        one_line_errors("gqn-train")(train)(compose_train(
+            [*cfg.hydra.overrides.task, "ckpt_path=" + str(Path(cfg.hydra.runtime.output_dir) / "checkpoints" /
+                                                          "last.ckpt"), "~module.lr_scales"], tmp_path / "run2"))
+    (line,) = _prog_lines(capsys.readouterr().err)
+    assert line.endswith("was trained with module.lr_scales={generator.generation_cores:0.5,generator:2}, here "
+                         "null: the optimizer's parameter groups come from the checkpoint; resume with "
+                         "module.lr_scales={generator.generation_cores:0.5,generator:2}"), line
+
+
 class ClipProbe(L.Callback):
     """The gradients' total norm before Lightning clips them and as the optimizer steps on them (a step post-hook),
     and whether the optimizer trained is the fused one."""

@@ -474,9 +474,11 @@ def loss_settings(hparams: dict, defaults: dict | None = None) -> dict:
 
 
 def _override_text(value) -> str:
-    """``value`` as a Hydra command-line override writes it (true, null, [3,5])."""
+    """``value`` as a Hydra command-line override writes it (true, null, [3,5], {a.b:0.4})."""
     import json
 
+    if isinstance(value, dict):
+        return "{" + ",".join(f"{k}:{_override_text(v)}" for k, v in value.items()) + "}"
     return json.dumps(value, separators=(",", ":")) if isinstance(value, (bool, list, type(None))) else str(value)
 
 

@@ -158,6 +158,10 @@ class GQNModule(L.LightningModule):
         channels_last: keep the model's 4-D weights channels-last (NHWC), so that its convolutions take and give
             channels-last tensors (the loader's images already are); the same values, another memory layout. A
             checkpoint loads either way.
+        lr_scales: ``{name prefix: factor}``: the parameters whose name (``model.named_parameters()``, e.g.
+            ``generator.generation_cores``, ``encoder``, ``geometry``) starts with a prefix train at the optimizer's
+            LR times its factor (the longest matching prefix wins; the LR schedule scales every group alike).
+            None or empty: one LR for all.
     """
 
     def __init__(
@@ -180,6 +184,7 @@ class GQNModule(L.LightningModule):
         mixture_gate: float = 0.0,
         compile: bool | str = False,
         channels_last: bool = False,
+        lr_scales: dict | None = None,
     ):
         super().__init__()
         self.save_hyperparameters({"model": _plain(model), "optimizer": _plain(optimizer),
@@ -191,7 +196,7 @@ class GQNModule(L.LightningModule):
                                    "depth_weight": depth_weight, "drawn_weight": drawn_weight,
                                    "mixture_weight": mixture_weight, "mixture_sigma": mixture_sigma,
                                    "mixture_gate": mixture_gate, "compile": compile,
-                                   "channels_last": channels_last})
+                                   "channels_last": channels_last, "lr_scales": _plain(lr_scales)})
         self.model: GQN = hydra.utils.instantiate(self.hparams.model)
         check_loss_weights({"kl_weight": kl_weight, "prior_mean_weight": prior_mean_weight,
                             "read_weight": read_weight, "floor_weight": floor_weight,
@@ -216,6 +221,7 @@ class GQNModule(L.LightningModule):
         self.sigma_schedule = LinearAnneal(s["sigma_init"], s["sigma_final"], s["sigma_steps"], sigma_warmup_steps)
         self.kl_weight = LinearAnneal(0.0, kl_weight, kl_warmup_steps) if kl_warmup_steps else (lambda step: kl_weight)
         self.prior_mean_weight = LinearAnneal(0.0, prior_mean_weight, 0, delay=prior_mean_start)
+        self.param_groups(lr=1.0)  # module.lr_scales checked now, not when training starts
         if channels_last:  # 4-D weights NHWC: the convolutions take and give channels-last tensors
             self.model.to(memory_format=torch.channels_last)
         if compile:
@@ -249,9 +255,33 @@ class GQNModule(L.LightningModule):
     def sigma(self, step: int | None = None) -> float:
         return self.sigma_schedule(self.global_step if step is None else step)
 
+    def param_groups(self, lr: float) -> list[dict]:
+        """The optimizer's parameter groups under ``lr_scales`` (one group when it is empty), each with its LR."""
+        scales = self.hparams.get("lr_scales") or {}
+        for prefix, factor in scales.items():
+            if not finite_number(factor) or factor <= 0:
+                raise ValueError(f"module.lr_scales.{prefix} must be a number > 0 (a factor on the LR), got {factor!r}")
+        groups: dict[str, list] = {}
+        for name, p in self.model.named_parameters():
+            match = max((k for k in scales if name == k or name.startswith(k + ".")), key=len, default="")
+            groups.setdefault(match, []).append(p)
+        unmatched = sorted(set(scales) - set(groups))
+        if unmatched:
+            tops = sorted({n.split(".")[0] for n, _ in self.model.named_parameters()})
+            raise ValueError(f"module.lr_scales: {unmatched[0]!r} names no parameter of the model; names start with "
+                             f"{', '.join(tops)} (e.g. generator.generation_cores)")
+        return [{"params": ps, "lr": lr * scales.get(k, 1.0), "lr_scale": scales.get(k, 1.0)}
+                for k, ps in groups.items()]
+
     def configure_optimizers(self):
         try:
-            opt = hydra.utils.instantiate(self.hparams.optimizer)(params=self.parameters())
+            params = self.parameters()
+            if self.hparams.get("lr_scales"):
+                if "lr" not in self.hparams.optimizer:
+                    raise UserError("module.lr_scales scales module.optimizer.lr, which is not set: set it (e.g. "
+                                    "module.optimizer.lr=1e-3) or module.lr_scales={}")
+                params = self.param_groups(self.hparams.optimizer["lr"])
+            opt = hydra.utils.instantiate(self.hparams.optimizer)(params=params)
         except TypeError as err:  # e.g. another optimizer than Adam with Adam's fused / betas options left set
             raise UserError(f"module.optimizer: {err}; remove what it does not take, e.g. ~module.optimizer.fused "
                             f"(and ~module.optimizer.betas for an optimizer without betas)") from None

@@ -75,15 +75,16 @@ def linear_lr(optimizer: torch.optim.Optimizer, lr_init: float, lr_final: float,
 
     A ``LambdaLR`` over a :class:`LinearToHorizon` (its step count and line are saved in checkpoints, so a
     resumed run continues the line; ``schedule.lr_fit_max_time`` may end the line earlier). The
-    optimizer must start at ``lr_init``: the LR lives in one place, the schedule group (``schedule.lr_init``),
+    optimizer must start at ``lr_init`` (a parameter group with an ``lr_scale``, ``module.lr_scales``: at ``lr_init``
+    times it): the LR lives in one place, the schedule group (``schedule.lr_init``),
     and ``module.optimizer.lr`` only refers to it; an optimizer set to another LR is refused, not overwritten.
     """
     from gqn.cli import UserError
 
-    for group in optimizer.param_groups:
-        if not math.isclose(group["lr"], lr_init, rel_tol=1e-9):
+    for group in optimizer.param_groups:  # a group of module.lr_scales starts at lr_init times its "lr_scale"
+        if not math.isclose(group["lr"] / group.get("lr_scale", 1.0), lr_init, rel_tol=1e-9):
             raise UserError(
-                f"module.optimizer.lr={group['lr']:g} but the LR schedule starts at schedule.lr_init={lr_init:g}: "
+                f"module.optimizer.lr={group['lr'] / group.get('lr_scale', 1.0):g} but the LR schedule starts at schedule.lr_init={lr_init:g}: "
                 f"the LR lives in the schedule group, set schedule.lr_init (and schedule.lr_final) instead"
             )
     return torch.optim.lr_scheduler.LambdaLR(optimizer, LinearToHorizon(lr_final / lr_init, steps, warmup_steps))
