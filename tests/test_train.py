@@ -258,6 +258,7 @@ class GroupProbe(L.Callback):
         self.lrs.append([g["lr"] for g in opt.param_groups])
         names = {id(p): n for n, p in pl_module.model.named_parameters()}
         self.groups = [{names[id(p)] for p in g["params"]} for g in opt.param_groups]
+        self.names = [g.get("name") for g in opt.param_groups]
 
 
 def test_lr_scales_train_a_part_of_the_model_at_its_own_lr(train_cfg, tmp_path, capsys):
@@ -281,6 +282,7 @@ def test_lr_scales_train_a_part_of_the_model_at_its_own_lr(train_cfg, tmp_path, 
         assert sorted(got) == pytest.approx([0.5, 1.0, 2.0], rel=1e-9), step
         for factor, group in got.items():
             assert group == scale[round(factor, 6)], (step, factor)
+    assert sorted(probe.names) == ["generator", "generator.generation_cores", "other"]  # lr-Adam/<name> in the logs
     with pytest.raises(SystemExit):
         one_line_errors("gqn-train")(train)(compose_train(
             [*cfg.hydra.overrides.task, "ckpt_path=" + str(Path(cfg.hydra.runtime.output_dir) / "checkpoints" /

@@ -270,7 +270,8 @@ class GQNModule(L.LightningModule):
             tops = sorted({n.split(".")[0] for n, _ in self.model.named_parameters()})
             raise ValueError(f"module.lr_scales: {unmatched[0]!r} names no parameter of the model; names start with "
                              f"{', '.join(tops)} (e.g. generator.generation_cores)")
-        return [{"params": ps, "lr": lr * scales.get(k, 1.0), "lr_scale": scales.get(k, 1.0)}
+        # "name": LearningRateMonitor logs each group's LR as lr-Adam/<prefix> (the unscaled rest: lr-Adam/other)
+        return [{"params": ps, "lr": lr * scales.get(k, 1.0), "lr_scale": scales.get(k, 1.0), "name": k or "other"}
                 for k, ps in groups.items()]
 
     def configure_optimizers(self):
@@ -279,7 +280,7 @@ class GQNModule(L.LightningModule):
             if self.hparams.get("lr_scales"):
                 if "lr" not in self.hparams.optimizer:
                     raise UserError("module.lr_scales scales module.optimizer.lr, which is not set: set it (e.g. "
-                                    "module.optimizer.lr=1e-3) or module.lr_scales={}")
+                                    "module.optimizer.lr=1e-3) or module.lr_scales=null")
                 params = self.param_groups(self.hparams.optimizer["lr"])
             opt = hydra.utils.instantiate(self.hparams.optimizer)(params=params)
         except TypeError as err:  # e.g. another optimizer than Adam with Adam's fused / betas options left set

@@ -82,9 +82,10 @@ def linear_lr(optimizer: torch.optim.Optimizer, lr_init: float, lr_final: float,
     from gqn.cli import UserError
 
     for group in optimizer.param_groups:  # a group of module.lr_scales starts at lr_init times its "lr_scale"
-        if not math.isclose(group["lr"] / group.get("lr_scale", 1.0), lr_init, rel_tol=1e-9):
+        lr = group["lr"] / group.get("lr_scale", 1.0)
+        if not math.isclose(lr, lr_init, rel_tol=1e-9):
             raise UserError(
-                f"module.optimizer.lr={group['lr'] / group.get('lr_scale', 1.0):g} but the LR schedule starts at schedule.lr_init={lr_init:g}: "
+                f"module.optimizer.lr={lr:g} but the LR schedule starts at schedule.lr_init={lr_init:g}: "
                 f"the LR lives in the schedule group, set schedule.lr_init (and schedule.lr_final) instead"
             )
     return torch.optim.lr_scheduler.LambdaLR(optimizer, LinearToHorizon(lr_final / lr_init, steps, warmup_steps))
