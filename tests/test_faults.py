@@ -160,6 +160,9 @@ CASES = [
      ["model.dilation must be an integer >= 1, got 0"]),
     ("lr-scales-unknown", "gqn-train", lambda w: _train(w, "module.lr_scales={generator.cores:0.4}"), 2,
      ["module.lr_scales: 'generator.cores' names no parameter of the model; names start with encoder, generator"]),
+    ("lr-scales-number", "gqn-train", lambda w: _train(w, "module.lr_scales=0.5"), 2,
+     ["module.lr_scales must be {parameter-name prefix: factor}, e.g. 'module.lr_scales={generator.generation_cores:"
+      "0.4}', got 0.5"]),
     ("lr-scales-0", "gqn-train", lambda w: _train(w, "module.lr_scales={encoder:0}"), 2,
      ["module.lr_scales.encoder must be a number > 0 (a factor on the LR), got 0"]),
     ("encoder-channels-abc", "gqn-train", lambda w: _train(w, "model.encoder.channels=wide"), 2,

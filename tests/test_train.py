@@ -276,21 +276,32 @@ def test_lr_scales_train_a_part_of_the_model_at_its_own_lr(train_cfg, tmp_path, 
              2.0: {n for n in names if n.startswith("generator.") and not n.startswith("generator.generation_cores.")}}
     scale[1.0] = names - scale[0.5] - scale[2.0]
     assert all(scale.values())
-    for step, lrs in enumerate(probe.lrs):
-        line = 5e-4 + (5e-5 - 5e-4) * step / 4
-        got = {lr / line: group for lr, group in zip(lrs, probe.groups)}
-        assert sorted(got) == pytest.approx([0.5, 1.0, 2.0], rel=1e-9), step
-        for factor, group in got.items():
-            assert group == scale[round(factor, 6)], (step, factor)
+
+    def check(probe, first_step):
+        for step, lrs in enumerate(probe.lrs, start=first_step):
+            line = 5e-4 + (5e-5 - 5e-4) * min(step, 4) / 4
+            got = {lr / line: group for lr, group in zip(lrs, probe.groups)}
+            assert sorted(got) == pytest.approx([0.5, 1.0, 2.0], rel=1e-9), step
+            for factor, group in got.items():
+                assert group == scale[round(factor, 6)], (step, factor)
+
+    check(probe, 0)
+    assert len(probe.lrs) == 3
     assert sorted(probe.names) == ["generator", "generator.generation_cores", "other"]  # lr-Adam/<name> in the logs
+    last = Path(cfg.hydra.runtime.output_dir) / "checkpoints" / "last.ckpt"
+    # resumed with the same scales: the groups load from the checkpoint and go on along the line
+    again = GroupProbe()
+    train(compose_train([*cfg.hydra.overrides.task, f"ckpt_path={last}", "trainer.max_steps=5"], tmp_path / "run2"),
+          extra_callbacks=[again])
+    check(again, 3)
+    assert len(again.lrs) == 2
     with pytest.raises(SystemExit):
         one_line_errors("gqn-train")(train)(compose_train(
-            [*cfg.hydra.overrides.task, "ckpt_path=" + str(Path(cfg.hydra.runtime.output_dir) / "checkpoints" /
-                                                          "last.ckpt"), "~module.lr_scales"], tmp_path / "run2"))
+            [*cfg.hydra.overrides.task, f"ckpt_path={last}", "~module.lr_scales"], tmp_path / "run3"))
     (line,) = _prog_lines(capsys.readouterr().err)
     assert line.endswith("was trained with module.lr_scales={generator.generation_cores:0.5,generator:2}, here "
                          "null: the optimizer's parameter groups come from the checkpoint; resume with "
-                         "module.lr_scales={generator.generation_cores:0.5,generator:2}"), line
+                         "'module.lr_scales={generator.generation_cores:0.5,generator:2}'"), line
 
 
 class ClipProbe(L.Callback):

@@ -221,7 +221,8 @@ class GQNModule(L.LightningModule):
         self.sigma_schedule = LinearAnneal(s["sigma_init"], s["sigma_final"], s["sigma_steps"], sigma_warmup_steps)
         self.kl_weight = LinearAnneal(0.0, kl_weight, kl_warmup_steps) if kl_warmup_steps else (lambda step: kl_weight)
         self.prior_mean_weight = LinearAnneal(0.0, prior_mean_weight, 0, delay=prior_mean_start)
-        self.param_groups(lr=1.0)  # module.lr_scales checked now, not when training starts
+        if not GQNModule._loading:  # module.lr_scales checked now, not when training starts (evaluation needs none)
+            self.param_groups(lr=1.0)
         if channels_last:  # 4-D weights NHWC: the convolutions take and give channels-last tensors
             self.model.to(memory_format=torch.channels_last)
         if compile:
@@ -258,16 +259,21 @@ class GQNModule(L.LightningModule):
     def param_groups(self, lr: float) -> list[dict]:
         """The optimizer's parameter groups under ``lr_scales`` (one group when it is empty), each with its LR."""
         scales = self.hparams.get("lr_scales") or {}
+        if not isinstance(scales, dict) or not all(isinstance(k, str) and k.strip(".") for k in scales):
+            raise ValueError(f"module.lr_scales must be {{parameter-name prefix: factor}}, e.g. "
+                             f"'module.lr_scales={{generator.generation_cores:0.4}}', got {scales!r}")
+        scales = {k.strip("."): v for k, v in scales.items()}
         for prefix, factor in scales.items():
             if not finite_number(factor) or factor <= 0:
                 raise ValueError(f"module.lr_scales.{prefix} must be a number > 0 (a factor on the LR), got {factor!r}")
         groups: dict[str, list] = {}
-        for name, p in self.model.named_parameters():
+        names = [(n.removeprefix("model."), p) for n, p in self.named_parameters()]  # the model's names
+        for name, p in names:
             match = max((k for k in scales if name == k or name.startswith(k + ".")), key=len, default="")
             groups.setdefault(match, []).append(p)
         unmatched = sorted(set(scales) - set(groups))
         if unmatched:
-            tops = sorted({n.split(".")[0] for n, _ in self.model.named_parameters()})
+            tops = sorted({n.split(".")[0] for n, _ in names})
             raise ValueError(f"module.lr_scales: {unmatched[0]!r} names no parameter of the model; names start with "
                              f"{', '.join(tops)} (e.g. generator.generation_cores)")
         # "name": LearningRateMonitor logs each group's LR as lr-Adam/<prefix> (the unscaled rest: lr-Adam/other)
@@ -289,6 +295,10 @@ class GQNModule(L.LightningModule):
         if self.hparams.lr_scheduler is None:
             return opt
         sched = hydra.utils.instantiate(self.hparams.lr_scheduler)(opt)
+        lines = getattr(sched, "lr_lambdas", [])
+        if any(line is not lines[0] for line in lines):  # _fit_lr_to_max_time bends lines[0] for every group
+            raise UserError("module.lr_scheduler gave each parameter group a line of its own; with module.lr_scales "
+                            "give it one line (LambdaLR with one function), which scales every group alike")
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step", "frequency": 1}}
 
     #: with ``schedule.lr_fit_max_time``: bend the LR line every this many steps, to end where the cap stops the run

@@ -141,7 +141,8 @@ def train(cfg: DictConfig, extra_callbacks: list | None = None) -> float | None:
         if before != (module.hparams.get("lr_scales") or None):  # the optimizer's groups and LRs load from the file
             raise UserError(f"{ckpt} was trained with module.lr_scales={_override_text(before)}, here "
                             f"{_override_text(module.hparams.get('lr_scales') or None)}: the optimizer's parameter "
-                            f"groups come from the checkpoint; resume with module.lr_scales={_override_text(before)}")
+                            f"groups come from the checkpoint; resume with "
+                            f"'module.lr_scales={_override_text(before)}'")
     if ckpt is not None:  # a resume with other data or loss settings, or another LR line, trains on, and says so
         stream = {"dataset": datamodule.dataset, "seed": datamodule.seed, **datamodule.stream_settings()}
         for differs in (
