@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import re
+import shlex
 from pathlib import Path
 from unittest.mock import PropertyMock, patch
 
@@ -266,7 +267,8 @@ def test_lr_scales_train_a_part_of_the_model_at_its_own_lr(train_cfg, tmp_path, 
     rest of the generator (the longest prefix wins) at twice it, everything else on the line; a resume with other
     scales is one line saying which to resume with (the optimizer's groups load from the checkpoint)."""
     cfg = train_cfg("schedule=paper", "schedule.lr_steps=4", "trainer.max_steps=3", "trainer.val_check_interval=3",
-                    "logger=none", "module.lr_scales={generator.generation_cores:0.5,generator:2}")
+                    "logger=none", "module.lr_scales=null",  # experiment=default's scales cleared, then these
+                    "++module.lr_scales={generator.generation_cores:0.5,generator:2}")
     probe = GroupProbe()
     train(cfg, extra_callbacks=[probe])
     from hydra.utils import instantiate
@@ -301,7 +303,13 @@ def test_lr_scales_train_a_part_of_the_model_at_its_own_lr(train_cfg, tmp_path, 
     (line,) = _prog_lines(capsys.readouterr().err)
     assert line.endswith("was trained with module.lr_scales={generator.generation_cores:0.5,generator:2}, here "
                          "null: the optimizer's parameter groups come from the checkpoint; resume with "
-                         "'module.lr_scales={generator.generation_cores:0.5,generator:2}'"), line
+                         "module.lr_scales=null '++module.lr_scales={generator.generation_cores:0.5,generator:2}'"), \
+        line
+    # the hint, pasted after the default experiment's own scales, gives the run's scales back
+    hint = shlex.split(line.split("resume with ", 1)[1])
+    plain = [o for o in cfg.hydra.overrides.task if "lr_scales" not in o]
+    assert compose_train([*plain, *hint], tmp_path / "run4").module.lr_scales == {"generator.generation_cores": 0.5,
+                                                                                 "generator": 2}
 
 
 class ClipProbe(L.Callback):
@@ -450,7 +458,7 @@ def test_wandb_offline_run_holds_the_logged_images(train_cfg, tmp_path):
     run_dir = Path(cfg.hydra.runtime.output_dir)
     (offline,) = (run_dir / "wandb").glob("offline-run-*")
     wanted = {"images/reconstructions", "images/draw_sequence", "video/flythrough", "train/elbo", "val/psnr_model",
-              "lr-Adam"}
+              "lr-Adam/other", "lr-Adam/generator.generation_cores"}  # experiment=default's two LR groups
     assert _wandb_history_keys(offline, wanted) == wanted
     pngs = list((offline / "files" / "media" / "images").rglob("*.png"))
     assert len(pngs) >= 2

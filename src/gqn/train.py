@@ -139,9 +139,11 @@ def train(cfg: DictConfig, extra_callbacks: list | None = None) -> float | None:
     if ckpt is not None:  # a resume with other data or loss settings, or another LR line, trains on, and says so
         before, now = saved["hyper_parameters"].get("lr_scales") or None, module.hparams.get("lr_scales") or None
         if before != now:  # ... but not with other LR scales: the optimizer's groups and LRs load from the file
+            # (a dict override merges into the config's dict, so the hint clears it first)
+            again = "module.lr_scales=null" + (f" '++module.lr_scales={_override_text(before)}'" if before else "")
             raise UserError(f"{ckpt} was trained with module.lr_scales={_override_text(before)}, here "
                             f"{_override_text(now)}: the optimizer's parameter groups come from the checkpoint; "
-                            f"resume with 'module.lr_scales={_override_text(before)}'")
+                            f"resume with {again}")
         stream = {"dataset": datamodule.dataset, "seed": datamodule.seed, **datamodule.stream_settings()}
         for differs in (
             resume_differences(saved.get("GQNDataModule") or {}, stream, "data settings", "the run's own stream",
