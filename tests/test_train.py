@@ -1149,3 +1149,23 @@ def test_depth_from_cameras_starts_the_depth_scale_at_the_first_batchs_camera_sp
     module, batch, _ = module_with_batch(train_cfg("model.geometry.depth_from_cameras=false"))
     module.training_step(batch, 0)
     assert module.model.geometry.depth_scale == 0 and "cameras_measured" not in module.state_dict()
+
+
+def test_lr_scales_name_a_shared_module_by_each_of_its_names(train_cfg):
+    """model/core=shared_inference_generation: the generation cores are the inference cores, so the default
+    experiment's scale on generator.generation_cores reaches that one cell (whose weights named_parameters()
+    lists under inference_cores only), and every parameter sits in exactly one group."""
+    from hydra.utils import instantiate
+
+    cfg = train_cfg("model/core=shared_inference_generation")
+    assert dict(cfg.module.lr_scales) == {"generator.generation_cores": 0.4}  # experiment=default's
+    module = instantiate(cfg.module, _recursive_=False)
+    gen = module.model.generator
+    assert gen.generation_cores[0] is gen.inference_cores[0]
+    groups = {g["name"]: g for g in module.param_groups(1e-3)}
+    assert set(groups) == {"generator.generation_cores", "other"}
+    cell = {id(p) for p in gen.generation_cores.parameters()}
+    assert {id(p) for p in groups["generator.generation_cores"]["params"]} == cell
+    assert groups["generator.generation_cores"]["lr"] == pytest.approx(4e-4)
+    placed = [id(p) for g in groups.values() for p in g["params"]]
+    assert sorted(placed) == sorted(id(p) for p in module.parameters())  # each once
