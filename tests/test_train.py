@@ -1169,3 +1169,21 @@ def test_lr_scales_name_a_shared_module_by_each_of_its_names(train_cfg):
     assert groups["generator.generation_cores"]["lr"] == pytest.approx(4e-4)
     placed = [id(p) for g in groups.values() for p in g["params"]]
     assert sorted(placed) == sorted(id(p) for p in module.parameters())  # each once
+
+
+def test_a_run_trained_with_one_lr_resumed_under_the_default_scales_says_how(train_cfg, tmp_path, capsys):
+    """A run trained without lr_scales (every run before session 49), resumed under experiment=default's scales: one
+    line whose hint, pasted after the default's scales, gives back one LR for all."""
+    cfg = train_cfg("logger=none", "trainer.max_steps=1", "trainer.val_check_interval=1", "module.lr_scales=null")
+    train(cfg)
+    last = Path(cfg.hydra.runtime.output_dir) / "checkpoints" / "last.ckpt"
+    plain = [o for o in cfg.hydra.overrides.task if "lr_scales" not in o]
+    with pytest.raises(SystemExit):
+        one_line_errors("gqn-train")(train)(compose_train([*plain, f"ckpt_path={last}", "trainer.max_steps=2"],
+                                                          tmp_path / "run2"))
+    (line,) = _prog_lines(capsys.readouterr().err)
+    assert line.endswith("was trained with module.lr_scales=null, here {generator.generation_cores:0.4}: the "
+                         "optimizer's parameter groups come from the checkpoint; resume with module.lr_scales=null"), \
+        line
+    hint = shlex.split(line.split("resume with ", 1)[1])
+    assert compose_train([*plain, *hint], tmp_path / "run3").module.lr_scales is None

@@ -268,16 +268,16 @@ class GQNModule(L.LightningModule):
                 raise ValueError(f"module.lr_scales.{prefix} must be a number > 0 (a factor on the LR), got {factor!r}")
         # every name of every parameter: a shared module's weights go by each of its names (model/core=
         # shared_inference_generation: the generation cores are the inference cores), the longest match wins
-        aliases: dict[int, tuple[torch.nn.Parameter, list[str]]] = {}
+        aliases: dict[torch.nn.Parameter, list[str]] = {}  # a tensor hashes by identity
         for n, p in self.named_parameters(remove_duplicate=False):
-            aliases.setdefault(id(p), (p, []))[1].append(n.removeprefix("model."))
+            aliases.setdefault(p, []).append(n.removeprefix("model."))
         groups: dict[str, list] = {}
-        for p, names in aliases.values():
+        for p, names in aliases.items():
             match = max((k for k in scales for n in names if n == k or n.startswith(k + ".")), key=len, default="")
             groups.setdefault(match, []).append(p)
         unmatched = sorted(set(scales) - set(groups))
         if unmatched:
-            tops = sorted({n.split(".")[0] for _, names in aliases.values() for n in names})
+            tops = sorted({n.split(".")[0] for names in aliases.values() for n in names})
             raise ValueError(f"module.lr_scales: {unmatched[0]!r} names no parameter of the model; names start with "
                              f"{', '.join(tops)} (e.g. generator.generation_cores)")
         # "name": LearningRateMonitor logs each group's LR as lr-Adam/<prefix> (the unscaled rest: lr-Adam/other)
