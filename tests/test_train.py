@@ -1187,3 +1187,33 @@ def test_a_run_trained_with_one_lr_resumed_under_the_default_scales_says_how(tra
         line
     hint = shlex.split(line.split("resume with ", 1)[1])
     assert compose_train([*plain, *hint], tmp_path / "run3").module.lr_scales is None
+
+
+@pytest.mark.parametrize("scheduler, message", [
+    # OneCycleLR sets every group's LR from its one max_lr: the scales would be lost without a word
+    ({"_target_": "torch.optim.lr_scheduler.OneCycleLR", "_partial_": True, "max_lr": 1e-3, "total_steps": 10},
+     r"module.lr_scheduler \(OneCycleLR\) reset the parameter groups' LRs and dropped module.lr_scales"),
+    # a line per group: lr_fit_max_time bends only the first
+    ({"_target_": "torch.optim.lr_scheduler.LambdaLR", "_partial_": True, "_convert_": "all", "lr_lambda": [
+        {"_target_": "gqn.schedules.LinearToHorizon", "final": 0.1, "steps": 10}] * 2},
+     "gave each parameter group a line of its own"),
+])
+def test_a_scheduler_that_would_undo_lr_scales_is_refused(train_cfg, scheduler, message):
+    """Under the default's lr_scales, a scheduler that resets the groups' LRs or gives each group its own line is
+    refused with the way out (one line per group needs the groups); without scales OneCycleLR is taken."""
+    from hydra.utils import instantiate
+    from omegaconf import OmegaConf, open_dict
+
+    def module(*overrides):
+        cfg = train_cfg(*overrides)
+        with open_dict(cfg):
+            cfg.module.lr_scheduler = OmegaConf.create(scheduler)
+        return instantiate(cfg.module, _recursive_=False)
+
+    scaled = module()
+    assert [g["lr"] for g in scaled.param_groups(1e-3)] == pytest.approx([1e-3, 4e-4])
+    with pytest.raises(UserError, match=message):
+        scaled.configure_optimizers()
+    if "max_lr" in scheduler:
+        out = module("module.lr_scales=null").configure_optimizers()
+        assert [g["lr"] for g in out["optimizer"].param_groups] == pytest.approx([4e-5])  # max_lr / 25

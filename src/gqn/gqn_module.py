@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import time
 from typing import Any
 
@@ -303,6 +304,13 @@ class GQNModule(L.LightningModule):
         if any(line is not lines[0] for line in lines):  # _fit_lr_to_max_time bends lines[0] for every group
             raise UserError("module.lr_scheduler gave each parameter group a line of its own; with module.lr_scales "
                             "give it one line (LambdaLR with one function), which scales every group alike")
+        # a scheduler that sets every group's LR from one number (OneCycleLR's max_lr, CyclicLR's base_lr) drops the
+        # scales: each group's LR over its scale must stay one LR
+        unscaled = [g["lr"] / g.get("lr_scale", 1.0) for g in opt.param_groups]
+        if not all(math.isclose(u, unscaled[0], rel_tol=1e-6) for u in unscaled):
+            raise UserError(f"module.lr_scheduler ({type(sched).__name__}) reset the parameter groups' LRs and "
+                            f"dropped module.lr_scales {dict(self.hparams.lr_scales)}: use one that multiplies the LR "
+                            f"(LambdaLR; the default gqn.schedules.linear_lr) or set module.lr_scales=null")
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step", "frequency": 1}}
 
     #: with ``schedule.lr_fit_max_time``: bend the LR line every this many steps, to end where the cap stops the run
