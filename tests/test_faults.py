@@ -168,7 +168,7 @@ CASES = [
     ("lr-scales-one-cycle", "gqn-train", lambda w: _train(w, "~module.lr_scheduler", "+module.lr_scheduler={_target_:"
      "torch.optim.lr_scheduler.OneCycleLR,_partial_:true,max_lr:0.001,total_steps:100}"), 2,
      ["module.lr_scheduler (OneCycleLR) reset the parameter groups' LRs and dropped module.lr_scales "
-      "{'generator.generation_cores': 0.4}: use one that multiplies the LR (LambdaLR; the default "
+      "{'generator.generation_cores': 0.4, 'geometry': 3}: use one that multiplies the LR (LambdaLR; the default "
       "gqn.schedules.linear_lr) or set module.lr_scales=null"]),
     ("encoder-channels-abc", "gqn-train", lambda w: _train(w, "model.encoder.channels=wide"), 2,
      ["model.encoder.channels must be an int, got 'wide' (str)"]),

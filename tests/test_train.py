@@ -458,7 +458,7 @@ def test_wandb_offline_run_holds_the_logged_images(train_cfg, tmp_path):
     run_dir = Path(cfg.hydra.runtime.output_dir)
     (offline,) = (run_dir / "wandb").glob("offline-run-*")
     wanted = {"images/reconstructions", "images/draw_sequence", "video/flythrough", "train/elbo", "val/psnr_model",
-              "lr-Adam/other", "lr-Adam/generator.generation_cores"}  # experiment=default's two LR groups
+              "lr-Adam/other", "lr-Adam/generator.generation_cores", "lr-Adam/geometry"}  # experiment=default's groups
     assert _wandb_history_keys(offline, wanted) == wanted
     pngs = list((offline / "files" / "media" / "images").rglob("*.png"))
     assert len(pngs) >= 2
@@ -1158,12 +1158,12 @@ def test_lr_scales_name_a_shared_module_by_each_of_its_names(train_cfg):
     from hydra.utils import instantiate
 
     cfg = train_cfg("model/core=shared_inference_generation")
-    assert dict(cfg.module.lr_scales) == {"generator.generation_cores": 0.4}  # experiment=default's
+    assert dict(cfg.module.lr_scales) == {"generator.generation_cores": 0.4, "geometry": 3}  # experiment=default's
     module = instantiate(cfg.module, _recursive_=False)
     gen = module.model.generator
     assert gen.generation_cores[0] is gen.inference_cores[0]
     groups = {g["name"]: g for g in module.param_groups(1e-3)}
-    assert set(groups) == {"generator.generation_cores", "other"}
+    assert set(groups) == {"generator.generation_cores", "geometry", "other"}
     cell = {id(p) for p in gen.generation_cores.parameters()}
     assert {id(p) for p in groups["generator.generation_cores"]["params"]} == cell
     assert groups["generator.generation_cores"]["lr"] == pytest.approx(4e-4)
@@ -1182,8 +1182,9 @@ def test_a_run_trained_with_one_lr_resumed_under_the_default_scales_says_how(tra
         one_line_errors("gqn-train")(train)(compose_train([*plain, f"ckpt_path={last}", "trainer.max_steps=2"],
                                                           tmp_path / "run2"))
     (line,) = _prog_lines(capsys.readouterr().err)
-    assert line.endswith("was trained with module.lr_scales=null, here {generator.generation_cores:0.4}: the "
-                         "optimizer's parameter groups come from the checkpoint; resume with module.lr_scales=null"), \
+    assert line.endswith("was trained with module.lr_scales=null, here {generator.generation_cores:0.4,geometry:3}: "
+                         "the optimizer's parameter groups come from the checkpoint; resume with "
+                         "module.lr_scales=null"), \
         line
     hint = shlex.split(line.split("resume with ", 1)[1])
     assert compose_train([*plain, *hint], tmp_path / "run3").module.lr_scales is None
@@ -1199,21 +1200,21 @@ def test_a_run_trained_with_one_lr_resumed_under_the_default_scales_says_how(tra
      "gave each parameter group a line of its own"),
 ])
 def test_a_scheduler_that_would_undo_lr_scales_is_refused(train_cfg, scheduler, message):
-    """Under the default's lr_scales, a scheduler that resets the groups' LRs or gives each group its own line is
-    refused with the way out (one line per group needs the groups); without scales OneCycleLR is taken."""
+    """Under lr_scales (two groups here), a scheduler that resets the groups' LRs or gives each group its own line is
+    refused with the way out; without scales OneCycleLR is taken."""
     from hydra.utils import instantiate
     from omegaconf import OmegaConf, open_dict
 
     def module(*overrides):
-        cfg = train_cfg(*overrides)
+        cfg = train_cfg("module.lr_scales=null", *overrides)
         with open_dict(cfg):
             cfg.module.lr_scheduler = OmegaConf.create(scheduler)
         return instantiate(cfg.module, _recursive_=False)
 
-    scaled = module()
+    scaled = module("++module.lr_scales={generator.generation_cores:0.4}")
     assert [g["lr"] for g in scaled.param_groups(1e-3)] == pytest.approx([1e-3, 4e-4])
     with pytest.raises(UserError, match=message):
         scaled.configure_optimizers()
     if "max_lr" in scheduler:
-        out = module("module.lr_scales=null").configure_optimizers()
+        out = module().configure_optimizers()
         assert [g["lr"] for g in out["optimizer"].param_groups] == pytest.approx([4e-5])  # max_lr / 25
