@@ -1171,6 +1171,25 @@ def test_lr_scales_name_a_shared_module_by_each_of_its_names(train_cfg):
     assert sorted(placed) == sorted(id(p) for p in module.parameters())  # each once
 
 
+def test_the_default_scales_leave_out_a_part_the_model_is_configured_without(train_cfg):
+    """~model/geometry (the plain GQN) under experiment=default: its scale on geometry has nothing to scale and is left
+    out (the documented command trains); a prefix the model has no part for is still refused."""
+    from hydra.errors import InstantiationException
+    from hydra.utils import instantiate
+
+    cfg = train_cfg("~model/geometry")
+    assert dict(cfg.module.lr_scales) == {"generator.generation_cores": 0.4, "geometry": 3}
+    module = instantiate(cfg.module, _recursive_=False)
+    assert module.model.geometry is None
+    groups = {g["name"]: g["lr"] for g in module.param_groups(1e-3)}
+    assert groups == pytest.approx({"generator.generation_cores": 4e-4, "other": 1e-3})
+    with pytest.raises(InstantiationException, match="'geometri' names no parameter of the model"):
+        instantiate(train_cfg("~model/geometry", "+module.lr_scales={geometri:3}").module, _recursive_=False)
+    # a part that is there but holds no weights (the blend's ReLU)
+    with pytest.raises(InstantiationException, match="'generator.geometry_skip.1' names no parameter"):
+        instantiate(train_cfg("+module.lr_scales={generator.geometry_skip.1:2}").module, _recursive_=False)
+
+
 def test_a_run_trained_with_one_lr_resumed_under_the_default_scales_says_how(train_cfg, tmp_path, capsys):
     """A run trained without lr_scales (every run before session 49), resumed under experiment=default's scales: one
     line whose hint, pasted after the default's scales, gives back one LR for all."""

@@ -276,7 +276,9 @@ class GQNModule(L.LightningModule):
         for p, names in aliases.items():
             match = max((k for k in scales for n in names if n == k or n.startswith(k + ".")), key=len, default="")
             groups.setdefault(match, []).append(p)
-        unmatched = sorted(set(scales) - set(groups))
+        # a scale on a part this model is configured without (e.g. experiment=default's geometry under ~model/geometry:
+        # the attribute is None) has nothing to scale; a name the model has no such part for stays an error
+        unmatched = sorted(k for k in set(scales) - set(groups) if not self._switched_off(k))
         if unmatched:
             tops = sorted({n.split(".")[0] for names in aliases.values() for n in names})
             raise ValueError(f"module.lr_scales: {unmatched[0]!r} names no parameter of the model; names start with "
@@ -284,6 +286,18 @@ class GQNModule(L.LightningModule):
         # "name": LearningRateMonitor logs each group's LR as lr-Adam/<prefix> (the unscaled rest: lr-Adam/other)
         return [{"params": ps, "lr": lr * scales.get(k, 1.0), "lr_scale": scales.get(k, 1.0), "name": k or "other"}
                 for k, ps in groups.items()]
+
+    def _switched_off(self, prefix: str) -> bool:
+        """Whether ``prefix`` (dotted, below ``model``) runs into a part set to None, as ``model.geometry`` without
+        ``model/geometry``."""
+        part = self.model
+        for name in prefix.split("."):
+            if not hasattr(part, name):
+                return False
+            part = getattr(part, name)
+            if part is None:
+                return True
+        return False
 
     def configure_optimizers(self):
         try:
