@@ -297,19 +297,26 @@ def test_lr_scales_train_a_part_of_the_model_at_its_own_lr(train_cfg, tmp_path, 
           extra_callbacks=[again])
     check(again, 3)
     assert len(again.lrs) == 2
-    with pytest.raises(SystemExit):
-        one_line_errors("gqn-train")(train)(compose_train(
-            [*cfg.hydra.overrides.task, f"ckpt_path={last}", "~module.lr_scales"], tmp_path / "run3"))
-    (line,) = _prog_lines(capsys.readouterr().err)
+    line, scales = _refused_resume_and_its_hint(cfg.hydra.overrides.task, last, ["~module.lr_scales"], tmp_path, capsys)
     assert line.endswith("was trained with module.lr_scales={generator.generation_cores:0.5,generator:2}, here "
                          "null: the optimizer's parameter groups come from the checkpoint; resume with "
                          "module.lr_scales=null '++module.lr_scales={generator.generation_cores:0.5,generator:2}'"), \
         line
     # the hint, pasted after the default experiment's own scales, gives the run's scales back
+    assert scales == {"generator.generation_cores": 0.5, "generator": 2}
+
+
+def _refused_resume_and_its_hint(task, last, overrides, tmp_path, capsys):
+    """Resume a run (its command-line overrides ``task``) from ``last`` with ``overrides``: the refusal's one line,
+    and the lr_scales its hint composes to when pasted after ``task`` without its lr_scales (the default
+    experiment's own)."""
+    with pytest.raises(SystemExit):
+        one_line_errors("gqn-train")(train)(compose_train([*task, f"ckpt_path={last}", *overrides],
+                                                          tmp_path / "refused"))
+    (line,) = _prog_lines(capsys.readouterr().err)
     hint = shlex.split(line.split("resume with ", 1)[1])
-    plain = [o for o in cfg.hydra.overrides.task if "lr_scales" not in o]
-    assert compose_train([*plain, *hint], tmp_path / "run4").module.lr_scales == {"generator.generation_cores": 0.5,
-                                                                                 "generator": 2}
+    plain = [o for o in task if "lr_scales" not in o]
+    return line, compose_train([*plain, *hint], tmp_path / "hinted").module.lr_scales
 
 
 class ClipProbe(L.Callback):
@@ -1196,17 +1203,14 @@ def test_a_run_trained_with_one_lr_resumed_under_the_default_scales_says_how(tra
     cfg = train_cfg("logger=none", "trainer.max_steps=1", "trainer.val_check_interval=1", "module.lr_scales=null")
     train(cfg)
     last = Path(cfg.hydra.runtime.output_dir) / "checkpoints" / "last.ckpt"
+    # resumed under the default's scales (the run's module.lr_scales=null dropped)
     plain = [o for o in cfg.hydra.overrides.task if "lr_scales" not in o]
-    with pytest.raises(SystemExit):
-        one_line_errors("gqn-train")(train)(compose_train([*plain, f"ckpt_path={last}", "trainer.max_steps=2"],
-                                                          tmp_path / "run2"))
-    (line,) = _prog_lines(capsys.readouterr().err)
+    line, scales = _refused_resume_and_its_hint(plain, last, ["trainer.max_steps=2"], tmp_path, capsys)
     assert line.endswith("was trained with module.lr_scales=null, here {generator.generation_cores:0.4,geometry:3}: "
                          "the optimizer's parameter groups come from the checkpoint; resume with "
                          "module.lr_scales=null"), \
         line
-    hint = shlex.split(line.split("resume with ", 1)[1])
-    assert compose_train([*plain, *hint], tmp_path / "run3").module.lr_scales is None
+    assert scales is None
 
 
 @pytest.mark.parametrize("scheduler, message", [
